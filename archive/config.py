@@ -1,0 +1,231 @@
+"""Configuration: one YAML file, a few environment overrides, strict validation.
+
+Every error names the key at fault and the CLI exits with status 2: an administrator
+should never have to read a traceback to find a typo in the configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_PATH = Path("config/archive.yaml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the key."""
+
+
+@dataclass
+class Destination:
+    """A C-MOVE destination: where the archive opens the sub-association."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass
+class EmbeddedDatabase:
+    """The FerretDB server the node starts itself (SQLite handler, loopback only)."""
+
+    enabled: bool = True
+    binary: str = ".tools/bin/ferretdb"
+    data_dir: str = "data/ferretdb"
+    port: int = 27017
+
+
+@dataclass
+class Database:
+    uri: str = "mongodb://127.0.0.1:27017/"
+    name: str = "archive"
+    gridfs_bucket: str = "fs"
+    timeout_seconds: float = 5.0
+    embedded: EmbeddedDatabase = field(default_factory=EmbeddedDatabase)
+
+
+@dataclass
+class Accept:
+    """What C-STORE accepts: SOP classes and transfer syntaxes."""
+
+    sop_classes: list[str] | str = "all"
+    unknown_sop_classes: bool = False
+    transfer_syntaxes: list[str] | str = "all"
+
+
+@dataclass
+class Query:
+    pn_case_insensitive: bool = True
+    combined_datetime: bool = True
+
+
+@dataclass
+class TLS:
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificate: str = ""
+
+
+@dataclass
+class Ldap:
+    url: str = "ldap://127.0.0.1:389"
+    bind_dn_template: str = "uid={username},ou=people,dc=example,dc=org"
+    timeout_seconds: float = 5.0
+
+
+@dataclass
+class Auth:
+    backend: str = "none"
+    users_file: str = "config/users.yaml"
+    ldap: Ldap = field(default_factory=Ldap)
+    ae_principals: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    ae_title: str = "ARCHIVE"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 10
+    log_level: str = "INFO"
+    duplicate_policy: str = "replace"
+    journal: str = "data/journal.jsonl"
+    database: Database = field(default_factory=Database)
+    accept: Accept = field(default_factory=Accept)
+    query: Query = field(default_factory=Query)
+    destinations: dict[str, Destination] = field(default_factory=dict)
+    auth: Auth = field(default_factory=Auth)
+    tls: TLS = field(default_factory=TLS)
+
+
+#: Environment variable -> dotted key it overrides.
+ENVIRONMENT = {
+    "ARCHIVE_MONGO_URI": "database.uri",
+    "ARCHIVE_DATABASE": "database.name",
+    "ARCHIVE_PORT": "port",
+    "ARCHIVE_AE_TITLE": "ae_title",
+    "ARCHIVE_BIND_ADDRESS": "bind_address",
+    "ARCHIVE_EMBEDDED_DATABASE": "database.embedded.enabled",
+    "ARCHIVE_LOG_LEVEL": "log_level",
+}
+
+_CHOICES = {
+    "duplicate_policy": ("replace", "keep", "reject"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "auth.backend": ("none", "file", "ldap"),
+}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint, building nested dataclasses."""
+    origin = get_origin(hint)
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, value_hint = get_args(hint)
+        return {str(k): _convert(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return value
+    if origin is not None:  # a union such as list[str] | str
+        for option in get_args(hint):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected 'all' or a list of UIDs, got {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or isinstance(value, bool) and hint is not bool:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"{prefix}{name}: unknown key (known: {', '.join(sorted(known))})")
+    values = {name: _convert(data[name], hints[name], prefix + name) for name in data}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key (e.g. destination port) missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{dotted}: cannot override, the file has a non-mapping here")
+    value: Any = raw
+    if parts[-1] == "port":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{dotted}: expected int, got {raw!r} from the environment") from None
+    elif parts[-1] == "enabled":
+        value = raw.strip().lower() in ("1", "true", "yes", "on")
+    data[parts[-1]] = value
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, choices in _CHOICES.items():
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj not in choices:
+            raise ConfigError(f"{dotted}: {obj!r} is not one of {', '.join(choices)}")
+    if not 0 < len(cfg.ae_title.strip()) <= 16:
+        raise ConfigError(f"ae_title: {cfg.ae_title!r} must have 1 to 16 characters")
+    ports = {"port": cfg.port, "database.embedded.port": cfg.database.embedded.port}
+    ports.update({f"destinations.{ae}.port": d.port for ae, d in cfg.destinations.items()})
+    for key, port in ports.items():
+        if not 0 < port < 65536:
+            raise ConfigError(f"{key}: {port} is not a TCP port")
+    for ae in cfg.destinations:
+        if not 0 < len(ae) <= 16:
+            raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
+    if cfg.max_associations < 1:
+        raise ConfigError("max_associations: must be at least 1")
+    if cfg.database.timeout_seconds <= 0:
+        raise ConfigError("database.timeout_seconds: must be positive")
+
+
+def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate the configuration."""
+    environ = os.environ if environ is None else environ
+    path = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for variable, dotted in ENVIRONMENT.items():
+        if variable in environ:
+            _set_dotted(data, dotted, environ[variable])
+    cfg = _build(Config, data)
+    _validate(cfg)
+    return cfg

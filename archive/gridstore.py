@@ -1,0 +1,97 @@
+"""Original Part-10 files in GridFS, read and written by ``_id``.
+
+The layout is GridFS's (``<bucket>.files`` and ``<bucket>.chunks`` with ``files_id``,
+``n``, ``data``), so mongofiles or any driver's GridFS reads these files.  What differs
+from a driver's writer is the chunk ``_id``: ``"<file id>/<n>"`` instead of a random
+ObjectId.  Every chunk can then be fetched or deleted by ``_id``, which FerretDB
+(SQLite handler) executes as a primary-key lookup: it pushes down no other filter, so
+the drivers' ``{files_id: ...}`` query would scan every chunk of the archive.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from typing import Any
+
+from bson import Binary, ObjectId
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class ChunkWriteFailed(Exception):
+    """An upload cut short: some chunks of ``file_id`` may be left to delete."""
+
+    def __init__(self, file_id: ObjectId, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.file_id, self.cause = file_id, cause
+
+
+class GridStore:
+    """Put, stream and delete whole files in one GridFS bucket."""
+
+    def __init__(self, db: Database, bucket: str = "fs") -> None:
+        self.files = db[f"{bucket}.files"]
+        self.chunks = db[f"{bucket}.chunks"]
+
+    @staticmethod
+    def chunk_id(file_id: ObjectId, n: int) -> str:
+        return f"{file_id}/{n}"
+
+    def put(self, data: bytes, filename: str, metadata: dict[str, Any]) -> ObjectId:
+        """Write chunks, then the files document: a file is visible only when whole."""
+        file_id = ObjectId()
+        view = memoryview(data)
+        try:
+            for n, start in enumerate(range(0, max(len(data), 1), CHUNK_SIZE)):
+                self.chunks.insert_one({
+                    "_id": self.chunk_id(file_id, n), "files_id": file_id, "n": n,
+                    "data": Binary(bytes(view[start:start + CHUNK_SIZE])),
+                })
+            self.files.insert_one({
+                "_id": file_id, "length": len(data), "chunkSize": CHUNK_SIZE,
+                "uploadDate": datetime.datetime.now(datetime.timezone.utc),
+                "filename": filename, "metadata": metadata,
+            })
+        except PyMongoError as exc:
+            raise ChunkWriteFailed(file_id, exc) from exc
+        return file_id
+
+    def stream(self, file_id: ObjectId) -> Iterator[bytes]:
+        """The file's chunks in order, one at a time (memory stays one chunk deep)."""
+        info = self.files.find_one({"_id": file_id})
+        if info is None:
+            raise FileNotFoundError(f"GridFS file {file_id} not found")
+        count = -(-info["length"] // info["chunkSize"]) if info["length"] else 0
+        for n in range(count):
+            chunk = self.chunks.find_one({"_id": self.chunk_id(file_id, n)})
+            if chunk is None:
+                raise FileNotFoundError(f"GridFS file {file_id}: chunk {n} missing")
+            yield bytes(chunk["data"])
+
+    def read(self, file_id: ObjectId) -> bytes:
+        return b"".join(self.stream(file_id))
+
+    def delete(self, file_id: ObjectId, length: int | None = None) -> None:
+        """Remove the files document first (the file disappears), then its chunks.
+
+        ``length`` lets a caller clean up chunks whose files document was never
+        written (an upload cut short); otherwise chunks are deleted until one is missing.
+        """
+        info = self.files.find_one({"_id": file_id})
+        chunk_size = CHUNK_SIZE
+        if info is not None:
+            length, chunk_size = info["length"], info["chunkSize"]
+            self.files.delete_one({"_id": file_id})
+        if length is not None:
+            for n in range(max(-(-length // chunk_size), 1)):
+                self.chunks.delete_one({"_id": self.chunk_id(file_id, n)})
+            return
+        n = 0
+        while self.chunks.delete_one({"_id": self.chunk_id(file_id, n)}).deleted_count:
+            n += 1
+
+    def exists(self, file_id: ObjectId) -> bool:
+        return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None

@@ -1,0 +1,137 @@
+"""The DICOM node: an Application Entity serving the archive's services.
+
+It wires configuration, storage and the service handlers together, sets TCP_NODELAY on
+every association socket, logs each association, and stops gracefully: on SIGINT or
+SIGTERM it refuses new work, lets the stores in flight finish, then closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationServer
+
+from archive import negotiation, services
+from archive.config import Config
+from archive.storage import Archive, connect, ensure_indexes
+
+log = logging.getLogger("archive.node")
+
+
+def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
+    if not cfg.tls.certificate:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cfg.tls.certificate, cfg.tls.private_key or None)
+    if cfg.tls.ca_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cfg.tls.ca_certificate)
+    return context
+
+
+class Node:
+    """A running archive node (one per process)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        self.db = self.client[cfg.database.name]
+        self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
+                               cfg.journal)
+        self.stopping = threading.Event()
+        self._in_flight = 0
+        self._in_flight_cond = threading.Condition()
+        self.server: AssociationServer | None = None
+        self.ae = self._make_ae()
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        cfg = self.cfg
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        ae.acse_timeout = 30
+        syntaxes = (list(ALL_TRANSFER_SYNTAXES) if cfg.accept.transfer_syntaxes == "all"
+                    else list(cfg.accept.transfer_syntaxes))
+        if cfg.accept.sop_classes == "all":
+            classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        else:
+            classes = list(cfg.accept.sop_classes)
+        for uid in classes:
+            ae.add_supported_context(uid, syntaxes)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
+        _config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept.unknown_sop_classes
+        negotiation.install()
+        self.transfer_syntaxes = syntaxes
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return services.handlers(self)
+
+    # -- bookkeeping used by the handlers ---------------------------------------------
+
+    def begin_store(self) -> bool:
+        """Count a store in flight; False once the node is stopping."""
+        with self._in_flight_cond:
+            if self.stopping.is_set():
+                return False
+            self._in_flight += 1
+            return True
+
+    def end_store(self) -> None:
+        with self._in_flight_cond:
+            self._in_flight -= 1
+            self._in_flight_cond.notify_all()
+
+    def maybe_reconcile(self) -> None:
+        """Replay the journal if a past failure left work there (cheap when empty)."""
+        if self.archive.pending():
+            try:
+                self.archive.reconcile()
+            except Exception as exc:  # noqa: BLE001 - database still away: retry later
+                log.warning("journal replay postponed: %s", exc)
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_indexes(self.db)
+        self.maybe_reconcile()
+        self.server = self.ae.start_server(
+            (self.cfg.bind_address, self.cfg.port), block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=_ssl_context(self.cfg),
+        )
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        log.info("%s listening on %s:%d (database %s/%s)", self.cfg.ae_title,
+                 self.cfg.bind_address, self.cfg.port, self.cfg.database.uri,
+                 self.cfg.database.name)
+
+    def _housekeeping(self) -> None:
+        while not self.stopping.wait(5.0):
+            self.maybe_reconcile()
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Refuse new work, let stores in flight finish, then close every association."""
+        self.stopping.set()
+        log.info("stopping: waiting for stores in flight")
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        with self._in_flight_cond:
+            while self._in_flight and time.monotonic() < deadline:
+                self._in_flight_cond.wait(0.2)
+        assocs = list(self.server.active_associations) if self.server else []
+        for assoc in assocs:
+            assoc.abort()
+        self.ae.shutdown()
+        self.client.close()
+        log.info("stopped")

@@ -1,0 +1,401 @@
+"""Storing an instance: original bytes in GridFS, metadata documents in MongoDB.
+
+The instance document is the commit point.  Order of writes:
+
+1. the Part-10 bytes into GridFS (chunks, then the files document);
+2. the instance document (upsert by SOP Instance UID, so a re-send never duplicates);
+3. the series, study and patient documents (attributes, child lists, counters);
+4. on replacement, the previous GridFS file is deleted.
+
+A failure at any step undoes what the steps before it wrote.  If the undo itself fails
+(the database went away), what is left to undo is appended to a local journal and
+replayed by :meth:`Archive.reconcile` once the database answers again, so no orphan
+survives the outage and no half-stored instance is ever acknowledged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from archive import dicomjson, model
+from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
+from archive.gridstore import GridStore
+from archive.model import IMAGE, PATIENT, SERIES, STUDY
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses of C-STORE (PS3.4 B.2.3) used here.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DUPLICATE_SOP_INSTANCE = 0x0111
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    comment: str = ""
+    sop_instance_uid: str = ""
+    replaced: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class StoreRefused(Exception):
+    """The dataset cannot be stored; carries the DIMSE status and Error Comment."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status, self.comment = status, comment
+
+
+def connect(uri: str, timeout_seconds: float) -> pymongo.MongoClient:
+    """A client that fails fast: a dead database must turn into a failure status
+    within seconds, not hold a modality's association for the driver's 30 s default."""
+    ms = int(timeout_seconds * 1000)
+    return pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms * 4,
+        tz_aware=True, appname="dicom-archive",
+    )
+
+
+def ensure_indexes(db: Database) -> None:
+    for collection, indexes in model.INDEXES.items():
+        for keys in indexes:
+            db[collection].create_index([(k, pymongo.ASCENDING) for k in keys])
+
+
+# --- reading values out of DICOM JSON ---------------------------------------------
+
+
+def json_string(data: dict[str, Any], tag: int) -> str:
+    """First value of an attribute as text ('' when absent); PN as its alphabetic group."""
+    elem = data.get(f"{tag:08X}")
+    if not elem or not elem.get("Value"):
+        return ""
+    value = elem["Value"][0]
+    if isinstance(value, dict):
+        return str(value.get("Alphabetic", ""))
+    return str(value)
+
+
+def normalised_fields(level: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The indexed top-level fields of a level document, from its DICOM JSON."""
+    fields: dict[str, Any] = {}
+    for tag, spec in model.NORMALISED[level].items():
+        if tag in model.COMPUTED_KEYS:
+            continue
+        fields[spec.name] = spec.normalise(json_string(data, tag))
+    return fields
+
+
+def level_dataset(level: str, data: dict[str, Any]) -> dict[str, Any]:
+    keep = {f"{t:08X}" for t in model.stored_tags(level)}
+    return {k: v for k, v in data.items() if k in keep}
+
+
+# --- the archive -------------------------------------------------------------------
+
+
+class Archive:
+    """Storage operations shared by C-STORE and ``archive import``."""
+
+    def __init__(self, db: Database, bucket: str = "fs", duplicate_policy: str = "replace",
+                 journal: str | Path = "data/journal.jsonl") -> None:
+        self.db = db
+        self.files = GridStore(db, bucket)
+        self.policy = duplicate_policy
+        self.journal = Path(journal)
+        self._journal_lock = threading.Lock()
+        self.instances = db[model.COLLECTION[IMAGE]]
+        self.series = db[model.COLLECTION[SERIES]]
+        self.studies = db[model.COLLECTION[STUDY]]
+        self.patients = db[model.COLLECTION[PATIENT]]
+
+    # -- parsing ----------------------------------------------------------------------
+
+    @staticmethod
+    def parse(part10: bytes) -> Dataset:
+        """Decode the metadata of a Part-10 file, refusing what cannot be stored."""
+        try:
+            ds = dcmread(BytesIO(part10), force=False)
+            ds.SOPInstanceUID  # noqa: B018 - force decoding of the element now
+        except (InvalidDicomError, EOFError) as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM dataset: {exc}"[:64]) from None
+        except AttributeError:
+            raise StoreRefused(CANNOT_UNDERSTAND, "no SOP Instance UID (0008,0018)") from None
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+            raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}"[:64]) from None
+        for keyword, tag in (("SOPInstanceUID", "0008,0018"), ("SOPClassUID", "0008,0016"),
+                             ("StudyInstanceUID", "0020,000D"),
+                             ("SeriesInstanceUID", "0020,000E")):
+            if not str(ds.get(keyword, "") or "").strip():
+                raise StoreRefused(CANNOT_UNDERSTAND, f"no {keyword} ({tag})")
+        return ds
+
+    # -- store ------------------------------------------------------------------------
+
+    def store(self, part10: bytes, source: str = "", ds: Dataset | None = None) -> StoreOutcome:
+        """Store one Part-10 file; the outcome's status is what C-STORE answers."""
+        try:
+            ds = ds if ds is not None else self.parse(part10)
+        except StoreRefused as exc:
+            return StoreOutcome(exc.status, exc.comment)
+        sop_uid = str(ds.SOPInstanceUID).strip()
+        try:
+            return self._store(part10, ds, sop_uid, source)
+        except StoreRefused as exc:
+            return StoreOutcome(exc.status, exc.comment, sop_uid)
+        except PyMongoError as exc:
+            log.error("store %s failed: database error: %s", sop_uid, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64],
+                                sop_uid)
+
+    def _store(self, part10: bytes, ds: Dataset, sop_uid: str, source: str) -> StoreOutcome:
+        if self.policy != "replace":
+            existing = self.instances.find_one({"_id": sop_uid}, {"_id": 1})
+            if existing is not None:
+                if self.policy == "reject":
+                    raise StoreRefused(DUPLICATE_SOP_INSTANCE, "SOP Instance already stored")
+                return StoreOutcome(SUCCESS, "already stored, kept", sop_uid)
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        entry: dict[str, Any] = {"sop": sop_uid, "length": len(part10)}
+        try:
+            file_id = self.files.put(part10, f"{sop_uid}.dcm", {
+                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": transfer_syntax})
+        except _ChunkWriteFailed as exc:
+            failed_id = exc.file_id
+            self._undo(lambda: self.files.delete(failed_id, len(part10)),
+                       {**entry, "kind": "orphan", "file_id": str(failed_id)})
+            raise exc.cause from None
+        entry.update(kind="orphan", file_id=str(file_id))
+        previous = self._index(ds, file_id, transfer_syntax, len(part10), source, entry)
+        if previous is not None:
+            try:
+                self.files.delete(previous["file_id"])
+            except PyMongoError:
+                self._journal_append({"kind": "orphan", "sop": sop_uid,
+                                      "file_id": str(previous["file_id"])})
+        return StoreOutcome(SUCCESS, "", sop_uid, replaced=previous is not None)
+
+    def _index(self, ds: Dataset, file_id: ObjectId, transfer_syntax: str, size: int,
+               source: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """Write the instance and level documents for a file already in GridFS.
+
+        Returns the instance document it replaced, if any; on failure undoes its own
+        writes and the file's, and re-raises.
+        """
+        data = dicomjson.to_json(ds, file_id)
+        doc = self.instance_document(data, file_id, transfer_syntax, size, source)
+        sop_uid = doc["_id"]
+        try:
+            previous = self.instances.find_one_and_replace(
+                {"_id": sop_uid}, doc, upsert=True,
+                return_document=pymongo.ReturnDocument.BEFORE)
+        except PyMongoError:
+            self._undo(lambda: self.files.delete(file_id, size), entry)
+            raise
+        try:
+            self._update_levels(doc, data, is_new=previous is None)
+            if previous is not None and _hierarchy(previous) != _hierarchy(doc):
+                self.recompute(_hierarchy(previous))
+        except PyMongoError:
+            def restore() -> None:
+                if previous is None:
+                    self.instances.delete_one({"_id": sop_uid, "file_id": file_id})
+                else:
+                    self.instances.replace_one({"_id": sop_uid, "file_id": file_id}, previous)
+                self.files.delete(file_id, size)
+                self.recompute(_hierarchy(doc))
+            undo = {**entry, "kind": "undo", "hierarchy": list(_hierarchy(doc))}
+            if previous is not None:
+                undo["previous_file_id"] = str(previous["file_id"])
+            self._undo(restore, undo)
+            raise
+        return previous
+
+    @staticmethod
+    def instance_document(data: dict[str, Any], file_id: ObjectId, transfer_syntax: str,
+                          size: int, source: str) -> dict[str, Any]:
+        doc = normalised_fields(IMAGE, data)
+        doc.update({
+            "_id": doc["SOPInstanceUID"],
+            "Modality": json_string(data, 0x00080060),
+            "TransferSyntaxUID": transfer_syntax,
+            "file_id": file_id, "size": size, "source": source,
+            "stored_at": datetime.datetime.now(datetime.timezone.utc),
+            "dataset": data,
+        })
+        return doc
+
+    def _update_levels(self, doc: dict[str, Any], data: dict[str, Any], is_new: bool) -> None:
+        """Fold one instance into its series, study and patient documents."""
+        series_uid, study_uid, patient_id = (doc["SeriesInstanceUID"], doc["StudyInstanceUID"],
+                                             doc["PatientID"])
+        inc = 1 if is_new else 0
+        result = self.series.update_one({"_id": series_uid}, {
+            "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data)},
+            "$addToSet": {"instances": doc["_id"]},
+            "$inc": {"NumberOfSeriesRelatedInstances": inc},
+        }, upsert=True)
+        new_series = 1 if result.upserted_id is not None else 0
+        result = self.studies.update_one({"_id": study_uid}, {
+            "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data)},
+            "$addToSet": {"series": series_uid, "ModalitiesInStudy": doc["Modality"],
+                          "SOPClassesInStudy": doc["SOPClassUID"]},
+            "$inc": {"NumberOfStudyRelatedSeries": new_series,
+                     "NumberOfStudyRelatedInstances": inc},
+        }, upsert=True)
+        new_study = 1 if result.upserted_id is not None else 0
+        self.patients.update_one({"_id": patient_id}, {
+            "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data)},
+            "$addToSet": {"studies": study_uid},
+            "$inc": {"NumberOfPatientRelatedStudies": new_study,
+                     "NumberOfPatientRelatedSeries": new_series,
+                     "NumberOfPatientRelatedInstances": inc},
+        }, upsert=True)
+
+    # -- consistency ------------------------------------------------------------------
+
+    def recompute(self, hierarchy: tuple[str, str, str]) -> None:
+        """Rebuild the level documents of one series/study/patient from the instances.
+
+        Only used after a failure or a re-send that moved an instance: the counters are
+        otherwise maintained incrementally on store.
+        """
+        series_uid, study_uid, patient_id = hierarchy
+        members = list(self.instances.find(
+            {"SeriesInstanceUID": series_uid}, {"_id": 1, "SOPClassUID": 1, "Modality": 1}))
+        if members:
+            self.series.update_one({"_id": series_uid}, {"$set": {
+                "instances": [m["_id"] for m in members],
+                "NumberOfSeriesRelatedInstances": len(members)}})
+        else:
+            self.series.delete_one({"_id": series_uid})
+        study_series = list(self.series.find(
+            {"StudyInstanceUID": study_uid},
+            {"_id": 1, "Modality": 1, "NumberOfSeriesRelatedInstances": 1}))
+        if study_series:
+            classes = self.instances.distinct("SOPClassUID", {"StudyInstanceUID": study_uid})
+            self.studies.update_one({"_id": study_uid}, {"$set": {
+                "series": [s["_id"] for s in study_series],
+                "NumberOfStudyRelatedSeries": len(study_series),
+                "NumberOfStudyRelatedInstances": sum(
+                    s["NumberOfSeriesRelatedInstances"] for s in study_series),
+                "ModalitiesInStudy": sorted({s["Modality"] for s in study_series}),
+                "SOPClassesInStudy": sorted(classes)}})
+        else:
+            self.studies.delete_one({"_id": study_uid})
+        studies = list(self.studies.find(
+            {"PatientID": patient_id},
+            {"_id": 1, "NumberOfStudyRelatedSeries": 1, "NumberOfStudyRelatedInstances": 1}))
+        if studies:
+            self.patients.update_one({"_id": patient_id}, {"$set": {
+                "studies": [s["_id"] for s in studies],
+                "NumberOfPatientRelatedStudies": len(studies),
+                "NumberOfPatientRelatedSeries": sum(
+                    s["NumberOfStudyRelatedSeries"] for s in studies),
+                "NumberOfPatientRelatedInstances": sum(
+                    s["NumberOfStudyRelatedInstances"] for s in studies)}})
+        else:
+            self.patients.delete_one({"_id": patient_id})
+
+    def _undo(self, restore: Callable[[], None], entry: dict[str, Any]) -> None:
+        """Roll back a failed store now, or journal it for :meth:`reconcile`."""
+        try:
+            restore()
+        except PyMongoError as exc:
+            log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), exc)
+            self._journal_append(entry)
+
+    def _journal_append(self, entry: dict[str, Any]) -> None:
+        with self._journal_lock:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with self.journal.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def pending(self) -> bool:
+        return self.journal.exists() and self.journal.stat().st_size > 0
+
+    def reconcile(self) -> int:
+        """Replay the journal once the database answers again.
+
+        ``orphan``: a file no instance document refers to any more is deleted.
+        ``undo``: a store answered with a failure is taken back: its instance document
+        (if it got written) and file are deleted, the previous version, if there was one,
+        is indexed again from its own original, and the level documents are rebuilt.
+        Raises PyMongoError, keeping the journal, while the database is unreachable.
+        """
+        with self._journal_lock:
+            if not self.pending():
+                return 0
+            lines = self.journal.read_text(encoding="utf-8").splitlines()
+            entries = [json.loads(line) for line in lines if line.strip()]
+            for entry in entries:
+                self._replay(entry)
+            self.journal.write_text("", encoding="utf-8")
+        log.info("journal replayed: %d entries", len(entries))
+        return len(entries)
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        file_id = ObjectId(entry["file_id"])
+        current = self.instances.find_one({"_id": entry["sop"]}, {"file_id": 1})
+        if entry["kind"] == "undo" and current is not None and current["file_id"] == file_id:
+            self.instances.delete_one({"_id": entry["sop"], "file_id": file_id})
+            current = None
+            previous = entry.get("previous_file_id")
+            if previous and self.files.exists(ObjectId(previous)):
+                self._reindex(ObjectId(previous))
+        if current is None or current["file_id"] != file_id:
+            self.files.delete(file_id, entry.get("length"))
+        if "hierarchy" in entry:
+            self.recompute(tuple(entry["hierarchy"]))  # type: ignore[arg-type]
+
+    def _reindex(self, file_id: ObjectId) -> None:
+        """Index an original already in GridFS again (its metadata was lost)."""
+        ds = self.parse(self.files.read(file_id))
+        self._index(ds, file_id, str(ds.file_meta.get("TransferSyntaxUID", "")),
+                    len(self.files.read(file_id)), "reindex",
+                    {"sop": str(ds.SOPInstanceUID), "kind": "orphan", "file_id": str(file_id)})
+
+    # -- reading ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per level, instances per modality and per SOP class."""
+        def group(field: str) -> dict[str, int]:
+            rows = self.instances.aggregate([{"$group": {"_id": f"${field}",
+                                                         "n": {"$sum": 1}}}])
+            return {str(r["_id"]): r["n"] for r in sorted(rows, key=lambda r: -r["n"])}
+        return {
+            "patients": self.patients.count_documents({}),
+            "studies": self.studies.count_documents({}),
+            "series": self.series.count_documents({}),
+            "instances": self.instances.count_documents({}),
+            "modalities": group("Modality"),
+            "sop_classes": group("SOPClassUID"),
+        }
+
+
+def _hierarchy(doc: dict[str, Any]) -> tuple[str, str, str]:
+    return doc["SeriesInstanceUID"], doc["StudyInstanceUID"], doc["PatientID"]
