@@ -192,9 +192,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_plugins() -> None:
-    """Import the modules that register more sub-commands (acl, users, audit)."""
+    """Import the modules that register more sub-commands (acl, user, audit)."""
     import importlib
+    import importlib.util
 
-    for name in ("acl.cli",):
-        with contextlib.suppress(ModuleNotFoundError):
+    for name in ("acl.cli", "acl.users"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # no acl package at all
+            spec = None
+        if spec is not None:
             importlib.import_module(name)

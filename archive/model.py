@@ -70,9 +70,9 @@ _SERIES_KEYS = (
 
 
 def _tags(keywords: tuple[str, ...]) -> frozenset[int]:
-    tags = {tag_for_keyword(k) for k in keywords}
-    missing = [k for k, t in zip(keywords, tags, strict=False) if t is None]
-    if None in tags:
+    tags = [tag_for_keyword(k) for k in keywords]
+    missing = [k for k, t in zip(keywords, tags, strict=True) if t is None]
+    if missing:
         raise ValueError(f"unknown DICOM keywords in the level tables: {missing}")
     return frozenset(t for t in tags if t is not None)
 
@@ -97,7 +97,7 @@ COMPUTED_KEYS: dict[int, str] = {
 
 #: Keys meaningful at every level, never matched against stored data.
 CONTROL_KEYS: frozenset[int] = frozenset(
-    {0x00080005, 0x00080052, 0x00080054, 0x00080056, 0x00080201}
+    {0x00080005, 0x00080052, 0x00080053, 0x00080054, 0x00080056, 0x00080201}
 )
 
 

@@ -19,9 +19,12 @@ from pynetdicom.transport import AssociationServer
 
 from archive import negotiation, services
 from archive.config import Config
+from archive.find import Finder
 from archive.storage import Archive, connect, ensure_indexes
 
 log = logging.getLogger("archive.node")
+
+ANONYMOUS = "anonymous"
 
 
 def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -48,6 +51,10 @@ class Node:
         self.stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_cond = threading.Condition()
+        self.finder = Finder(self.db, cfg.ae_title)
+        #: Verified user identity of each association, keyed by id(association); filled
+        #: by the EVT_USER_ID handler, emptied when the association ends.
+        self.identities: dict[int, str] = {}
         self.server: AssociationServer | None = None
         self.ae = self._make_ae()
 
@@ -69,6 +76,8 @@ class Node:
         for uid in classes:
             ae.add_supported_context(uid, syntaxes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
+        for uid in services.MODELS:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
         _config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept.unknown_sop_classes
         negotiation.install()
         self.transfer_syntaxes = syntaxes
@@ -76,6 +85,17 @@ class Node:
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return services.handlers(self)
+
+    # -- who asks ---------------------------------------------------------------------
+
+    def principal(self, assoc: Any) -> str:
+        """Who an association acts for: its verified user identity, else the principal
+        mapped to its calling AE title in ``auth.ae_principals``, else ``anonymous``."""
+        user = self.identities.get(id(assoc))
+        if user:
+            return user
+        calling = assoc.requestor.ae_title.strip()
+        return self.cfg.auth.ae_principals.get(calling, ANONYMOUS)
 
     # -- bookkeeping used by the handlers ---------------------------------------------
 

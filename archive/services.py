@@ -9,12 +9,20 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pymongo.errors import PyMongoError
 from pynetdicom import evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
+from archive.model import PATIENT, STUDY
+from archive.query import QueryError, translate
 from archive.storage import OUT_OF_RESOURCES
 
 if TYPE_CHECKING:
@@ -80,6 +88,60 @@ def handle_store(event: Event, node: Node) -> Dataset:
     return status(outcome.status, outcome.comment)
 
 
+#: Query/Retrieve information model of each C-FIND/C-MOVE/C-GET SOP class.
+MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: PATIENT,
+    StudyRootQueryRetrieveInformationModelFind: STUDY,
+}
+
+
+def _identifier(event: Event) -> Dataset:
+    """The request identifier, decoded (pynetdicom decodes it lazily)."""
+    identifier = event.identifier
+    identifier.decode()
+    return identifier
+
+
+def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]]:
+    started = time.perf_counter()
+    who = peer(event)
+    try:
+        identifier = _identifier(event)
+        query = translate(identifier, MODELS[event.request.AffectedSOPClassUID],
+                          pn_case_insensitive=node.cfg.query.pn_case_insensitive,
+                          combined_datetime=node.cfg.query.combined_datetime)
+    except QueryError as exc:
+        log.warning("C-FIND %s refused: 0x%04X %s", who, exc.status, exc.comment)
+        yield status(exc.status, exc.comment), None
+        return
+    except Exception as exc:  # noqa: BLE001 - an identifier pydicom cannot decode
+        log.warning("C-FIND %s: cannot decode the identifier: %s", who, exc)
+        yield status(0xC000, "cannot decode the identifier"), None
+        return
+    count, outcome = 0, "0x0000"
+    try:
+        for response in node.finder.responses(query, identifier):
+            if event.is_cancelled:
+                outcome = "0xFE00 cancelled"
+                yield 0xFE00, None
+                return
+            count += 1
+            yield 0xFF00, response
+    except PyMongoError as exc:
+        outcome = f"0xA700 database error {type(exc).__name__}"
+        yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None
+        return
+    except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
+        outcome = f"0xC001 internal error {type(exc).__name__}"
+        log.exception("C-FIND %s: unexpected error", who)
+        yield status(0xC001, f"internal error: {type(exc).__name__}"), None
+        return
+    finally:
+        log.info("C-FIND %s level=%s keys=%d -> %d matches, %s (%.1f ms)", who, query.level,
+                 len(query.keys), count, outcome, (time.perf_counter() - started) * 1000)
+    yield 0x0000, None
+
+
 def _assoc_logger(kind: str) -> Any:
     def handler(event: Event, node: Node) -> None:
         assoc = event.assoc
@@ -94,6 +156,7 @@ def handlers(node: Node) -> list[tuple[Any, ...]]:
     return [
         (evt.EVT_C_ECHO, handle_echo, [node]),
         (evt.EVT_C_STORE, handle_store, [node]),
+        (evt.EVT_C_FIND, handle_find, [node]),
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_ACCEPTED, _assoc_logger("accepted"), [node]),
         (evt.EVT_RELEASED, _assoc_logger("released"), [node]),

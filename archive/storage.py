@@ -99,13 +99,22 @@ def json_string(data: dict[str, Any], tag: int) -> str:
 
 
 def normalised_fields(level: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The indexed top-level fields of a level document, from its DICOM JSON."""
+    """The indexed top-level fields of a level document, from its DICOM JSON.
+
+    An empty or absent value leaves its field out (an empty StudyTime must not read as
+    midnight), except the hierarchy keys, which are always present.
+    """
     fields: dict[str, Any] = {}
     for tag, spec in model.NORMALISED[level].items():
         if tag in model.COMPUTED_KEYS:
             continue
-        fields[spec.name] = spec.normalise(json_string(data, tag))
+        raw = json_string(data, tag)
+        if raw.strip() or spec.name in _HIERARCHY_FIELDS:
+            fields[spec.name] = spec.normalise(raw)
     return fields
+
+
+_HIERARCHY_FIELDS = frozenset(model.UNIQUE_KEY.values())
 
 
 def level_dataset(level: str, data: dict[str, Any]) -> dict[str, Any]:

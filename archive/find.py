@@ -1,0 +1,319 @@
+"""Running a translated C-FIND query and building its responses.
+
+Planning.  FerretDB (SQLite handler) executes only ``{_id: value}`` as an index lookup;
+any other filter reads the whole collection.  The level documents are keyed by the
+unique key of their level and list their children (``patients.studies``,
+``studies.series``, ``series.instances``), so a query that names a unique key (Study
+Instance UID, Series Instance UID, Patient ID, SOP Instance UID) walks down from there
+by ``_id`` and checks each candidate with :func:`archive.query.evaluate` -- the same
+filter MongoDB would run.  A query naming no unique key scans the level's collection
+with the filter: studies, series and patients are few compared with instances.
+
+Responses carry exactly the requested keys, plus Query/Retrieve Level and Specific
+Character Set; keys the archive computes come from the counters of the level
+documents, never from counting instances.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.valuerep import PersonName
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from archive import dicomjson, model
+from archive.model import IMAGE, LEVELS, PATIENT, SERIES, STUDY
+from archive.query import Query, evaluate
+
+#: The field of a level document listing the ``_id`` of its children.
+CHILDREN = {PATIENT: "studies", STUDY: "series", SERIES: "instances"}
+#: Fields a response never needs: the child lists can be long.
+_LEAN = {"studies": 0, "series": 0, "instances": 0}
+
+_RETRIEVE_AE_TITLE = 0x00080054
+_INSTANCE_AVAILABILITY = 0x00080056
+_MODALITIES_IN_STUDY = 0x00080061
+_SOP_CLASSES_IN_STUDY = 0x00080062
+
+
+def relax(filter_: Any) -> Any:
+    """A filter FerretDB 1.24 can run, matching at least what ``filter_`` matches.
+
+    FerretDB ignores ``$elemMatch`` on sub-documents (it matches nothing), so each
+    condition of an item becomes a dotted path; the exact filter is then applied to
+    what comes back with :func:`evaluate`.
+    """
+    if isinstance(filter_, list):
+        return [relax(f) for f in filter_]
+    if not isinstance(filter_, dict):
+        return filter_
+    result: dict[str, Any] = {}
+    conditions: list[dict[str, Any]] = []
+    for key, value in filter_.items():
+        if isinstance(value, dict) and "$elemMatch" in value and isinstance(
+                value["$elemMatch"], dict) and not all(
+                k.startswith("$") for k in value["$elemMatch"]):
+            inner = relax(value["$elemMatch"])
+            conditions.extend(_prefixed(key, inner))
+        else:
+            result[key] = relax(value)
+    if conditions:
+        return {"$and": [result, *conditions]} if result else {"$and": conditions}
+    return result
+
+
+def _prefixed(prefix: str, filter_: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for key, value in filter_.items():
+        if key in ("$and", "$or"):
+            out.append({key: [{"$and": _prefixed(prefix, f)} for f in value]})
+        else:
+            out.append({f"{prefix}.{key}": value})
+    return out
+
+
+def _exact_values(identifier: Dataset, keyword: str) -> list[str] | None:
+    """Values of a unique key that name entities exactly (no wildcard, not universal)."""
+    elem = identifier.data_element(keyword) if keyword in identifier else None
+    if elem is None or elem.value in (None, "", []):
+        return None
+    values = [str(v).strip() for v in (elem.value if elem.VM > 1 else [elem.value])]
+    values = [v for v in values if v]
+    if not values or any("*" in v or "?" in v for v in values):
+        return None
+    return values
+
+
+@dataclass
+class Finder:
+    """Executes queries on one database."""
+
+    db: Database
+    ae_title: str = "ARCHIVE"
+    _collections: dict[str, Collection] = field(default_factory=dict)
+
+    def collection(self, level: str) -> Collection:
+        if level not in self._collections:
+            self._collections[level] = self.db[model.COLLECTION[level]]
+        return self._collections[level]
+
+    # -- matching ---------------------------------------------------------------------
+
+    def search(self, query: Query, identifier: Dataset,
+               restriction: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Level documents matching the query (and the restriction), one at a time."""
+        exact = query.filter if not restriction else {"$and": [query.filter, restriction]}
+        start = self._navigation_start(query.level, identifier)
+        if start is None:
+            yield from self._scan(query.level, exact)
+            return
+        level, ids = start
+        yield from self._walk(level, ids, query.level, exact)
+
+    def _navigation_start(self, level: str, identifier: Dataset) -> tuple[str, list[str]] | None:
+        """The deepest level at or above ``level`` whose unique key names entities."""
+        for candidate in reversed(LEVELS[: LEVELS.index(level) + 1]):
+            values = _exact_values(identifier, model.UNIQUE_KEY[candidate])
+            if values is not None:
+                return candidate, values
+        return None
+
+    def _walk(self, level: str, ids: list[str], target: str,
+              exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        coll = self.collection(level)
+        if level == target:
+            for uid in dict.fromkeys(ids):
+                doc = coll.find_one({"_id": uid}, _LEAN)
+                if doc is not None and evaluate(exact, doc):
+                    yield doc
+            return
+        child = LEVELS[LEVELS.index(level) + 1]
+        for uid in dict.fromkeys(ids):
+            parent = coll.find_one({"_id": uid}, {CHILDREN[level]: 1})
+            if parent is not None:
+                yield from self._walk(child, parent.get(CHILDREN[level], []), target, exact)
+
+    def _scan(self, level: str, exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        relaxed = relax(exact)
+        check = relaxed != exact
+        for doc in self.collection(level).find(relaxed, _LEAN, batch_size=500):
+            if not check or evaluate(exact, doc):
+                yield doc
+
+    def instances(self, query: Query, identifier: Dataset,
+                  instance_filter: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Instance documents below the entities a retrieve identifier selects.
+
+        Each comes without its ``dataset`` unless ``instance_filter`` (an access rule
+        on instances) needs it, so a retrieve of 10,000 instances stays light.
+        """
+        projection = {"dataset": 0} if instance_filter is None else None
+        coll = self.collection(IMAGE)
+        for doc in self.search(query, identifier):
+            if query.level == IMAGE:
+                ids = [doc["_id"]]
+            else:
+                ids = self._descendants(query.level, doc["_id"])
+            for uid in ids:
+                inst = coll.find_one({"_id": uid}, projection)
+                if inst is None or (instance_filter and not evaluate(instance_filter, inst)):
+                    continue
+                inst.pop("dataset", None)
+                yield inst
+
+    def _descendants(self, level: str, uid: str) -> Iterator[str]:
+        """``_id`` of the instances below one entity, depth first."""
+        if level == IMAGE:
+            yield uid
+            return
+        parent = self.collection(level).find_one({"_id": uid}, {CHILDREN[level]: 1})
+        child = LEVELS[LEVELS.index(level) + 1]
+        for child_uid in (parent or {}).get(CHILDREN[level], []):
+            yield from self._descendants(child, child_uid)
+
+    # -- responses --------------------------------------------------------------------
+
+    def responses(self, query: Query, identifier: Dataset,
+                  restriction: dict[str, Any] | None = None) -> Iterator[Dataset]:
+        ancestors = _Ancestors(self)
+        charset = identifier.get("SpecificCharacterSet")
+        for doc in self.search(query, identifier, restriction):
+            yield self.response(doc, query, identifier, ancestors, charset)
+
+    def response(self, doc: dict[str, Any], query: Query, identifier: Dataset,
+                 ancestors: _Ancestors, charset: Any = None) -> Dataset:
+        ds = Dataset()
+        stored = doc.get("dataset", {})
+        for tag in query.keys:
+            requested = identifier[tag]
+            elem = self._computed(tag, doc, query.level, ancestors)
+            if elem is None:
+                elem = _stored_element(tag, requested, stored)
+            ds.add(elem)
+        ds.QueryRetrieveLevel = query.level
+        ds.SpecificCharacterSet = _character_set(ds, charset)
+        return ds
+
+    def _computed(self, tag: int, doc: dict[str, Any], level: str,
+                  ancestors: _Ancestors) -> DataElement | None:
+        vr = dictionary_VR(tag) if tag in model.COMPUTED_KEYS or tag in model.CONTROL_KEYS \
+            else None
+        if tag == _RETRIEVE_AE_TITLE:
+            return DataElement(tag, "AE", self.ae_title)
+        if tag == _INSTANCE_AVAILABILITY:
+            return DataElement(tag, "CS", "ONLINE")
+        if tag not in model.COMPUTED_KEYS:
+            return None
+        owner_level = model.level_of(tag)
+        owner = doc if owner_level == level else ancestors.get(owner_level, doc)
+        if owner is None:
+            return DataElement(tag, vr, None)
+        if tag in (_MODALITIES_IN_STUDY, _SOP_CLASSES_IN_STUDY):
+            values = [v for v in owner.get(model.COMPUTED_KEYS[tag], []) if v]
+            return DataElement(tag, vr, values or None)
+        count = owner.get(model.COMPUTED_KEYS[tag])
+        return DataElement(tag, vr, str(count) if count is not None else None)
+
+
+class _Ancestors:
+    """Level documents above the responses, fetched once per query."""
+
+    _KEY = {PATIENT: "PatientID", STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID"}
+
+    def __init__(self, finder: Finder) -> None:
+        self.finder = finder
+        self.cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(self, level: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+        uid = doc.get(self._KEY[level])
+        if uid is None:
+            return None
+        key = (level, uid)
+        if key not in self.cache:
+            if len(self.cache) > 10000:
+                self.cache.clear()
+            self.cache[key] = self.finder.collection(level).find_one({"_id": uid}, _LEAN)
+        return self.cache[key]
+
+
+def _stored_element(tag: int, requested: DataElement, stored: dict[str, Any]) -> DataElement:
+    """The stored value of a requested key, restricted to the requested sub-keys."""
+    vr = requested.VR if requested.VR not in ("UN", None) else _dictionary_vr(tag)
+    data = stored.get(f"{tag:08X}")
+    if data is None:
+        return DataElement(tag, vr, [] if vr == "SQ" else None)
+    try:
+        elem = dicomjson.from_json({f"{tag:08X}": data})[tag]
+    except Exception:  # noqa: BLE001 - a value that no longer converts: answer empty
+        return DataElement(tag, vr, [] if vr == "SQ" else None)
+    if elem.VR == "SQ" and requested.VR == "SQ" and requested.value:
+        wanted = requested.value[0]
+        elem.value = Sequence([_restrict(item, wanted) for item in elem.value])
+    return elem
+
+
+def _restrict(item: Dataset, wanted: Dataset) -> Dataset:
+    """An item with only the sub-keys the identifier's item asks for."""
+    out = Dataset()
+    for sub in wanted:
+        if sub.tag in item:
+            value = item[sub.tag]
+            if value.VR == "SQ" and sub.VR == "SQ" and sub.value:
+                value.value = Sequence([_restrict(i, sub.value[0]) for i in value.value])
+            out.add(value)
+        else:
+            out.add(DataElement(sub.tag, sub.VR, [] if sub.VR == "SQ" else None))
+    return out
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return vr.split(" or ")[0] if " or " in vr else vr
+
+
+def _texts(ds: Dataset) -> Iterator[str]:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                yield from _texts(item)
+            continue
+        values = elem.value if isinstance(elem.value, list | tuple) or (
+            elem.VM > 1 and not isinstance(elem.value, str | bytes)) else [elem.value]
+        for value in values:
+            if isinstance(value, PersonName):
+                yield str(value)
+            elif isinstance(value, str):
+                yield value
+
+
+def _character_set(ds: Dataset, requested: Any) -> Any:
+    """The identifier's character set if it can represent the response, else UTF-8.
+
+    ``requested`` is the identifier's Specific Character Set value (absent, one term,
+    or several for ISO 2022 code extensions).
+    """
+    texts = [t for t in _texts(ds) if t]
+    if all(t.isascii() for t in texts):
+        return requested if requested is not None else ""
+    if isinstance(requested, str) and requested and requested != "ISO_IR 192":
+        encoding = python_encoding.get(requested)
+        try:
+            if encoding:
+                for text in texts:
+                    codecs.encode(text, encoding)
+                return requested
+        except (UnicodeEncodeError, LookupError):
+            pass
+    return "ISO_IR 192"
