@@ -86,6 +86,14 @@ class Auth:
 
 
 @dataclass
+class Acl:
+    """Access rules (``python -m archive acl``): deny unless a rule allows."""
+
+    enabled: bool = True
+    refresh_seconds: float = 1.0  # how often a node re-reads the active ruleset
+
+
+@dataclass
 class Config:
     ae_title: str = "ARCHIVE"
     bind_address: str = "127.0.0.1"
@@ -99,6 +107,7 @@ class Config:
     query: Query = field(default_factory=Query)
     destinations: dict[str, Destination] = field(default_factory=dict)
     auth: Auth = field(default_factory=Auth)
+    acl: Acl = field(default_factory=Acl)
     tls: TLS = field(default_factory=TLS)
 
 
@@ -205,6 +214,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("max_associations: must be at least 1")
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")
+    if not 0 < cfg.acl.refresh_seconds <= 60:
+        raise ConfigError("acl.refresh_seconds: must be above 0 and at most 60")
 
 
 def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -17,6 +17,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 
+from acl import auth
+from acl.audit import AuditLog
+from acl.rules import Decision, RuleStore, allow_all
 from archive import negotiation, services
 from archive.config import Config
 from archive.find import Finder
@@ -27,10 +30,23 @@ log = logging.getLogger("archive.node")
 ANONYMOUS = "anonymous"
 
 
+class _DeferredHandshake(ssl.SSLContext):
+    """A server context whose handshake happens on the first read.
+
+    pynetdicom wraps accepted sockets inside its accept loop, on a socket without a
+    timeout: one client that connects and stays silent would stall every later
+    association.  Deferred, the handshake runs in the association's own thread.
+    """
+
+    def wrap_socket(self, sock: Any, server_side: bool = False,  # type: ignore[override]
+                    do_handshake_on_connect: bool = True, *args: Any, **kwargs: Any) -> Any:
+        return super().wrap_socket(sock, server_side, False, *args, **kwargs)
+
+
 def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
     if not cfg.tls.certificate:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _DeferredHandshake(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cfg.tls.certificate, cfg.tls.private_key or None)
     if cfg.tls.ca_certificate:
@@ -56,6 +72,11 @@ class Node:
         #: by the EVT_USER_ID handler, emptied when the association ends.
         self.identities: dict[int, str] = {}
         self.server: AssociationServer | None = None
+        #: Access rules (cached, re-read every acl.refresh_seconds) and the audit trail.
+        self.rules = RuleStore(self.db, cfg.acl.refresh_seconds)
+        self.audit = AuditLog(self.db)
+        self.authenticator = auth.from_config(cfg.auth)
+        log.info("authentication: %s", self.authenticator.describe())
         self.ae = self._make_ae()
 
     # -- set-up -----------------------------------------------------------------------
@@ -73,13 +94,14 @@ class Node:
             classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
         else:
             classes = list(cfg.accept.sop_classes)
-        for uid in classes:
-            ae.add_supported_context(uid, syntaxes)
+        for uid in classes:  # roles: a C-GET requestor takes the SCP role (PS3.7 D.3.3.4)
+            ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
         for uid in services.MODELS:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
         _config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept.unknown_sop_classes
         negotiation.install()
+        auth.install()
         self.transfer_syntaxes = syntaxes
         return ae
 
@@ -96,6 +118,14 @@ class Node:
             return user
         calling = assoc.requestor.ae_title.strip()
         return self.cfg.auth.ae_principals.get(calling, ANONYMOUS)
+
+    def authorize(self, assoc: Any, service: str) -> tuple[str, Decision]:
+        """The principal of an association and what the access rules say about its
+        using ``service`` (Echo, Store, Query, Retrieve)."""
+        principal = self.principal(assoc)
+        if not self.cfg.acl.enabled:
+            return principal, allow_all(principal, service)
+        return principal, self.rules.decide(principal, service)
 
     # -- bookkeeping used by the handlers ---------------------------------------------
 
@@ -125,6 +155,14 @@ class Node:
     def start(self) -> None:
         ensure_indexes(self.db)
         self.maybe_reconcile()
+        self.audit.start()
+        if self.cfg.acl.enabled:
+            ruleset = self.rules.current()
+            log.info("access control: %d rules (ruleset %s)%s", len(ruleset.rules),
+                     ruleset.id, "" if ruleset.rules else
+                     ": every request is denied until `archive acl apply` gives rules")
+        else:
+            log.warning("access control disabled (acl.enabled: false): everything allowed")
         self.server = self.ae.start_server(
             (self.cfg.bind_address, self.cfg.port), block=False,
             evt_handlers=self.handlers(),
@@ -153,5 +191,6 @@ class Node:
         for assoc in assocs:
             assoc.abort()
         self.ae.shutdown()
+        self.audit.stop()
         self.client.close()
         log.info("stopped")

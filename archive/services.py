@@ -18,12 +18,20 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
+from acl import auth, visibility
+from acl.audit import association_entry, operation_entry, requested_user, summarize
+from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule, admit_store
 from archive.model import PATIENT, STUDY
 from archive.query import QueryError, translate
-from archive.storage import OUT_OF_RESOURCES
+from archive.retrieve import handle_get, handle_move
+from archive.storage import OUT_OF_RESOURCES, StoreOutcome, StoreRefused
 
 if TYPE_CHECKING:
     from archive.node import Node
@@ -58,26 +66,71 @@ def set_nodelay(event: Event) -> None:
         pass
 
 
-def handle_echo(event: Event, node: Node) -> int:
+def _audit(node: Node, event: Event, operation: str, principal: str, decision: Decision,
+           code: int, rule: Rule | None = None, **details: Any) -> None:
+    """Queue the audit entry of one operation (no database round trip here)."""
+    rule = rule or decision.deciding_rule()
+    node.audit.record(operation_entry(
+        event.assoc, operation, principal, decision.service, allowed=code != NOT_AUTHORIZED,
+        status=code, restricted=decision.restricted,
+        rule=rule.index if rule is not None and code != NOT_AUTHORIZED else None, **details))
+
+
+def _deny(node: Node, event: Event, operation: str, principal: str, decision: Decision,
+          started: float, request: str = "", outside_rules: bool = False) -> Dataset:
+    """Refused: Not authorized (0x0124), logged, audited."""
+    comment = decision.comment(document_refused=outside_rules)
+    log.warning("%s %s denied to %s: 0x%04X %s", operation, peer(event), principal,
+                NOT_AUTHORIZED, comment)
+    _audit(node, event, operation, principal, decision, NOT_AUTHORIZED, request=request,
+           comment=comment, started=started)
+    return status(NOT_AUTHORIZED, comment)
+
+
+def handle_echo(event: Event, node: Node) -> Dataset | int:
+    started = time.perf_counter()
+    principal, decision = node.authorize(event.assoc, ECHO)
+    if not decision.allowed:
+        return _deny(node, event, "C-ECHO", principal, decision, started)
     log.info("C-ECHO %s -> 0x0000", peer(event))
+    _audit(node, event, "C-ECHO", principal, decision, 0x0000, started=started)
     return 0x0000
 
 
 def handle_store(event: Event, node: Node) -> Dataset:
     started = time.perf_counter()
+    principal, decision = node.authorize(event.assoc, STORE)
+    sop = str(event.request.AffectedSOPInstanceUID or "")
+
+    def answer(code: int, comment: str = "", rule: Rule | None = None) -> Dataset:
+        _audit(node, event, "C-STORE", principal, decision, code, rule, request=sop,
+               comment=comment, started=started)
+        return status(code, comment)
+
+    if not decision.allowed:
+        return _deny(node, event, "C-STORE", principal, decision, started, sop)
     if not node.begin_store():
         log.warning("C-STORE %s refused: node stopping", peer(event))
-        return status(OUT_OF_RESOURCES, "archive is shutting down")
+        return answer(OUT_OF_RESOURCES, "archive is shutting down")
+    rule = None
     try:
         try:
             part10 = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - a malformed request
             log.warning("C-STORE %s: cannot read the dataset: %s", peer(event), exc)
-            return status(0xC000, "cannot read the dataset")
-        outcome = node.archive.store(part10, source=event.assoc.requestor.ae_title)
+            return answer(0xC000, "cannot read the dataset")
+        source = event.assoc.requestor.ae_title
+        try:  # a restricted principal's dataset must match a Store rule's pattern
+            ds, rule = admit_store(decision, part10, source)
+        except StoreRefused as exc:
+            outcome = StoreOutcome(exc.status, exc.comment)
+        else:
+            if rule is None:
+                return _deny(node, event, "C-STORE", principal, decision, started, sop, True)
+            outcome = node.archive.store(part10, source=source, ds=ds)
     except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
         log.exception("C-STORE %s: unexpected error", peer(event))
-        return status(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+        return answer(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
     finally:
         node.end_store()
     elapsed = (time.perf_counter() - started) * 1000
@@ -85,13 +138,17 @@ def handle_store(event: Event, node: Node) -> Dataset:
     args = (peer(event), outcome.sop_instance_uid or "?", outcome.status,
             f" {outcome.comment}" if outcome.comment else "", elapsed)
     (log.info if outcome.ok else log.warning)(line, *args)
-    return status(outcome.status, outcome.comment)
+    return answer(outcome.status, outcome.comment, rule)
 
 
 #: Query/Retrieve information model of each C-FIND/C-MOVE/C-GET SOP class.
 MODELS = {
     PatientRootQueryRetrieveInformationModelFind: PATIENT,
     StudyRootQueryRetrieveInformationModelFind: STUDY,
+    PatientRootQueryRetrieveInformationModelMove: PATIENT,
+    StudyRootQueryRetrieveInformationModelMove: STUDY,
+    PatientRootQueryRetrieveInformationModelGet: PATIENT,
+    StudyRootQueryRetrieveInformationModelGet: STUDY,
 }
 
 
@@ -102,44 +159,76 @@ def _identifier(event: Event) -> Dataset:
     return identifier
 
 
+def _summary(event: Event) -> str:
+    """The identifier in one line for the audit trail ("?" when it does not decode)."""
+    try:
+        return summarize(_identifier(event))
+    except Exception:  # noqa: BLE001 - the handler reports the decoding failure itself
+        return "?"
+
+
 def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]]:
     started = time.perf_counter()
     who = peer(event)
+    principal, decision = node.authorize(event.assoc, QUERY)
+    request = _summary(event)
+
+    def audit(code: int, **details: Any) -> None:
+        _audit(node, event, "C-FIND", principal, decision, code, request=request,
+               started=started, **details)
+
+    if not decision.allowed:
+        yield _deny(node, event, "C-FIND", principal, decision, started, request), None
+        return
     try:
         identifier = _identifier(event)
-        query = translate(identifier, MODELS[event.request.AffectedSOPClassUID],
-                          pn_case_insensitive=node.cfg.query.pn_case_insensitive,
-                          combined_datetime=node.cfg.query.combined_datetime)
+        model = MODELS[event.request.AffectedSOPClassUID]
+        options = {"pn_case_insensitive": node.cfg.query.pn_case_insensitive,
+                   "combined_datetime": node.cfg.query.combined_datetime}
+        query = translate(identifier, model, **options)
     except QueryError as exc:
         log.warning("C-FIND %s refused: 0x%04X %s", who, exc.status, exc.comment)
+        audit(exc.status, comment=exc.comment)
         yield status(exc.status, exc.comment), None
         return
     except Exception as exc:  # noqa: BLE001 - an identifier pydicom cannot decode
         log.warning("C-FIND %s: cannot decode the identifier: %s", who, exc)
+        audit(0xC000, comment="cannot decode the identifier")
         yield status(0xC000, "cannot decode the identifier"), None
         return
-    count, outcome = 0, "0x0000"
+    if decision.restricted:  # only what the principal's patterns let it see
+        results = visibility.responses(node.finder, query, identifier, decision.patterns,
+                                       model, **options)
+    else:
+        results = node.finder.responses(query, identifier)
+    count, outcome, code = 0, "0x0000", 0x0000
     try:
-        for response in node.finder.responses(query, identifier):
+        for response in results:
             if event.is_cancelled:
-                outcome = "0xFE00 cancelled"
+                outcome, code = "0xFE00 cancelled", 0xFE00
                 yield 0xFE00, None
                 return
             count += 1
             yield 0xFF00, response
     except PyMongoError as exc:
-        outcome = f"0xA700 database error {type(exc).__name__}"
+        outcome, code = f"0xA700 database error {type(exc).__name__}", OUT_OF_RESOURCES
         yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None
         return
     except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
-        outcome = f"0xC001 internal error {type(exc).__name__}"
+        outcome, code = f"0xC001 internal error {type(exc).__name__}", 0xC001
         log.exception("C-FIND %s: unexpected error", who)
         yield status(0xC001, f"internal error: {type(exc).__name__}"), None
         return
     finally:
         log.info("C-FIND %s level=%s keys=%d -> %d matches, %s (%.1f ms)", who, query.level,
                  len(query.keys), count, outcome, (time.perf_counter() - started) * 1000)
+        audit(code, counts={"matches": count})
     yield 0x0000, None
+
+
+#: Audit event name of each association event.
+_ASSOCIATION_EVENTS = {"accepted": "A-ASSOCIATE", "released": "A-RELEASE",
+                       "aborted": "A-ABORT", "rejected": "A-ASSOCIATE-RJ"}
 
 
 def _assoc_logger(kind: str) -> Any:
@@ -148,6 +237,9 @@ def _assoc_logger(kind: str) -> Any:
         contexts = len(assoc.accepted_contexts) if kind == "accepted" else ""
         log.info("association %s %s%s", kind, peer(event),
                  f" ({contexts} contexts)" if contexts else "")
+        node.audit.record(association_entry(
+            assoc, _ASSOCIATION_EVENTS[kind], node.principal(assoc),
+            allowed=kind != "rejected", user=requested_user(assoc)))
     return handler
 
 
@@ -157,9 +249,12 @@ def handlers(node: Node) -> list[tuple[Any, ...]]:
         (evt.EVT_C_ECHO, handle_echo, [node]),
         (evt.EVT_C_STORE, handle_store, [node]),
         (evt.EVT_C_FIND, handle_find, [node]),
+        (evt.EVT_C_MOVE, handle_move, [node]),
+        (evt.EVT_C_GET, handle_get, [node]),
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_ACCEPTED, _assoc_logger("accepted"), [node]),
         (evt.EVT_RELEASED, _assoc_logger("released"), [node]),
         (evt.EVT_ABORTED, _assoc_logger("aborted"), [node]),
         (evt.EVT_REJECTED, _assoc_logger("rejected"), [node]),
+        *auth.handlers(node),  # EVT_USER_ID, and forgetting identities at the end
     ]

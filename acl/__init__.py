@@ -1,0 +1,13 @@
+"""Access control: who asks (authentication) and what they may see (rules).
+
+- :mod:`acl.auth`, :mod:`acl.users`: User Identity Negotiation checked by a backend;
+  the association's principal (:meth:`archive.node.Node.principal`).
+- :mod:`acl.rules`: rules (principal, service, dataset pattern), decisions (pure),
+  the rulesets in MongoDB (``acl_rules``, ``acl_state``) and their atomic replacement.
+- :mod:`acl.patterns`: dataset patterns, YAML text <-> DICOM JSON -> C-FIND filters.
+- :mod:`acl.visibility`: what a restricted principal sees through C-FIND, computed keys
+  included.
+- :mod:`acl.yamlrules`: rules files, validated with line numbers, and their export.
+- :mod:`acl.audit`: the ``audit`` collection and its background writer.
+- :mod:`acl.cli`: ``archive acl apply | export | check`` and ``archive audit``.
+"""

@@ -1,0 +1,268 @@
+"""Audit trail: every association and every operation, in the ``audit`` collection.
+
+Handlers only build a small document and put it on a bounded queue; a background
+thread inserts what has accumulated in batches (``insert_many``, unordered), so a
+C-STORE pays a queue put, not a database round trip.  Nothing is lost while the
+database answers: a full queue makes the handler wait (up to ``put_timeout``) for the
+writer rather than drop, a failed insert is retried, and :meth:`AuditLog.stop`
+drains the queue at shutdown.  Only a database that stays away longer than the queue
+can absorb costs entries, each loss counted and logged.
+
+Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
+(A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
+C-GET), ``principal``, ``address``/``port`` of the peer, ``calling_ae``,
+``called_ae``, ``service``, ``request`` (identifier summary or SOP Instance UID),
+``allowed``, ``rule`` (index of the deciding rule), ``restricted``, ``status``,
+``comment``, ``counts``, ``ms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+log = logging.getLogger("acl.audit")
+
+COLLECTION = "audit"
+_STOP = object()
+_SUMMARY_LENGTH = 256
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+# --- entries ---------------------------------------------------------------------------
+
+
+def association_entry(assoc: Any, event: str, principal: str, **extra: Any) -> dict[str, Any]:
+    """An entry about an association (``assoc``: a pynetdicom Association; whatever
+    it lacks is left empty, auditing never fails a service)."""
+    requestor = getattr(assoc, "requestor", None)
+    acceptor = getattr(assoc, "acceptor", None)
+    entry = {
+        "time": now(), "kind": "association", "event": event, "principal": principal,
+        "address": getattr(requestor, "address", ""), "port": getattr(requestor, "port", 0),
+        "calling_ae": str(getattr(requestor, "ae_title", "")).strip(),
+        "called_ae": str(getattr(acceptor, "ae_title", "")).strip(),
+    }
+    entry.update(extra)
+    return entry
+
+
+def requested_user(assoc: Any) -> str | None:
+    """The user name an association proposed in its User Identity: types 1 and 2 only,
+    whose primary field is a name (Kerberos, SAML and JWT ones are credentials)."""
+    identity = getattr(getattr(assoc, "requestor", None), "user_identity", None)
+    field = getattr(identity, "primary_field", None)
+    if not field or getattr(identity, "user_identity_type", None) not in (1, 2):
+        return None
+    return bytes(field)[:64].decode("utf-8", "backslashreplace")
+
+
+def operation_entry(assoc: Any, event: str, principal: str, service: str, *,
+                    allowed: bool, status: int, request: str = "", rule: int | None = None,
+                    restricted: bool = False, comment: str = "",
+                    counts: Mapping[str, int] | None = None,
+                    started: float | None = None) -> dict[str, Any]:
+    """An entry about one DIMSE operation; ``started`` is a ``time.perf_counter()``."""
+    entry = association_entry(assoc, event, principal)
+    entry.update({"kind": "operation", "service": service, "request": request[:_SUMMARY_LENGTH],
+                  "allowed": allowed, "rule": rule, "restricted": restricted,
+                  "status": status, "comment": comment, "counts": dict(counts or {})})
+    if started is not None:
+        entry["ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return entry
+
+
+def summarize(identifier: Dataset | None) -> str:
+    """An identifier in one line: level first, then the keys that have a value."""
+    if identifier is None:
+        return ""
+    parts = []
+    level = identifier.get("QueryRetrieveLevel")
+    if level:
+        parts.append(str(level))
+    for elem in identifier:
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet") or elem.is_empty:
+            continue
+        if elem.VR == "SQ":
+            parts.append(f"{elem.keyword or elem.tag}=[...]")
+            continue
+        try:
+            value = elem.value
+            text = "\\".join(map(str, value)) if isinstance(value, list | tuple) or (
+                elem.VM > 1 and not isinstance(value, str | bytes)) else str(value)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot render
+            text = "?"
+        parts.append(f"{elem.keyword or elem.tag}={text}")
+    return " ".join(parts)[:_SUMMARY_LENGTH]
+
+
+# --- writer ----------------------------------------------------------------------------
+
+
+class AuditLog:
+    """Background, batched writer of audit entries."""
+
+    def __init__(self, db: Database, max_queue: int = 20_000, batch: int = 500,
+                 put_timeout: float = 2.0) -> None:
+        self.collection: Collection = db[COLLECTION]
+        self.batch = batch
+        self.put_timeout = put_timeout
+        self.lost = 0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        try:  # for `archive audit` on MongoDB; FerretDB scans anyway
+            self.collection.create_index([("time", 1)])
+            self.collection.create_index([("principal", 1), ("time", 1)])
+        except PyMongoError as exc:
+            log.warning("audit indexes not created: %s", exc)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
+            self._thread.start()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Queue one entry (never raises: auditing must not break a service)."""
+        try:
+            self._queue.put(entry, timeout=self.put_timeout)
+        except queue.Full:
+            self.lost += 1
+            log.error("audit queue full, entry lost (%d so far): %s %s %s", self.lost,
+                      entry.get("event"), entry.get("principal"), entry.get("request", ""))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write everything queued, then stop the writer."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            item = self._queue.get()  # wait for the first entry of a batch
+            batch: list[dict[str, Any]] = []
+            while True:
+                if item is _STOP:
+                    done = True
+                    break
+                batch.append(item)
+                if len(batch) >= self.batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch and not self._write(batch):
+                self.lost += len(batch)
+                log.error("audit: %d entries lost, the database did not answer at shutdown",
+                          len(batch))
+
+    def _write(self, entries: list[dict[str, Any]]) -> bool:
+        """Insert a batch, retrying while the database is away; False: gave up, which
+        happens only when stopping."""
+        delay, deadline = 0.1, float("inf")
+        while True:
+            try:
+                self.collection.insert_many(entries, ordered=False)
+                return True
+            except PyMongoError as exc:
+                details = getattr(exc, "details", None) or {}
+                if details.get("nInserted"):  # partly written: retry only the rest
+                    failed = {e.get("index") for e in details.get("writeErrors", [])}
+                    entries[:] = [e for i, e in enumerate(entries) if i in failed]
+                if self._stopping.is_set():
+                    deadline = min(deadline, time.monotonic() + 5.0)
+                if time.monotonic() > deadline:
+                    return False
+                log.warning("audit: %d entries not written yet: %s", len(entries), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, reference: datetime.datetime | None = None) -> datetime.datetime:
+    """``2024-05-01``, ``2024-05-01T10:00`` (UTC unless an offset is given) or a
+    duration back from now: ``90s``, ``15m``, ``2h``, ``7d``, ``1w``."""
+    text = text.strip()
+    found = _RELATIVE.fullmatch(text)
+    if found:
+        seconds = float(found.group(1)) * _UNITS[found.group(2)]
+        return (reference or now()) - datetime.timedelta(seconds=seconds)
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected an ISO date/time or a duration "
+                         "such as 15m, 2h, 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def entries(db: Database, user: str | None = None, since: datetime.datetime | None = None,
+            limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries matching, oldest first."""
+    condition: dict[str, Any] = {}
+    if user is not None:
+        condition["principal"] = user
+    if since is not None:
+        condition["time"] = {"$gte": since}
+    cursor = db[COLLECTION].find(condition, {"_id": 0}).sort("time", -1)
+    if limit:
+        cursor = cursor.limit(limit)
+    return list(reversed(list(cursor)))
+
+
+def format_entry(entry: Mapping[str, Any]) -> str:
+    """One line per entry, for ``archive audit``."""
+    moment = entry.get("time")
+    when = moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" \
+        if isinstance(moment, datetime.datetime) else str(moment)
+    peer = f"{entry.get('calling_ae', '')}@{entry.get('address', '')}:{entry.get('port', '')}"
+    parts = [when, entry.get("principal", "?"), peer, str(entry.get("event", ""))]
+    if entry.get("kind") == "operation":
+        verdict = "allowed" if entry.get("allowed") else "DENIED"
+        if entry.get("allowed") and entry.get("restricted"):
+            verdict = "allowed(restricted)"
+        parts += [str(entry.get("service", "")), verdict]
+    status = entry.get("status")
+    if isinstance(status, int):
+        parts.append(f"0x{status:04X}")
+    parts += [f"{k}={v}" for k, v in (entry.get("counts") or {}).items()]
+    if entry.get("rule"):
+        parts.append(f"rule={entry['rule']}")
+    if entry.get("user") and entry.get("user") != entry.get("principal"):
+        parts.append(f"user={entry['user']!r}")
+    if entry.get("ms") is not None:
+        parts.append(f"{entry['ms']}ms")
+    for key in ("request", "comment"):
+        if entry.get(key):
+            parts.append(f"{key}={entry[key]!r}")
+    return " ".join(str(p) for p in parts)
+
+
+def format_entries(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    for row in rows:
+        yield format_entry(row)

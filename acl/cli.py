@@ -1,0 +1,245 @@
+"""Command line of access control: ``archive acl apply | export | check`` and ``archive audit``.
+
+``acl apply FILE [--dry-run]``  validate the whole file first (exit 2 and nothing changed
+                                on any problem, each named with its line), then replace
+                                the active rules atomically; prints added/removed rules.
+``acl export [-o FILE]``        the active rules as YAML that ``apply`` takes back as is.
+``acl check --user U --service S [--dataset FILE | KEY=VALUE ...]``
+                                allowed (exit 0) or denied (exit 1), and which rule decided.
+``audit [--user U] [--since T] [--limit N]``
+                                the audit trail, one line per entry, newest last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from acl import audit, yamlrules
+from acl.patterns import PatternError, parse_key
+from acl.rules import (
+    SERVICES,
+    Change,
+    ConcurrentApply,
+    Rule,
+    RuleStore,
+    decide,
+    instance_document,
+)
+from archive.cli import command, database
+from archive.config import Config
+from archive.storage import connect
+
+
+@contextlib.contextmanager
+def _database(cfg: Config) -> Iterator[Database]:
+    """The archive's database (starting the embedded FerretDB when configured)."""
+    with database(cfg):
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            yield client[cfg.database.name]
+        finally:
+            client.close()
+
+
+def _error(message: str, code: int = 1, prefix: str = "archive acl") -> int:
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return code
+
+
+# --- archive acl -----------------------------------------------------------------------
+
+
+def _configure_acl(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+    sub = parser.add_subparsers(dest="acl_command", required=True, metavar="ACTION")
+    apply = sub.add_parser("apply", parents=[common],
+                           help="replace the rules by those of a YAML file")
+    apply.add_argument("file", metavar="FILE", help="rules file (see config/acl.yaml)")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="validate and print what would change; change nothing")
+    export = sub.add_parser("export", parents=[common], help="write the rules as YAML")
+    export.add_argument("-o", "--output", metavar="FILE", help="file to write (default stdout)")
+    check = sub.add_parser("check", parents=[common],
+                           help="would a user be allowed a service (on a dataset)?")
+    check.add_argument("--user", required=True, help="principal (user name or 'anonymous')")
+    check.add_argument("--service", required=True, help=f"{', '.join(SERVICES)}")
+    check.add_argument("--dataset", metavar="FILE", help="a DICOM file to judge")
+    check.add_argument("attributes", nargs="*", metavar="KEY=VALUE",
+                       help="attributes of a dataset to judge (keyword or tag)")
+
+
+@command("acl", _configure_acl)
+def run_acl(args: argparse.Namespace, cfg: Config) -> int:
+    """Access rules: apply a YAML file, export them, check a request."""
+    actions = {"apply": _apply, "export": _export, "check": _check}
+    try:
+        return actions[args.acl_command](args, cfg)
+    except PyMongoError as exc:
+        return _error(f"database error, nothing changed: {exc}")
+
+
+def _apply(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        rules = yamlrules.load(args.file)
+    except yamlrules.RulesFileError as exc:
+        count = len(exc.problems)
+        print(f"archive acl apply: {count} problem{'s' if count > 1 else ''} in {args.file}, "
+              "nothing changed:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {exc.filename}:{problem.line}: {problem.message}", file=sys.stderr)
+        return 2
+    with _database(cfg) as db:
+        try:
+            change = RuleStore(db).apply(rules, source=str(args.file), dry_run=args.dry_run)
+        except ConcurrentApply as exc:
+            return _error(str(exc))
+    print(_report(change, rules, args.file, args.dry_run))
+    if not cfg.acl.enabled:
+        print("note: acl.enabled is false in this configuration: its nodes allow everything")
+    return 0
+
+
+def _report(change: Change, rules: list[Rule], file: str, dry_run: bool) -> str:
+    if not change:
+        return (f"no change: the active rules are already those of {file} "
+                f"({len(rules)} rules)")
+    lines = [f"+ {rule.describe()}" for rule in change.added]
+    lines += [f"- {rule.describe()}" for rule in change.removed]
+    if change.reordered:
+        lines.append("~ same rules, new order")
+    counts = f"{len(change.added)} added, {len(change.removed)} removed"
+    if dry_run:
+        lines.append(f"dry run: applying {file} would give {len(rules)} rules ({counts}); "
+                     "nothing changed")
+    else:
+        lines.append(f"applied {file}: {len(rules)} rules active ({counts})")
+    return "\n".join(lines)
+
+
+def _export(args: argparse.Namespace, cfg: Config) -> int:
+    with _database(cfg) as db:
+        ruleset = RuleStore(db).load()
+    if ruleset.id is None:
+        header = f"No rules were ever applied to database {cfg.database.name}: all is denied."
+    else:
+        applied = ruleset.applied_at.isoformat(timespec="seconds") if ruleset.applied_at \
+            else "?"
+        header = (f"Access rules of database {cfg.database.name}: ruleset {ruleset.id},\n"
+                  f"applied {applied} from {ruleset.source or '?'}.")
+    text = yamlrules.dump(ruleset.rules, header + "\nApply with: archive acl apply FILE")
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"exported {len(ruleset.rules)} rules to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _check(args: argparse.Namespace, cfg: Config) -> int:
+    service = {s.lower(): s for s in SERVICES}.get(args.service.strip().lower())
+    if service is None:
+        return _error(f"--service {args.service!r}: one of {', '.join(SERVICES)}", 2)
+    if args.dataset and args.attributes:
+        return _error("give --dataset or KEY=VALUE attributes, not both", 2)
+    try:
+        document = _document(args)
+    except (OSError, ValueError) as exc:
+        return _error(str(exc), 2)
+    with _database(cfg) as db:
+        ruleset = RuleStore(db).load()
+    if not cfg.acl.enabled:
+        print("note: acl.enabled is false in this configuration: its nodes allow everything")
+    decision = decide(ruleset.rules, args.user, service)
+    if not decision.allowed:
+        print(f"denied: no rule gives {service} to {args.user} "
+              f"({len(ruleset.rules)} rules active)")
+        return 1
+    if document is None:
+        if decision.restricted:
+            print("allowed, restricted to the datasets these rules match:")
+            for rule in decision.rules:
+                print(f"  {rule.describe()}")
+        else:
+            print(f"allowed by {decision.unrestricted_by.describe()}")  # type: ignore[union-attr]
+        return 0
+    rule = decision.deciding_rule(document)
+    if rule is not None:
+        print(f"allowed by {rule.describe()}")
+        return 0
+    print(f"denied: the dataset matches none of the {service} rules of {args.user}:")
+    for candidate in decision.rules:
+        print(f"  {candidate.describe()}")
+    return 1
+
+
+def _document(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The instance document of the dataset to judge, if one is given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.dataset:
+            path = Path(args.dataset)
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
+                raise ValueError(f"--dataset {path}: not readable as DICOM ({exc})") from None
+            return instance_document(ds, path.stat().st_size, "check")
+        if not args.attributes:
+            return None
+        ds = Dataset()
+        for item in args.attributes:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r}: expected KEY=VALUE")
+            try:
+                tag = parse_key(key)
+            except PatternError as exc:
+                raise ValueError(str(exc)) from None
+            vr = dictionary_VR(tag).split(" or ")[0]
+            values = value.split("\\") if vr not in ("LT", "ST", "UT", "UR") else [value]
+            ds.add(DataElement(tag, vr, values if len(values) > 1 else value))
+        return instance_document(ds, 0, "check")
+
+
+# --- archive audit ---------------------------------------------------------------------
+
+
+def _configure_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", help="only the entries of this principal")
+    parser.add_argument("--since", metavar="T",
+                        help="ISO date/time (UTC unless an offset is given) or 15m, 2h, 7d")
+    parser.add_argument("--limit", type=int, default=100, metavar="N",
+                        help="the newest N entries (default 100, 0 for all)")
+
+
+@command("audit", _configure_audit)
+def run_audit(args: argparse.Namespace, cfg: Config) -> int:
+    """List the audit trail (associations and operations), one line each, newest last."""
+    try:
+        since = audit.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        return _error(str(exc), 2, "archive audit")
+    if args.limit < 0:
+        return _error("--limit must be 0 (all) or more", 2, "archive audit")
+    try:
+        with _database(cfg) as db:
+            rows = audit.entries(db, args.user, since, args.limit)
+    except PyMongoError as exc:
+        return _error(f"database error: {exc}", 1, "archive audit")
+    for line in audit.format_entries(rows):
+        print(line)
+    return 0
+

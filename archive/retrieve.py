@@ -1,0 +1,762 @@
+"""C-MOVE and C-GET SCP: sending the stored originals (PS3.4 C.4.2, C.4.3).
+
+What is sent.  Each instance goes out as the dataset the archive received, byte for
+byte: its Part-10 file is streamed from GridFS into a temporary file (one instance at
+a time, one GridFS chunk in memory) and pynetdicom sends that file's dataset in
+PDU-sized pieces without decoding it (``_config.STORE_SEND_CHUNKED_DATASET``), over a
+presentation context whose transfer syntax is the stored one.  Only when the peer
+accepted no such context is the instance converted, and only between uncompressed
+syntaxes: Implicit <-> Explicit VR Little Endian, and from Deflated or Explicit VR Big
+Endian to either of them.  Compressed data is never decompressed: without a context
+for its transfer syntax the instance is counted failed, with the reason logged.
+
+pynetdicom's own C-MOVE/C-GET loop cannot do that -- it only sends ``Dataset``
+objects, which it re-encodes -- and it cannot put an Error Comment on a refusal nor
+count the sub-operations of a destination that refuses the association.  So the
+handlers run the whole operation themselves on the first step of the generator
+pynetdicom drives (matching, sub-association, C-STORE sub-operations, pending and
+final responses, C-CANCEL), then yield "no sub-operations" so that pynetdicom
+finishes; the one closing response pynetdicom then builds is dropped (:class:`_Mute`),
+the real final response having been sent already.
+
+Sub-operations: C-MOVE opens one association to the Move Destination proposing only
+the contexts needed (SOP class x stored transfer syntax, plus Explicit/Implicit VR
+Little Endian for SOP classes with uncompressed instances); C-GET sends on the
+requesting association, over the storage contexts the requestor accepted in the SCP
+role.  Every wait is bounded by the AE's ACSE/DIMSE/network timeouts and a connection
+timeout, so a destination that vanishes ends the operation with its instances counted
+failed, never with a hung association.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import ssl
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from bson import ObjectId
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pymongo.errors import PyMongoError
+from pynetdicom import _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import encode
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+from acl.audit import operation_entry, summarize
+from acl.rules import NOT_AUTHORIZED, RETRIEVE, Decision
+from archive import model
+from archive.config import Destination
+from archive.query import Query, QueryError, translate
+
+if TYPE_CHECKING:
+    from archive.node import Node
+
+log = logging.getLogger("archive.retrieve")
+
+MOVE, GET = "C-MOVE", "C-GET"
+
+# Statuses (PS3.4 C.4.2.1.5 and C.4.3.1.4).
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+WARNING = 0xB000  # sub-operations complete, one or more failures or warnings
+OUT_OF_RESOURCES_MATCHES = 0xA701  # unable to calculate number of matches
+OUT_OF_RESOURCES_SUBOPS = 0xA702  # unable to perform sub-operations
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+INTERNAL_ERROR = 0xC001
+
+#: Number of ... Sub-operations are US: no more matches can be reported.
+MAX_SUBOPERATIONS = 0xFFFF
+#: pynetdicom (and PS3.8) allow at most 128 proposed presentation contexts.
+MAX_CONTEXTS = 128
+#: Seconds to wait for the TCP connection to a Move Destination.
+CONNECT_TIMEOUT = 10.0
+
+#: Transfer syntaxes whose instances can be re-encoded without decompressing.
+CONVERTIBLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian})
+#: What a convertible instance is re-encoded to, in order of preference.
+TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+_PREAMBLE = b"\x00" * 128
+#: Byte-swap unit of the binary VRs a big endian dataset holds as raw bytes.
+_SWAP = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
+
+
+class Refused(Exception):
+    """The operation ends without (further) sub-operations: its final status and comment."""
+
+    def __init__(self, status: int, comment: str, offending: tuple[int, ...] = ()) -> None:
+        super().__init__(f"0x{status:04X} {comment}")
+        self.status, self.comment, self.offending = status, comment, offending
+
+
+class Unsendable(Exception):
+    """One instance cannot be sent: the reason is the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One instance to send: what the instance document says about it."""
+
+    uid: str
+    sop_class: str
+    transfer_syntax: str
+    file_id: ObjectId
+
+
+@dataclass
+class Counts:
+    """Sub-operation tallies (PS3.4 C.4.2.1.4)."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    converted: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.completed - self.failed - self.warning
+
+    def fail(self, item: Item, reason: str) -> None:
+        self.failed += 1
+        self.failed_uids.append(item.uid)
+        if not self.reasons[reason]:
+            log.warning("sub-operation failed for %s: %s", item.uid, reason)
+        self.reasons[reason] += 1
+
+    def final_status(self) -> int:
+        if not self.failed and not self.warning:
+            return SUCCESS
+        return OUT_OF_RESOURCES_SUBOPS if self.failed == self.total else WARNING
+
+
+# --- what to propose, which context to use --------------------------------------------
+
+
+def proposal(items: list[Item]) -> list[PresentationContext]:
+    """Presentation contexts for a sub-association sending ``items``.
+
+    One context per (SOP class, stored transfer syntax), so the destination can accept
+    each original as it is, plus one per SOP class and fallback syntax for the classes
+    with uncompressed instances.  Past 128 contexts the fallbacks are folded into the
+    exact contexts, then the rarest pairs are left out (their instances fail).
+    """
+    pairs = Counter((item.sop_class, item.transfer_syntax) for item in items)
+    exact = [pair for pair, _ in pairs.most_common()]
+    classes = dict.fromkeys(cls for cls, ts in exact if ts in CONVERTIBLE)
+    fallback = [(cls, ts) for cls in classes for ts in TARGETS if (cls, ts) not in pairs]
+    if len(exact) + len(fallback) <= MAX_CONTEXTS:
+        return [build_context(cls, [ts]) for cls, ts in exact + fallback]
+    contexts = []
+    for cls, ts in exact[:MAX_CONTEXTS]:
+        syntaxes = [ts] + ([t for t in TARGETS if t != ts] if ts in CONVERTIBLE else [])
+        contexts.append(build_context(cls, syntaxes))
+    return contexts
+
+
+def accepted_syntaxes(assoc: Association) -> dict[str, set[str]]:
+    """Transfer syntaxes the peer accepted per SOP class, for us as storage SCU."""
+    accepted: dict[str, set[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu and cx.transfer_syntax:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return accepted
+
+
+def choose(item: Item, accepted: dict[str, set[str]]) -> str:
+    """The transfer syntax to send ``item`` in; raises Unsendable with the reason."""
+    syntaxes = accepted.get(item.sop_class, set())
+    if item.transfer_syntax in syntaxes:
+        return item.transfer_syntax
+    if item.transfer_syntax in CONVERTIBLE:
+        for target in TARGETS:
+            if target in syntaxes:
+                return target
+    if not item.transfer_syntax:
+        raise Unsendable("stored file has no transfer syntax")
+    syntax, sop_class = _name(item.transfer_syntax), _name(item.sop_class)
+    if item.transfer_syntax not in CONVERTIBLE:
+        raise Unsendable(f"{syntax} not accepted, not decompressed: {sop_class}")
+    if not syntaxes:
+        raise Unsendable(f"SOP class not accepted: {sop_class}")
+    raise Unsendable(f"{syntax} not accepted, nor a syntax it converts to: {sop_class}")
+
+
+def _name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+# --- the bytes -------------------------------------------------------------------------
+
+
+def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
+    """Write the stored file to ``path``; return the transfer syntax of its dataset.
+
+    The dataset bytes are copied unchanged, chunk by chunk.  The file meta is rewritten
+    from the instance document so that the Media Storage SOP Class/Instance UIDs --
+    which pynetdicom puts in the C-STORE request -- are the archive's.
+    """
+    head = next(stream, b"")
+    offset, stored_syntax = _stored_meta(head)
+    transfer_syntax = stored_syntax or item.transfer_syntax
+    if not transfer_syntax:
+        raise Unsendable("stored file has no transfer syntax")
+    with _overwrite(path) as out:
+        out.write(_PREAMBLE + b"DICM")
+        out.write(file_meta(item.sop_class, item.uid, transfer_syntax))
+        out.write(memoryview(head)[offset:])
+        del head
+        for chunk in stream:
+            out.write(chunk)
+    return transfer_syntax
+
+
+#: Explicit VR elements whose length is on 4 bytes (after 2 reserved ones).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+
+
+def _stored_meta(head: bytes) -> tuple[int, str]:
+    """Where the dataset starts in a Part-10 file, and its Transfer Syntax UID.
+
+    The file meta group is always explicit VR little endian (PS3.10 7.1); it is walked
+    element by element, so its group length need not be right.
+    """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise Unsendable("stored file is not a DICOM Part-10 file")
+    offset, syntax = 132, ""
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            return offset, syntax
+        vr = head[offset + 4:offset + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            start = offset + 12
+        elif vr.isalpha() and vr.isupper():
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            start = offset + 8
+        else:
+            raise Unsendable("stored file meta is not explicit VR little endian")
+        if element == 0x0010:
+            syntax = head[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = start + length
+    if offset == len(head):  # a file of file meta only: an empty dataset
+        return offset, syntax
+    raise Unsendable("stored file meta is truncated")
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """The encoded file meta group of a Part-10 file (PS3.10 7.1)."""
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\0"
+        if vr in _LONG_VRS:
+            return struct.pack("<HH2s2xI", 2, tag, vr, len(value)) + value
+        return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
+
+    body = b"".join((
+        element(0x0001, b"OB", b"\0\1"),
+        element(0x0002, b"UI", sop_class.encode("ascii")),
+        element(0x0003, b"UI", sop_instance.encode("ascii")),
+        element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+        element(0x0012, b"UI", PYDICOM_IMPLEMENTATION_UID.encode("ascii")),
+    ))
+    return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+@contextlib.contextmanager
+def _overwrite(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened to be rewritten, truncated after writing rather than before.
+
+    The temporary files are reused for every instance; on ext4 truncating a file on
+    open (``"wb"``) forces its pending data to disk, ~2 ms per instance.
+    """
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as out:
+        yield out
+        out.truncate()
+
+
+def convert(source: Path, target: Path, transfer_syntax: str) -> None:
+    """Re-encode an uncompressed Part-10 file in Explicit or Implicit VR Little Endian.
+
+    Big endian data is converted only when unambiguous: the raw bytes of OW/OF/OL/OD/OV
+    values are swapped by their word size, which is not defined for 32/64-bit pixel
+    data in OW, nor for UN values (their structure is unknown).
+    """
+    tsyntax = UID(transfer_syntax)
+    try:
+        ds = dcmread(source)
+        stored = ds.file_meta.TransferSyntaxUID
+        if stored not in CONVERTIBLE:
+            raise Unsendable(f"{_name(stored)} cannot be converted without decompressing")
+        if not stored.is_little_endian:
+            _to_little_endian(ds)
+        ds.file_meta.TransferSyntaxUID = tsyntax
+        with _overwrite(target) as out:
+            dcmwrite(out, ds, implicit_vr=tsyntax.is_implicit_VR, little_endian=True,
+                     force_encoding=True)
+    except Unsendable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
+        raise Unsendable(f"conversion to {_name(tsyntax)} failed: "
+                         f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _to_little_endian(ds: Dataset) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for child in elem.value or []:
+                _to_little_endian(child)
+        elif elem.VR == "UN" and elem.value:
+            raise Unsendable(f"big endian element {elem.tag} has VR UN: cannot be swapped")
+        elif elem.tag == 0x7FE00010 and elem.value and (
+                (elem.VR == "OW" and ds.get("BitsAllocated", 16) > 16)
+                or (elem.VR == "OB" and ds.get("BitsAllocated", 8) > 8)):
+            raise Unsendable(f"big endian {elem.VR} pixel data of "
+                             f"{ds.get('BitsAllocated')} bits is ambiguous")
+        elif elem.VR in _SWAP and elem.value:
+            words = array.array(_SWAP[elem.VR])
+            if len(elem.value) % words.itemsize:
+                raise Unsendable(f"big endian element {elem.tag} has an odd length")
+            words.frombytes(elem.value)
+            words.byteswap()
+            elem.value = words.tobytes()
+
+
+# --- the operation ---------------------------------------------------------------------
+
+
+class _Mute:
+    """Drops the closing response pynetdicom sends after a handler answered itself."""
+
+    def __init__(self, assoc: Association, message_id: int) -> None:
+        self.dimse = assoc.dimse
+        self.message_id = message_id
+        self.dimse.send_msg = self  # type: ignore[method-assign]
+
+    def __call__(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE | C_GET) and \
+                primitive.MessageIDBeingRespondedTo == self.message_id:
+            self.remove()
+            return
+        type(self.dimse).send_msg(self.dimse, primitive, context_id)
+
+    def remove(self) -> None:
+        if self.dimse.__dict__.get("send_msg") is self:
+            del self.dimse.send_msg
+
+
+class Retrieve:
+    """One C-MOVE or C-GET request, from matching to the final response."""
+
+    def __init__(self, event: Event, node: Node, kind: str) -> None:
+        self.event, self.node, self.kind = event, node, kind
+        self.assoc: Association = event.assoc
+        self.request = event.request
+        self.counts = Counts()
+        self.level = "?"
+        self.destination = ""
+        self.status: int | None = None  # of the final response, once sent
+        self.comment = ""
+        self.cancelled = False
+        self.principal = ""
+        self.decision: Decision | None = None
+        self.summary = ""
+        requestor = self.assoc.requestor
+        self.who = f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
+
+    # -- responses ----------------------------------------------------------------------
+
+    def respond(self, status: int, *, comment: str = "", counts: bool = True,
+                identifier: bool = False, offending: tuple[int, ...] = ()) -> bool:
+        """Send one C-MOVE/C-GET response; False when the requestor is gone."""
+        if self._requestor_gone():
+            return False
+        rsp = C_MOVE() if self.kind == MOVE else C_GET()
+        rsp.MessageID = self.request.MessageID
+        rsp.MessageIDBeingRespondedTo = self.request.MessageID
+        rsp.AffectedSOPClassUID = self.request.AffectedSOPClassUID
+        rsp.Status = status
+        if comment:
+            rsp.ErrorComment = _error_comment(comment)
+        if offending:
+            rsp.OffendingElement = list(offending)
+        c = self.counts
+        if counts:
+            if status in (PENDING, CANCEL):
+                rsp.NumberOfRemainingSuboperations = c.remaining
+            rsp.NumberOfCompletedSuboperations = c.completed
+            rsp.NumberOfFailedSuboperations = c.failed
+            rsp.NumberOfWarningSuboperations = c.warning
+        if identifier:
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = c.failed_uids
+            ts = self.event.context.transfer_syntax
+            rsp.Identifier = BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian,
+                                            ts.is_deflated) or b"")
+        self.assoc.dimse.send_msg(rsp, self.event.context.context_id)
+        self._keep_alive()
+        return True
+
+    def _keep_alive(self) -> None:
+        """Restart the requesting association's network (idle) timer.
+
+        pynetdicom restarts it only on data received, and checks it once the handler
+        returns: a C-MOVE requestor is silent while it waits, so a move longer than the
+        network timeout would be aborted right after its final response.
+        """
+        timer = getattr(getattr(self.assoc, "dul", None), "_idle_timer", None)
+        if timer is not None:
+            timer.restart()
+
+    def finish(self, status: int, comment: str = "") -> None:
+        """The final response after sub-operations started (counts and failed UIDs)."""
+        c = self.counts
+        if not comment and c.failed and status != CANCEL:  # the commonest reason
+            comment = c.reasons.most_common(1)[0][0]
+        self.status, self.comment = status, comment
+        if not self.respond(status, comment=comment, identifier=status != SUCCESS):
+            self.status, self.comment = None, "requestor gone"
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._run()
+        except Refused as exc:
+            self.status, self.comment = exc.status, exc.comment
+            counted = exc.status == CANCEL or (exc.status == OUT_OF_RESOURCES_SUBOPS
+                                               and self.counts.total > 0)
+            if not self.respond(exc.status, comment=exc.comment, counts=counted,
+                                identifier=counted, offending=exc.offending):
+                self.status, self.comment = None, "requestor gone"
+        except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
+            log.exception("%s %s: unexpected error", self.kind, self.who)
+            self.status, self.comment = INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
+            counted = self.counts.total > 0
+            self.respond(INTERNAL_ERROR, comment=self.comment, counts=counted,
+                         identifier=counted)
+        finally:
+            self._log(time.perf_counter() - started)
+            self._audit(started)
+
+    def _log(self, elapsed: float) -> None:
+        """The operation's line: who, level, destination, counts, outcome, time."""
+        c = self.counts
+        dest = f" dest={self.destination}" if self.kind == MOVE else ""
+        outcome = "no final response" if self.status is None else f"0x{self.status:04X}"
+        if self.comment:
+            outcome += f" {self.comment}"
+        reasons = "; ".join(f"{n}x {r}" for r, n in c.reasons.most_common(3))
+        (log.info if self.status in (SUCCESS, CANCEL) else log.warning)(
+            "%s %s level=%s%s -> %s: matched=%d completed=%d failed=%d warning=%d "
+            "converted=%d%s (%.1f ms)", self.kind, self.who, self.level, dest, outcome,
+            c.total, c.completed, c.failed, c.warning, c.converted,
+            f" [failures: {reasons}]" if reasons else "", elapsed * 1000)
+
+    def _audit(self, started: float) -> None:
+        """The operation's entry in the audit trail of access control."""
+        if self.decision is None:
+            return
+        status = -1 if self.status is None else self.status
+        rule = self.decision.deciding_rule() if status != NOT_AUTHORIZED else None
+        c = self.counts
+        try:
+            entry = operation_entry(
+                self.assoc, self.kind, self.principal, RETRIEVE,
+                allowed=status != NOT_AUTHORIZED, status=status, request=self.summary,
+                restricted=self.decision.restricted,
+                rule=rule.index if rule is not None else None, comment=self.comment,
+                counts={"matched": c.total, "completed": c.completed, "failed": c.failed,
+                        "warning": c.warning}, started=started)
+            self.node.audit.record(entry)
+        except Exception:  # noqa: BLE001 - auditing never fails the operation
+            log.exception("%s %s: audit entry not recorded", self.kind, self.who)
+
+    def _run(self) -> None:
+        self.principal, self.decision = self.node.authorize(self.assoc, RETRIEVE)
+        if not self.decision.allowed:
+            raise Refused(NOT_AUTHORIZED, self.decision.comment())
+        if self.node.stopping.is_set():
+            raise Refused(OUT_OF_RESOURCES_SUBOPS, "archive is shutting down")
+        query, identifier = self._query()
+        destination = self._destination() if self.kind == MOVE else None
+        items = self._match(query, identifier)
+        self.counts.total = len(items)
+        if not items:
+            self.finish(SUCCESS)
+            return
+        with tempfile.TemporaryDirectory(prefix="archive-retrieve-") as tmp:
+            if destination is None:
+                self._transfer(self.assoc, items, Path(tmp))
+                return
+            sub = self._associate(destination, items)
+            try:
+                self._transfer(sub, items, Path(tmp))
+            finally:
+                if sub.is_established:
+                    sub.release()
+
+    def _destination(self) -> tuple[str, Destination]:
+        """The Move Destination's AE title and where it listens (cfg.destinations)."""
+        raw = self.event.move_destination
+        ae = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw or "").strip()
+        self.destination = ae or "''"
+        dest = self.node.cfg.destinations.get(ae) if ae else None
+        if dest is None:
+            raise Refused(MOVE_DESTINATION_UNKNOWN, f"Move Destination {ae!r} unknown")
+        self.destination = f"{ae}@{dest.host}:{dest.port}"
+        return ae, dest
+
+    def _query(self) -> tuple[Query, Dataset]:
+        """The identifier, checked and translated (no database access yet)."""
+        from archive.services import MODELS  # services imports this module
+
+        try:
+            identifier = self.event.identifier
+            identifier.decode()
+            self.summary = summarize(identifier)
+        except Exception:  # noqa: BLE001 - an identifier pydicom cannot decode
+            raise Refused(UNABLE_TO_PROCESS, "cannot decode the identifier") from None
+        try:
+            query = translate(identifier, MODELS[self.request.AffectedSOPClassUID],
+                              pn_case_insensitive=self.node.cfg.query.pn_case_insensitive,
+                              combined_datetime=self.node.cfg.query.combined_datetime)
+        except QueryError as exc:
+            raise Refused(exc.status, exc.comment, exc.offending) from None
+        self.level = query.level
+        _require_unique_key(identifier, query.level)
+        return query, identifier
+
+    def _match(self, query: Query, identifier: Dataset) -> list[Item]:
+        """What the identifier selects (and the access rules let through), in order."""
+        items: dict[str, Item] = {}
+        restriction = self.decision.instance_filter() if self.decision else None
+        try:
+            for n, doc in enumerate(self.node.finder.instances(query, identifier, restriction)):
+                if n % 256 == 255 and self._cancel_requested():
+                    raise Refused(CANCEL, "cancelled while matching")
+                if doc["_id"] in items:
+                    continue
+                items[doc["_id"]] = Item(doc["_id"], str(doc.get("SOPClassUID", "")),
+                                         str(doc.get("TransferSyntaxUID", "")), doc["file_id"])
+                if len(items) > MAX_SUBOPERATIONS:
+                    raise Refused(OUT_OF_RESOURCES_MATCHES,
+                                  f"more than {MAX_SUBOPERATIONS} instances match")
+        except PyMongoError as exc:
+            log.warning("%s %s: database error while matching: %s", self.kind, self.who, exc)
+            raise Refused(OUT_OF_RESOURCES_MATCHES,
+                          "database unavailable, matches not counted") from None
+        return list(items.values())
+
+    def _requestor_gone(self) -> bool:
+        """The requestor aborted or dropped the connection.
+
+        Our handler runs in the association's own thread, which only marks it aborted
+        once the handler returns; the abort is already waiting in the DUL's queue.
+        """
+        return not self.assoc.is_established or self.assoc.acse.is_aborted()
+
+    def _cancel_requested(self) -> bool:
+        # pynetdicom forgets a C-CANCEL once it has been reported: remember it.
+        self.cancelled = self.cancelled or self.event.is_cancelled
+        return self.cancelled
+
+    def _associate(self, destination: tuple[str, Destination],
+                   items: list[Item]) -> Association:
+        """The sub-association with the Move Destination, proposing what ``items`` need.
+
+        When it cannot be established every instance is counted failed (0xA702).
+        """
+        from archive.services import set_nodelay  # services imports this module
+
+        ae_title, dest = destination
+        ae = self.node.ae
+        if ae.connection_timeout is None:
+            ae.connection_timeout = CONNECT_TIMEOUT
+        tls_args = (self._client_tls(), dest.host) if dest.tls else None
+        sub = ae.associate(dest.host, dest.port, contexts=proposal(items), ae_title=ae_title,
+                           tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        if sub.is_established:
+            return sub
+        if sub.is_rejected:
+            why = "rejected the association"
+        elif sub.rejected_contexts and not sub.accepted_contexts:
+            why = "accepted no presentation context"
+        elif sub.acceptor.primitive is None:
+            why = "cannot be reached (no connection or no answer)"
+        else:
+            why = "aborted the association"
+        for item in items:
+            reason = f"destination {why}"
+            if why == "accepted no presentation context":
+                try:
+                    choose(item, {})
+                except Unsendable as exc:
+                    reason = str(exc)
+            self.counts.fail(item, reason)
+        raise Refused(OUT_OF_RESOURCES_SUBOPS, f"Move Destination {why}")
+
+    def _client_tls(self) -> ssl.SSLContext:
+        tls = self.node.cfg.tls
+        context = ssl.create_default_context(cafile=tls.ca_certificate or None)
+        if tls.certificate:
+            context.load_cert_chain(tls.certificate, tls.private_key or None)
+        return context
+
+    def _transfer(self, sub: Association, items: list[Item], tmp: Path) -> None:
+        """The C-STORE sub-operations, one pending response after each but the last."""
+        accepted = accepted_syntaxes(sub)
+        c = self.counts
+        for index, item in enumerate(items):
+            if self._cancel_requested():
+                self.finish(CANCEL)
+                return
+            if self._requestor_gone():
+                self.comment = "requestor gone"
+                return
+            if not sub.is_established:
+                for rest in items[index:]:
+                    c.fail(rest, "destination association lost")
+                break
+            try:
+                self._store(sub, item, accepted, tmp, index)
+            except PyMongoError as exc:
+                log.warning("%s %s: database error reading %s: %s", self.kind, self.who,
+                            item.uid, exc)
+                for rest in items[index:]:
+                    c.fail(rest, "database unavailable")
+                break
+            if c.remaining:
+                self.respond(PENDING)
+        self.finish(c.final_status())
+
+    def _store(self, sub: Association, item: Item, accepted: dict[str, set[str]],
+               tmp: Path, index: int) -> None:
+        c = self.counts
+        try:
+            syntax = choose(item, accepted)
+            path = tmp / "instance.dcm"
+            stored = spool(self.node.archive.files.stream(item.file_id), item, path)
+            if stored != syntax:
+                if item.transfer_syntax != stored:  # the document and the file disagree
+                    syntax = choose(Item(item.uid, item.sop_class, stored, item.file_id),
+                                    accepted)
+                if stored != syntax:
+                    convert(path, tmp / "converted.dcm", syntax)
+                    path = tmp / "converted.dcm"
+                    c.converted += 1
+        except Unsendable as exc:
+            c.fail(item, str(exc))
+            return
+        except FileNotFoundError as exc:
+            c.fail(item, f"stored file missing: {exc}")
+            return
+        status = self._send(sub, path, index)
+        if status is None:
+            c.fail(item, "no C-STORE response (association lost or DIMSE timeout)")
+            return
+        category = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Failure",))[0]
+        if status == SUCCESS:
+            c.completed += 1
+        elif category == "Warning":
+            c.warning += 1
+        else:
+            c.fail(item, f"destination answered 0x{status:04X}")
+
+    def _send(self, sub: Association, path: Path, index: int) -> int | None:
+        """C-STORE one file's dataset as it is on disk; the response status or None."""
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file, never decode it
+        msg_id = (self.request.MessageID + index) % 0xFFFF + 1
+        kwargs: dict[str, Any] = {"msg_id": msg_id}
+        if self.kind == MOVE:
+            kwargs.update(originator_aet=self.assoc.requestor.ae_title,
+                          originator_id=self.request.MessageID)
+        try:
+            rsp = sub.send_c_store(path, **kwargs)
+        except (RuntimeError, ValueError, AttributeError, OSError) as exc:
+            log.debug("%s %s: C-STORE failed: %s", self.kind, self.who, exc)
+            return None
+        return int(rsp.Status) if "Status" in rsp else None
+
+
+def _error_comment(text: str) -> str:
+    """Error Comment is LO: 64 characters, no backslash or control characters."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)[:64]
+
+
+def _require_unique_key(identifier: Dataset, level: str) -> None:
+    """A retrieve names the entities it moves: the level's unique key (PS3.4 C.4.2.2.1).
+
+    Without it a C-MOVE of an empty identifier would send the whole archive.
+    """
+    keyword = model.UNIQUE_KEY[level]
+    values: list[str] = []
+    if keyword in identifier:
+        value = identifier.data_element(keyword).value  # type: ignore[union-attr]
+        raw = [value] if isinstance(value, str) else list(value or [])
+        values = [str(v).strip() for v in raw if str(v).strip()]
+    if not values or any("*" in v or "?" in v for v in values):
+        tag = tag_for_keyword(keyword) or 0
+        raise Refused(IDENTIFIER_DOES_NOT_MATCH,
+                      f"{keyword} required at the {level} level, without wildcards",
+                      (tag,))
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+def _handler(event: Event, node: Node, kind: str) -> Iterator[Any]:
+    Retrieve(event, node, kind).run()
+    # The operation has answered in full; let pynetdicom finish quietly.
+    mute = _Mute(event.assoc, event.request.MessageID)
+    try:
+        if kind == MOVE:
+            yield ("127.0.0.1", 0)  # a destination pynetdicom never contacts: no sub-ops
+        yield 0
+    finally:
+        mute.remove()
+
+
+def handle_move(event: Event, node: Node) -> Iterator[Any]:
+    """EVT_C_MOVE handler."""
+    return _handler(event, node, MOVE)
+
+
+def handle_get(event: Event, node: Node) -> Iterator[Any]:
+    """EVT_C_GET handler."""
+    return _handler(event, node, GET)
