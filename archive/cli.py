@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pymongo.errors import PyMongoError
+
 from archive import config as config_module
 from archive.config import Config, ConfigError
 from archive.ferretdb import DatabaseUnavailable, EmbeddedFerretDB
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseUnavailable as exc:
         print(f"archive: {exc}", file=sys.stderr)
         return 2
+    except PyMongoError as exc:
+        print(f"archive: database {cfg.database.uri} ({cfg.database.name}) not usable: "
+              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+from pydicom.uid import UID
+from pymongo import uri_parser
+from pymongo.errors import ConfigurationError as PyMongoConfigurationError
+from pymongo.errors import InvalidURI
 
 DEFAULT_PATH = Path("config/archive.yaml")
 
@@ -91,6 +95,9 @@ class Acl:
 
     enabled: bool = True
     refresh_seconds: float = 1.0  # how often a node re-reads the active ruleset
+    #: Rules a node applies on its first start, when the database has never had a
+    #: ruleset (so a new archive is usable as shipped); "" to start with none.
+    initial_rules: str = "config/acl.yaml"
 
 
 @dataclass
@@ -214,8 +221,34 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("max_associations: must be at least 1")
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")
+    _validate_database(cfg.database)
     if not 0 < cfg.acl.refresh_seconds <= 60:
         raise ConfigError("acl.refresh_seconds: must be above 0 and at most 60")
+    for key in ("sop_classes", "transfer_syntaxes"):
+        value = getattr(cfg.accept, key)
+        if isinstance(value, str) and value != "all":
+            raise ConfigError(f"accept.{key}: expected 'all' or a list of UIDs, got {value!r}")
+        if isinstance(value, list):
+            bad = [uid for uid in value if not UID(uid).is_valid]
+            if bad or not value:
+                raise ConfigError(f"accept.{key}: not UIDs: {bad}" if bad else
+                                  f"accept.{key}: an empty list accepts nothing")
+
+
+def _validate_database(database: Database) -> None:
+    """A URI pymongo can use and a name MongoDB accepts, checked before connecting."""
+    if not database.uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(f"database.uri: {database.uri!r} must start with mongodb:// "
+                          "or mongodb+srv://")
+    if database.uri.startswith("mongodb://"):
+        try:
+            uri_parser.parse_uri(database.uri)
+        except (InvalidURI, PyMongoConfigurationError, ValueError) as exc:
+            raise ConfigError(f"database.uri: {database.uri!r} is not usable ({exc})") from None
+    name = database.name
+    if not name or len(name) > 63 or any(c in name for c in '/\\. "$\0'):
+        raise ConfigError(f"database.name: {name!r} is not a MongoDB database name "
+                          "(1 to 63 characters, none of / \\ . space \" $)")
 
 
 def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:

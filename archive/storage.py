@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from archive import dicomjson, model
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
@@ -115,6 +115,8 @@ def normalised_fields(level: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 _HIERARCHY_FIELDS = frozenset(model.UNIQUE_KEY.values())
+_HIERARCHY_PROJECTION = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 1,
+                         "PatientID": 1}
 
 
 def level_dataset(level: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +196,7 @@ class Archive:
         except _ChunkWriteFailed as exc:
             failed_id = exc.file_id
             self._undo(lambda: self.files.delete(failed_id, len(part10)),
-                       {**entry, "kind": "orphan", "file_id": str(failed_id)})
+                       {**entry, "kind": "orphan", "file_id": str(failed_id)}, exc.cause)
             raise exc.cause from None
         entry.update(kind="orphan", file_id=str(file_id))
         previous = self._index(ds, file_id, transfer_syntax, len(part10), source, entry)
@@ -210,35 +212,31 @@ class Archive:
                source: str, entry: dict[str, Any]) -> dict[str, Any] | None:
         """Write the instance and level documents for a file already in GridFS.
 
-        Returns the instance document it replaced, if any; on failure undoes its own
-        writes and the file's, and re-raises.
+        Returns the instance document it replaced, if any.  On failure it takes back
+        everything (its own writes and the file) exactly as the journal replay would,
+        then re-raises.
         """
         data = dicomjson.to_json(ds, file_id)
         doc = self.instance_document(data, file_id, transfer_syntax, size, source)
         sop_uid = doc["_id"]
+        undo: dict[str, Any] = {**entry, "kind": "undo", "hierarchy": list(_hierarchy(doc))}
         try:
+            # Read first what an undo needs should the replace be applied but its reply
+            # lost: then find_one_and_replace's answer never reaches us.
+            prior = self.instances.find_one({"_id": sop_uid}, _HIERARCHY_PROJECTION)
+            if prior is not None:
+                undo["previous_file_id"] = str(prior["file_id"])
+                undo["previous_hierarchy"] = list(_hierarchy(prior))
+            # (no projection: FerretDB 1.24 does not implement findAndModify "fields")
             previous = self.instances.find_one_and_replace(
                 {"_id": sop_uid}, doc, upsert=True,
                 return_document=pymongo.ReturnDocument.BEFORE)
-        except PyMongoError:
-            self._undo(lambda: self.files.delete(file_id, size), entry)
-            raise
-        try:
-            self._update_levels(doc, data, is_new=previous is None)
-            if previous is not None and _hierarchy(previous) != _hierarchy(doc):
+            moved = previous is not None and _hierarchy(previous) != _hierarchy(doc)
+            self._update_levels(doc, data, is_new=previous is None or moved)
+            if moved:
                 self.recompute(_hierarchy(previous))
-        except PyMongoError:
-            def restore() -> None:
-                if previous is None:
-                    self.instances.delete_one({"_id": sop_uid, "file_id": file_id})
-                else:
-                    self.instances.replace_one({"_id": sop_uid, "file_id": file_id}, previous)
-                self.files.delete(file_id, size)
-                self.recompute(_hierarchy(doc))
-            undo = {**entry, "kind": "undo", "hierarchy": list(_hierarchy(doc))}
-            if previous is not None:
-                undo["previous_file_id"] = str(previous["file_id"])
-            self._undo(restore, undo)
+        except PyMongoError as exc:
+            self._undo(lambda: self._replay(undo), undo, exc)
             raise
         return previous
 
@@ -328,13 +326,31 @@ class Archive:
         else:
             self.patients.delete_one({"_id": patient_id})
 
-    def _undo(self, restore: Callable[[], None], entry: dict[str, Any]) -> None:
-        """Roll back a failed store now, or journal it for :meth:`reconcile`."""
+    def _undo(self, restore: Callable[[], None], entry: dict[str, Any],
+              cause: Exception | None = None) -> None:
+        """Roll back a failed store now, or journal it for :meth:`reconcile`.
+
+        When the failure was the connection and the database does not answer a short
+        ping, the rollback is journalled at once: trying it would only wait out the same
+        timeout again, for every store of an outage.
+        """
+        if isinstance(cause, ConnectionFailure) and not self._answers():
+            log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), cause)
+            self._journal_append(entry)
+            return
         try:
             restore()
         except PyMongoError as exc:
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), exc)
             self._journal_append(entry)
+
+    def _answers(self, seconds: float = 1.0) -> bool:
+        try:
+            with pymongo.timeout(seconds):
+                self.db.command("ping")
+        except PyMongoError:
+            return False
+        return True
 
     def _journal_append(self, entry: dict[str, Any]) -> None:
         with self._journal_lock:
@@ -370,23 +386,28 @@ class Archive:
     def _replay(self, entry: dict[str, Any]) -> None:
         file_id = ObjectId(entry["file_id"])
         current = self.instances.find_one({"_id": entry["sop"]}, {"file_id": 1})
-        if entry["kind"] == "undo" and current is not None and current["file_id"] == file_id:
-            self.instances.delete_one({"_id": entry["sop"], "file_id": file_id})
-            current = None
+        if entry["kind"] == "undo":
+            if current is not None and current["file_id"] == file_id:
+                self.instances.delete_one({"_id": entry["sop"], "file_id": file_id})
+                current = None
             previous = entry.get("previous_file_id")
-            if previous and self.files.exists(ObjectId(previous)):
+            if current is None and previous and self.files.exists(ObjectId(previous)):
                 self._reindex(ObjectId(previous))
-        if current is None or current["file_id"] != file_id:
+                current = {"file_id": ObjectId(previous)}
+        if not entry.get("keep_file") and (current is None or current["file_id"] != file_id):
             self.files.delete(file_id, entry.get("length"))
-        if "hierarchy" in entry:
-            self.recompute(tuple(entry["hierarchy"]))  # type: ignore[arg-type]
+        for key in ("hierarchy", "previous_hierarchy"):
+            if key in entry:
+                self.recompute(tuple(entry[key]))  # type: ignore[arg-type]
 
     def _reindex(self, file_id: ObjectId) -> None:
         """Index an original already in GridFS again (its metadata was lost)."""
-        ds = self.parse(self.files.read(file_id))
+        part10 = self.files.read(file_id)
+        ds = self.parse(part10)
         self._index(ds, file_id, str(ds.file_meta.get("TransferSyntaxUID", "")),
-                    len(self.files.read(file_id)), "reindex",
-                    {"sop": str(ds.SOPInstanceUID), "kind": "orphan", "file_id": str(file_id)})
+                    len(part10), "reindex",
+                    {"sop": str(ds.SOPInstanceUID), "kind": "orphan", "file_id": str(file_id),
+                     "keep_file": True})
 
     # -- reading ----------------------------------------------------------------------
 

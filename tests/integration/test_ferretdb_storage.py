@@ -1,0 +1,185 @@
+"""The archive's storage on a real FerretDB: every pydicom test file, GridFS, indexes."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gridfs
+import pytest
+from conftest import FerretDB, unique_name
+from helpers import consistency_problems, counter_problems
+from pydicom import dcmread
+
+from archive import dicomjson, model
+from archive.gridstore import CHUNK_SIZE, GridStore
+from archive.storage import SUCCESS, Archive, ensure_indexes
+
+pytestmark = [pytest.mark.ferretdb, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@dataclass
+class Loaded:
+    db: Any
+    archive: Archive
+    #: file -> (status, comment) of its store
+    outcomes: dict[Path, tuple[int, str]] = field(default_factory=dict)
+    #: files whose GridFS copy, read right after the store, differed from the file
+    mismatches: list[Path] = field(default_factory=list)
+    #: SOP Instance UID -> the file stored last under it (what the archive must hold)
+    final: dict[str, Path] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def loaded(ferretdb: FerretDB, testdata_files: list[Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """All storable pydicom files stored through Archive, in order (duplicates replace)."""
+    name = unique_name("integ")
+    db = ferretdb.client[name]
+    ensure_indexes(db)
+    archive = Archive(db, "fs", "replace", tmp_path_factory.mktemp("journal") / "j.jsonl")
+    result = Loaded(db, archive)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in testdata_files:
+            data = path.read_bytes()
+            outcome = archive.store(data, source="test")
+            result.outcomes[path] = (outcome.status, outcome.comment)
+            if outcome.ok:
+                result.final[outcome.sop_instance_uid] = path
+                doc = db.instances.find_one({"_id": outcome.sop_instance_uid})
+                if doc is None or archive.files.read(doc["file_id"]) != data:
+                    result.mismatches.append(path)
+    yield result
+    ferretdb.client.drop_database(name)
+
+
+def test_every_storable_test_file_is_stored(loaded: Loaded, testdata_files: list[Path]) -> None:
+    assert len(testdata_files) > 100
+    failed = {p.name: f"0x{s:04X} {c}" for p, (s, c) in loaded.outcomes.items() if s != SUCCESS}
+    assert failed == {}
+
+
+def test_gridfs_copy_is_byte_identical_to_the_file(loaded: Loaded) -> None:
+    assert [p.name for p in loaded.mismatches] == []
+    for uid, path in loaded.final.items():
+        doc = loaded.db.instances.find_one({"_id": uid})
+        assert loaded.archive.files.read(doc["file_id"]) == path.read_bytes(), path.name
+        assert doc["size"] == path.stat().st_size
+
+
+def test_one_instance_and_one_file_per_sop_instance_uid(loaded: Loaded) -> None:
+    db = loaded.db
+    assert db.instances.count_documents({}) == len(loaded.final)
+    assert db["fs.files"].count_documents({}) == len(loaded.final)
+    assert consistency_problems(db) == []
+    expected_chunks = sum(max(-(-p.stat().st_size // CHUNK_SIZE), 1)
+                          for p in loaded.final.values())
+    assert db["fs.chunks"].count_documents({}) == expected_chunks
+
+
+def test_files_are_readable_by_the_drivers_gridfs(loaded: Loaded) -> None:
+    """pymongo's GridFSBucket reads the archive's files (standard layout).
+
+    A sample: the driver queries chunks by ``files_id``, which FerretDB answers by
+    scanning every chunk of the archive (~0.1 s each here).
+    """
+    bucket = gridfs.GridFSBucket(loaded.db)
+    by_size = sorted(loaded.final.items(), key=lambda item: item[1].stat().st_size)
+    sample = by_size[::8] + by_size[-3:]
+    for uid, path in sample:
+        doc = loaded.db.instances.find_one({"_id": uid})
+        with bucket.open_download_stream(doc["file_id"]) as stream:
+            assert stream.read() == path.read_bytes(), path.name
+            assert stream.filename == f"{uid}.dcm"
+            assert stream.metadata["SOPInstanceUID"] == uid
+    assert len(list(bucket.find({}))) == len(loaded.final)
+
+
+def test_level_documents_agree_with_the_instances(loaded: Loaded) -> None:
+    assert counter_problems(loaded.db) == []
+
+
+def test_metadata_survives_the_database_unchanged(loaded: Loaded) -> None:
+    """What FerretDB gives back is the DICOM JSON the archive computed, value for value."""
+    for uid, path in loaded.final.items():
+        doc = loaded.db.instances.find_one({"_id": uid})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = dicomjson.to_json(dcmread(path), doc["file_id"])
+        assert doc["dataset"] == expected, path.name
+
+
+def test_stats_counts(loaded: Loaded) -> None:
+    series, studies, patients, modalities, classes = set(), set(), set(), {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in loaded.final.values():
+            ds = dcmread(path, stop_before_pixels=True)
+            series.add(str(ds.SeriesInstanceUID).strip())
+            studies.add(str(ds.StudyInstanceUID).strip())
+            patients.add(str(ds.get("PatientID", "") or "").strip())
+            modality = str(ds.get("Modality", "") or "")
+            modalities[modality] = modalities.get(modality, 0) + 1
+            sop_class = str(ds.SOPClassUID).strip()
+            classes[sop_class] = classes.get(sop_class, 0) + 1
+
+    stats = loaded.archive.stats()
+
+    assert stats["instances"] == len(loaded.final)
+    assert stats["series"] == len(series)
+    assert stats["studies"] == len(studies)
+    assert stats["patients"] == len(patients)
+    assert stats["modalities"] == modalities
+    assert stats["sop_classes"] == classes
+    assert list(stats["modalities"].values()) == sorted(modalities.values(), reverse=True)
+
+
+def test_indexes_are_created(mongo_db: Any) -> None:
+    ensure_indexes(mongo_db)
+    ensure_indexes(mongo_db)  # idempotent
+    for collection, indexes in model.INDEXES.items():
+        present = {tuple(k for k, _ in info["key"])
+                   for info in mongo_db[collection].index_information().values()}
+        for keys in indexes:
+            assert tuple(keys) in present, (collection, keys)
+
+
+def test_multi_chunk_and_empty_files_round_trip(mongo_db: Any) -> None:
+    store = GridStore(mongo_db, "fs")
+    bucket = gridfs.GridFSBucket(mongo_db)
+    for size in (0, CHUNK_SIZE, 2 * CHUNK_SIZE + 777):
+        data = os.urandom(size)
+        file_id = store.put(data, "f.bin", {"size": size})
+        assert store.read(file_id) == data
+        assert bucket.open_download_stream(file_id).read() == data
+        store.delete(file_id)
+        assert mongo_db["fs.files"].count_documents({}) == 0
+        assert mongo_db["fs.chunks"].count_documents({}) == 0
+
+
+def test_custom_bucket_name(mongo_db: Any, tmp_path: Path, testdata_files: list[Path]) -> None:
+    archive = Archive(mongo_db, "originals", "replace", tmp_path / "j.jsonl")
+    data = testdata_files[0].read_bytes()
+    outcome = archive.store(data)
+    assert outcome.ok
+    doc = mongo_db.instances.find_one()
+    assert gridfs.GridFSBucket(mongo_db, "originals").open_download_stream(
+        doc["file_id"]).read() == data
+    assert mongo_db["fs.files"].count_documents({}) == 0
+
+
+def test_unstorable_test_files_are_refused_and_leave_nothing(
+        mongo_db: Any, tmp_path: Path, unstorable_files: list[Path]) -> None:
+    archive = Archive(mongo_db, "fs", "replace", tmp_path / "j.jsonl")
+    assert len(unstorable_files) > 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = {p.name: archive.store(p.read_bytes()) for p in unstorable_files}
+    assert {n: hex(o.status) for n, o in outcomes.items() if o.status != 0xC000} == {}
+    assert all(o.comment for o in outcomes.values())
+    for collection in ("instances", "series", "studies", "patients", "fs.files", "fs.chunks"):
+        assert mongo_db[collection].count_documents({}) == 0, collection

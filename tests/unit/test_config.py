@@ -1,0 +1,267 @@
+"""Configuration errors: exit status 2 and one line naming the key, through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import deep_merge
+
+from archive import cli, config
+from archive.config import ConfigError
+
+#: A configuration that loads; nothing in it can reach a database quickly or by accident.
+VALID: dict[str, Any] = {
+    "ae_title": "ARCHIVE",
+    "port": 11112,
+    "journal": "journal.jsonl",
+    "database": {"uri": "mongodb://127.0.0.1:9/", "name": "archive", "timeout_seconds": 0.5,
+                 "embedded": {"enabled": False}},
+    "destinations": {"STORESCP": {"host": "127.0.0.1", "port": 11113}},
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in [*config.ENVIRONMENT, "ARCHIVE_CONFIG"]:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def write(tmp_path: Path, data: Any = None, text: str | None = None) -> Path:
+    path = tmp_path / "archive.yaml"
+    if text is None:
+        text = yaml.safe_dump(data, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def with_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    return deep_merge(data, changes)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    status = cli.main(list(argv))
+    err = capsys.readouterr().err
+    return status, err
+
+
+def assert_config_error(status: int, err: str, *fragments: str, one_line: bool = True) -> None:
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if one_line:
+        assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert lines[0].startswith("archive: configuration error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_the_shipped_configuration_is_valid() -> None:
+    cfg = config.load(Path(__file__).resolve().parents[2] / "config" / "archive.yaml", {})
+    assert (cfg.ae_title, cfg.port, cfg.duplicate_policy) == ("ARCHIVE", 11112, "replace")
+    assert cfg.database.embedded.enabled is True
+    assert cfg.destinations["STORESCP"].port == 11113
+
+
+def test_the_test_baseline_is_valid(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, VALID), {})
+    assert cfg.database.timeout_seconds == 0.5
+    assert isinstance(cfg.database.timeout_seconds, float)
+
+
+@pytest.mark.parametrize("subcommand_first", [False, True])
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      subcommand_first: bool) -> None:
+    missing = str(tmp_path / "nowhere.yaml")
+    argv = ["stats", "--config", missing] if subcommand_first else \
+        ["--config", missing, "stats"]
+    status, err = run_cli(capsys, *argv)
+    assert_config_error(status, err, missing, "not found")
+
+
+def test_archive_config_variable_names_the_default_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = str(tmp_path / "from-env.yaml")
+    monkeypatch.setenv("ARCHIVE_CONFIG", missing)
+    status, err = run_cli(capsys, "stats")
+    assert_config_error(status, err, missing)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("port: [unclosed\n", "not valid YAML"),
+    ("- a\n- list\n", "top level must be a mapping"),
+])
+def test_unreadable_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                         fragment: str) -> None:
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, text=text)), "stats")
+    # PyYAML's explanation (with the line and column) spans several lines
+    assert_config_error(status, err, fragment, one_line=False)
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"colour": "blue"}, "colour"),
+    ({"database": {"embedded": {"enabeld": True}}}, "database.embedded.enabeld"),
+    ({"database": {"gridfs": "fs"}}, "database.gridfs"),
+    ({"destinations": {"STORESCP": {"hostname": "x"}}}, "destinations.STORESCP.hostname"),
+    ({"auth": {"ldap": {"uri": "ldap://x"}}}, "auth.ldap.uri"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     changes: dict[str, Any], key: str) -> None:
+    path = write(tmp_path, with_changes(changes))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, f"{key}: unknown key")
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"port": "11112"}, "port"),
+    ({"port": 11112.5}, "port"),
+    ({"max_associations": True}, "max_associations"),
+    ({"ae_title": 42}, "ae_title"),
+    ({"database": {"timeout_seconds": "fast"}}, "database.timeout_seconds"),
+    ({"database": {"embedded": {"enabled": "yes"}}}, "database.embedded.enabled"),
+    ({"database": {"embedded": "off"}}, "database.embedded"),
+    ({"database": None}, "database"),
+    ({"accept": {"sop_classes": [1, 2]}}, "accept.sop_classes"),
+    ({"accept": {"transfer_syntaxes": {"a": 1}}}, "accept.transfer_syntaxes"),
+    ({"destinations": {"PACS": "127.0.0.1:104"}}, "destinations.PACS"),
+    ({"destinations": {"PACS": {"host": "h", "port": "104"}}}, "destinations.PACS.port"),
+    ({"query": {"pn_case_insensitive": 1}}, "query.pn_case_insensitive"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                    changes: dict[str, Any], key: str) -> None:
+    path = write(tmp_path, with_changes(changes))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, f"{key}:")
+
+
+def test_missing_required_destination_port(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, with_changes({"destinations": {"PACS": {"host": "h"}}}))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, "destinations.PACS", "port")
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"duplicate_policy": "overwrite"}, "duplicate_policy"),
+    ({"log_level": "verbose"}, "log_level"),
+    ({"log_level": "info"}, "log_level"),
+    ({"auth": {"backend": "kerberos"}}, "auth.backend"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_choice(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                    changes: dict[str, Any], key: str) -> None:
+    path = write(tmp_path, with_changes(changes))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, f"{key}:", "is not one of")
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"port": 0}, "port"),
+    ({"port": 65536}, "port"),
+    ({"port": -104}, "port"),
+    ({"database": {"embedded": {"port": 70000}}}, "database.embedded.port"),
+    ({"destinations": {"STORESCP": {"port": 0}}}, "destinations.STORESCP.port"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_port(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                  changes: dict[str, Any], key: str) -> None:
+    path = write(tmp_path, with_changes(changes))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, f"{key}:", "not a TCP port")
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"ae_title": ""}, "ae_title"),
+    ({"ae_title": "   "}, "ae_title"),
+    ({"ae_title": "A" * 17}, "ae_title"),
+    ({"destinations": {"A" * 17: {"host": "h", "port": 104}}}, "destinations.AAAA"),
+    ({"max_associations": 0}, "max_associations"),
+    ({"database": {"timeout_seconds": 0}}, "database.timeout_seconds"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   changes: dict[str, Any], key: str) -> None:
+    path = write(tmp_path, with_changes(changes))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, key)
+
+
+# --- environment overrides ---------------------------------------------------------
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    cfg = config.load(path, {
+        "ARCHIVE_PORT": "12345", "ARCHIVE_MONGO_URI": "mongodb://db.example:27018/",
+        "ARCHIVE_DATABASE": "other", "ARCHIVE_AE_TITLE": "ARCHIVE2",
+        "ARCHIVE_BIND_ADDRESS": "0.0.0.0", "ARCHIVE_EMBEDDED_DATABASE": "true",
+        "ARCHIVE_LOG_LEVEL": "DEBUG",
+    })
+    assert cfg.port == 12345
+    assert cfg.database.uri == "mongodb://db.example:27018/"
+    assert cfg.database.name == "other"
+    assert cfg.ae_title == "ARCHIVE2"
+    assert cfg.bind_address == "0.0.0.0"
+    assert cfg.database.embedded.enabled is True
+    assert cfg.log_level == "DEBUG"
+    # the rest of the file is untouched
+    assert cfg.database.timeout_seconds == 0.5
+    assert cfg.destinations["STORESCP"].port == 11113
+
+
+def test_environment_fills_keys_the_file_lacks(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, {"ae_title": "X"}), {"ARCHIVE_MONGO_URI": "mongodb://h/"})
+    assert cfg.database.uri == "mongodb://h/"
+    assert cfg.database.name == "archive"
+
+
+@pytest.mark.parametrize("variable,value,key", [
+    ("ARCHIVE_PORT", "abc", "port"),
+    ("ARCHIVE_PORT", "", "port"),
+    ("ARCHIVE_PORT", "70000", "port"),
+    ("ARCHIVE_PORT", "0", "port"),
+    ("ARCHIVE_AE_TITLE", "", "ae_title"),
+    ("ARCHIVE_AE_TITLE", "A_TITLE_TOO_LONG_", "ae_title"),
+    ("ARCHIVE_LOG_LEVEL", "chatty", "log_level"),
+])
+def test_bad_environment_override(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+                                  key: str) -> None:
+    monkeypatch.setenv(variable, value)
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, VALID)), "stats")
+    assert_config_error(status, err, f"{key}:")
+
+
+def test_environment_override_into_a_non_mapping(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARCHIVE_MONGO_URI", "mongodb://h/")
+    path = write(tmp_path, with_changes({"database": "mongodb://x/"}))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, "database")
+
+
+@pytest.mark.parametrize("variable,value,key", [
+    pytest.param("ARCHIVE_MONGO_URI", "http://127.0.0.1:27017/", "database.uri",),
+    pytest.param("ARCHIVE_MONGO_URI", "mongodb://", "database.uri",),
+    pytest.param("ARCHIVE_DATABASE", "", "database.name",),
+    pytest.param("ARCHIVE_DATABASE", "a/b", "database.name",),
+])
+def test_bad_database_override(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+                               key: str) -> None:
+    monkeypatch.setenv(variable, value)
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, VALID)), "stats")
+    assert_config_error(status, err, f"{key}:")
+
+
+def test_accept_lists_take_all_or_a_list_only(tmp_path: Path) -> None:
+    path = write(tmp_path, with_changes({"accept": {"transfer_syntaxes": "everything"}}))
+    with pytest.raises(ConfigError, match="accept.transfer_syntaxes"):
+        config.load(path, {})
+
+
+def test_config_error_message_is_the_exception_text(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^duplicate_policy: 'x' is not one of"):
+        config.load(write(tmp_path, with_changes({"duplicate_policy": "x"})), {})
