@@ -59,9 +59,7 @@ def relax(filter_: Any) -> Any:
     result: dict[str, Any] = {}
     conditions: list[dict[str, Any]] = []
     for key, value in filter_.items():
-        if isinstance(value, dict) and "$elemMatch" in value and isinstance(
-                value["$elemMatch"], dict) and not all(
-                k.startswith("$") for k in value["$elemMatch"]):
+        if isinstance(value, dict) and _on_documents(value.get("$elemMatch")):
             inner = relax(value["$elemMatch"])
             conditions.extend(_prefixed(key, inner))
         else:
@@ -69,6 +67,12 @@ def relax(filter_: Any) -> Any:
     if conditions:
         return {"$and": [result, *conditions]} if result else {"$and": conditions}
     return result
+
+
+def _on_documents(elem_match: Any) -> bool:
+    """Whether an ``$elemMatch`` tests fields of sub-documents (not scalar elements)."""
+    return isinstance(elem_match, dict) and any(
+        not k.startswith("$") or k in ("$and", "$or") for k in elem_match)
 
 
 def _prefixed(prefix: str, filter_: dict[str, Any]) -> list[dict[str, Any]]:
@@ -298,6 +302,15 @@ def _texts(ds: Dataset) -> Iterator[str]:
                 yield value
 
 
+#: Character sets kept for a response when they can represent it: the single-byte
+#: ones whose Python codec encodes exactly what pydicom writes for them.  Anything else
+#: (ISO 2022 code extensions, JIS X 0201, the undefined "ISO_IR 6") falls back to UTF-8.
+_SINGLE_BYTE = frozenset({
+    "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
+    "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203",
+})
+
+
 def _character_set(ds: Dataset, requested: Any) -> Any:
     """The identifier's character set if it can represent the response, else UTF-8.
 
@@ -307,13 +320,11 @@ def _character_set(ds: Dataset, requested: Any) -> Any:
     texts = [t for t in _texts(ds) if t]
     if all(t.isascii() for t in texts):
         return requested if requested is not None else ""
-    if isinstance(requested, str) and requested and requested != "ISO_IR 192":
-        encoding = python_encoding.get(requested)
+    if isinstance(requested, str) and requested in _SINGLE_BYTE:
         try:
-            if encoding:
-                for text in texts:
-                    codecs.encode(text, encoding)
-                return requested
+            for text in texts:
+                codecs.encode(text, python_encoding[requested])
+            return requested
         except (UnicodeEncodeError, LookupError):
             pass
     return "ISO_IR 192"

@@ -17,7 +17,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 
-from acl import auth
+from acl import auth, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, RuleStore, allow_all
 from archive import negotiation, services
@@ -152,11 +152,25 @@ class Node:
 
     # -- running ----------------------------------------------------------------------
 
+    def _initial_rules(self) -> None:
+        """On a database that never had a ruleset, apply ``acl.initial_rules`` once."""
+        path = self.cfg.acl.initial_rules
+        if not path or self.rules.load().id is not None:
+            return
+        try:
+            rules = yamlrules.load(path)
+        except yamlrules.RulesFileError as exc:
+            log.warning("initial access rules %s not applied: %s", path, exc)
+            return
+        self.rules.apply(rules, source=path)
+        log.info("first start: applied the %d access rules of %s", len(rules), path)
+
     def start(self) -> None:
         ensure_indexes(self.db)
         self.maybe_reconcile()
         self.audit.start()
         if self.cfg.acl.enabled:
+            self._initial_rules()
             ruleset = self.rules.current()
             log.info("access control: %d rules (ruleset %s)%s", len(ruleset.rules),
                      ruleset.id, "" if ruleset.rules else

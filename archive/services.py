@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -210,6 +210,11 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
                 return
             count += 1
             yield 0xFF00, response
+    except OperationFailure as exc:  # the database answered, refusing the query
+        outcome, code = f"0xC001 query refused by the database: {exc.code}", 0xC001
+        log.error("C-FIND %s: the database refused the query: %s", who, exc)
+        yield status(0xC001, "the database cannot run this query"), None
+        return
     except PyMongoError as exc:
         outcome, code = f"0xA700 database error {type(exc).__name__}", OUT_OF_RESOURCES
         yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None

@@ -1,0 +1,399 @@
+"""C-MOVE/C-GET pieces without a network: contexts, choice of transfer syntax, spooling
+the stored bytes, conversion, statuses, and memory staying flat over 10,000 instances."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pydicom
+import pytest
+from bson import ObjectId
+from helpers import CT_IMAGE, MR_IMAGE, dataset_bytes, make_dataset, to_part10
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from acl.rules import allow_all, decide
+from archive.config import Config
+from archive.retrieve import (
+    GET,
+    MOVE,
+    Item,
+    Retrieve,
+    Unsendable,
+    choose,
+    convert,
+    proposal,
+    spool,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TESTDATA = Path(pydicom.__file__).parent / "data" / "test_files"
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def image(pixels: bytes) -> Dataset:
+    return make_dataset(Rows=1, Columns=len(pixels) // 2, BitsAllocated=16, BitsStored=16,
+                        HighBit=15, PixelRepresentation=0, SamplesPerPixel=1,
+                        PhotometricInterpretation="MONOCHROME2", PixelData=pixels)
+
+
+def item(sop_class: str = CT_IMAGE, syntax: str = ExplicitVRLittleEndian,
+         uid: str | None = None) -> Item:
+    return Item(uid or pydicom.uid.generate_uid(), sop_class, syntax, ObjectId())
+
+
+# --- proposal and choice ---------------------------------------------------------------
+
+
+def test_proposal_exact_contexts_plus_uncompressed_fallbacks() -> None:
+    items = [item(CT_IMAGE, ExplicitVRLittleEndian), item(CT_IMAGE, ExplicitVRLittleEndian),
+             item(MR_IMAGE, ImplicitVRLittleEndian), item(SC_IMAGE, JPEG2000)]
+    contexts = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in proposal(items)}
+    assert contexts == {
+        (CT_IMAGE, (ExplicitVRLittleEndian,)), (CT_IMAGE, (ImplicitVRLittleEndian,)),
+        (MR_IMAGE, (ImplicitVRLittleEndian,)), (MR_IMAGE, (ExplicitVRLittleEndian,)),
+        (SC_IMAGE, (JPEG2000,)),  # compressed: no fallback, it would need decompressing
+    }
+
+
+def test_proposal_stays_within_128_contexts() -> None:
+    classes = [f"1.2.3.{n}" for n in range(100)]
+    items = [item(cls, syntax) for cls in classes
+             for syntax in (ExplicitVRLittleEndian, RLELossless)]
+    contexts = proposal(items)
+    assert len(contexts) == 128
+    assert all(cx.transfer_syntax[0] in (ExplicitVRLittleEndian, RLELossless)
+               for cx in contexts)
+    folded = [cx for cx in contexts if cx.transfer_syntax[0] == ExplicitVRLittleEndian]
+    assert all(cx.transfer_syntax == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+               for cx in folded)
+
+
+def test_choose_prefers_the_stored_syntax_then_converts_uncompressed_only() -> None:
+    accepted = {CT_IMAGE: {ImplicitVRLittleEndian, ExplicitVRLittleEndian},
+                MR_IMAGE: {ImplicitVRLittleEndian}}
+    assert choose(item(CT_IMAGE, ExplicitVRLittleEndian), accepted) == ExplicitVRLittleEndian
+    assert choose(item(MR_IMAGE, ExplicitVRLittleEndian), accepted) == ImplicitVRLittleEndian
+    assert choose(item(MR_IMAGE, DeflatedExplicitVRLittleEndian), accepted) \
+        == ImplicitVRLittleEndian
+    assert choose(item(CT_IMAGE, ExplicitVRBigEndian), accepted) == ExplicitVRLittleEndian
+    with pytest.raises(Unsendable, match="not accepted, not decompressed"):
+        choose(item(MR_IMAGE, JPEG2000), accepted)
+    with pytest.raises(Unsendable, match="SOP class not accepted"):
+        choose(item(SC_IMAGE, ExplicitVRLittleEndian), accepted)
+
+
+# --- the bytes -------------------------------------------------------------------------
+
+
+def _chunks(data: bytes, size: int = 1000) -> Any:
+    return iter([data[i:i + size] for i in range(0, len(data), size)])
+
+
+def test_spool_copies_the_dataset_bytes_and_rewrites_the_meta(tmp_path: Path) -> None:
+    ds = image(bytes(range(256)) * 40)
+    stored = to_part10(ds, ImplicitVRLittleEndian)
+    it = Item(str(ds.SOPInstanceUID), CT_IMAGE, ImplicitVRLittleEndian, ObjectId())
+    path = tmp_path / "out.dcm"
+    assert spool(_chunks(stored), it, path) == ImplicitVRLittleEndian
+    written = path.read_bytes()
+    assert dataset_bytes(written) == dataset_bytes(stored)
+    meta = pydicom.filereader.read_file_meta_info(path)
+    assert meta.MediaStorageSOPInstanceUID == it.uid
+    assert meta.MediaStorageSOPClassUID == CT_IMAGE
+    with pytest.raises(Unsendable, match="not a DICOM Part-10"):
+        spool(iter([b"garbage" * 100]), it, path)
+
+
+def _write(ds: Dataset, syntax: str, path: Path) -> Path:
+    path.write_bytes(to_part10(ds, syntax))
+    return path
+
+
+@pytest.mark.parametrize(("source", "target"), [
+    (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+    (ImplicitVRLittleEndian, ExplicitVRLittleEndian),
+    (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
+    (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian),
+])
+def test_convert_between_little_endian_syntaxes(tmp_path: Path, source: str,
+                                                target: str) -> None:
+    ds = image(bytes(range(32)))
+    src = _write(ds, source, tmp_path / "in.dcm")
+    convert(src, tmp_path / "out.dcm", target)
+    got = pydicom.dcmread(tmp_path / "out.dcm")
+    assert got.file_meta.TransferSyntaxUID == target
+    assert got.original_encoding == (UID(target).is_implicit_VR, True)
+    assert got.PixelData == ds.PixelData
+    assert [e.tag for e in got] == [e.tag for e in ds]
+
+
+def test_convert_big_endian_swaps_words(tmp_path: Path) -> None:
+    convert(TESTDATA / "MR_small_bigendian.dcm", tmp_path / "out.dcm", ImplicitVRLittleEndian)
+    got = pydicom.dcmread(tmp_path / "out.dcm")
+    reference = pydicom.dcmread(TESTDATA / "MR_small.dcm")
+    assert got.PixelData == reference.PixelData
+    assert (got.Rows, got.Columns, got.BitsAllocated) == (reference.Rows, reference.Columns,
+                                                          reference.BitsAllocated)
+
+
+def test_convert_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
+    with pytest.raises(Unsendable, match="pixel data of 32 bits is ambiguous"):
+        convert(TESTDATA / "rtdose_expb.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
+    with pytest.raises(Unsendable, match="without decompressing"):
+        convert(TESTDATA / "JPEG2000.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
+
+
+# --- a Retrieve against fakes ----------------------------------------------------------
+
+
+class FakeAssociation:
+    """Enough of a pynetdicom Association for :class:`Retrieve` (requestor or sub)."""
+
+    def __init__(self, accepted: dict[str, set[str]] | None = None,
+                 store_status: int = 0x0000, keep: bool = True) -> None:
+        self.is_established = True
+        self.requestor = SimpleNamespace(ae_title="SCU", address="127.0.0.1", port=1234)
+        self.responses: list[Any] = []
+        self.response_count = 0
+        self.keep = keep
+        self.dimse = SimpleNamespace(send_msg=self._send_msg)
+        self.acse = SimpleNamespace(is_aborted=lambda: False)
+        self.accepted_contexts = [
+            SimpleNamespace(abstract_syntax=cls, transfer_syntax=[ts], as_scu=True)
+            for cls, syntaxes in (accepted or {}).items() for ts in syntaxes]
+        self.store_status = store_status
+        self.stored: list[tuple[str, int]] = []
+
+    def _send_msg(self, primitive: Any, context_id: int) -> None:
+        self.response_count += 1
+        if self.keep:
+            self.responses.append(primitive)
+
+    def send_c_store(self, path: Path, msg_id: int, **kwargs: Any) -> Dataset:
+        with open(path, "rb") as f:  # read it the way pynetdicom does: by PDU
+            size = sum(len(block) for block in iter(lambda: f.read(16_384), b""))
+        if self.keep:
+            self.stored.append((pydicom.filereader.read_file_meta_info(path)
+                                .MediaStorageSOPInstanceUID, size))
+        status = Dataset()
+        status.Status = self.store_status
+        return status
+
+
+class FakeFiles:
+    def __init__(self, files: dict[ObjectId, bytes]) -> None:
+        self.files = files
+
+    def stream(self, file_id: ObjectId) -> Any:
+        data = self.files[file_id]
+        return iter([data[:4096], data[4096:]])
+
+
+class FakeEvent:
+    """What :class:`Retrieve` reads of a pynetdicom C-MOVE/C-GET event."""
+
+    def __init__(self, assoc: FakeAssociation, request: Dataset, destination: str = "",
+                 cancelled: Any = lambda: False) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+        self.assoc, self.identifier, self.move_destination = assoc, request, destination
+        self.request = SimpleNamespace(
+            MessageID=7, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelMove)
+        self.context = SimpleNamespace(context_id=1,
+                                       transfer_syntax=UID(ExplicitVRLittleEndian))
+        self._cancelled = cancelled
+
+    @property
+    def is_cancelled(self) -> bool:
+        return bool(self._cancelled())
+
+
+def fake_node(docs: list[dict[str, Any]], files: dict[ObjectId, bytes],
+              decision: Any = None, **cfg: Any) -> Any:
+    config = Config(**cfg)
+    return SimpleNamespace(
+        cfg=config, stopping=threading.Event(),
+        archive=SimpleNamespace(files=FakeFiles(files)),
+        finder=SimpleNamespace(instances=lambda query, identifier, restriction=None:
+                               iter(docs)),
+        authorize=lambda assoc, service: ("anonymous", decision
+                                          or allow_all("anonymous", service)),
+        audit=SimpleNamespace(record=lambda entry: None),
+    )
+
+
+def study_request(study: str = "1.2.3") -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study
+    return ds
+
+
+def final(assoc: FakeAssociation) -> Any:
+    return assoc.responses[-1]
+
+
+def test_unknown_destination_refused_with_comment_before_matching() -> None:
+    assoc = FakeAssociation()
+    node = fake_node([], {})
+    node.finder.instances = lambda *a, **k: pytest.fail("matched for an unknown destination")
+    Retrieve(FakeEvent(assoc, study_request(), "NOWHERE"), node, MOVE).run()
+    assert len(assoc.responses) == 1
+    assert final(assoc).Status == 0xA801
+    assert "NOWHERE" in final(assoc).ErrorComment
+
+
+def test_missing_unique_key_refused() -> None:
+    assoc = FakeAssociation()
+    request = Dataset()
+    request.QueryRetrieveLevel = "SERIES"
+    request.StudyInstanceUID = "1.2.3"
+    Retrieve(FakeEvent(assoc, request), fake_node([], {}), GET).run()
+    assert final(assoc).Status == 0xA900
+    assert "SeriesInstanceUID" in final(assoc).ErrorComment
+
+
+def test_denied_by_access_rules() -> None:
+    assoc = FakeAssociation()
+    denied = decide([], "anonymous", "Retrieve")
+    Retrieve(FakeEvent(assoc, study_request()), fake_node([], {}, denied), GET).run()
+    assert final(assoc).Status == 0x0124
+
+
+def _corpus(n: int, syntax: str = ExplicitVRLittleEndian,
+            pixels: int = 8_192) -> tuple[list[dict[str, Any]], dict[ObjectId, bytes]]:
+    """``n`` instance documents sharing one stored file (its bytes are built once)."""
+    ds = image(b"\x01" * pixels)
+    data = to_part10(ds, syntax)
+    file_id = ObjectId()
+    docs = [{"_id": f"1.2.3.{k}", "SOPClassUID": CT_IMAGE, "TransferSyntaxUID": syntax,
+             "file_id": file_id} for k in range(n)]
+    return docs, {file_id: data}
+
+
+def test_get_counts_conversions_and_failures() -> None:
+    docs, files = _corpus(3)
+    jpeg = {"_id": "1.2.3.99", "SOPClassUID": CT_IMAGE, "TransferSyntaxUID": JPEG2000,
+            "file_id": ObjectId()}
+    assoc = FakeAssociation({CT_IMAGE: {ImplicitVRLittleEndian}})
+    op = Retrieve(FakeEvent(assoc, study_request()), fake_node([*docs, jpeg], files), GET)
+    op.run()
+    pending, last = assoc.responses[:-1], final(assoc)
+    assert [p.NumberOfRemainingSuboperations for p in pending] == [3, 2, 1]
+    assert (last.Status, last.NumberOfCompletedSuboperations,
+            last.NumberOfFailedSuboperations) == (0xB000, 3, 1)
+    assert "not decompressed" in last.ErrorComment
+    failed = pydicom.dcmread(BytesIO(last.Identifier.getvalue()), force=True)
+    assert failed.FailedSOPInstanceUIDList == "1.2.3.99"
+    assert op.counts.converted == 3
+
+
+def test_destination_failure_statuses_counted() -> None:
+    docs, files = _corpus(2)
+    assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}}, store_status=0xA700)
+    Retrieve(FakeEvent(assoc, study_request()), fake_node(docs, files), GET).run()
+    assert (final(assoc).Status, final(assoc).NumberOfFailedSuboperations) == (0xA702, 2)
+
+
+def test_cancel_stops_with_counts() -> None:
+    docs, files = _corpus(5)
+    assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3  # reported once, as pynetdicom does
+
+    event = FakeEvent(assoc, study_request(), cancelled=cancelled)
+    Retrieve(event, fake_node(docs, files), GET).run()
+    last = final(assoc)
+    assert last.Status == 0xFE00
+    assert (last.NumberOfRemainingSuboperations, last.NumberOfCompletedSuboperations) == (3, 2)
+
+
+def test_memory_stays_flat_over_10000_instances(tmp_path: Path) -> None:
+    """Instances are streamed one at a time: the transfer's peak allocation does not grow
+    with their number (only the list of ids does, which is built before)."""
+
+    def peak_during_transfer(n: int) -> int:
+        docs, files = _corpus(n, pixels=32_768)
+        assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}}, keep=False)
+        op = Retrieve(FakeEvent(assoc, study_request()), fake_node(docs, files), GET)
+        items = [Item(d["_id"], d["SOPClassUID"], d["TransferSyntaxUID"], d["file_id"])
+                 for d in docs]
+        op.counts.total = len(items)
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            op._transfer(assoc, items, tmp_path)
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+        finally:
+            tracemalloc.stop()
+        assert op.counts.completed == n and assoc.response_count == n
+        return peak
+
+    small, large = peak_during_transfer(100), peak_during_transfer(10_000)
+    assert large < 4 * 1024 * 1024, large
+    assert large - small < 1024 * 1024, (small, large)
+
+
+def test_long_move_keeps_the_requesting_association_alive() -> None:
+    """A C-MOVE requestor sends nothing while it waits: the move must restart the
+    association's network timer, or pynetdicom aborts it after the final response."""
+    from helpers import free_port
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE_RQ
+
+    from archive.config import Destination
+    from archive.retrieve import handle_move
+
+    received: list[str] = []
+
+    def store(event: Any) -> int:
+        time.sleep(0.3)
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    docs, files = _corpus(5)
+    dest_port, port = free_port(), free_port()
+    node = fake_node(docs, files, destinations={"DEST": Destination("127.0.0.1", dest_port)})
+    node.ae = AE("ARCHIVE")
+    node.ae.network_timeout = 1  # shorter than the move
+    node.ae.add_supported_context(MOVE_RQ, ExplicitVRLittleEndian)
+    destination = AE("DEST")
+    destination.add_supported_context(CT_IMAGE, ExplicitVRLittleEndian)
+    scp = destination.start_server(("127.0.0.1", dest_port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, store)])
+    server = node.ae.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(evt.EVT_C_MOVE, handle_move, [node])])
+    requestor = AE("SCU")
+    requestor.add_requested_context(MOVE_RQ, ExplicitVRLittleEndian)
+    try:
+        assoc = requestor.associate("127.0.0.1", port, ae_title="ARCHIVE")
+        statuses = [int(status.Status) for status, _ in
+                    assoc.send_c_move(study_request(), "DEST", MOVE_RQ)]
+        time.sleep(0.3)  # the node's reactor would abort now
+        assert statuses == [0xFF00] * 4 + [0x0000]
+        assert len(received) == 5
+        assert assoc.is_established and not assoc.is_aborted
+        assoc.release()
+    finally:
+        server.shutdown()
+        scp.shutdown()
+        requestor.shutdown()
