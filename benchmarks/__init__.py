@@ -1,0 +1,1 @@
+"""Benchmarks of the archive against DCMTK's storescp and Orthanc (see README.md)."""
