@@ -118,9 +118,12 @@ class AuditLog:
     """Background, batched writer of audit entries."""
 
     def __init__(self, db: Database, max_queue: int = 20_000, batch: int = 500,
-                 put_timeout: float = 2.0) -> None:
+                 put_timeout: float = 2.0, linger: float = 0.2) -> None:
         self.collection: Collection = db[COLLECTION]
         self.batch = batch
+        #: How long a batch waits for more entries: each insert costs the database a
+        #: round trip that competes with the stores, whatever the batch size.
+        self.linger = linger
         self.put_timeout = put_timeout
         self.lost = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
@@ -161,6 +164,7 @@ class AuditLog:
         while not done:
             item = self._queue.get()  # wait for the first entry of a batch
             batch: list[dict[str, Any]] = []
+            deadline = time.monotonic() + self.linger
             while True:
                 if item is _STOP:
                     done = True
@@ -169,7 +173,7 @@ class AuditLog:
                 if len(batch) >= self.batch:
                     break
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if batch and not self._write(batch):

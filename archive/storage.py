@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from archive import dicomjson, model
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
@@ -58,6 +58,10 @@ class StoreOutcome:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+class _AlreadyStored(Exception):
+    """The instance is stored already and the duplicate policy keeps the first copy."""
 
 
 class StoreRefused(Exception):
@@ -182,12 +186,6 @@ class Archive:
                                 sop_uid)
 
     def _store(self, part10: bytes, ds: Dataset, sop_uid: str, source: str) -> StoreOutcome:
-        if self.policy != "replace":
-            existing = self.instances.find_one({"_id": sop_uid}, {"_id": 1})
-            if existing is not None:
-                if self.policy == "reject":
-                    raise StoreRefused(DUPLICATE_SOP_INSTANCE, "SOP Instance already stored")
-                return StoreOutcome(SUCCESS, "already stored, kept", sop_uid)
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
         entry: dict[str, Any] = {"sop": sop_uid, "length": len(part10)}
         try:
@@ -199,7 +197,13 @@ class Archive:
                        {**entry, "kind": "orphan", "file_id": str(failed_id)}, exc.cause)
             raise exc.cause from None
         entry.update(kind="orphan", file_id=str(file_id))
-        previous = self._index(ds, file_id, transfer_syntax, len(part10), source, entry)
+        try:
+            previous = self._index(ds, file_id, transfer_syntax, len(part10), source, entry)
+        except _AlreadyStored:
+            self._undo(lambda: self.files.delete(file_id, len(part10)), entry)
+            if self.policy == "reject":
+                raise StoreRefused(DUPLICATE_SOP_INSTANCE, "SOP Instance already stored") from None
+            return StoreOutcome(SUCCESS, "already stored, kept", sop_uid)
         if previous is not None:
             try:
                 self.files.delete(previous["file_id"])
@@ -218,19 +222,15 @@ class Archive:
         """
         data = dicomjson.to_json(ds, file_id)
         doc = self.instance_document(data, file_id, transfer_syntax, size, source)
-        sop_uid = doc["_id"]
         undo: dict[str, Any] = {**entry, "kind": "undo", "hierarchy": list(_hierarchy(doc))}
         try:
-            # Read first what an undo needs should the replace be applied but its reply
-            # lost: then find_one_and_replace's answer never reaches us.
-            prior = self.instances.find_one({"_id": sop_uid}, _HIERARCHY_PROJECTION)
-            if prior is not None:
-                undo["previous_file_id"] = str(prior["file_id"])
-                undo["previous_hierarchy"] = list(_hierarchy(prior))
-            # (no projection: FerretDB 1.24 does not implement findAndModify "fields")
-            previous = self.instances.find_one_and_replace(
-                {"_id": sop_uid}, doc, upsert=True,
-                return_document=pymongo.ReturnDocument.BEFORE)
+            try:
+                self.instances.insert_one(doc)  # a new instance: one round trip
+                previous = None
+            except DuplicateKeyError:
+                if self.policy != "replace":
+                    raise _AlreadyStored from None
+                previous = self._replace(doc, undo)
             moved = previous is not None and _hierarchy(previous) != _hierarchy(doc)
             self._update_levels(doc, data, is_new=previous is None or moved)
             if moved:
@@ -239,6 +239,18 @@ class Archive:
             self._undo(lambda: self._replay(undo), undo, exc)
             raise
         return previous
+
+    def _replace(self, doc: dict[str, Any], undo: dict[str, Any]) -> dict[str, Any] | None:
+        """Replace a stored instance document; the one replaced (None if it vanished)."""
+        # Read first what an undo needs should the replace be applied but its reply be
+        # lost: find_one_and_replace's answer would then never reach us.
+        prior = self.instances.find_one({"_id": doc["_id"]}, _HIERARCHY_PROJECTION)
+        if prior is not None:
+            undo["previous_file_id"] = str(prior["file_id"])
+            undo["previous_hierarchy"] = list(_hierarchy(prior))
+        # (no projection: FerretDB 1.24 does not implement findAndModify "fields")
+        return self.instances.find_one_and_replace(
+            {"_id": doc["_id"]}, doc, upsert=True, return_document=pymongo.ReturnDocument.BEFORE)
 
     @staticmethod
     def instance_document(data: dict[str, Any], file_id: ObjectId, transfer_syntax: str,

@@ -432,20 +432,30 @@ def test_database_error_while_replacing_restores_the_previous_version(archive: A
 
 def test_database_error_writing_the_instance_removes_the_file(archive: Archive,
                                                               db: Any) -> None:
-    archive.instances = Flaky(archive.instances, "find_one_and_replace", times=1)
+    archive.instances = Flaky(archive.instances, "insert_one", times=1)
     outcome = archive.store(instance())
     assert outcome.status == OUT_OF_RESOURCES
     assert nothing_written(db)
 
 
+@pytest.mark.parametrize("resend", [False, True], ids=["new-instance", "re-send"])
 def test_instance_write_applied_but_unacknowledged_leaves_no_dangling_document(
-        archive: Archive, db: Any) -> None:
-    archive.instances = Flaky(archive.instances, "find_one_and_replace", times=1,
-                              applied=True)
-    outcome = archive.store(instance())
+        archive: Archive, db: Any, resend: bool) -> None:
+    first = instance(sop_uid="1.2.3.4", InstanceNumber=1)
+    if resend:
+        archive.store(first)
+    method = "find_one_and_replace" if resend else "insert_one"
+    archive.instances = Flaky(archive.instances, method, times=1, applied=True)
+    outcome = archive.store(instance(sop_uid="1.2.3.4", InstanceNumber=2))
     assert outcome.status == OUT_OF_RESOURCES
     assert consistency_problems(db) == []
-    assert db.instances.count_documents({}) == 0
+    assert counter_problems(db) == []
+    if resend:  # the first copy is still the one stored
+        doc = db.instances.find_one()
+        assert doc["dataset"]["00200013"]["Value"] == [1]
+        assert archive.files.read(doc["file_id"]) == first
+    else:
+        assert db.instances.count_documents({}) == 0
 
 
 def test_interrupted_upload_leaves_no_chunks(archive: Archive, db: Any) -> None:
