@@ -513,3 +513,12 @@ def counter_problems(db: Any) -> list[str]:
             if doc.get(key) != want:
                 problems.append(f"patient {pid!r}: {key} {doc.get(key)} != {want}")
     return problems
+
+
+def identifier(level: str, **keys: Any) -> Dataset:
+    """A C-FIND / C-MOVE / C-GET identifier at ``level`` with the given keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds

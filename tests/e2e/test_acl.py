@@ -32,6 +32,7 @@ from helpers import (
     StoreSCP,
     consistency_problems,
     counter_problems,
+    identifier,
     make_dataset,
     to_part10,
     wait_for,
@@ -167,14 +168,6 @@ def scu(node: Any, user: str | None = None, *, get: bool = False,
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
-
-
-def identifier(level: str, **keys: Any) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def c_find(assoc: Any, level: str, **keys: Any) -> tuple[int, list[Dataset], Dataset]:

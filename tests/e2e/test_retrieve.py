@@ -35,6 +35,7 @@ from helpers import (
     echoscu,
     file_context,
     free_port,
+    identifier,
     make_dataset,
     port_open,
     raw_sending,
@@ -285,14 +286,6 @@ class Outcome:
             return set()
         value = self.identifier.FailedSOPInstanceUIDList
         return {str(v) for v in ([value] if isinstance(value, str) else value) if v}
-
-
-def identifier(level: str, **keys: Any) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def pynetdicom_move(node: RunningNode, request: Dataset, destination: str,
