@@ -20,7 +20,7 @@ from pynetdicom.transport import AssociationServer
 from acl import auth, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, RuleStore, allow_all
-from archive import negotiation, services
+from archive import negotiation, retrieve, services
 from archive.config import Config
 from archive.find import Finder
 from archive.storage import Archive, connect, ensure_indexes
@@ -88,6 +88,10 @@ class Node:
         ae.network_timeout = 60
         ae.dimse_timeout = 60
         ae.acse_timeout = 30
+        # Sub-associations (C-MOVE destinations): give up on a silent host in bounded
+        # time, and send stored files as they are, never decoded (archive.retrieve).
+        ae.connection_timeout = retrieve.CONNECT_TIMEOUT
+        _config.STORE_SEND_CHUNKED_DATASET = True
         syntaxes = (list(ALL_TRANSFER_SYNTAXES) if cfg.accept.transfer_syntaxes == "all"
                     else list(cfg.accept.transfer_syntaxes))
         if cfg.accept.sop_classes == "all":

@@ -59,7 +59,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pymongo.errors import PyMongoError
-from pynetdicom import _config, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
@@ -606,8 +606,6 @@ class Retrieve:
 
         ae_title, dest = destination
         ae = self.node.ae
-        if ae.connection_timeout is None:
-            ae.connection_timeout = CONNECT_TIMEOUT
         tls_args = (self._client_tls(), dest.host) if dest.tls else None
         sub = ae.associate(dest.host, dest.port, contexts=proposal(items), ae_title=ae_title,
                            tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
@@ -700,7 +698,6 @@ class Retrieve:
 
     def _send(self, sub: Association, path: Path, index: int) -> int | None:
         """C-STORE one file's dataset as it is on disk; the response status or None."""
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file, never decode it
         msg_id = (self.request.MessageID + index) % 0xFFFF + 1
         kwargs: dict[str, Any] = {"msg_id": msg_id}
         if self.kind == MOVE:
