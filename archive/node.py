@@ -186,6 +186,7 @@ class Node:
             evt_handlers=self.handlers(),
             ssl_context=_ssl_context(self.cfg),
         )
+        negotiation.share_contexts(self.server)
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         log.info("%s listening on %s:%d (database %s/%s)", self.cfg.ae_title,
                  self.cfg.bind_address, self.cfg.port, self.cfg.database.uri,
