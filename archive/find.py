@@ -17,7 +17,10 @@ documents, never from counting instances.
 from __future__ import annotations
 
 import codecs
+import itertools
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,11 @@ from pymongo.database import Database
 from archive import dicomjson, model
 from archive.model import IMAGE, LEVELS, PATIENT, SERIES, STUDY
 from archive.query import Query, evaluate
+
+#: Lookups by ``_id`` in flight per query (see :meth:`Finder.fetch`); the pool is
+#: shared by all associations.
+FETCH_WINDOW = 4
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
 
 #: The field of a level document listing the ``_id`` of its children.
 CHILDREN = {PATIENT: "studies", STUDY: "series", SERIES: "instances"}
@@ -135,9 +143,8 @@ class Finder:
               exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
         coll = self.collection(level)
         if level == target:
-            for uid in dict.fromkeys(ids):
-                doc = coll.find_one({"_id": uid}, _LEAN)
-                if doc is not None and evaluate(exact, doc):
+            for doc in self.fetch(coll, list(dict.fromkeys(ids)), _LEAN):
+                if evaluate(exact, doc):
                     yield doc
             return
         child = LEVELS[LEVELS.index(level) + 1]
@@ -145,6 +152,36 @@ class Finder:
             parent = coll.find_one({"_id": uid}, {CHILDREN[level]: 1})
             if parent is not None:
                 yield from self._walk(child, parent.get(CHILDREN[level], []), target, exact)
+
+    def fetch(self, coll: Collection, ids: list[str],
+              projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Documents by ``_id``, in order, a few lookups in flight at a time.
+
+        FerretDB spends most of a lookup decoding the document (~0.75 ms per KiB of
+        DICOM JSON): concurrent lookups let it use the second core while responses are
+        built, with at most ``FETCH_WINDOW`` documents held ahead of the consumer.
+        """
+        if len(ids) <= 1:
+            for uid in ids:
+                doc = coll.find_one({"_id": uid}, projection)
+                if doc is not None:
+                    yield doc
+            return
+        pending: deque[Future[dict[str, Any] | None]] = deque()
+        remaining = iter(ids)
+        try:
+            for uid in itertools.islice(remaining, FETCH_WINDOW):
+                pending.append(_POOL.submit(coll.find_one, {"_id": uid}, projection))
+            while pending:
+                doc = pending.popleft().result()
+                uid = next(remaining, None)
+                if uid is not None:
+                    pending.append(_POOL.submit(coll.find_one, {"_id": uid}, projection))
+                if doc is not None:
+                    yield doc
+        finally:  # a cancelled query: drop what is still queued
+            for future in pending:
+                future.cancel()
 
     def _scan(self, level: str, exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
         relaxed = relax(exact)
