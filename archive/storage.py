@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -274,7 +275,8 @@ class Archive:
         result = self.series.update_one({"_id": series_uid}, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data)},
             "$addToSet": {"instances": doc["_id"]},
-            "$inc": {"NumberOfSeriesRelatedInstances": inc},
+            "$inc": {"NumberOfSeriesRelatedInstances": inc,
+                     f"{SOP_CLASS_COUNTS}.{_field_name(doc['SOPClassUID'])}": inc},
         }, upsert=True)
         new_series = 1 if result.upserted_id is not None else 0
         result = self.studies.update_one({"_id": study_uid}, {
@@ -305,9 +307,11 @@ class Archive:
         members = list(self.instances.find(
             {"SeriesInstanceUID": series_uid}, {"_id": 1, "SOPClassUID": 1, "Modality": 1}))
         if members:
+            classes = Counter(_field_name(m["SOPClassUID"]) for m in members)
             self.series.update_one({"_id": series_uid}, {"$set": {
                 "instances": [m["_id"] for m in members],
-                "NumberOfSeriesRelatedInstances": len(members)}})
+                "NumberOfSeriesRelatedInstances": len(members),
+                SOP_CLASS_COUNTS: dict(classes)}})
         else:
             self.series.delete_one({"_id": series_uid})
         study_series = list(self.series.find(
@@ -424,19 +428,37 @@ class Archive:
     # -- reading ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counts per level, instances per modality and per SOP class."""
-        def group(field: str) -> dict[str, int]:
-            rows = self.instances.aggregate([{"$group": {"_id": f"${field}",
-                                                         "n": {"$sum": 1}}}])
-            return {str(r["_id"]): r["n"] for r in sorted(rows, key=lambda r: -r["n"])}
+        """Counts per level, instances per modality and per SOP class.
+
+        Read from the series documents' counters: summing over instance documents
+        would make FerretDB decode every one of them (minutes for a large archive).
+        """
+        modalities: Counter[str] = Counter()
+        classes: Counter[str] = Counter()
+        series = 0
+        for doc in self.series.find({}, {"Modality": 1, "NumberOfSeriesRelatedInstances": 1,
+                                         SOP_CLASS_COUNTS: 1}):
+            series += 1
+            modalities[doc.get("Modality", "")] += doc.get("NumberOfSeriesRelatedInstances", 0)
+            for key, count in doc.get(SOP_CLASS_COUNTS, {}).items():
+                classes[key.replace("_", ".")] += count
         return {
             "patients": self.patients.count_documents({}),
             "studies": self.studies.count_documents({}),
-            "series": self.series.count_documents({}),
-            "instances": self.instances.count_documents({}),
-            "modalities": group("Modality"),
-            "sop_classes": group("SOPClassUID"),
+            "series": series,
+            "instances": sum(modalities.values()),
+            "modalities": dict(modalities.most_common()),
+            "sop_classes": {uid: n for uid, n in classes.most_common() if n},
         }
+
+
+#: Series field counting its instances per SOP Class (keys: the UID with "_" for ".",
+#: since field names cannot hold dots).
+SOP_CLASS_COUNTS = "sop_class_counts"
+
+
+def _field_name(uid: str) -> str:
+    return uid.replace(".", "_")
 
 
 def _hierarchy(doc: dict[str, Any]) -> tuple[str, str, str]:
