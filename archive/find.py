@@ -203,10 +203,9 @@ class Finder:
             if query.level == IMAGE:
                 ids = [doc["_id"]]
             else:
-                ids = self._descendants(query.level, doc["_id"])
-            for uid in ids:
-                inst = coll.find_one({"_id": uid}, projection)
-                if inst is None or (instance_filter and not evaluate(instance_filter, inst)):
+                ids = list(self._descendants(query.level, doc["_id"]))
+            for inst in self.fetch(coll, ids, projection):
+                if instance_filter and not evaluate(instance_filter, inst):
                     continue
                 inst.pop("dataset", None)
                 yield inst
