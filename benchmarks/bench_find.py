@@ -1,0 +1,554 @@
+"""C-FIND response time: this archive against Orthanc on the same 10,000-instance corpus.
+
+    python -m benchmarks.bench_find [--patients 60 --studies 2 --series 3 --instances 28]
+                                    [--small-patients 6] [--runs 7] [--warmup 1]
+                                    [--source-ref HEAD] [--systems archive,orthanc]
+
+Loads the synthetic corpus (default 60 x 2 x 3 x 28 = 10,080 instances) into this archive
+(``archive import``, the same storage code as C-STORE) and into Orthanc (one
+``storescu`` association), once: the loaded folders are cached under
+``bench-data/runs/query/<corpus>-<commit>/`` and reused by later runs (and by
+``bench_retrieve``).  Then, one system at a time, times DCMTK ``findscu`` (TCP_NODELAY=1)
+for six queries with the same return keys on both systems, ``--runs`` times after
+``--warmup`` runs, and prints the median (min-max) per query, the ratio, and the number
+of answers of each system against the number the corpus says is right.  Each query's
+answers are also extracted once from both systems and compared key by key.
+
+The same is done on a second, 1,000-instance corpus (``--small-patients 6``, same shape;
+0 skips it) to show how each median grows with the archive's size.
+
+The corpora are generated with unambiguous UIDs into ``bench-data/corpus/<slug>-uidsep``
+(see :func:`_unambiguous_uid`), and Orthanc runs with ``DefaultEncoding: Utf8`` (see
+:data:`ORTHANC_CONFIG`).
+
+Results: ``bench-data/results/find.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import shlex
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks import corpus as corpus_module
+from benchmarks import harness as h
+
+SYSTEMS = ("archive", "orthanc")
+DISTURBED = 0.25
+QUERY_ROOT = h.RUNS / "query"
+
+STUDY_KEYS = ["StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "StudyTime",
+              "StudyDescription", "AccessionNumber", "ModalitiesInStudy",
+              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+SERIES_KEYS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription",
+               "NumberOfSeriesRelatedInstances"]
+IMAGE_KEYS = ["SOPInstanceUID", "InstanceNumber", "SOPClassUID"]
+PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                "NumberOfPatientRelatedInstances"]
+UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+          "IMAGE": "SOPInstanceUID"}
+
+
+# --- the corpus: what it holds, which queries to ask -------------------------------
+
+
+@dataclasses.dataclass
+class SeriesInfo:
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    study_date: str
+    series_uid: str
+    instances: int
+
+
+def corpus_index(corpus_dir: Path) -> list[SeriesInfo]:
+    """One entry per series (first file of each series folder read, no pixel data)."""
+    from pydicom import dcmread
+
+    out = []
+    for folder in sorted(corpus_dir.glob("P*/ST*/SE*")):
+        files = sorted(folder.glob("IM*.dcm"))
+        ds = dcmread(files[0], stop_before_pixels=True)
+        out.append(SeriesInfo(ds.PatientID, str(ds.PatientName), ds.StudyInstanceUID,
+                              ds.StudyDate, ds.SeriesInstanceUID, len(files)))
+    return out
+
+
+@dataclasses.dataclass
+class FindQuery:
+    name: str
+    level: str
+    model: str
+    keys: dict[str, str]
+    expected: int
+
+    def describe(self) -> str:
+        matching = ", ".join(f"{k}={v}" for k, v in self.keys.items()
+                             if v and k != "SpecificCharacterSet")
+        return f"{self.level} {matching or '(all)'}"
+
+
+#: Sent in every identifier (``--charset``).  Without it Orthanc answers in its default
+#: character set and drops what that cannot represent ('Łukasiewicz^Zofia' comes back as
+#: 'ukasiewicz^Zofia', '김^민준' as '^'), while the archive answers in ISO_IR 192.
+CHARSET = "ISO_IR 192"
+
+
+def queries(index: list[SeriesInfo], charset: str = CHARSET) -> list[FindQuery]:
+    """The six queries, their parameters chosen from the corpus, with expected counts."""
+    qs = _queries(index)
+    if charset:
+        for q in qs:
+            q.keys = {"SpecificCharacterSet": charset, **q.keys}
+    return qs
+
+
+def _queries(index: list[SeriesInfo]) -> list[FindQuery]:
+    studies = {s.study_uid: s for s in index}
+    patients = {s.patient_id: s for s in index}
+    # the most common 3-letter prefix of upper-case ASCII family names: several matches
+    prefixes = Counter(s.patient_name[:3] for s in patients.values()
+                       if s.patient_name.isascii() and s.patient_name[:3].isalpha()
+                       and s.patient_name[:3].isupper())
+    prefix = prefixes.most_common(1)[0][0]
+    by_name = sum(1 for s in studies.values() if s.patient_name.upper().startswith(prefix))
+    low, high = "20200101", "20211231"
+    by_date = sum(1 for s in studies.values() if low <= s.study_date <= high)
+    first = index[0]
+    in_study = sum(1 for s in index if s.study_uid == first.study_uid)
+    study = dict.fromkeys(STUDY_KEYS, "")
+    return [
+        FindQuery("study_by_name", "STUDY", "study",
+                  {**study, "PatientName": f"{prefix}*"}, by_name),
+        FindQuery("study_by_date", "STUDY", "study",
+                  {**study, "StudyDate": f"{low}-{high}"}, by_date),
+        FindQuery("series_of_study", "SERIES", "study",
+                  {"StudyInstanceUID": first.study_uid, **dict.fromkeys(SERIES_KEYS, "")},
+                  in_study),
+        FindQuery("images_of_series", "IMAGE", "study",
+                  {"StudyInstanceUID": first.study_uid, "SeriesInstanceUID": first.series_uid,
+                   **dict.fromkeys(IMAGE_KEYS, "")}, first.instances),
+        FindQuery("patient_by_id", "PATIENT", "patient",
+                  {**dict.fromkeys(PATIENT_KEYS, ""), "PatientID": first.patient_id}, 1),
+        FindQuery("all_studies", "STUDY", "study", study, len(studies)),
+    ]
+
+
+# --- loaded systems, cached --------------------------------------------------------
+
+
+def source_sha(ref: str | None) -> str:
+    """Short commit of ``--source-ref`` (the checkout's folder name), or 'worktree'."""
+    return h.checkout(ref).name if ref else "worktree"
+
+
+def cache_dir(params: corpus_module.Parameters, sha: str) -> Path:
+    return QUERY_ROOT / f"{params.slug()}-uidsep-{sha}"
+
+
+def system_dir(system: str, params: corpus_module.Parameters, sha: str) -> Path:
+    """Where a loaded system is cached: the archive per commit, Orthanc per corpus only."""
+    return cache_dir(params, sha if system == "archive" else "orthanc") / system
+
+
+def _marker(workdir: Path) -> Path:
+    return workdir / "loaded.json"
+
+
+def archive_node(workdir: Path, source: Path | None, fresh: bool = False,
+                 destinations: dict[str, tuple[str, int]] | None = None) -> h.ArchiveNode:
+    return h.ArchiveNode(workdir, source=source, fresh=fresh, destinations=destinations)
+
+
+#: Orthanc answers C-FIND in its DefaultEncoding (Latin1 as shipped) whatever the
+#: identifier asks, dropping what Latin1 cannot represent ('Łukasiewicz^Zofia' comes back
+#: as 'ukasiewicz^Zofia', '김^민준' as '^'); with UTF-8 its answers can be compared with
+#: the archive's.  It changes nothing else (the index, the files and the timings alike).
+ORTHANC_CONFIG = {"DefaultEncoding": "Utf8"}
+
+
+def orthanc_node(workdir: Path, fresh: bool = False,
+                 modalities: dict[str, tuple[str, int]] | None = None) -> h.Orthanc:
+    return h.Orthanc(workdir, fresh=fresh, modalities=modalities, extra_config=ORTHANC_CONFIG)
+
+
+def expected_totals(manifest: dict[str, Any]) -> dict[str, int]:
+    return {k: manifest[k] for k in ("patients", "studies", "series", "instances")}
+
+
+def held(system: str, service: h.Service) -> dict[str, int]:
+    if isinstance(service, h.ArchiveNode):
+        # Not `archive stats`: it scans the instances collection, which at 10,000
+        # instances takes longer than the CLI's 20 s socket timeout on FerretDB (so does
+        # instances.estimated_document_count(), ~33 s).  The level documents hold the
+        # counts C-FIND answers with; fs.files counts the stored files.
+        import pymongo
+
+        client = pymongo.MongoClient(service.config["database"]["uri"],
+                                     serverSelectionTimeoutMS=10_000)
+        try:
+            db = client[service.config["database"]["name"]]
+            counts = {k: db[k].count_documents({}) for k in ("patients", "studies", "series")}
+            in_studies = sum(d.get("NumberOfStudyRelatedInstances", 0)
+                             for d in db.studies.find({}, {"NumberOfStudyRelatedInstances": 1}))
+            files = db["fs.files"].estimated_document_count()
+        finally:
+            client.close()
+        if files != in_studies:
+            raise h.BenchmarkError(f"archive: {files} files in GridFS but the studies count "
+                                   f"{in_studies} instances")
+        return {**counts, "instances": in_studies}
+    assert isinstance(service, h.Orthanc)
+    stats = service.statistics()
+    return {k: stats[f"Count{k.capitalize()}"]
+            for k in ("patients", "studies", "series", "instances")}
+
+
+def ensure_loaded(system: str, params: corpus_module.Parameters, corpus_dir: Path,
+                  manifest: dict[str, Any], source: Path | None, sha: str,
+                  reload: bool = False) -> dict[str, Any]:
+    """Load the corpus into ``system`` unless a verified load is cached; its record."""
+    workdir = system_dir(system, params, sha)
+    marker = _marker(workdir)
+    if marker.exists() and not reload:
+        record = json.loads(marker.read_text())
+        print(f"  {system}: reusing {workdir.relative_to(h.REPO)} (loaded in "
+              f"{record['seconds']:.0f} s)", file=sys.stderr)
+        return {**record, "cached": True}
+    print(f"  {system}: loading {manifest['instances']} instances into "
+          f"{workdir.relative_to(h.REPO)} ...", file=sys.stderr)
+    started = time.perf_counter()
+    if system == "archive":
+        node = archive_node(workdir, source, fresh=True)
+        done = node.cli("import", str(corpus_dir), "--quiet", timeout=7200)
+        if done.returncode != 0:
+            raise h.BenchmarkError(f"archive import failed ({done.returncode}): "
+                                   f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        seconds = time.perf_counter() - started
+        how = f"archive import {corpus_dir} --quiet"
+        with node:
+            holds = held(system, node)
+    else:
+        node = orthanc_node(workdir, fresh=True)
+        with node:
+            sent = h.storescu(node.host, node.port, node.ae_title, [corpus_dir])
+            sent.check(manifest["instances"])
+            seconds = time.perf_counter() - started
+            how = shlex.join(sent.run.argv)
+            holds = held(system, node)
+    if holds != expected_totals(manifest):
+        raise h.BenchmarkError(f"{system} holds {holds} after loading, expected "
+                               f"{expected_totals(manifest)}")
+    record = {"seconds": seconds, "instances_per_s": manifest["instances"] / seconds,
+              "how": how, "held": holds, "source": sha,
+              "loaded": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    marker.write_text(json.dumps(record, indent=2))
+    print(f"  {system}: loaded in {seconds:.0f} s ({record['instances_per_s']:.1f} "
+          f"instances/s), verified {holds}", file=sys.stderr)
+    return {**record, "cached": False}
+
+
+def _unambiguous_uid(seed: int, *parts: object) -> str:
+    """corpus._uid with a separator between the entropy sources.
+
+    ``generate_uid`` joins ``entropy_srcs`` with no separator, so corpus._uid gives
+    ("instance", 1, 2, 1, 11) and ("instance", 12, 1, 1, 1) the same SOP Instance UID:
+    with more than 9 patients and more than 9 instances per series the corpus holds
+    duplicate SOP Instance UIDs in different patients (60x2x3x28: 9,740 distinct UIDs for
+    10,080 files), which an archive must treat as re-sends that move an instance.
+    """
+    from pydicom.uid import generate_uid
+
+    return generate_uid(corpus_module.UID_PREFIX,
+                        entropy_srcs=[f"bench-corpus/{seed}/" + "/".join(map(str, parts))])
+
+
+def corpus_dir_of(params: corpus_module.Parameters) -> Path:
+    return h.BENCH_DATA / "corpus" / f"{params.slug()}-uidsep"
+
+
+def ensure_corpus(params: corpus_module.Parameters) -> tuple[Path, dict[str, Any]]:
+    """The corpus of ``params`` generated with unambiguous UIDs (see _unambiguous_uid),
+    in its own folder (``<slug>-uidsep``), then checked: every SOP Instance UID once."""
+    corpus_dir = corpus_dir_of(params)
+    original = corpus_module._uid
+    corpus_module._uid = _unambiguous_uid
+    try:
+        manifest = corpus_module.ensure(corpus_dir, params)
+    finally:
+        corpus_module._uid = original
+    uids = {_unambiguous_uid(params.seed, "instance", p, st, se, n)
+            for p in range(1, params.patients + 1) for st in range(1, params.studies + 1)
+            for se in range(1, params.series + 1) for n in range(1, params.instances + 1)}
+    if len(uids) != manifest["instances"]:
+        raise h.BenchmarkError(f"{corpus_dir}: {len(uids)} distinct SOP Instance UIDs for "
+                               f"{manifest['instances']} files")
+    return corpus_dir, manifest
+
+
+def prepare(params: corpus_module.Parameters, args: argparse.Namespace,
+            systems: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    corpus_dir, manifest = ensure_corpus(params)
+    loads = {s: ensure_loaded(s, params, corpus_dir, manifest, args.source, args.sha,
+                              args.reload) for s in systems}
+    return corpus_dir, manifest, loads
+
+
+# --- answers: compared between systems ---------------------------------------------
+
+
+def _normalise(elem: Any) -> str:
+    value = elem.value
+    if value is None or value == "":
+        return ""
+    if elem.VM > 1 and not isinstance(value, (str, bytes)):
+        return "\\".join(sorted(str(v).strip() for v in value))
+    return str(value).strip()
+
+
+def answers_of(run: h.QueryRun, query: FindQuery) -> dict[str, dict[str, str]]:
+    out = {}
+    for ds in run.responses():
+        values = {k: _normalise(ds[k]) if k in ds else "<absent>" for k in query.keys}
+        out[values.get(UNIQUE[query.level], "?")] = values
+    shutil.rmtree(run.extract_dir, ignore_errors=True)
+    return out
+
+
+def compare(query: FindQuery, ours: dict[str, dict[str, str]],
+            theirs: dict[str, dict[str, str]]) -> list[str]:
+    problems = []
+    only_a, only_o = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
+    if only_a:
+        problems.append(f"{len(only_a)} answers only from the archive, e.g. {sorted(only_a)[0]}")
+    if only_o:
+        problems.append(f"{len(only_o)} answers only from Orthanc, e.g. {sorted(only_o)[0]}")
+    differing: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for uid in ours.keys() & theirs.keys():
+        for key in query.keys:
+            a, o = ours[uid].get(key), theirs[uid].get(key)
+            if a != o:
+                differing[key] += 1
+                example.setdefault(key, f"archive {a!r} vs Orthanc {o!r}")
+    for key, count in differing.items():
+        problems.append(f"{key} differs in {count} answers, e.g. {example[key]}")
+    return problems
+
+
+# --- timing -----------------------------------------------------------------------
+
+
+def run_queries(system: str, service: h.Service, qs: list[FindQuery],
+                args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for q in qs:
+        counts: list[int] = []
+
+        def once(q: FindQuery = q, counts: list[int] = counts) -> float:
+            run = h.findscu(service.host, service.port, service.ae_title, q.level, q.keys,
+                            model=q.model, timeout=600)
+            run.check()
+            counts.append(run.answers)
+            return run.elapsed
+
+        with h.CpuMeter(h.process_tree(service.pid)) as cpu:
+            stats = h.repeat(once, args.runs, args.warmup)
+        answers = counts[-1]
+        if len(set(counts)) != 1:
+            print(f"  WARNING {system} {q.name}: answer counts vary between runs: {counts}",
+                  file=sys.stderr)
+        extracted = h.findscu(service.host, service.port, service.ae_title, q.level, q.keys,
+                              model=q.model, extract=True, timeout=600).check()
+        server_cpu = sum(cpu.result["system_cpu_s"].values())
+        results[q.name] = {
+            **{k: v for k, v in stats.items()}, "answers": answers,
+            "answers_each_run": sorted(set(counts)),
+            "server_cpu_ms_per_query": 1000 * server_cpu / (args.runs + args.warmup),
+            "foreign_cores": cpu.result["foreign_cores"],
+            "cpu": cpu.result, "_answers": answers_of(extracted, q),
+        }
+        flag = " - DISTURBED" if cpu.result["foreign_cores"] > DISTURBED else ""
+        print(f"  {system:<8} {q.name:<17} median {1000 * stats['median']:8.1f} ms  "
+              f"(min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
+              f"{answers} answers (expected {q.expected}){flag}", file=sys.stderr)
+    return results
+
+
+def measure(params: corpus_module.Parameters, args: argparse.Namespace,
+            systems: list[str]) -> dict[str, Any]:
+    corpus_dir, manifest, loads = prepare(params, args, systems)
+    qs = queries(corpus_index(corpus_dir), args.charset)
+    per_system: dict[str, Any] = {}
+    for system in systems:
+        if args.quiet_wait > 0:
+            h.wait_for_quiet(timeout=args.quiet_wait)
+        workdir = system_dir(system, params, args.sha)
+        service = archive_node(workdir, args.source) if system == "archive" \
+            else orthanc_node(workdir)
+        with service:
+            per_system[system] = run_queries(system, service, qs, args)
+    mismatches: dict[str, list[str]] = {}
+    for q in qs:
+        problems = []
+        for system in systems:
+            got = per_system[system][q.name]["answers"]
+            if got != q.expected:
+                problems.append(f"{system} gave {got} answers, the corpus holds {q.expected}")
+        if {"archive", "orthanc"} <= set(systems):
+            problems += compare(q, per_system["archive"][q.name]["_answers"],
+                                per_system["orthanc"][q.name]["_answers"])
+        if problems:
+            mismatches[q.name] = problems
+    for system in systems:
+        for r in per_system[system].values():
+            r.pop("_answers")
+    return {"corpus": {"dir": str(corpus_dir), **expected_totals(manifest),
+                       "bytes": manifest["bytes"], "parameters": manifest["parameters"]},
+            "loads": loads,
+            "queries": [{**dataclasses.asdict(q), "description": q.describe()} for q in qs],
+            "systems": per_system, "mismatches": mismatches}
+
+
+def _ms(r: dict[str, Any] | None, key: str = "median") -> float | None:
+    return None if r is None else 1000 * r[key]
+
+
+def print_size(result: dict[str, Any], systems: list[str]) -> None:
+    corpus = result["corpus"]
+    print(f"\ncorpus {corpus['instances']} instances ({corpus['patients']} patients, "
+          f"{corpus['studies']} studies, {corpus['series']} series, "
+          f"{corpus['bytes'] / 1e6:.0f} MB); findscu, TCP_NODELAY=1, times in ms, median "
+          f"(min-max) of {next(iter(next(iter(result['systems'].values())).values()))['runs']}"
+          " runs after warm-up")
+    rows = []
+    for q in result["queries"]:
+        a = result["systems"].get("archive", {}).get(q["name"])
+        o = result["systems"].get("orthanc", {}).get(q["name"])
+        ratio = f"{a['median'] / o['median']:.2f}x" if a and o else ""
+        flag = "MISMATCH" if q["name"] in result["mismatches"] else "ok"
+        rows.append([q["name"], q["description"][:60],
+                     _ms(a), f"{_ms(a, 'min'):.1f}-{_ms(a, 'max'):.1f}" if a else "",
+                     _ms(o), f"{_ms(o, 'min'):.1f}-{_ms(o, 'max'):.1f}" if o else "",
+                     ratio, a["answers"] if a else "", o["answers"] if o else "",
+                     q["expected"], flag])
+    print(h.table(["query", "matching", "archive ms", "(min-max)", "Orthanc ms",
+                   "(min-max)", "archive/Orthanc", "answers archive", "answers Orthanc",
+                   "expected", "answers"], rows))
+    cpu_rows = []
+    for q in result["queries"]:
+        row: list[Any] = [q["name"]]
+        for system in ("archive", "orthanc"):
+            r = result["systems"].get(system, {}).get(q["name"])
+            row.append(r["server_cpu_ms_per_query"] if r else None)
+        cpu_rows.append(row)
+    print("server CPU per query (ms, all server processes: node + FerretDB / Orthanc):")
+    print(h.table(["query", "archive", "Orthanc"], cpu_rows))
+    for name, problems in result["mismatches"].items():
+        for problem in problems:
+            print(f"!!! MISMATCH {name}: {problem}")
+
+
+def print_growth(small: dict[str, Any], large: dict[str, Any], systems: list[str]) -> None:
+    print(f"\ngrowth of the median from {small['corpus']['instances']} to "
+          f"{large['corpus']['instances']} instances (answers in brackets):")
+    rows = []
+    for qs, ql in zip(small["queries"], large["queries"], strict=True):
+        row: list[Any] = [qs["name"]]
+        for system in ("archive", "orthanc"):
+            s = small["systems"].get(system, {}).get(qs["name"])
+            big = large["systems"].get(system, {}).get(ql["name"])
+            if s and big:
+                row += [f"{_ms(s):.1f} ({s['answers']})", f"{_ms(big):.1f} ({big['answers']})",
+                        f"{big['median'] / s['median']:.2f}x"]
+            else:
+                row += ["", "", ""]
+        rows.append(row)
+    print(h.table(["query", "archive small ms", "archive large ms", "growth",
+                   "Orthanc small ms", "Orthanc large ms", "growth"], rows))
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    corpus_module.add_arguments(parser)
+    parser.set_defaults(patients=60, studies=2, series=3, instances=28)
+    parser.add_argument("--source-ref", metavar="GIT_REF",
+                        help="run the archive as of this commit (e.g. HEAD) instead of the "
+                             "work tree; the loaded archive is cached per commit")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--reload", action="store_true",
+                        help="reload the systems even when a cached load exists")
+    parser.add_argument("--quiet-wait", type=float, default=120, metavar="SECONDS",
+                        help="before each system, wait up to this long for an idle machine")
+
+
+def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if set(systems) - set(SYSTEMS):
+        parser.error(f"unknown systems: {set(systems) - set(SYSTEMS)}")
+    args.source = h.checkout(args.source_ref) if args.source_ref else None
+    args.sha = source_sha(args.source_ref)
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_find",
+                                     description=__doc__.split("\n\n")[0])
+    add_common(parser)
+    parser.add_argument("--small-patients", type=int, default=6,
+                        help="patients of the second, small corpus (same shape); 0: none")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--output", default="find")
+    parser.add_argument("--charset", default=CHARSET,
+                        help="SpecificCharacterSet sent in every identifier ('' for none)")
+    args = parser.parse_args(argv)
+    systems = setup(args, parser)
+    command = shlex.join(["python", "-m", "benchmarks.bench_find", *(argv or sys.argv[1:])])
+    environment = h.environment_info()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    wall = time.perf_counter()
+    large_params = corpus_module.parameters(args)
+    sizes: dict[str, Any] = {}
+    try:
+        if args.small_patients:
+            small_params = dataclasses.replace(large_params, patients=args.small_patients)
+            print(f"small corpus {small_params.slug()}", file=sys.stderr)
+            sizes["small"] = measure(small_params, args, systems)
+        print(f"large corpus {large_params.slug()}", file=sys.stderr)
+        sizes["large"] = measure(large_params, args, systems)
+    except h.BenchmarkError as exc:
+        print(f"bench_find: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"\ncommand: {command}")
+    print(f"archive's code: {args.source_ref} ({args.sha})" if args.source_ref
+          else "archive's code: work tree")
+    for result in sizes.values():
+        print_size(result, systems)
+    if "small" in sizes:
+        print_growth(sizes["small"], sizes["large"], systems)
+    seconds = time.perf_counter() - wall
+    print(f"\nwall time {seconds:.0f} s")
+    mismatched = any(r["mismatches"] for r in sizes.values())
+    if mismatched:
+        print("!!! answers differ between the systems or from the corpus: see MISMATCH above")
+    path = h.write_results(args.output, {
+        "benchmark": "find", "command": command, "started": started.isoformat(),
+        "wall_s": seconds, "environment": environment,
+        "archive_source": f"{args.source_ref} = {args.sha}" if args.source_ref else "work tree",
+        "sizes": sizes})
+    print(f"results: {path.relative_to(h.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""C-MOVE (and C-GET) throughput: this archive against Orthanc, to DCMTK's storescp.
+
+    python -m benchmarks.bench_retrieve [--patients 60 --studies 2 --series 3 --instances 28]
+                                        [--runs 5] [--warmup 1] [--corpus-runs 1]
+                                        [--source-ref HEAD] [--systems archive,orthanc]
+
+Uses the loaded systems ``bench_find`` caches (``bench-data/runs/query/<corpus>-<commit>``;
+loads them first when missing).  One system at a time, with a DCMTK ``storescp``
+(TCP_NODELAY=1, files written to a scratch folder emptied before every run) as the Move
+Destination of both, it times ``movescu`` (TCP_NODELAY=1) for:
+
+- one study (STUDY level, Study Root, by StudyInstanceUID);
+- one patient (PATIENT level, Patient Root, by PatientID);
+- the whole corpus: one movescu per patient, one after the other (PATIENT level; the
+  archive refuses an empty unique key, and so does a universal PatientID for Orthanc),
+  timed as a whole;
+- and, with ``getscu``, one study (C-GET, instances on the same association).
+
+After every run the count the tool reports (completed sub-operations) and the files
+storescp wrote must both equal what the corpus holds, else the run fails.  Prints
+instances/s and MB/s (bytes as written by storescp) for both systems and the ratio.
+
+Results: ``bench-data/results/retrieve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bench_find as bf
+from benchmarks import corpus as corpus_module
+from benchmarks import harness as h
+
+DEST = "STORESCP"
+
+
+def _bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def scenarios(index: list[bf.SeriesInfo]) -> list[dict[str, Any]]:
+    first = index[0]
+    by_patient: dict[str, int] = {}
+    for s in index:
+        by_patient[s.patient_id] = by_patient.get(s.patient_id, 0) + s.instances
+    in_study = sum(s.instances for s in index if s.study_uid == first.study_uid)
+    return [
+        {"name": "move_study", "tool": "movescu", "moves": [
+            ("STUDY", "study", {"StudyInstanceUID": first.study_uid}, in_study)]},
+        {"name": "move_patient", "tool": "movescu", "moves": [
+            ("PATIENT", "patient", {"PatientID": first.patient_id},
+             by_patient[first.patient_id])]},
+        {"name": "move_all", "tool": "movescu", "moves": [
+            ("PATIENT", "patient", {"PatientID": pid}, n) for pid, n in by_patient.items()]},
+        {"name": "get_study", "tool": "getscu", "moves": [
+            ("STUDY", "study", {"StudyInstanceUID": first.study_uid}, in_study)]},
+    ]
+
+
+def one_run(scenario: dict[str, Any], service: h.Service, scp: h.StoreSCP,
+            scratch: Path) -> dict[str, Any]:
+    """One run of a scenario: every move in turn; verified; seconds and bytes."""
+    scp.clear()
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    expected = sum(m[3] for m in scenario["moves"])
+    started = time.perf_counter()
+    tool_seconds = 0.0
+    completed = 0
+    for level, model, keys, count in scenario["moves"]:
+        if scenario["tool"] == "movescu":
+            run = h.movescu(service.host, service.port, service.ae_title, level, keys, DEST,
+                            model=model, timeout=3600)
+        else:
+            run = h.getscu(service.host, service.port, service.ae_title, level, keys,
+                           model=model, output_dir=scratch, timeout=3600)
+        run.check(count)
+        completed += run.completed if run.completed is not None else run.received
+        tool_seconds += run.elapsed
+    seconds = time.perf_counter() - started
+    files = scp.files() if scenario["tool"] == "movescu" else \
+        [p for p in scratch.rglob("*") if p.is_file()]
+    if len(files) != expected or completed != expected:
+        raise h.BenchmarkError(f"{scenario['name']}: {completed} completed, {len(files)} files "
+                               f"received, expected {expected}")
+    return {"seconds": seconds, "tool_seconds": tool_seconds, "instances": expected,
+            "bytes": _bytes(files), "associations": len(scenario["moves"])}
+
+
+def run_system(system: str, workdir: Path, args: argparse.Namespace,
+               scens: list[dict[str, Any]]) -> dict[str, Any]:
+    scp = h.StoreSCP(h.RUNS / "retrieve" / "storescp", aet=DEST)
+    scratch = h.RUNS / "retrieve" / "getscu"
+    results: dict[str, Any] = {}
+    with scp:
+        dest = {DEST: (scp.host, scp.port)}
+        service = bf.archive_node(workdir, args.source, destinations=dest) \
+            if system == "archive" else bf.orthanc_node(workdir, modalities=dest)
+        if args.quiet_wait > 0:
+            h.wait_for_quiet(timeout=args.quiet_wait)
+        with service:
+            for scenario in scens:
+                whole = scenario["name"] == "move_all"
+                runs, warmup = (args.corpus_runs, 0) if whole else (args.runs, args.warmup)
+                for _ in range(warmup):
+                    one_run(scenario, service, scp, scratch)
+                samples = []
+                with h.CpuMeter([*h.process_tree(service.pid), scp.pid]) as cpu:
+                    for _ in range(runs):
+                        samples.append(one_run(scenario, service, scp, scratch))
+                median = statistics.median(s["seconds"] for s in samples)
+                best = min(samples, key=lambda s: abs(s["seconds"] - median))
+                result = {
+                    **best, "runs": [s["seconds"] for s in samples], "median_s": median,
+                    "min_s": min(s["seconds"] for s in samples),
+                    "max_s": max(s["seconds"] for s in samples),
+                    "instances_per_s": best["instances"] / median,
+                    "mb_per_s": best["bytes"] / 1e6 / median,
+                    "server_cpu_ms_per_instance": 1000 * sum(
+                        v for k, v in cpu.result["system_cpu_s"].items() if k != "storescp")
+                    / (best["instances"] * runs),
+                    "cpu": cpu.result,
+                }
+                results[scenario["name"]] = result
+                flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
+                each = ", ".join(f"{s:.2f}" for s in result["runs"])
+                print(f"  {system:<8} {scenario['name']:<13} {best['instances']:6d} instances "
+                      f"median {median:8.2f} s  {result['instances_per_s']:8.1f} inst/s  "
+                      f"{result['mb_per_s']:6.2f} MB/s  runs [{each}]"
+                      f"{flag}", file=sys.stderr)
+    shutil.rmtree(scp.output_dir, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieve",
+                                     description=__doc__.split("\n\n")[0])
+    bf.add_common(parser)
+    parser.add_argument("--runs", type=int, default=5, help="runs of the study/patient moves")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--corpus-runs", type=int, default=1,
+                        help="runs of the whole-corpus move (no warm-up)")
+    parser.add_argument("--output", default="retrieve")
+    args = parser.parse_args(argv)
+    systems = bf.setup(args, parser)
+    command = shlex.join(["python", "-m", "benchmarks.bench_retrieve", *(argv or sys.argv[1:])])
+    environment = h.environment_info()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    wall = time.perf_counter()
+    params = corpus_module.parameters(args)
+    results: dict[str, Any] = {}
+    try:
+        corpus_dir, manifest, loads = bf.prepare(params, args, systems)
+        scens = scenarios(bf.corpus_index(corpus_dir))
+        for system in systems:
+            results[system] = run_system(system, bf.system_dir(system, params, args.sha),
+                                         args, scens)
+    except h.BenchmarkError as exc:
+        print(f"bench_retrieve: FAILED: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - wall
+    print(f"\ncommand: {command}")
+    print(f"archive's code: {args.source_ref} ({args.sha})" if args.source_ref
+          else "archive's code: work tree")
+    print(f"corpus {manifest['instances']} instances, {manifest['bytes'] / 1e6:.0f} MB; "
+          f"destination DCMTK storescp (files written), TCP_NODELAY=1; move_all = one "
+          f"movescu (PATIENT level) per patient, {manifest['patients']} in a row")
+    rows = []
+    for scenario in scens:
+        name = scenario["name"]
+        a, o = results.get("archive", {}).get(name), results.get("orthanc", {}).get(name)
+        ref = a or o
+        rows.append([name, ref["instances"], ref["associations"],
+                     a and a["median_s"], a and a["instances_per_s"], a and a["mb_per_s"],
+                     o and o["median_s"], o and o["instances_per_s"], o and o["mb_per_s"],
+                     f"{a['instances_per_s'] / o['instances_per_s']:.3f}x" if a and o else "",
+                     len(ref["runs"])])
+    print(h.table(["retrieve", "instances", "moves", "archive s", "archive inst/s",
+                   "archive MB/s", "Orthanc s", "Orthanc inst/s", "Orthanc MB/s",
+                   "archive/Orthanc", "runs"], rows))
+    print("server CPU per instance (ms; node + FerretDB / Orthanc, storescp excluded):")
+    print(h.table(["retrieve", "archive", "Orthanc"], [
+        [s["name"], *(results[x][s["name"]]["server_cpu_ms_per_instance"]
+                      if x in results else None for x in ("archive", "orthanc"))]
+        for s in scens]))
+    disturbed = [f"{x}/{n}" for x, r in results.items() for n, v in r.items()
+                 if v["cpu"]["foreign_cores"] > bf.DISTURBED]
+    if disturbed:
+        print(f"WARNING: other processes loaded the machine during {', '.join(disturbed)}")
+    print(f"every run verified: completed sub-operations = files received = expected; "
+          f"wall time {seconds:.0f} s")
+    path = h.write_results(args.output, {
+        "benchmark": "retrieve", "command": command, "started": started.isoformat(),
+        "wall_s": seconds, "environment": environment,
+        "archive_source": f"{args.source_ref} = {args.sha}" if args.source_ref else "work tree",
+        "corpus": {"dir": str(corpus_dir), **bf.expected_totals(manifest),
+                   "bytes": manifest["bytes"]},
+        "loads": loads, "systems": results})
+    print(f"results: {path.relative_to(h.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
