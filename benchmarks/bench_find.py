@@ -18,7 +18,7 @@ The same is done on a second, 1,000-instance corpus (``--small-patients 6``, sam
 0 skips it) to show how each median grows with the archive's size.
 
 The corpora are generated with unambiguous UIDs into ``bench-data/corpus/<slug>-uidsep``
-(see :func:`_unambiguous_uid`), and Orthanc runs with ``DefaultEncoding: Utf8`` (see
+(corpus._uid joins its parts with "/"), and Orthanc runs with ``DefaultEncoding: Utf8`` (see
 :data:`ORTHANC_CONFIG`).
 
 Results: ``bench-data/results/find.json``.
@@ -258,36 +258,16 @@ def ensure_loaded(system: str, params: corpus_module.Parameters, corpus_dir: Pat
     return {**record, "cached": False}
 
 
-def _unambiguous_uid(seed: int, *parts: object) -> str:
-    """corpus._uid with a separator between the entropy sources.
-
-    ``generate_uid`` joins ``entropy_srcs`` with no separator, so corpus._uid gives
-    ("instance", 1, 2, 1, 11) and ("instance", 12, 1, 1, 1) the same SOP Instance UID:
-    with more than 9 patients and more than 9 instances per series the corpus holds
-    duplicate SOP Instance UIDs in different patients (60x2x3x28: 9,740 distinct UIDs for
-    10,080 files), which an archive must treat as re-sends that move an instance.
-    """
-    from pydicom.uid import generate_uid
-
-    return generate_uid(corpus_module.UID_PREFIX,
-                        entropy_srcs=[f"bench-corpus/{seed}/" + "/".join(map(str, parts))])
-
-
 def corpus_dir_of(params: corpus_module.Parameters) -> Path:
     return h.BENCH_DATA / "corpus" / f"{params.slug()}-uidsep"
 
 
 def ensure_corpus(params: corpus_module.Parameters) -> tuple[Path, dict[str, Any]]:
-    """The corpus of ``params`` generated with unambiguous UIDs (see _unambiguous_uid),
-    in its own folder (``<slug>-uidsep``), then checked: every SOP Instance UID once."""
+    """The corpus of ``params`` in its own folder (``<slug>-uidsep``: generated since
+    corpus._uid separates its parts), then checked: every SOP Instance UID once."""
     corpus_dir = corpus_dir_of(params)
-    original = corpus_module._uid
-    corpus_module._uid = _unambiguous_uid
-    try:
-        manifest = corpus_module.ensure(corpus_dir, params)
-    finally:
-        corpus_module._uid = original
-    uids = {_unambiguous_uid(params.seed, "instance", p, st, se, n)
+    manifest = corpus_module.ensure(corpus_dir, params)
+    uids = {corpus_module._uid(params.seed, "instance", p, st, se, n)
             for p in range(1, params.patients + 1) for st in range(1, params.studies + 1)
             for se in range(1, params.series + 1) for n in range(1, params.instances + 1)}
     if len(uids) != manifest["instances"]:

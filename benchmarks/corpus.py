@@ -107,7 +107,11 @@ _TEMPLATES = {"CT": "CT_small.dcm", "MR": "MR_small.dcm"}
 
 
 def _uid(seed: int, *parts: object) -> str:
-    return generate_uid(UID_PREFIX, entropy_srcs=[f"bench-corpus/{seed}", *map(str, parts)])
+    """A deterministic UID.  The parts are joined with "/" into one entropy source:
+    ``generate_uid`` concatenates its sources, so ("instance", 1, 2, 1, 11) and
+    ("instance", 12, 1, 1, 1) would otherwise give the same UID."""
+    return generate_uid(UID_PREFIX,
+                        entropy_srcs=[f"bench-corpus/{seed}/" + "/".join(map(str, parts))])
 
 
 def _da(day: datetime.date) -> str:
