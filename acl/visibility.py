@@ -36,13 +36,19 @@ from pydicom.dataset import Dataset
 
 from acl.patterns import Compiled
 from archive.find import CHILDREN, Finder
-from archive.model import COMPUTED_KEYS, COUNTERS, IMAGE, LEVELS, PATIENT, SERIES, STUDY, level_of
+from archive.model import (
+    COMPUTED_KEYS,
+    COUNTERS,
+    IMAGE,
+    LEVELS,
+    SERIES,
+    SOP_CLASSES_IN_STUDY,
+    STUDY,
+    UNIQUE_KEY,
+    level_of,
+)
 from archive.query import QUERY_RETRIEVE_LEVEL, Query, evaluate, translate
 
-_MODALITIES_IN_STUDY = 0x00080061
-_SOP_CLASSES_IN_STUDY = 0x00080062
-#: The field of a level document naming its ancestor of each level.
-_ANCESTOR_FIELD = {PATIENT: "PatientID", STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID"}
 _CACHE_LIMIT = 50_000
 
 
@@ -209,7 +215,7 @@ class Visibility:
         return fields
 
     def ancestor(self, level: str, doc: dict[str, Any]) -> dict[str, Any] | None:
-        uid = doc.get(_ANCESTOR_FIELD[level])
+        uid = doc.get(UNIQUE_KEY[level])
         return None if uid is None else self._fetch(level, uid)
 
     # -- fetching -----------------------------------------------------------------------
@@ -273,7 +279,7 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
     """
     search_query, computed_filter = _split_computed(query, identifier, model, options)
     computed = tuple(tag for tag in query.keys if tag in COMPUTED_KEYS)
-    need_sop = _SOP_CLASSES_IN_STUDY in computed or _SOP_CLASSES_IN_STUDY in identifier
+    need_sop = SOP_CLASSES_IN_STUDY in computed or SOP_CLASSES_IN_STUDY in identifier
     visibility = Visibility(finder, patterns, need_sop_classes=need_sop)
     restriction = visibility.restriction(query.level)
     # Finder.response fills computed keys from the stored counters: ask it for the

@@ -49,8 +49,6 @@ _LEAN = {"studies": 0, "series": 0, "instances": 0}
 
 _RETRIEVE_AE_TITLE = 0x00080054
 _INSTANCE_AVAILABILITY = 0x00080056
-_MODALITIES_IN_STUDY = 0x00080061
-_SOP_CLASSES_IN_STUDY = 0x00080062
 
 
 def relax(filter_: Any) -> Any:
@@ -257,7 +255,7 @@ class Finder:
         owner = doc if owner_level == level else ancestors.get(owner_level, doc)
         if owner is None:
             return DataElement(tag, vr, None)
-        if tag in (_MODALITIES_IN_STUDY, _SOP_CLASSES_IN_STUDY):
+        if tag in (model.MODALITIES_IN_STUDY, model.SOP_CLASSES_IN_STUDY):
             values = [v for v in owner.get(model.COMPUTED_KEYS[tag], []) if v]
             return DataElement(tag, vr, values or None)
         count = owner.get(model.COMPUTED_KEYS[tag])
@@ -267,14 +265,12 @@ class Finder:
 class _Ancestors:
     """Level documents above the responses, fetched once per query."""
 
-    _KEY = {PATIENT: "PatientID", STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID"}
-
     def __init__(self, finder: Finder) -> None:
         self.finder = finder
         self.cache: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     def get(self, level: str, doc: dict[str, Any]) -> dict[str, Any] | None:
-        uid = doc.get(self._KEY[level])
+        uid = doc.get(model.UNIQUE_KEY[level])  # a level document names its ancestors
         if uid is None:
             return None
         key = (level, uid)

@@ -95,6 +95,9 @@ COMPUTED_KEYS: dict[int, str] = {
     )
 }
 
+MODALITIES_IN_STUDY = 0x00080061
+SOP_CLASSES_IN_STUDY = 0x00080062
+
 #: Keys meaningful at every level, never matched against stored data.
 CONTROL_KEYS: frozenset[int] = frozenset(
     {0x00080005, 0x00080052, 0x00080053, 0x00080054, 0x00080056, 0x00080201}
@@ -109,13 +112,24 @@ def level_of(tag: int) -> str:
     return IMAGE
 
 
-def stored_tags(level: str) -> frozenset[int]:
-    """Attributes copied into a level document: its own level and all levels above."""
+def _stored(level: str) -> frozenset[int]:
     tags: set[int] = set()
     for lvl in LEVELS[: LEVELS.index(level) + 1]:
         if lvl != IMAGE:
             tags |= LEVEL_TAGS[lvl]
     return frozenset(tags - set(COMPUTED_KEYS))
+
+
+#: Attributes copied into each level document: its own level and all levels above.
+STORED_TAGS: dict[str, frozenset[int]] = {level: _stored(level) for level in LEVELS[:3]}
+#: The same as DICOM JSON keys ("00100020"), to filter a dataset on every store.
+STORED_KEYS: dict[str, frozenset[str]] = {
+    level: frozenset(f"{tag:08X}" for tag in tags) for level, tags in STORED_TAGS.items()}
+
+
+def stored_tags(level: str) -> frozenset[int]:
+    """Attributes copied into a level document: its own level and all levels above."""
+    return STORED_TAGS[level] if level in STORED_TAGS else _stored(level)
 
 
 # --- normalised top-level fields -------------------------------------------------

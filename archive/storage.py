@@ -125,7 +125,7 @@ _HIERARCHY_PROJECTION = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID
 
 
 def level_dataset(level: str, data: dict[str, Any]) -> dict[str, Any]:
-    keep = {f"{t:08X}" for t in model.stored_tags(level)}
+    keep = model.STORED_KEYS[level]
     return {k: v for k, v in data.items() if k in keep}
 
 
