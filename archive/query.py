@@ -34,6 +34,7 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from archive import matching
 from archive.model import (
     COMPUTED_KEYS,
     CONTROL_KEYS,
@@ -513,16 +514,12 @@ def _person_name(key: _Key, value: str) -> Condition | None:
 
 
 def _pattern(text: str, fold_case: bool) -> dict[str, str]:
-    """An anchored regex for a wild card value; every other character is escaped."""
-    parts = []
-    for part in re.split(r"(\*+|\?)", text):
-        if part.startswith("*"):
-            parts.append(r"[\s\S]*")
-        elif part == "?":
-            parts.append(r"[\s\S]")
-        else:
-            parts.append(re.escape(part))
-    pattern = {"$regex": "^" + "".join(parts) + "$"}
+    """An anchored regex for a wild card value; every other character is escaped.
+
+    Built by :func:`archive.matching.regex`, which :func:`evaluate` reads back and
+    matches without a back-tracking engine.
+    """
+    pattern = {"$regex": matching.regex(text)}
     if fold_case:
         pattern["$options"] = "i"
     return pattern
@@ -647,7 +644,6 @@ _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "$lt": operator.lt,
     "$lte": operator.le,
 }
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
 
 
 def evaluate(filter: Mapping[str, Any], document: Mapping[str, Any]) -> bool:
@@ -714,12 +710,12 @@ def _field_matches(found: list[Any], condition: Any) -> bool:
                 for value in _candidates(found)
             )
         elif name == "$regex":
-            flags = 0
-            for option in condition.get("$options", ""):
-                flags |= _REGEX_FLAGS[option]
-            pattern = re.compile(argument, flags)
+            options = condition.get("$options", "")
+            if options not in ("", "i"):
+                raise ValueError(f"$regex option {options!r} is not supported")
+            wildcard = matching.from_regex(argument, fold_case=options == "i")
             matched = any(
-                isinstance(value, str) and pattern.search(value) is not None
+                isinstance(value, str) and wildcard.matches(value)
                 for value in _candidates(found)
             )
         elif name == "$options" and "$regex" in condition:
