@@ -110,7 +110,8 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         db = client[cfg.database.name]
         ensure_indexes(db)
-        archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal)
+        archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal,
+                          cfg.hierarchy_conflicts)
         bar = tqdm(files, unit="file", disable=args.quiet or not files, file=sys.stderr)
         for path in bar:
             try:
@@ -156,6 +157,51 @@ def run_stats(args: argparse.Namespace, cfg: Config) -> int:
         for name, count in stats[key].items():
             print(f"  {name or '(none)':<40} {count:>8}")
     return 0
+
+
+# --- check -------------------------------------------------------------------------
+
+
+def _configure_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repair", action="store_true",
+                        help="delete orphan files, rebuild wrong level documents")
+    parser.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+                        help="leave files younger than this alone: a running node may be "
+                             "storing them (default 300)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("check", _configure_check)
+def run_check(args: argparse.Namespace, cfg: Config) -> int:
+    """Check the database against its instances and files (and repair it)."""
+    from archive.check import check
+    from archive.storage import Archive, connect
+
+    with database(cfg):
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            archive = Archive(client[cfg.database.name], cfg.database.gridfs_bucket,
+                              cfg.duplicate_policy, cfg.journal, cfg.hierarchy_conflicts)
+            report = check(archive, repair=args.repair, grace=args.grace)
+            after = check(archive, grace=args.grace) if args.repair else report
+        finally:
+            client.close()
+    if args.json:
+        print(json.dumps({**report.as_dict(), "clean_after_repair": after.clean}, indent=2))
+    else:
+        for line in report.problems:
+            print(f"problem: {line}")
+        for line in report.notes:
+            print(f"note: {line}")
+        for line in report.repaired:
+            print(f"repaired: {line}")
+        for line in after.problems if args.repair else ():
+            print(f"remains: {line}")
+        state = "consistent" if after.clean else f"{len(after.problems)} problems"
+        print(f"{report.instances} instances, {report.files} files: {state}"
+              + (f" ({report.skipped_recent} recent files not judged)"
+                 if report.skipped_recent else ""))
+    return 0 if after.clean else 1
 
 
 # --- entry point -------------------------------------------------------------------

@@ -108,7 +108,10 @@ class Config:
     max_associations: int = 10
     log_level: str = "INFO"
     duplicate_policy: str = "replace"
-    journal: str = "data/journal.jsonl"
+    #: A study (or series) of another patient, or a SOP Instance UID re-sent under
+    #: another patient: refuse (0xC409) or accept (the study then holds both).
+    hierarchy_conflicts: str = "refuse"
+    journal: str = "data/journal"
     database: Database = field(default_factory=Database)
     accept: Accept = field(default_factory=Accept)
     query: Query = field(default_factory=Query)
@@ -131,6 +134,7 @@ ENVIRONMENT = {
 
 _CHOICES = {
     "duplicate_policy": ("replace", "keep", "reject"),
+    "hierarchy_conflicts": ("refuse", "accept"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "auth.backend": ("none", "file", "ldap"),
 }

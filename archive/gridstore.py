@@ -40,9 +40,10 @@ class GridStore:
     def chunk_id(file_id: ObjectId, n: int) -> str:
         return f"{file_id}/{n}"
 
-    def put(self, data: bytes, filename: str, metadata: dict[str, Any]) -> ObjectId:
+    def put(self, data: bytes, filename: str, metadata: dict[str, Any],
+            file_id: ObjectId | None = None) -> ObjectId:
         """Write chunks, then the files document: a file is visible only when whole."""
-        file_id = ObjectId()
+        file_id = file_id or ObjectId()
         view = memoryview(data)
         try:
             for n, start in enumerate(range(0, max(len(data), 1), CHUNK_SIZE)):

@@ -63,7 +63,7 @@ class Node:
         self.client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         self.db = self.client[cfg.database.name]
         self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
-                               cfg.journal)
+                               cfg.journal, cfg.hierarchy_conflicts)
         self.stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_cond = threading.Condition()

@@ -43,7 +43,7 @@ def db() -> Any:
 
 @pytest.fixture
 def archive(db: Any, tmp_path: Path) -> Archive:
-    return Archive(db, "fs", "replace", tmp_path / "journal.jsonl")
+    return Archive(db, "fs", "replace", tmp_path / "journal")
 
 
 STUDY, SERIES = "1.2.826.0.1.9", "1.2.826.0.1.9.1"
@@ -299,7 +299,7 @@ def test_replace_moving_an_instance_to_another_series_rebuilds_both(archive: Arc
 
 
 def test_keep_policy_answers_success_and_keeps_the_first_copy(db: Any, tmp_path: Path) -> None:
-    archive = Archive(db, "fs", "keep", tmp_path / "journal.jsonl")
+    archive = Archive(db, "fs", "keep", tmp_path / "journal")
     first = instance(sop_uid="1.2.3.4", InstanceNumber=1)
     archive.store(first)
 
@@ -316,7 +316,7 @@ def test_keep_policy_answers_success_and_keeps_the_first_copy(db: Any, tmp_path:
 
 
 def test_reject_policy_answers_0111_and_changes_nothing(db: Any, tmp_path: Path) -> None:
-    archive = Archive(db, "fs", "reject", tmp_path / "journal.jsonl")
+    archive = Archive(db, "fs", "reject", tmp_path / "journal")
     first = instance(sop_uid="1.2.3.4", InstanceNumber=1)
     assert archive.store(first).ok
 
@@ -480,8 +480,7 @@ def test_failed_rollback_is_journaled_and_reconcile_removes_the_orphans(
 
     assert outcome.status == OUT_OF_RESOURCES
     assert archive.pending()
-    entries = [json.loads(line) for line in
-               (tmp_path / "journal.jsonl").read_text().splitlines()]
+    entries = [entry for _, entry in archive.journal.entries()]
     assert len(entries) == 1
     assert entries[0]["kind"] == "undo"
     assert entries[0]["sop"] == "1.2.3.10"

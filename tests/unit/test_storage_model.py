@@ -1,0 +1,217 @@
+"""Generated sequences of stores, re-sends, conflicts and database failures (mongomock).
+
+After every step the archive must be exact: every GridFS file belongs to an instance
+and every instance names a whole file; every level document's counters, child lists,
+Modalities / SOP Classes in Study are what its instances make them (checked twice: by
+the product's ``archive check`` and by the independent oracle of ``tests/helpers``).
+At the end the archive must be what a fresh store of its final instances makes:
+re-sends, moves, accepted conflicts and recovered failures leave no trace.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import mongomock
+import pytest
+from helpers import (
+    CT_IMAGE,
+    MR_IMAGE,
+    SECONDARY_CAPTURE,
+    consistency_problems,
+    counter_problems,
+    make_dataset,
+    to_part10,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymongo.errors import AutoReconnect
+
+from archive.check import check
+from archive.storage import (
+    HIERARCHY_CONFLICT,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Archive,
+    StoreOutcome,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PATIENTS = ("P1", "P2", "P3")
+STUDIES = ("1.2.9.1", "1.2.9.2", "1.2.9.3")
+SERIES = ("1.2.9.1.1", "1.2.9.1.2", "1.2.9.2.1", "1.2.9.3.1")
+SOPS = tuple(f"1.2.9.9.{n}" for n in range(1, 8))
+CLASSES = {"CT": CT_IMAGE, "MR": MR_IMAGE, "OT": SECONDARY_CAPTURE}
+
+store_op = st.fixed_dictionaries({
+    "sop": st.sampled_from(SOPS),
+    "patient": st.sampled_from(PATIENTS),
+    "study": st.sampled_from(STUDIES),
+    "series": st.sampled_from(SERIES),
+    "modality": st.sampled_from(sorted(CLASSES)),
+    "name": st.sampled_from(("DOE^J", "ROE^R")),
+    "description": st.sampled_from(("HEAD", "CHEST")),
+    # a database failure during this store: (collection, method, reply lost?)
+    "failure": st.none() | st.tuples(
+        st.sampled_from(["instances.insert_one", "instances.find_one_and_replace",
+                         "series.update_one", "studies.update_one", "patients.update_one",
+                         "series.find_one_and_update", "files.insert_one",
+                         "chunks.insert_one"]),
+        st.booleans()),
+    # the undo fails too (database still away): the journal finishes it later
+    "undo_fails": st.booleans(),
+})
+
+
+class Flaky:
+    """A collection whose ``method`` fails ``times`` times with AutoReconnect."""
+
+    def __init__(self, target: Any, method: str, applied: bool, times: int = 1) -> None:
+        self._target, self._method, self._applied, self._left = target, method, applied, times
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name != self._method:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._left > 0:
+                self._left -= 1
+                if self._applied:
+                    attr(*args, **kwargs)
+                raise AutoReconnect(f"injected: {name}")
+            return attr(*args, **kwargs)
+        return call
+
+
+class Away:
+    """Every call fails: the database is away (for the undo)."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr) or name.startswith("_") or name == "name":
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            raise AutoReconnect(f"injected: database away ({name})")
+        return call
+
+
+def part10(op: dict[str, Any]) -> bytes:
+    ds = make_dataset(patient_id=op["patient"], patient_name=op["name"],
+                      study_uid=op["study"], series_uid=op["series"], sop_uid=op["sop"],
+                      modality=op["modality"], sop_class=CLASSES[op["modality"]],
+                      StudyDescription=op["description"])
+    ds.PixelData = random.randbytes(2000)
+    ds["PixelData"].VR = "OW"
+    return to_part10(ds)
+
+
+_TARGETS = {"instances": "instances", "series": "series", "studies": "studies",
+            "patients": "patients"}
+
+
+def run_store(archive: Archive, op: dict[str, Any]) -> StoreOutcome:
+    """Store one instance, with the failure the op asks for; the outcome."""
+    failure = op["failure"]
+    saved: dict[str, Any] = {}
+    if failure is not None:
+        where, method = failure[0].split(".")
+        owner = archive.files if where in ("files", "chunks") else archive
+        saved[where] = (owner, getattr(owner, where))
+        setattr(owner, where, Flaky(getattr(owner, where), method, failure[1]))
+    real_db = archive.db
+    if failure is not None and op["undo_fails"]:
+        # the ping before the undo fails: the undo goes to the journal at once
+        archive.db = Away(real_db)
+    try:
+        return archive.store(part10(op))
+    finally:
+        archive.db = real_db
+        for where, (owner, original) in saved.items():
+            setattr(owner, where, original)
+
+
+def assert_exact(archive: Archive, db: Any) -> None:
+    assert consistency_problems(db) == []
+    assert counter_problems(db) == []
+    report = check(archive, grace=0)
+    assert report.problems == []
+
+
+def level_state(db: Any) -> dict[str, Any]:
+    """What users see of the level documents (bookkeeping fields left out)."""
+    ignored = {"rev", "latest", "variants"}
+    state: dict[str, Any] = {}
+    for name in ("series", "studies", "patients"):
+        docs = {}
+        for doc in db[name].find():
+            docs[doc["_id"]] = {k: sorted(v) if isinstance(v, list) else v
+                                for k, v in doc.items() if k not in ignored}
+            for counts in ("sop_class_counts", "modality_counts"):
+                if counts in docs[doc["_id"]]:
+                    docs[doc["_id"]][counts] = {
+                        k: n for k, n in docs[doc["_id"]][counts].items() if n}
+        state[name] = docs
+    return state
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(store_op, min_size=1, max_size=12),
+       policy=st.sampled_from(["refuse", "accept"]))
+def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
+                                                         ops: list[dict[str, Any]],
+                                                         policy: str) -> None:
+    db = mongomock.MongoClient().archive
+    journal = tmp_path / f"journal-{random.getrandbits(64):x}"
+    archive = Archive(db, "fs", "replace", journal, policy)
+    for op in ops:
+        outcome = run_store(archive, op)
+        assert outcome.status in (SUCCESS, OUT_OF_RESOURCES, HIERARCHY_CONFLICT), outcome
+        if outcome.status == HIERARCHY_CONFLICT and policy == "accept":
+            assert outcome.comment == "Series Instance UID belongs to another study"
+        if op["failure"] is None:
+            assert outcome.status != OUT_OF_RESOURCES
+        archive.reconcile()  # the database is back: the journal finishes what failed
+        assert not archive.pending()
+        assert_exact(archive, db)
+
+    # The same final instances stored afresh, in the order they were last stored,
+    # make the same level documents.
+    fresh_db = mongomock.MongoClient().archive
+    fresh = Archive(fresh_db, "fs", "replace", journal.with_name(journal.name + "-fresh"),
+                    "accept")
+    for doc in sorted(db.instances.find(), key=lambda d: d["file_id"]):
+        assert fresh.store(archive.files.read(doc["file_id"])).status == SUCCESS
+    assert level_state(fresh_db) == level_state(db)
+
+
+def test_patient_conflicts_are_refused_by_default(tmp_path: Path) -> None:
+    db = mongomock.MongoClient().archive
+    archive = Archive(db, "fs", "replace", tmp_path / "journal")
+    first = {"sop": SOPS[0], "patient": "P1", "study": STUDIES[0], "series": SERIES[0],
+             "modality": "CT", "name": "DOE^J", "description": "HEAD", "failure": None,
+             "undo_fails": False}
+    assert run_store(archive, first).status == SUCCESS
+    before = level_state(db)
+    # another patient's instance into that study, that series, or re-using that SOP UID
+    for change in ({"sop": SOPS[1], "patient": "P2"},
+                   {"sop": SOPS[1], "patient": "P2", "series": SERIES[1]},
+                   {"patient": "P2"}):
+        outcome = archive.store(part10({**first, **change}))
+        assert outcome.status == HIERARCHY_CONFLICT, change
+        assert "another patient" in outcome.comment
+    # a series named under another study is never accepted
+    outcome = archive.store(part10({**first, "sop": SOPS[2], "study": STUDIES[1]}))
+    assert (outcome.status, outcome.comment) == (
+        HIERARCHY_CONFLICT, "Series Instance UID belongs to another study")
+    assert level_state(db) == before
+    assert db.instances.count_documents({}) == 1
+    assert_exact(archive, db)
