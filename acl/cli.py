@@ -78,6 +78,8 @@ def _configure_acl(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--user", required=True, help="principal (user name or 'anonymous')")
     check.add_argument("--service", required=True, help=f"{', '.join(SERVICES)}")
     check.add_argument("--dataset", metavar="FILE", help="a DICOM file to judge")
+    check.add_argument("--destination", metavar="AE",
+                       help="Retrieve: the Move Destination of a C-MOVE")
     check.add_argument("attributes", nargs="*", metavar="KEY=VALUE",
                        help="attributes of a dataset to judge (keyword or tag)")
 
@@ -164,8 +166,11 @@ def _check(args: argparse.Namespace, cfg: Config) -> int:
     if not cfg.acl.enabled:
         print("note: acl.enabled is false in this configuration: its nodes allow everything")
     decision = decide(ruleset.rules, args.user, service)
+    if args.destination:
+        decision = decision.to_destination(args.destination.strip())
     if not decision.allowed:
-        print(f"denied: no rule gives {service} to {args.user} "
+        to = f" with C-MOVE to {args.destination.strip()}" if args.destination else ""
+        print(f"denied: no rule gives {service}{to} to {args.user} "
               f"({len(ruleset.rules)} rules active)")
         return 1
     if document is None:

@@ -273,10 +273,17 @@ class Compiled:
     tags: frozenset[int]
     filters: dict[str, dict[str, Any]]
     projection: dict[str, int] = field(default_factory=dict)
+    #: Per level, the filter of the pattern's keys that level stores ({}: none): what
+    #: every visible entity of that level satisfies, though not every one satisfying it
+    #: is visible.  A server-side pre-filter.
+    partials: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def at(self, level: str) -> dict[str, Any] | None:
         """The filter deciding a level document directly, None when it must walk."""
         return self.filters.get(level)
+
+    def partial(self, level: str) -> dict[str, Any]:
+        return self.partials.get(level, {})
 
 
 def compile_pattern(pattern: Mapping[str, Any] | None) -> Compiled | None:
@@ -296,12 +303,17 @@ def compile_pattern(pattern: Mapping[str, Any] | None) -> Compiled | None:
             if pattern_filter(dataset({name: element}), IMAGE)
         )
         filters = {IMAGE: image}
+        partials: dict[str, dict[str, Any]] = {}
         for level in LEVELS[:-1]:
             if tags <= stored_tags(level):
-                filters[level] = pattern_filter(identifier, level)
+                filters[level] = partials[level] = pattern_filter(identifier, level)
+                continue
+            kept = {name: element for name, element in pattern.items()
+                    if int(name, 16) in tags & stored_tags(level)}
+            partials[level] = pattern_filter(dataset(kept), level) if kept else {}
     except QueryError as exc:
         raise PatternError(exc.comment) from None
     projection = {f"dataset.{tag:08X}": 1 for tag in tags}
     projection.update({spec.name: 1 for spec in NORMALISED[IMAGE].values()})
     projection["Modality"] = 1
-    return Compiled(dict(pattern), tags, filters, projection)
+    return Compiled(dict(pattern), tags, filters, projection, partials)

@@ -35,8 +35,9 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from acl.patterns import Compiled, compile_pattern, describe
 from archive import dicomjson
+from archive.model import IMAGE, SERIES, STUDY
 from archive.query import evaluate
-from archive.storage import Archive
+from archive.storage import Admit, Archive, Existing, StoreRefused, is_mixed
 
 log = logging.getLogger("acl.rules")
 
@@ -64,22 +65,31 @@ class Rule:
     pattern: dict[str, Any] | None = None
     index: int = 0
     source: str = ""
+    #: Move Destinations (AE titles) a Retrieve rule allows C-MOVE to; () = any.
+    destinations: tuple[str, ...] = ()
     compiled: Compiled | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compiled", compile_pattern(self.pattern))
+        object.__setattr__(self, "destinations", tuple(self.destinations))
 
     def applies(self, principal: str, service: str) -> bool:
         return self.principal in (ANY, principal) and self.service in (ANY, service)
 
+    def reaches(self, destination: str) -> bool:
+        """Whether the rule lets a C-MOVE send to ``destination``."""
+        return not self.destinations or destination in self.destinations
+
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> tuple[str, str, str, tuple[str, ...]]:
         """What makes two rules the same rule, whatever their position."""
-        return self.principal, self.service, json.dumps(self.pattern or {}, sort_keys=True)
+        return (self.principal, self.service, json.dumps(self.pattern or {}, sort_keys=True),
+                tuple(sorted(self.destinations)))
 
     def describe(self) -> str:
         where = f", {self.source}" if self.source else ""
-        return (f"rule {self.index} ({self.principal} {self.service}: "
+        to = f" to {', '.join(self.destinations)}" if self.destinations else ""
+        return (f"rule {self.index} ({self.principal} {self.service}{to}: "
                 f"{describe(self.pattern)}{where})")
 
 
@@ -105,12 +115,26 @@ class Decision:
     def restricted(self) -> bool:
         return self.allowed and self.unrestricted_by is None
 
+    def to_destination(self, destination: str) -> Decision:
+        """The decision for a C-MOVE to ``destination``: the rules that reach it."""
+        return decide(tuple(r for r in self.rules if r.reaches(destination)),
+                      self.principal, self.service)
+
     def instance_filter(self) -> dict[str, Any] | None:
         """Filter of the instance documents this request may touch; None: all."""
         if not self.restricted:
             return None
         filters = [p.filters["IMAGE"] for p in self.patterns]
         return filters[0] if len(filters) == 1 else {"$or": filters}
+
+    def instance_projection(self) -> dict[str, int] | None:
+        """What of an instance document :meth:`instance_filter` and a retrieve read."""
+        if not self.restricted:
+            return None
+        fields = {"file_id": 1, "SOPClassUID": 1, "TransferSyntaxUID": 1}
+        for pattern in self.patterns:
+            fields.update(pattern.projection)
+        return fields
 
     def deciding_rule(self, document: Mapping[str, Any] | None = None) -> Rule | None:
         """The first rule allowing this request for an instance document (or for
@@ -123,9 +147,14 @@ class Decision:
                 return rule
         return None
 
-    def comment(self, document_refused: bool = False) -> str:
+    def comment(self, document_refused: bool = False, joined: bool = False,
+                destination: str = "") -> str:
         """The Error Comment (LO, 64 characters) of a refusal."""
-        if document_refused:
+        if destination:
+            text = f"not authorized: no {self.service} rule for {self.principal} to {destination}"
+        elif joined:
+            text = f"not authorized: stored data outside the {self.service} rules"
+        elif document_refused:
             text = f"not authorized: dataset outside the {self.service} rules of {self.principal}"
         else:
             text = f"not authorized: no {self.service} rule for {self.principal}"
@@ -155,17 +184,46 @@ def allow_all(principal: str, service: str) -> Decision:
     return Decision(principal, service, (OPEN,), OPEN, ())
 
 
-def admit_store(decision: Decision, part10: bytes,
-                source: str = "") -> tuple[Dataset | None, Rule | None]:
-    """The rule allowing a C-STORE (None: refused) and, when the decision is restricted,
-    the dataset parsed to judge it (to store without parsing twice).
+def admit_store(decision: Decision, part10: bytes, source: str = ""
+                ) -> tuple[Dataset | None, Rule | None, Admit | None]:
+    """Whether a C-STORE is allowed: the rule allowing it (None: refused), the dataset
+    parsed to judge it (to store without parsing twice) and, for a principal restricted
+    by Store patterns, the judge of what the store would replace or join.
 
+    A restricted principal may store a dataset that matches a Store pattern, into a
+    series and a study that match it too, replacing only an instance that matches it:
+    re-using another patient's SOP Instance UID, or joining another patient's study,
+    must not let her overwrite or reveal what she may not store.
     Raises :class:`archive.storage.StoreRefused` for a dataset that cannot be parsed.
     """
     if not decision.restricted:
-        return None, decision.deciding_rule()
+        return None, decision.deciding_rule(), None
     ds = Archive.parse(part10)
-    return ds, decision.deciding_rule(instance_document(ds, len(part10), source))
+    document = instance_document(ds, len(part10), source)
+    rules = [rule for rule in decision.rules if rule.compiled is not None
+             and evaluate(rule.compiled.filters[IMAGE], document)]
+    if not rules:
+        return ds, None, None
+
+    def admit(existing: Existing) -> None:
+        if not any(_admits(rule.compiled, existing) for rule in rules  # type: ignore[arg-type]
+                   ):
+            raise StoreRefused(NOT_AUTHORIZED, decision.comment(joined=True))
+
+    return ds, rules[0], admit
+
+
+def _admits(pattern: Compiled, existing: Existing) -> bool:
+    """Whether what a store replaces or joins is within one Store pattern."""
+    if existing.instance is not None and not evaluate(pattern.filters[IMAGE],
+                                                      existing.instance):
+        return False
+    for level, doc in ((SERIES, existing.series), (STUDY, existing.study)):
+        if doc is None:
+            continue
+        if is_mixed(doc, level) or not evaluate(pattern.partial(level), doc):
+            return False
+    return True
 
 
 def instance_document(ds: Dataset, size: int = 0, source: str = "") -> dict[str, Any]:
@@ -197,7 +255,7 @@ def diff(old: Sequence[Rule], new: Sequence[Rule]) -> Change:
     return Change(added, removed, reordered)
 
 
-def _take(rules: Sequence[Rule], keys: Counter[tuple[str, str, str]]) -> tuple[Rule, ...]:
+def _take(rules: Sequence[Rule], keys: Counter[tuple[Any, ...]]) -> tuple[Rule, ...]:
     wanted, taken = Counter(keys), []
     for rule in rules:
         if wanted[rule.key] > 0:
@@ -256,7 +314,8 @@ class RuleStore:
             try:
                 rules.append(Rule(str(doc["principal"]), str(doc["service"]),
                                   doc.get("pattern") or None, int(doc.get("index", 0)),
-                                  str(doc.get("source", ""))))
+                                  str(doc.get("source", "")),
+                                  tuple(str(d) for d in doc.get("destinations") or ())))
             except Exception as exc:  # noqa: BLE001 - PatternError, or JSON edited by hand
                 # Unusable: dropping it only denies more.
                 log.error("ignoring unusable rule %s: %s", doc.get("_id"), exc)
@@ -327,7 +386,8 @@ class RuleStore:
         ruleset = uuid.uuid4().hex
         now = datetime.datetime.now(datetime.timezone.utc)
         docs = [{"ruleset": ruleset, "index": i, "principal": r.principal,
-                 "service": r.service, "pattern": r.pattern, "source": r.source}
+                 "service": r.service, "pattern": r.pattern, "source": r.source,
+                 **({"destinations": list(r.destinations)} if r.destinations else {})}
                 for i, r in enumerate(rules, 1)]
         if docs:
             self.rules.insert_many(docs)

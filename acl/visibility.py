@@ -2,26 +2,39 @@
 
 Semantics.  The visible instances are those whose instance document matches one of
 the principal's patterns.  An entity at PATIENT, STUDY or SERIES level is visible iff
-it contains at least one visible instance, and every computed key (Number of
-Patient/Study/Series Related ..., Modalities in Study, SOP Classes in Study) counts
-visible instances only, both in responses and when the identifier matches on it: a
-restricted principal cannot learn that anything else exists.
+it contains at least one visible instance, and everything the principal learns about
+it is computed over its visible instances only:
+
+- every computed key (Number of Patient/Study/Series Related ..., Modalities in Study,
+  SOP Classes in Study), in responses and when the identifier matches on it;
+- its attributes: a level document holds the attributes of its most recently stored
+  instance, which may be a hidden one when its instances disagree (a *mixed* study,
+  holding instances of a visible and a hidden patient, or of two study descriptions);
+  the principal sees, and her keys are matched against, the attributes of the most
+  recently stored instance *she* may see (its *view*).
+
+So the answers to a restricted principal are those the same queries would get from an
+archive holding only what she may see, whatever else is stored (tests/unit/
+test_visibility.py checks exactly that).
+
+Order of work: the restriction first, then her keys.  The database pre-filters with
+conditions whose cost does not depend on the values compared (equality, ranges,
+prefixes: see :func:`archive.find.server_filter`); in Python, each candidate is first
+decided visible or not, and only a visible one -- its view -- is matched against the
+identifier, so a hidden document is never matched against her wild cards.
 
 Algorithm, for one entity and the patterns not yet decided for it:
 
 - a pattern whose every key is stored in the entity's level document
-  (``Compiled.at(level)``) decides the entity directly: if it matches, the entity and
-  all its descendants are visible and the stored counters hold; if not, none of its
-  descendants can match it either (they carry the same attributes);
-- the other patterns are carried down the child lists (``patients.studies``,
-  ``studies.series``, ``series.instances``), fetching children by ``_id`` (the only
-  index lookup FerretDB 1.24 makes), to the instance documents, where every pattern
-  decides; counts are summed over the visible children.
+  (``Compiled.at(level)``) decides an entity whose instances all carry the same
+  attributes (not mixed): if it matches, the entity and all its descendants are
+  visible and the stored counters hold; if not, none of its descendants match it;
+- the other patterns, and every pattern at a mixed entity, are carried down the child
+  lists (``patients.studies``, ``studies.series``, ``series.instances``), fetching
+  children by ``_id``, to the instance documents, where every pattern decides; counts
+  are summed over the visible children.
 
-When every pattern decides at the query level, their OR is pushed into the search
-itself (a scan filter, or checked while walking unique keys), so nothing is fetched
-twice; otherwise each candidate is checked with :meth:`Visibility.visible`, which stops
-at the first visible instance.  Results are memoised per request.
+Results are memoised per request.
 """
 
 from __future__ import annotations
@@ -30,17 +43,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bson import ObjectId
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from acl.patterns import Compiled
-from archive.find import CHILDREN, Finder
+from archive.find import CHILDREN, Finder, server_filter
 from archive.model import (
     COMPUTED_KEYS,
     COUNTERS,
     IMAGE,
     LEVELS,
+    PATIENT,
     SERIES,
     SOP_CLASSES_IN_STUDY,
     STUDY,
@@ -48,8 +63,19 @@ from archive.model import (
     level_of,
 )
 from archive.query import QUERY_RETRIEVE_LEVEL, Query, evaluate, translate
+from archive.storage import (
+    LATEST,
+    MODALITY_COUNTS,
+    SOP_CLASS_COUNTS,
+    from_field_key,
+    is_mixed,
+    level_dataset,
+    mixed_filter,
+    normalised_fields,
+)
 
 _CACHE_LIMIT = 50_000
+_OLDEST = ObjectId("0" * 24)
 
 
 @dataclass(frozen=True)
@@ -89,8 +115,30 @@ def _set(*values: Any) -> frozenset[str]:
     return frozenset(str(v) for v in values if v)
 
 
+def _counted(doc: dict[str, Any], field: str) -> frozenset[str]:
+    """Values a per-value counter of a series document counts at least once."""
+    return frozenset(from_field_key(k) for k, n in (doc.get(field) or {}).items() if n > 0)
+
+
+def _owner(level: str, doc: dict[str, Any], owner: str | None) -> str | None:
+    """The patient whose instances count below ``doc``: a patient owns what is below it
+    (its studies may hold other patients' instances too)."""
+    return str(doc["_id"]) if level == PATIENT else owner
+
+
+@dataclass(frozen=True)
+class _Latest:
+    """The most recently stored visible instance below an entity, as far as known:
+    its file id and either the attributes it shares with a uniform document above it
+    (``dataset``) or the ``_id`` of its instance document (``instance``)."""
+
+    file_id: ObjectId
+    dataset: dict[str, Any] | None = None
+    instance: str | None = None
+
+
 class Visibility:
-    """Visibility and visible counts of entities for one request."""
+    """Visibility, views and visible counts of entities for one request."""
 
     def __init__(self, finder: Finder, patterns: Sequence[Compiled],
                  need_sop_classes: bool = False) -> None:
@@ -98,26 +146,43 @@ class Visibility:
         self.patterns = tuple(patterns)
         self.need_sop_classes = need_sop_classes
         self._all = tuple(range(len(self.patterns)))
-        self._instance_projection: dict[str, int] = {"Modality": 1, "SOPClassUID": 1}
+        self._instance_projection: dict[str, int] = {"Modality": 1, "SOPClassUID": 1,
+                                                     "file_id": 1}
         for pattern in self.patterns:
             self._instance_projection.update(pattern.projection)
         self._docs: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._visible: dict[tuple[str, str, tuple[int, ...]], bool] = {}
-        self._summaries: dict[tuple[str, str, tuple[int, ...]], Summary] = {}
+        # keyed by (level, _id, patterns still open, owning patient)
+        self._visible: dict[tuple[Any, ...], bool] = {}
+        self._summaries: dict[tuple[Any, ...], Summary] = {}
+        self._latest: dict[tuple[Any, ...], _Latest | None] = {}
 
     # -- deciding -----------------------------------------------------------------------
 
-    def restriction(self, level: str) -> dict[str, Any] | None:
-        """The OR of the patterns as a filter on ``level`` documents, when every
-        pattern decides there; None when entities must be checked one by one."""
-        filters = [pattern.at(level) for pattern in self.patterns]
-        if not filters or any(f is None for f in filters):
+    def pre_filter(self, level: str) -> dict[str, Any] | None:
+        """A filter on ``level`` documents that every visible one satisfies (None:
+        any may be visible): each pattern's conditions on what the level stores, for
+        documents that are not mixed."""
+        partials = [pattern.partial(level) for pattern in self.patterns]
+        if not partials or any(not p for p in partials):
             return None
-        return filters[0] if len(filters) == 1 else {"$or": filters}
+        either = partials[0] if len(partials) == 1 else {"$or": partials}
+        return {"$or": [mixed_filter(level), either]}
 
-    def _split(self, level: str, doc: dict[str, Any],
-               open_: tuple[int, ...]) -> tuple[bool, tuple[int, ...]]:
-        """(whole entity visible, patterns left to its descendants)."""
+    def _split(self, level: str, doc: dict[str, Any], open_: tuple[int, ...],
+               owner: str | None = None) -> tuple[bool, tuple[int, ...]]:
+        """(whole entity visible, patterns left to its descendants).
+
+        ``owner``: only the instances of this patient count (walking down from a
+        patient through studies that may hold other patients' instances too).
+        """
+        if owner is not None:
+            if level == IMAGE or not is_mixed(doc, PATIENT):
+                if doc.get("PatientID") != owner:
+                    return False, ()  # none of the owner's instances here
+            else:
+                return False, open_  # instances of several patients: look below
+        if level != IMAGE and is_mixed(doc, level):
+            return False, open_
         remaining = []
         for i in open_:
             condition = self.patterns[i].at(level)
@@ -128,41 +193,44 @@ class Visibility:
         return False, tuple(remaining)
 
     def visible(self, level: str, doc: dict[str, Any],
-                open_: tuple[int, ...] | None = None) -> bool:
+                open_: tuple[int, ...] | None = None, owner: str | None = None) -> bool:
         """Whether the entity holds at least one visible instance."""
         open_ = self._all if open_ is None else open_
-        key = (level, str(doc["_id"]), open_)
+        key = (level, str(doc["_id"]), open_, owner)
         if key not in self._visible:
-            whole, remaining = self._split(level, doc, open_)
+            whole, remaining = self._split(level, doc, open_, owner)
             found = whole
             if not whole and remaining and level != IMAGE:
                 child_level = LEVELS[LEVELS.index(level) + 1]
+                below = _owner(level, doc, owner)
                 for uid in self._children(level, doc):
                     child = self._fetch(child_level, uid)
-                    if child is not None and self.visible(child_level, child, remaining):
+                    if child is not None and self.visible(child_level, child, remaining,
+                                                          below):
                         found = True
                         break
             self._remember(self._visible, key, found)
         return self._visible[key]
 
     def summary(self, level: str, doc: dict[str, Any],
-                open_: tuple[int, ...] | None = None) -> Summary:
+                open_: tuple[int, ...] | None = None, owner: str | None = None) -> Summary:
         """What the entity holds that is visible."""
         open_ = self._all if open_ is None else open_
-        key = (level, str(doc["_id"]), open_)
+        key = (level, str(doc["_id"]), open_, owner)
         if key not in self._summaries:
-            whole, remaining = self._split(level, doc, open_)
+            whole, remaining = self._split(level, doc, open_, owner)
             if whole:
                 result = self._stored(level, doc)
             elif not remaining or level == IMAGE:
                 result = _EMPTY
             else:
                 child_level = LEVELS[LEVELS.index(level) + 1]
+                below = _owner(level, doc, owner)
                 result = _EMPTY
                 for uid in self._children(level, doc):
                     child = self._fetch(child_level, uid)
                     if child is not None:
-                        result += self.summary(child_level, child, remaining)
+                        result += self.summary(child_level, child, remaining, below)
                 if result.instances:
                     result += _ITSELF.get(level, _EMPTY)
             self._remember(self._summaries, key, result)
@@ -174,13 +242,9 @@ class Visibility:
             return Summary(instances=1, modalities=_set(doc.get("Modality")),
                            sop_classes=_set(doc.get("SOPClassUID")))
         if level == SERIES:
-            classes = frozenset()
-            if self.need_sop_classes:
-                for uid in self._children(SERIES, doc):
-                    instance = self._fetch(IMAGE, uid)
-                    classes |= _set((instance or {}).get("SOPClassUID"))
             return Summary(series=1, instances=doc.get("NumberOfSeriesRelatedInstances", 0),
-                           modalities=_set(doc.get("Modality")), sop_classes=classes)
+                           modalities=_counted(doc, MODALITY_COUNTS),
+                           sop_classes=_counted(doc, SOP_CLASS_COUNTS))
         if level == STUDY:
             return Summary(1, doc.get("NumberOfStudyRelatedSeries", 0),
                            doc.get("NumberOfStudyRelatedInstances", 0),
@@ -189,6 +253,53 @@ class Visibility:
         return Summary(doc.get("NumberOfPatientRelatedStudies", 0),
                        doc.get("NumberOfPatientRelatedSeries", 0),
                        doc.get("NumberOfPatientRelatedInstances", 0))
+
+    # -- what the principal sees of an entity -----------------------------------------
+
+    def view(self, level: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """The entity as the principal sees it: the document itself when its instances
+        agree on its attributes, else built from the most recently stored visible one
+        (the document an archive holding only visible instances would have)."""
+        if not any(is_mixed(doc, lvl) for lvl in LEVELS[: LEVELS.index(level) + 1]
+                   if lvl != IMAGE):
+            return doc
+        latest = self._latest_visible(level, doc, self._all)
+        if latest is None:
+            return doc
+        data = latest.dataset
+        if data is None and latest.instance is not None:
+            full = self.finder.collection(IMAGE).find_one({"_id": latest.instance},
+                                                          {"dataset": 1})
+            data = (full or {}).get("dataset", {})
+        data = data or {}
+        view = {k: v for k, v in doc.items() if k not in ("dataset", "_id")}
+        view.update(normalised_fields(level, data))
+        view["_id"] = doc["_id"]
+        view["dataset"] = level_dataset(level, data)
+        return view
+
+    def _latest_visible(self, level: str, doc: dict[str, Any], open_: tuple[int, ...],
+                        owner: str | None = None) -> _Latest | None:
+        key = (level, str(doc["_id"]), open_, owner)
+        if key not in self._latest:
+            whole, remaining = self._split(level, doc, open_, owner)
+            result: _Latest | None = None
+            if whole and level == IMAGE:
+                result = _Latest(doc.get("file_id") or _OLDEST, instance=str(doc["_id"]))
+            elif whole:  # not mixed: every instance below carries these attributes
+                result = _Latest(doc.get(LATEST) or _OLDEST, dataset=doc.get("dataset", {}))
+            elif remaining and level != IMAGE:
+                child_level = LEVELS[LEVELS.index(level) + 1]
+                below = _owner(level, doc, owner)
+                for uid in self._children(level, doc):
+                    child = self._fetch(child_level, uid)
+                    if child is None:
+                        continue
+                    found = self._latest_visible(child_level, child, remaining, below)
+                    if found is not None and (result is None or found.file_id > result.file_id):
+                        result = found
+            self._remember(self._latest, key, result)
+        return self._latest[key]
 
     # -- computed keys ------------------------------------------------------------------
 
@@ -281,18 +392,31 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
     computed = tuple(tag for tag in query.keys if tag in COMPUTED_KEYS)
     need_sop = SOP_CLASSES_IN_STUDY in computed or SOP_CLASSES_IN_STUDY in identifier
     visibility = Visibility(finder, patterns, need_sop_classes=need_sop)
-    restriction = visibility.restriction(query.level)
+    level = query.level
+    # The database may drop documents on her keys only where a document is its own
+    # view (not mixed); the restriction's own pre-filter comes first.
+    conditions = []
+    restriction = visibility.pre_filter(level)
+    if restriction:
+        conditions.append(restriction)
+    if search_query.filter:
+        conditions.append({"$or": [mixed_filter(level), server_filter(search_query.filter)]})
+    pre_filter = {"$and": conditions} if len(conditions) > 1 else \
+        (conditions[0] if conditions else None)
     # Finder.response fills computed keys from the stored counters: ask it for the
     # others only (it then needs no ancestors) and add the visible counts here.
     stored_keys = replace(query, keys=tuple(t for t in query.keys if t not in computed))
     charset = identifier.get("SpecificCharacterSet")
-    for doc in finder.search(search_query, identifier, restriction):
-        if restriction is None and not visibility.visible(query.level, doc):
+    for doc in finder.candidates(level, identifier, pre_filter):
+        if not visibility.visible(level, doc):  # the restriction first
+            continue
+        view = visibility.view(level, doc)
+        if not evaluate(search_query.filter, view):
             continue
         if computed_filter and not evaluate(computed_filter,
-                                            visibility.computed_fields(query.level, doc)):
+                                            visibility.computed_fields(level, doc)):
             continue
-        response = finder.response(doc, stored_keys, identifier, None, charset)  # type: ignore[arg-type]
-        for tag in computed:
-            response.add(visibility.element(tag, query.level, doc))
+        response = finder.response(view, stored_keys, identifier, None, charset)  # type: ignore[arg-type]
+        for tag in computed:  # ancestors as the view names them
+            response.add(visibility.element(tag, level, view))
         yield response

@@ -27,10 +27,10 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from acl.patterns import PatternError, RawValue, parse_key, to_json, to_text
-from acl.rules import ANY, SERVICES, Rule
+from acl.rules import ANY, RETRIEVE, SERVICES, Rule
 
 _NULL = "tag:yaml.org,2002:null"
-_FIELDS = ("principal", "service", "pattern")
+_FIELDS = ("principal", "service", "pattern", "destinations")
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,12 @@ def _rule(node: Node, index: int, filename: str, problems: list[Problem]) -> Rul
                 "missing principal (a user name, or \"*\" for anyone)")
     service = _service(fields.get("service"), node, problem)
     pattern = _pattern(fields.get("pattern"), problem)
+    destinations = _destinations(fields.get("destinations"), service, problem)
     if len(problems) > before or service is None:
         return None
     try:
-        return Rule(principal, service, pattern, index, f"{filename}:{_line(node)}")
+        return Rule(principal, service, pattern, index, f"{filename}:{_line(node)}",
+                    destinations)
     except PatternError as exc:
         problem(node, f"pattern: {exc}")
         return None
@@ -174,6 +176,25 @@ def _service(entry: tuple[Node, Node] | None, rule: Node, problem: Any) -> str |
         problem(node, f"unknown service {text!r} ({choices})" if text
                 else f"missing service ({choices})")
     return canonical
+
+
+def _destinations(entry: tuple[Node, Node] | None, service: str | None,
+                  problem: Any) -> tuple[str, ...]:
+    """Move Destinations of a Retrieve rule: a list of AE titles."""
+    if entry is None:
+        return ()
+    node = entry[1]
+    values = node.value if isinstance(node, SequenceNode) else [node]
+    titles = []
+    for value in values:
+        title = value.value.strip() if isinstance(value, ScalarNode) else ""
+        if not 0 < len(title) <= 16 or "\\" in title:
+            problem(value, "destinations: a list of AE titles (1 to 16 characters)")
+            return ()
+        titles.append(title)
+    if service not in (RETRIEVE, ANY):
+        problem(entry[0], "destinations apply to Retrieve rules only")
+    return tuple(titles)
 
 
 def _pattern(entry: tuple[Node, Node] | None, problem: Any) -> dict[str, Any] | None:
@@ -226,6 +247,8 @@ def dump(rules: Sequence[Rule], header: str = "") -> str:
         item: dict[str, Any] = {"principal": rule.principal, "service": rule.service}
         if rule.pattern:
             item["pattern"] = to_text(rule.pattern)
+        if rule.destinations:
+            item["destinations"] = list(rule.destinations)
         items.append(item)
     body = yaml.safe_dump({"rules": items}, sort_keys=False, allow_unicode=True,
                           default_flow_style=False, width=100)

@@ -33,7 +33,7 @@ from pydicom.valuerep import PersonName
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from archive import dicomjson, model
+from archive import dicomjson, matching, model
 from archive.model import IMAGE, LEVELS, PATIENT, SERIES, STUDY
 from archive.query import Query, evaluate
 
@@ -51,25 +51,33 @@ _RETRIEVE_AE_TITLE = 0x00080054
 _INSTANCE_AVAILABILITY = 0x00080056
 
 
-def relax(filter_: Any) -> Any:
-    """A filter FerretDB 1.24 can run, matching at least what ``filter_`` matches.
+def server_filter(filter_: Any) -> Any:
+    """A filter the database can run cheaply that matches at least what ``filter_``
+    matches; the exact filter is then applied to what comes back with :func:`evaluate`.
 
-    FerretDB ignores ``$elemMatch`` on sub-documents (it matches nothing), so each
-    condition of an item becomes a dotted path; the exact filter is then applied to
-    what comes back with :func:`evaluate`.
+    - Wild cards become their literal prefix (``^DOE``, which an index serves), or no
+      condition at all: a server never runs a pattern whose cost depends on the value
+      it is compared with (PCRE back-tracks; ``archive.matching`` does not).
+    - FerretDB 1.24 ignores ``$elemMatch`` on sub-documents (it matches nothing), so
+      each condition of a sequence item becomes a dotted path.
     """
     if isinstance(filter_, list):
-        return [relax(f) for f in filter_]
+        return [server_filter(f) for f in filter_]
     if not isinstance(filter_, dict):
         return filter_
     result: dict[str, Any] = {}
     conditions: list[dict[str, Any]] = []
     for key, value in filter_.items():
         if isinstance(value, dict) and _on_documents(value.get("$elemMatch")):
-            inner = relax(value["$elemMatch"])
+            inner = server_filter(value["$elemMatch"])
             conditions.extend(_prefixed(key, inner))
+        elif isinstance(value, dict) and "$regex" in value:
+            prefix = matching.prefix_regex(value["$regex"])
+            if prefix is not None:
+                result[key] = {"$regex": prefix, **({"$options": value["$options"]}
+                                                    if "$options" in value else {})}
         else:
-            result[key] = relax(value)
+            result[key] = server_filter(value)
     if conditions:
         return {"$and": [result, *conditions]} if result else {"$and": conditions}
     return result
@@ -89,6 +97,18 @@ def _prefixed(prefix: str, filter_: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             out.append({f"{prefix}.{key}": value})
     return out
+
+
+def unique_key_filter(identifier: Dataset, level: str) -> dict[str, Any]:
+    """The identifier's unique keys at and above ``level`` as a filter on instance
+    documents (which carry every level's unique key as a normalised field)."""
+    conditions = []
+    for lvl in LEVELS[: LEVELS.index(level) + 1]:
+        keyword = model.UNIQUE_KEY[lvl]
+        values = _exact_values(identifier, keyword)
+        if values is not None:
+            conditions.append({keyword: {"$in": values}})
+    return conditions[0] if len(conditions) == 1 else {"$and": conditions} if conditions else {}
 
 
 def _exact_values(identifier: Dataset, keyword: str) -> list[str] | None:
@@ -120,14 +140,27 @@ class Finder:
 
     def search(self, query: Query, identifier: Dataset,
                restriction: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        """Level documents matching the query (and the restriction), one at a time."""
-        exact = query.filter if not restriction else {"$and": [query.filter, restriction]}
-        start = self._navigation_start(query.level, identifier)
+        """Level documents matching the query (and the restriction), one at a time.
+
+        The restriction is decided first, so that the query's conditions are never
+        evaluated on a document the restriction excludes.
+        """
+        exact = query.filter if not restriction else {"$and": [restriction, query.filter]}
+        for doc in self.candidates(query.level, identifier, server_filter(exact)):
+            if evaluate(exact, doc):
+                yield doc
+
+    def candidates(self, level: str, identifier: Dataset,
+                   pre_filter: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Level documents that may match: those the identifier's unique keys name
+        (walked down by ``_id``), else a scan of the level with ``pre_filter`` (a
+        :func:`server_filter`).  The caller decides each one exactly."""
+        start = self._navigation_start(level, identifier)
         if start is None:
-            yield from self._scan(query.level, exact)
+            yield from self.collection(level).find(pre_filter or {}, _LEAN, batch_size=500)
             return
-        level, ids = start
-        yield from self._walk(level, ids, query.level, exact)
+        start_level, ids = start
+        yield from self._walk(start_level, ids, level)
 
     def _navigation_start(self, level: str, identifier: Dataset) -> tuple[str, list[str]] | None:
         """The deepest level at or above ``level`` whose unique key names entities."""
@@ -137,19 +170,16 @@ class Finder:
                 return candidate, values
         return None
 
-    def _walk(self, level: str, ids: list[str], target: str,
-              exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _walk(self, level: str, ids: list[str], target: str) -> Iterator[dict[str, Any]]:
         coll = self.collection(level)
         if level == target:
-            for doc in self.fetch(coll, list(dict.fromkeys(ids)), _LEAN):
-                if evaluate(exact, doc):
-                    yield doc
+            yield from self.fetch(coll, list(dict.fromkeys(ids)), _LEAN)
             return
         child = LEVELS[LEVELS.index(level) + 1]
         for uid in dict.fromkeys(ids):
             parent = coll.find_one({"_id": uid}, {CHILDREN[level]: 1})
             if parent is not None:
-                yield from self._walk(child, parent.get(CHILDREN[level], []), target, exact)
+                yield from self._walk(child, parent.get(CHILDREN[level], []), target)
 
     def fetch(self, coll: Collection, ids: list[str],
               projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
@@ -181,32 +211,29 @@ class Finder:
             for future in pending:
                 future.cancel()
 
-    def _scan(self, level: str, exact: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        relaxed = relax(exact)
-        check = relaxed != exact
-        for doc in self.collection(level).find(relaxed, _LEAN, batch_size=500):
-            if not check or evaluate(exact, doc):
-                yield doc
+    def instances(self, level: str, identifier: Dataset,
+                  restriction: dict[str, Any] | None = None,
+                  projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Instance documents a retrieve identifier selects (PS3.4 C.4.2.2.1).
 
-    def instances(self, query: Query, identifier: Dataset,
-                  instance_filter: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        """Instance documents below the entities a retrieve identifier selects.
-
-        Each comes without its ``dataset`` unless ``instance_filter`` (an access rule
-        on instances) needs it, so a retrieve of 10,000 instances stays light.
+        The identifier's unique keys are matched on each instance document itself --
+        never on a level document, whose attributes are those of its most recently
+        stored instance -- and after ``restriction`` (an access rule on instances):
+        a study holding instances of two patients gives each patient only their own.
+        Each comes without its ``dataset`` unless the restriction needs it (``projection``:
+        the fields it reads).
         """
-        projection = {"dataset": 0} if instance_filter is None else None
+        keys = unique_key_filter(identifier, level)
+        exact = keys if not restriction else {"$and": [restriction, keys]}
+        if projection is None and not restriction:
+            projection = {"dataset": 0}
         coll = self.collection(IMAGE)
-        for doc in self.search(query, identifier):
-            if query.level == IMAGE:
-                ids = [doc["_id"]]
-            else:
-                ids = list(self._descendants(query.level, doc["_id"]))
+        for doc in self.candidates(level, identifier):
+            ids = [doc["_id"]] if level == IMAGE else list(self._descendants(level, doc["_id"]))
             for inst in self.fetch(coll, ids, projection):
-                if instance_filter and not evaluate(instance_filter, inst):
-                    continue
-                inst.pop("dataset", None)
-                yield inst
+                if evaluate(exact, inst):
+                    inst.pop("dataset", None)
+                    yield inst
 
     def _descendants(self, level: str, uid: str) -> Iterator[str]:
         """``_id`` of the instances below one entity, depth first."""

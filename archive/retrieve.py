@@ -515,6 +515,10 @@ class Retrieve:
             raise Refused(OUT_OF_RESOURCES_SUBOPS, "archive is shutting down")
         query, identifier = self._query()
         destination = self._destination() if self.kind == MOVE else None
+        if destination is not None:  # rules may name the destinations they allow
+            self.decision = self.decision.to_destination(destination[0])
+            if not self.decision.allowed:
+                raise Refused(NOT_AUTHORIZED, self.decision.comment(destination=destination[0]))
         items = self._match(query, identifier)
         self.counts.total = len(items)
         if not items:
@@ -566,8 +570,10 @@ class Retrieve:
         """What the identifier selects (and the access rules let through), in order."""
         items: dict[str, Item] = {}
         restriction = self.decision.instance_filter() if self.decision else None
+        projection = self.decision.instance_projection() if self.decision else None
+        found = self.node.finder.instances(query.level, identifier, restriction, projection)
         try:
-            for n, doc in enumerate(self.node.finder.instances(query, identifier, restriction)):
+            for n, doc in enumerate(found):
                 if n % 256 == 255 and self._cancel_requested():
                     raise Refused(CANCEL, "cancelled while matching")
                 if doc["_id"] in items:

@@ -121,13 +121,13 @@ def handle_store(event: Event, node: Node) -> Dataset:
             return answer(0xC000, "cannot read the dataset")
         source = event.assoc.requestor.ae_title
         try:  # a restricted principal's dataset must match a Store rule's pattern
-            ds, rule = admit_store(decision, part10, source)
+            ds, rule, admit = admit_store(decision, part10, source)
         except StoreRefused as exc:
             outcome = StoreOutcome(exc.status, exc.comment)
         else:
             if rule is None:
                 return _deny(node, event, "C-STORE", principal, decision, started, sop, True)
-            outcome = node.archive.store(part10, source=source, ds=ds)
+            outcome = node.archive.store(part10, source=source, ds=ds, admit=admit)
     except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
         log.exception("C-STORE %s: unexpected error", peer(event))
         return answer(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")

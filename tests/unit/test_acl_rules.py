@@ -160,8 +160,8 @@ def test_store_is_judged_on_the_would_be_instance_document() -> None:
     decision = decide(rules, "modality", "Store")
     accepted = to_part10(make_dataset(patient_id="TRIAL-1", modality="CT"))
     refused = to_part10(make_dataset(patient_id="TRIAL-1", modality="MR"))
-    ds, chosen = admit_store(decision, accepted, "CT01")
-    assert chosen is not None and str(ds.PatientID) == "TRIAL-1"
+    ds, chosen, admit = admit_store(decision, accepted, "CT01")
+    assert chosen is not None and str(ds.PatientID) == "TRIAL-1" and admit is not None
     assert admit_store(decision, refused, "CT01")[1] is None
     unrestricted = decide([rule("*", "Store", 2)], "modality", "Store")
     assert admit_store(unrestricted, refused)[0] is None  # not even parsed

@@ -230,8 +230,8 @@ def fake_node(docs: list[dict[str, Any]], files: dict[ObjectId, bytes],
     return SimpleNamespace(
         cfg=config, stopping=threading.Event(),
         archive=SimpleNamespace(files=FakeFiles(files)),
-        finder=SimpleNamespace(instances=lambda query, identifier, restriction=None:
-                               iter(docs)),
+        finder=SimpleNamespace(instances=lambda level, identifier, restriction=None,
+                               projection=None: iter(docs)),
         authorize=lambda assoc, service: ("anonymous", decision
                                           or allow_all("anonymous", service)),
         audit=SimpleNamespace(record=lambda entry: None),
