@@ -515,6 +515,8 @@ class Retrieve:
             raise Refused(OUT_OF_RESOURCES_SUBOPS, "archive is shutting down")
         query, identifier = self._query()
         destination = self._destination() if self.kind == MOVE else None
+        if not self.node.health.up:  # refused at once, not after the driver's timeouts
+            raise Refused(OUT_OF_RESOURCES_MATCHES, "database unavailable")
         items = self._match(query, identifier)
         self.counts.total = len(items)
         if not items:
@@ -578,6 +580,7 @@ class Retrieve:
                     raise Refused(OUT_OF_RESOURCES_MATCHES,
                                   f"more than {MAX_SUBOPERATIONS} instances match")
         except PyMongoError as exc:
+            self.node.health.suspect(exc)
             log.warning("%s %s: database error while matching: %s", self.kind, self.who, exc)
             raise Refused(OUT_OF_RESOURCES_MATCHES,
                           "database unavailable, matches not counted") from None
@@ -654,6 +657,7 @@ class Retrieve:
             try:
                 self._store(sub, item, accepted, tmp, index)
             except PyMongoError as exc:
+                self.node.health.suspect(exc)
                 log.warning("%s %s: database error reading %s: %s", self.kind, self.who,
                             item.uid, exc)
                 for rest in items[index:]:

@@ -196,6 +196,11 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         audit(0xC000, comment="cannot decode the identifier")
         yield status(0xC000, "cannot decode the identifier"), None
         return
+    if not node.health.up:  # refused at once, not after the driver's timeouts
+        log.warning("C-FIND %s refused: 0x%04X database unavailable", who, OUT_OF_RESOURCES)
+        audit(OUT_OF_RESOURCES, comment="database unavailable")
+        yield status(OUT_OF_RESOURCES, "database unavailable"), None
+        return
     if decision.restricted:  # only what the principal's patterns let it see
         results = visibility.responses(node.finder, query, identifier, decision.patterns,
                                        model, **options)
@@ -216,6 +221,7 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         yield status(0xC001, "the database cannot run this query"), None
         return
     except PyMongoError as exc:
+        node.health.suspect(exc)
         outcome, code = f"0xA700 database error {type(exc).__name__}", OUT_OF_RESOURCES
         yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None
         return

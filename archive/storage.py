@@ -38,6 +38,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from archive import dicomjson, model
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
+from archive.health import DatabaseHealth
 from archive.model import IMAGE, PATIENT, SERIES, STUDY
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,10 @@ class Archive:
     """Storage operations shared by C-STORE and ``archive import``."""
 
     def __init__(self, db: Database, bucket: str = "fs", duplicate_policy: str = "replace",
-                 journal: str | Path = "data/journal.jsonl") -> None:
+                 journal: str | Path = "data/journal.jsonl",
+                 health: DatabaseHealth | None = None) -> None:
         self.db = db
+        self.health = health or DatabaseHealth(db)
         self.files = GridStore(db, bucket)
         self.policy = duplicate_policy
         self.journal = Path(journal)
@@ -177,6 +180,8 @@ class Archive:
         except StoreRefused as exc:
             return StoreOutcome(exc.status, exc.comment)
         sop_uid = str(ds.SOPInstanceUID).strip()
+        if not self.health.up:  # refused at once, not after the driver's timeouts
+            return StoreOutcome(OUT_OF_RESOURCES, "database unavailable", sop_uid)
         try:
             return self._store(part10, ds, sop_uid, source)
         except StoreRefused as exc:
@@ -350,7 +355,7 @@ class Archive:
         ping, the rollback is journalled at once: trying it would only wait out the same
         timeout again, for every store of an outage.
         """
-        if isinstance(cause, ConnectionFailure) and not self._answers():
+        if isinstance(cause, ConnectionFailure) and not self.health.check():
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), cause)
             self._journal_append(entry)
             return
@@ -359,14 +364,6 @@ class Archive:
         except PyMongoError as exc:
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), exc)
             self._journal_append(entry)
-
-    def _answers(self, seconds: float = 1.0) -> bool:
-        try:
-            with pymongo.timeout(seconds):
-                self.db.command("ping")
-        except PyMongoError:
-            return False
-        return True
 
     def _journal_append(self, entry: dict[str, Any]) -> None:
         with self._journal_lock:
