@@ -197,9 +197,10 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         yield status(0xC000, "cannot decode the identifier"), None
         return
     if not node.health.up:  # refused at once, not after the driver's timeouts
-        log.warning("C-FIND %s refused: 0x%04X database unavailable", who, OUT_OF_RESOURCES)
-        audit(OUT_OF_RESOURCES, comment="database unavailable")
-        yield status(OUT_OF_RESOURCES, "database unavailable"), None
+        comment = "database unavailable, query not completed"  # as when it fails midway
+        log.warning("C-FIND %s refused: 0x%04X %s", who, OUT_OF_RESOURCES, comment)
+        audit(OUT_OF_RESOURCES, comment=comment)
+        yield status(OUT_OF_RESOURCES, comment), None
         return
     if decision.restricted:  # only what the principal's patterns let it see
         results = visibility.responses(node.finder, query, identifier, decision.patterns,
