@@ -86,7 +86,11 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     with database(cfg, on_down=database_down):
         node = Node(cfg)
         node.start()
-        stop.wait()
+        # With a timeout: Python runs signal handlers in the main thread only, and a
+        # SIGTERM the kernel hands to another thread (the node has many) would otherwise
+        # wait for something to wake the main thread.
+        while not stop.wait(1.0):
+            pass
         node.stop()
     return 0
 
