@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,10 +284,13 @@ class ConcurrentApply(Exception):
 class RuleStore:
     """The rules in MongoDB: the active ruleset, cached, and its atomic replacement."""
 
-    def __init__(self, db: Database, refresh_seconds: float = REFRESH_SECONDS) -> None:
+    def __init__(self, db: Database, refresh_seconds: float = REFRESH_SECONDS,
+                 available: Callable[[], bool] = lambda: True) -> None:
         self.rules = db[RULES]
         self.state = db[STATE]
         self.refresh_seconds = refresh_seconds
+        #: whether the database is worth asking (False: known to be away)
+        self.available = available
         self._current = Ruleset(None)
         self._checked = -float("inf")
         self._lock = threading.Lock()
@@ -325,9 +328,10 @@ class RuleStore:
         """The active ruleset, re-reading the pointer at most every refresh_seconds.
 
         While the database does not answer the last known rules stay in force; before
-        they were ever read, there are none (everything denied).
+        they were ever read, there are none (everything denied).  While it is known to be
+        away it is not asked: a request would wait out the driver's timeout for nothing.
         """
-        if time.monotonic() - self._checked < self.refresh_seconds:
+        if time.monotonic() - self._checked < self.refresh_seconds or not self.available():
             return self._current
         if not self._lock.acquire(blocking=False):
             return self._current  # another thread is refreshing

@@ -44,11 +44,17 @@ def setup_logging(level: str) -> None:
 
 
 @contextlib.contextmanager
-def database(cfg: Config) -> Iterator[Config]:
-    """Start the embedded FerretDB when configured, and point the config at it."""
+def database(cfg: Config, on_down: Callable[[str], None] | None = None) -> Iterator[Config]:
+    """Start the embedded FerretDB when configured, and point the config at it.
+
+    With ``on_down`` (the node), FerretDB is also restarted whenever it exits, and
+    ``on_down(reason)`` is told at once; one-shot commands have no need of either.
+    """
     embedded = EmbeddedFerretDB(cfg.database.embedded) if cfg.database.embedded.enabled else None
     if embedded is not None:
         cfg.database.uri = embedded.start()
+        if on_down is not None:
+            embedded.supervise(on_down)
     try:
         yield cfg
     finally:
@@ -71,10 +77,20 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with database(cfg):
+    node: Node | None = None
+
+    def database_down(reason: str) -> None:  # the supervisor logs the event itself
+        if node is not None:
+            node.health.mark_down(reason, logged=True)
+
+    with database(cfg, on_down=database_down):
         node = Node(cfg)
         node.start()
-        stop.wait()
+        # With a timeout: Python runs signal handlers in the main thread only, and a
+        # SIGTERM the kernel hands to another thread (the node has many) would otherwise
+        # wait for something to wake the main thread.
+        while not stop.wait(1.0):
+            pass
         node.stop()
     return 0
 

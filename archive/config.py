@@ -41,6 +41,9 @@ class EmbeddedDatabase:
     binary: str = ".tools/bin/ferretdb"
     data_dir: str = "data/ferretdb"
     port: int = 27017
+    #: Wait before restarting a FerretDB that exited while the node runs; doubles while
+    #: it keeps failing (up to 60 s).
+    restart_delay_seconds: float = 1.0
 
 
 @dataclass
@@ -225,6 +228,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("max_associations: must be at least 1")
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")
+    if not 0 < cfg.database.embedded.restart_delay_seconds <= 60:
+        raise ConfigError("database.embedded.restart_delay_seconds: must be above 0 and "
+                          "at most 60")
     _validate_database(cfg.database)
     if not 0 < cfg.acl.refresh_seconds <= 60:
         raise ConfigError("acl.refresh_seconds: must be above 0 and at most 60")

@@ -23,6 +23,7 @@ from acl.rules import Decision, RuleStore, allow_all
 from archive import negotiation, retrieve, services
 from archive.config import Config
 from archive.find import Finder
+from archive.health import DatabaseHealth
 from archive.storage import Archive, connect, ensure_indexes
 
 log = logging.getLogger("archive.node")
@@ -62,8 +63,10 @@ class Node:
         self.cfg = cfg
         self.client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         self.db = self.client[cfg.database.name]
+        #: whether the database answers; requests needing it are refused while it does not
+        self.health = DatabaseHealth(self.db)
         self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
-                               cfg.journal, cfg.hierarchy_conflicts)
+                               cfg.journal, cfg.hierarchy_conflicts, self.health)
         self.stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_cond = threading.Condition()
@@ -73,7 +76,8 @@ class Node:
         self.identities: dict[int, str] = {}
         self.server: AssociationServer | None = None
         #: Access rules (cached, re-read every acl.refresh_seconds) and the audit trail.
-        self.rules = RuleStore(self.db, cfg.acl.refresh_seconds)
+        self.rules = RuleStore(self.db, cfg.acl.refresh_seconds,
+                               available=lambda: self.health.up)
         self.audit = AuditLog(self.db)
         self.authenticator = auth.from_config(cfg.auth)
         log.info("authentication: %s", self.authenticator.describe())
@@ -152,6 +156,7 @@ class Node:
             try:
                 self.archive.reconcile()
             except Exception as exc:  # noqa: BLE001 - database still away: retry later
+                self.health.suspect(exc)
                 log.warning("journal replay postponed: %s", exc)
 
     # -- running ----------------------------------------------------------------------
@@ -171,6 +176,7 @@ class Node:
 
     def start(self) -> None:
         ensure_indexes(self.db)
+        self.health.start()
         self.maybe_reconcile()
         self.audit.start()
         if self.cfg.acl.enabled:
@@ -194,7 +200,9 @@ class Node:
 
     def _housekeeping(self) -> None:
         while not self.stopping.wait(5.0):
-            self.maybe_reconcile()
+            # While the database is away the replay would only wait out its timeouts.
+            if self.health.up:
+                self.maybe_reconcile()
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Refuse new work, let stores in flight finish, then close every association."""
@@ -211,5 +219,6 @@ class Node:
             assoc.abort()
         self.ae.shutdown()
         self.audit.stop()
+        self.health.stop()
         self.client.close()
         log.info("stopped")

@@ -519,6 +519,8 @@ class Retrieve:
             self.decision = self.decision.to_destination(destination[0])
             if not self.decision.allowed:
                 raise Refused(NOT_AUTHORIZED, self.decision.comment(destination=destination[0]))
+        if not self.node.health.up:  # refused at once, not after the driver's timeouts
+            raise Refused(OUT_OF_RESOURCES_MATCHES, "database unavailable")
         items = self._match(query, identifier)
         self.counts.total = len(items)
         if not items:
@@ -584,6 +586,7 @@ class Retrieve:
                     raise Refused(OUT_OF_RESOURCES_MATCHES,
                                   f"more than {MAX_SUBOPERATIONS} instances match")
         except PyMongoError as exc:
+            self.node.health.suspect(exc)
             log.warning("%s %s: database error while matching: %s", self.kind, self.who, exc)
             raise Refused(OUT_OF_RESOURCES_MATCHES,
                           "database unavailable, matches not counted") from None
@@ -660,6 +663,7 @@ class Retrieve:
             try:
                 self._store(sub, item, accepted, tmp, index)
             except PyMongoError as exc:
+                self.node.health.suspect(exc)
                 log.warning("%s %s: database error reading %s: %s", self.kind, self.who,
                             item.uid, exc)
                 for rest in items[index:]:

@@ -196,6 +196,12 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         audit(0xC000, comment="cannot decode the identifier")
         yield status(0xC000, "cannot decode the identifier"), None
         return
+    if not node.health.up:  # refused at once, not after the driver's timeouts
+        comment = "database unavailable, query not completed"  # as when it fails midway
+        log.warning("C-FIND %s refused: 0x%04X %s", who, OUT_OF_RESOURCES, comment)
+        audit(OUT_OF_RESOURCES, comment=comment)
+        yield status(OUT_OF_RESOURCES, comment), None
+        return
     if decision.restricted:  # only what the principal's patterns let it see
         results = visibility.responses(node.finder, query, identifier, decision.patterns,
                                        model, **options)
@@ -216,6 +222,7 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         yield status(0xC001, "the database cannot run this query"), None
         return
     except PyMongoError as exc:
+        node.health.suspect(exc)
         outcome, code = f"0xA700 database error {type(exc).__name__}", OUT_OF_RESOURCES
         yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None
         return

@@ -62,6 +62,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from archive import dicomjson, model
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
+from archive.health import DatabaseHealth
 from archive.journal import Journal
 from archive.model import IMAGE, PATIENT, SERIES, STUDY
 
@@ -231,10 +232,12 @@ class Archive:
 
     def __init__(self, db: Database, bucket: str = "fs", duplicate_policy: str = "replace",
                  journal: str | Path = "data/journal",
-                 hierarchy_conflicts: str = "refuse") -> None:
+                 hierarchy_conflicts: str = "refuse",
+                 health: DatabaseHealth | None = None) -> None:
         if hierarchy_conflicts not in CONFLICT_POLICIES:
             raise ValueError(f"hierarchy_conflicts: {hierarchy_conflicts!r}")
         self.db = db
+        self.health = health or DatabaseHealth(db)
         self.files = GridStore(db, bucket)
         self.policy = duplicate_policy
         self.conflicts = hierarchy_conflicts
@@ -281,6 +284,8 @@ class Archive:
         except StoreRefused as exc:
             return StoreOutcome(exc.status, exc.comment)
         sop_uid = str(ds.SOPInstanceUID).strip()
+        if not self.health.up:  # refused at once, not after the driver's timeouts
+            return StoreOutcome(OUT_OF_RESOURCES, "database unavailable", sop_uid)
         try:
             return self._store(part10, ds, sop_uid, source, admit)
         except StoreRefused as exc:
@@ -696,7 +701,7 @@ class Archive:
             self.journal.write(entry["file_id"], entry)
         except OSError as exc:  # the journal folder is unusable: try the undo anyway
             log.error("journal entry of %s not written: %s", entry.get("sop"), exc)
-        if isinstance(cause, ConnectionFailure) and not self._answers():
+        if isinstance(cause, ConnectionFailure) and not self.health.check():
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), cause)
             return
         try:
@@ -705,14 +710,6 @@ class Archive:
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), exc)
             return
         self.journal.remove(entry["file_id"])
-
-    def _answers(self, seconds: float = 1.0) -> bool:
-        try:
-            with pymongo.timeout(seconds):
-                self.db.command("ping")
-        except PyMongoError:
-            return False
-        return True
 
     def pending(self) -> bool:
         """Whether unfinished work of past stores waits in the journal."""

@@ -54,7 +54,10 @@ from helpers import (  # noqa: E402, F401 - re-exported for the other suites
     wait_for,
 )
 
-FERRETDB_BINARY = ROOT / ".tools" / "bin" / "ferretdb"
+#: The FerretDB the tests run. ARCHIVE_TEST_FERRETDB points them at another build, only to
+#: check that a patch's test fails without the patch (see ferretdb/patches/).
+FERRETDB_BINARY = Path(os.environ.get("ARCHIVE_TEST_FERRETDB")
+                       or ROOT / ".tools" / "bin" / "ferretdb")
 
 
 # --- FerretDB ----------------------------------------------------------------------
@@ -89,7 +92,8 @@ class FerretDB:
         return self.process is not None and self.process.poll() is None
 
     def command(self) -> list[str]:
-        binary = FERRETDB_BINARY if FERRETDB_BINARY.is_file() else shutil.which("ferretdb")
+        binary = FERRETDB_BINARY if FERRETDB_BINARY.is_file() else (
+            None if "ARCHIVE_TEST_FERRETDB" in os.environ else shutil.which("ferretdb"))
         if binary is None:
             pytest.fail(f"FerretDB not found at {FERRETDB_BINARY} nor on PATH: run ./scripts/setup")
         data = self.data_dir.resolve()

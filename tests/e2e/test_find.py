@@ -46,7 +46,15 @@ from typing import Any
 import find_corpus
 import pytest
 from find_corpus import Bulk, Corpus, Instance
-from helpers import DCMTK_ENV, ROOT, association, counter_problems, echoscu, storescu
+from helpers import (
+    DCMTK_ENV,
+    ROOT,
+    association,
+    counter_problems,
+    echoscu,
+    storescu,
+    wait_for,
+)
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -1066,8 +1074,9 @@ def test_database_failure_mid_query(private_ferretdb: Any, node_factory: Any,
 
     private_ferretdb.start()
     assert running.running
-    again = pynetdicom_find(running, walk)
-    assert again.status == SUCCESS
+    # the node sees the database back at its next ping (pymongo rechecks every 0.5 s)
+    again = wait_for(lambda: (found := pynetdicom_find(running, walk)).status == SUCCESS
+                     and found, 3, interval=0.2, message="queries answered again")
     assert again.keys("IMAGE") == set(bulk.sop_uids)
     again = findscu(running, small, workdir=tmp_path)
     assert again.status == SUCCESS

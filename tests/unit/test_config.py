@@ -72,6 +72,14 @@ def test_the_test_baseline_is_valid(tmp_path: Path) -> None:
     assert isinstance(cfg.database.timeout_seconds, float)
 
 
+def test_restart_delay_takes_whole_and_fractional_seconds(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, VALID), {}).database.embedded.restart_delay_seconds == 1
+    for value in (3, 0.25, 60):
+        changes = {"database": {"embedded": {"restart_delay_seconds": value}}}
+        cfg = config.load(write(tmp_path, with_changes(changes)), {})
+        assert cfg.database.embedded.restart_delay_seconds == value
+
+
 @pytest.mark.parametrize("subcommand_first", [False, True])
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                       subcommand_first: bool) -> None:
@@ -124,6 +132,8 @@ def test_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     ({"database": {"timeout_seconds": "fast"}}, "database.timeout_seconds"),
     ({"database": {"embedded": {"enabled": "yes"}}}, "database.embedded.enabled"),
     ({"database": {"embedded": "off"}}, "database.embedded"),
+    ({"database": {"embedded": {"restart_delay_seconds": "1s"}}},
+     "database.embedded.restart_delay_seconds"),
     ({"database": None}, "database"),
     ({"accept": {"sop_classes": [1, 2]}}, "accept.sop_classes"),
     ({"accept": {"transfer_syntaxes": {"a": 1}}}, "accept.transfer_syntaxes"),
@@ -179,6 +189,10 @@ def test_bad_port(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     ({"destinations": {"A" * 17: {"host": "h", "port": 104}}}, "destinations.AAAA"),
     ({"max_associations": 0}, "max_associations"),
     ({"database": {"timeout_seconds": 0}}, "database.timeout_seconds"),
+    ({"database": {"embedded": {"restart_delay_seconds": 0}}},
+     "database.embedded.restart_delay_seconds"),
+    ({"database": {"embedded": {"restart_delay_seconds": 600}}},
+     "database.embedded.restart_delay_seconds"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                    changes: dict[str, Any], key: str) -> None:

@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 
 from acl.rules import allow_all, decide
-from archive.config import Config
+from archive.config import Config, Destination
 from archive.retrieve import (
     GET,
     MOVE,
@@ -235,6 +235,7 @@ def fake_node(docs: list[dict[str, Any]], files: dict[ObjectId, bytes],
         authorize=lambda assoc, service: ("anonymous", decision
                                           or allow_all("anonymous", service)),
         audit=SimpleNamespace(record=lambda entry: None),
+        health=SimpleNamespace(up=True, suspect=lambda exc: None),
     )
 
 
@@ -257,6 +258,17 @@ def test_unknown_destination_refused_with_comment_before_matching() -> None:
     assert len(assoc.responses) == 1
     assert final(assoc).Status == 0xA801
     assert "NOWHERE" in final(assoc).ErrorComment
+
+
+@pytest.mark.parametrize("kind", [MOVE, GET])
+def test_database_known_down_is_answered_a701_without_matching(kind: str) -> None:
+    assoc = FakeAssociation()
+    node = fake_node([], {}, destinations={"DEST": Destination("127.0.0.1", 104)})
+    node.health.up = False
+    node.finder.instances = lambda *a, **k: pytest.fail("matched while the database is down")
+    Retrieve(FakeEvent(assoc, study_request(), "DEST"), node, kind).run()
+    assert len(assoc.responses) == 1
+    assert (final(assoc).Status, final(assoc).ErrorComment) == (0xA701, "database unavailable")
 
 
 def test_missing_unique_key_refused() -> None:
@@ -360,7 +372,6 @@ def test_long_move_keeps_the_requesting_association_alive() -> None:
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE_RQ
 
-    from archive.config import Destination
     from archive.retrieve import handle_move
 
     received: list[str] = []
