@@ -35,7 +35,8 @@ from pydicom.errors import InvalidDicomError
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from archive import dicomjson, model
+from archive import dicomjson, identifiers, model
+from archive import part10 as part10_check
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
 from archive.model import IMAGE, PATIENT, SERIES, STUDY
@@ -151,21 +152,40 @@ class Archive:
 
     @staticmethod
     def parse(part10: bytes) -> Dataset:
-        """Decode the metadata of a Part-10 file, refusing what cannot be stored."""
+        """Decode the metadata of a Part-10 file, refusing what cannot be stored.
+
+        Refused with 0xC000: what pydicom cannot read, a file cut short (pydicom reads
+        it without a word: :mod:`archive.part10` checks every declared length), a
+        missing key UID, and key values that would corrupt the documents' keys
+        (:mod:`archive.identifiers`).
+        """
+        ds: Dataset | None = None
         try:
             ds = dcmread(BytesIO(part10), force=False)
+            part10_check.check(part10, ds)
             ds.SOPInstanceUID  # noqa: B018 - force decoding of the element now
+        except part10_check.Incomplete as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
         except (InvalidDicomError, EOFError) as exc:
+            _refuse_if_incomplete(part10, ds)
             raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM dataset: {exc}"[:64]) from None
         except AttributeError:
             raise StoreRefused(CANNOT_UNDERSTAND, "no SOP Instance UID (0008,0018)") from None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+            _refuse_if_incomplete(part10, ds)
             raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}"[:64]) from None
         for keyword, tag in (("SOPInstanceUID", "0008,0018"), ("SOPClassUID", "0008,0016"),
                              ("StudyInstanceUID", "0020,000D"),
                              ("SeriesInstanceUID", "0020,000E")):
             if not str(ds.get(keyword, "") or "").strip():
                 raise StoreRefused(CANNOT_UNDERSTAND, f"no {keyword} ({tag})")
+        for keyword, tag in identifiers.KEYS:
+            try:
+                problem = identifiers.problem(keyword, tag, ds.get(keyword))
+            except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode
+                problem = f"{keyword} ({tag}) cannot be read: {exc}"[:64]
+            if problem:
+                raise StoreRefused(CANNOT_UNDERSTAND, problem)
         return ds
 
     # -- store ------------------------------------------------------------------------
@@ -450,6 +470,15 @@ class Archive:
             "modalities": dict(modalities.most_common()),
             "sop_classes": {uid: n for uid, n in classes.most_common() if n},
         }
+
+
+def _refuse_if_incomplete(part10: bytes, ds: Dataset | None) -> None:
+    """A file pydicom failed on because it is cut short is refused as truncated."""
+    if ds is None:
+        try:
+            part10_check.check(part10, None)
+        except part10_check.Incomplete as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
 
 
 #: Series field counting its instances per SOP Class (keys: the UID with "_" for ".",
