@@ -33,7 +33,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from archive import dicomjson, identifiers, model
 from archive import part10 as part10_check
@@ -201,7 +201,12 @@ class Archive:
             return self._store(part10, ds, sop_uid, source)
         except StoreRefused as exc:
             return StoreOutcome(exc.status, exc.comment, sop_uid)
-        except PyMongoError as exc:
+        except Exception as exc:  # noqa: BLE001 - taken back already; the sender is told
+            if _refused_data(exc):
+                log.error("store %s refused: cannot store this dataset: %s: %s", sop_uid,
+                          type(exc).__name__, _reason(exc)[:200])
+                return StoreOutcome(CANNOT_UNDERSTAND, f"cannot store this dataset: "
+                                    f"{_reason(exc)}"[:64], sop_uid)
             log.error("store %s failed: database error: %s", sop_uid, exc)
             return StoreOutcome(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64],
                                 sop_uid)
@@ -241,8 +246,12 @@ class Archive:
         everything (its own writes and the file) exactly as the journal replay would,
         then re-raises.
         """
-        data = dicomjson.to_json(ds, file_id)
-        doc = self.instance_document(data, file_id, transfer_syntax, size, source)
+        try:
+            data = dicomjson.to_json(ds, file_id)
+            doc = self.instance_document(data, file_id, transfer_syntax, size, source)
+        except Exception as exc:  # nothing indexed yet: the file alone is taken back
+            self._undo(lambda: self._replay(entry), entry, exc)
+            raise
         undo: dict[str, Any] = {**entry, "kind": "undo", "hierarchy": list(_hierarchy(doc))}
         try:
             try:
@@ -256,7 +265,9 @@ class Archive:
             self._update_levels(doc, data, is_new=previous is None or moved)
             if moved:
                 self.recompute(_hierarchy(previous))
-        except PyMongoError as exc:
+        except _AlreadyStored:
+            raise
+        except Exception as exc:  # any failure, not only the database's: take it all back
             self._undo(lambda: self._replay(undo), undo, exc)
             raise
         return previous
@@ -470,6 +481,33 @@ class Archive:
             "modalities": dict(modalities.most_common()),
             "sop_classes": {uid: n for uid, n in classes.most_common() if n},
         }
+
+
+#: Server error codes meaning "this document can never be stored", not "try later":
+#: BadValue (FerretDB: infinity, '$' or '.' in a key), FailedToParse, TypeMismatch,
+#: PathNotViable, DollarPrefixedFieldName, EmptyFieldName, DottedFieldName,
+#: BSONObjectTooLarge, KeyTooLong.
+_DATA_ERROR_CODES = frozenset({2, 9, 14, 28, 52, 56, 57, 10334, 17280})
+
+
+def _refused_data(exc: BaseException) -> bool:
+    """Whether a failure is the data's (0xC000: sending it again cannot help) rather
+    than the database's (0xA700: it may work later).
+
+    The data's: anything not from the database (BSON refusing to encode the document,
+    an OverflowError, a value the code cannot handle: it would fail again), and the
+    server refusing the document as invalid.  A lost connection is never the data's
+    -- FerretDB drops the connection on a NaN, which is why none reaches it.
+    """
+    if isinstance(exc, PyMongoError):
+        return isinstance(exc, OperationFailure) and exc.code in _DATA_ERROR_CODES
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for an Error Comment: the first line, printable ASCII only."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
 def _refuse_if_incomplete(part10: bytes, ds: Dataset | None) -> None:
