@@ -25,6 +25,9 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("PatientID", "0010,0020"),
 )
 MAX_UID_LENGTH = 64
+#: VRs whose DICOM JSON value is the text itself: a key sent with another VR (IS, PN, OB...)
+#: would be stored as a number, a name or bytes, and the documents keyed on nothing.
+_TEXT_VRS = frozenset({"UI", "LO", "SH", "CS", "AE", "LT", "ST", "UT", "UC"})
 
 
 def _bad_character(text: str) -> str | None:
@@ -32,13 +35,17 @@ def _bad_character(text: str) -> str | None:
     return next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
 
 
-def problem(keyword: str, tag: str, value: Any) -> str | None:
+def problem(keyword: str, tag: str, value: Any, vr: str = "") -> str | None:
     """Why ``value`` cannot key a document (an Error Comment), or None.
 
-    Normal padding -- trailing NUL or spaces, leading spaces -- is not a problem.
+    Normal padding -- trailing NUL or spaces, leading spaces -- is not a problem.  A
+    value sent with a VR whose DICOM JSON is not plain text (OB, IS, PN...) is.
     """
     if value is None:
         return None
+    if isinstance(value, bytes | bytearray) or (vr and vr not in _TEXT_VRS):
+        expected = "UI" if keyword.endswith("UID") else "LO"
+        return f"{keyword} ({tag}) has VR {vr or 'binary'}, not {expected}"
     texts = [str(v) for v in value] if isinstance(value, list | tuple) or \
         type(value).__name__ == "MultiValue" else [str(value)]
     for text in texts:

@@ -174,14 +174,13 @@ class Archive:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
             _refuse_if_incomplete(part10, ds)
             raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}"[:64]) from None
-        for keyword, tag in (("SOPInstanceUID", "0008,0018"), ("SOPClassUID", "0008,0016"),
-                             ("StudyInstanceUID", "0020,000D"),
-                             ("SeriesInstanceUID", "0020,000E")):
-            if not str(ds.get(keyword, "") or "").strip():
-                raise StoreRefused(CANNOT_UNDERSTAND, f"no {keyword} ({tag})")
-        for keyword, tag in identifiers.KEYS:
+        for keyword, tag in identifiers.KEYS:  # the values documents are keyed on
             try:
-                problem = identifiers.problem(keyword, tag, ds.get(keyword))
+                vr = str(ds[keyword].VR) if keyword in ds else ""
+                value = ds.get(keyword)
+                problem = identifiers.problem(keyword, tag, value, vr)
+                if not problem and keyword != "PatientID" and not str(value or "").strip():
+                    problem = f"no {keyword} ({tag})"
             except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode
                 problem = f"{keyword} ({tag}) cannot be read: {exc}"[:64]
             if problem:

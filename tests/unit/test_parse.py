@@ -191,3 +191,21 @@ def test_padding_and_unusual_but_harmless_uids_are_accepted(archive: Archive,
 
 def test_a_patient_id_with_padding_is_accepted(archive: Archive) -> None:
     assert archive.store(with_key("patient_id", "PAT-9\x00")).ok
+
+
+@pytest.mark.parametrize(("tag", "keyword", "vr"), [
+    (0x00080018, "SOPInstanceUID", "OB"), (0x00080018, "SOPInstanceUID", "IS"),
+    (0x0020000E, "SeriesInstanceUID", "PN"), (0x00100020, "PatientID", "OB"),
+])
+def test_a_key_sent_with_a_vr_whose_json_is_not_text_is_refused(
+        archive: Archive, tag: int, keyword: str, vr: str) -> None:
+    """Its DICOM JSON would be bytes, a number or a name: the documents would be keyed
+    on something else than the value (an instance with _id "", found in a test)."""
+    value = b"1.2.826.0.1.77"
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    head += struct.pack("<HL", 0, len(value)) if vr in ("OB", "UN") else \
+        struct.pack("<H", len(value))
+    data = to_part10(make_dataset()) + head + value  # a later copy of the tag wins
+    comment = refused(archive, data)
+    assert comment.startswith(f"{keyword} (")
+    assert f"has VR {vr}" in comment
