@@ -207,6 +207,12 @@ def check_complete(part10: bytes, implicit: bool, little: bool, deflated: bool) 
     walker.dataset(0, len(body), _Encoding(implicit, little), 0)
 
 
+def check_bare(data: bytes, implicit: bool, little: bool) -> None:
+    """:func:`check_complete` for a dataset without preamble nor meta group (older
+    tools write them; ``archive import`` wraps them after this check)."""
+    _Walker(data).dataset(0, len(data), _Encoding(implicit, little), 0)
+
+
 def check(part10: bytes, ds: Dataset | None) -> None:
     """:func:`check_complete` in the encoding pydicom read ``ds`` with; when pydicom
     could not read the file at all (``ds`` None), in the one its meta group names,

@@ -209,3 +209,17 @@ def test_a_key_sent_with_a_vr_whose_json_is_not_text_is_refused(
     comment = refused(archive, data)
     assert comment.startswith(f"{keyword} (")
     assert f"has VR {vr}" in comment
+
+
+def test_import_refuses_a_truncated_bare_dataset(tmp_path: Path) -> None:
+    """A dataset without meta group is re-encoded on import, which would hide the cut."""
+    from helpers import dataset_bytes
+
+    whole = tmp_path / "bare.dcm"
+    whole.write_bytes(dataset_bytes(to_part10(image_dataset())))
+    part10, _ = read_part10(whole)  # whole: wrapped and accepted
+    assert Archive.parse(part10) is not None
+    cut = tmp_path / "bare-cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(StoreRefused, match="truncated"):
+        read_part10(cut)
