@@ -290,7 +290,9 @@ def _conditions(dataset: Dataset, context: _Context) -> list[Condition]:
     if context.combined_datetime:
         for date_tag, time_tag in DATE_TIME_PAIRS:
             date, time = by_tag.get(date_tag), by_tag.get(time_tag)
-            if date and time and _is_interval(date) and _is_interval(time):
+            # (paired only as DA and TM: an identifier may send these keys with other VRs)
+            if date and time and (date.vr, time.vr) == ("DA", "TM") and \
+                    _is_interval(date) and _is_interval(time):
                 paired[date_tag] = _date_time(date, time)
                 paired[time_tag] = None
     conditions = []

@@ -179,3 +179,11 @@ def test_translate_returns_a_query_or_raises_query_error(case: tuple[Dataset, st
         assert len(exc.comment) <= 64
         return
     assert isinstance(query, Query)
+
+
+def test_a_date_and_time_pair_sent_with_other_vrs_is_not_combined() -> None:
+    """Found by the property test above: StudyDate sent as AE with a StudyTime made
+    the combined date-time range look up a DA pattern for AE (KeyError)."""
+    ds = identifier(StudyTime="10")
+    ds[0x00080020] = RawDataElement(Tag(0x00080020), "AE", 2, b"0 ", 0, False, True)
+    assert isinstance(translate(ds, "STUDY"), Query)
