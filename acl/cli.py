@@ -28,7 +28,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from acl import audit, yamlrules
-from acl.patterns import PatternError, parse_key
+from acl.patterns import PatternError, check_stored, describe, matches_everything, parse_key
 from acl.rules import (
     SERVICES,
     Change,
@@ -99,11 +99,18 @@ def _apply(args: argparse.Namespace, cfg: Config) -> int:
         rules = yamlrules.load(args.file)
     except yamlrules.RulesFileError as exc:
         count = len(exc.problems)
-        print(f"archive acl apply: {count} problem{'s' if count > 1 else ''} in {args.file}, "
-              "nothing changed:", file=sys.stderr)
+        if count == 1:  # one line
+            problem = exc.problems[0]
+            print(f"archive acl apply: {exc.filename}:{problem.line}: {problem.message}; "
+                  "nothing changed", file=sys.stderr)
+            return 2
+        print(f"archive acl apply: {count} problems in {args.file}, nothing changed:",
+              file=sys.stderr)
         for problem in exc.problems:
             print(f"  {exc.filename}:{problem.line}: {problem.message}", file=sys.stderr)
         return 2
+    for warning in universal_warnings(rules):
+        print(f"archive acl apply: warning: {warning}", file=sys.stderr)
     with _database(cfg) as db:
         try:
             change = RuleStore(db).apply(rules, source=str(args.file), dry_run=args.dry_run)
@@ -113,6 +120,31 @@ def _apply(args: argparse.Namespace, cfg: Config) -> int:
     if not cfg.acl.enabled:
         print("note: acl.enabled is false in this configuration: its nodes allow everything")
     return 0
+
+
+def _who(rule: Rule) -> str:
+    where = f"{rule.source}: " if rule.source else ""
+    return f"{where}rule {rule.index} (principal {rule.principal!r})"
+
+
+def universal_warnings(rules: list[Rule]) -> list[str]:
+    """A pattern whose keys are all "*" restricts nothing: allowed (it is explicit, and
+    the same as no pattern), but said, since the administrator likely meant a value."""
+    return [f"{_who(rule)}: pattern {describe(rule.pattern)} matches every dataset: "
+            "it restricts nothing (give a value, or drop the pattern)"
+            for rule in rules if matches_everything(rule.pattern)]
+
+
+def stored_problems(rules: list[Rule]) -> list[str]:
+    """Rules in force that ``acl apply`` refuses today (an empty value, applied before
+    it was refused, silently matches every dataset)."""
+    problems = []
+    for rule in rules:
+        try:
+            check_stored(rule.pattern)
+        except PatternError as exc:
+            problems.append(f"{_who(rule)}: pattern: {exc}")
+    return problems
 
 
 def _report(change: Change, rules: list[Rule], file: str, dry_run: bool) -> str:
@@ -163,6 +195,15 @@ def _check(args: argparse.Namespace, cfg: Config) -> int:
         return _error(str(exc), 2)
     with _database(cfg) as db:
         ruleset = RuleStore(db).load()
+    refused = stored_problems(ruleset.rules)
+    if refused:
+        for problem in refused:
+            print(f"archive acl check: {problem}", file=sys.stderr)
+        print("archive acl check: the rules in force cannot be judged: correct the file and "
+              "apply it again (archive acl apply FILE)", file=sys.stderr)
+        return 2
+    for warning in universal_warnings(ruleset.rules):
+        print(f"archive acl check: warning: {warning}", file=sys.stderr)
     if not cfg.acl.enabled:
         print("note: acl.enabled is false in this configuration: its nodes allow everything")
     decision = decide(ruleset.rules, args.user, service)

@@ -120,16 +120,43 @@ def _element(tag: int, vr: str, raw: RawValue, key: str) -> dict[str, Any]:
             item = raw[0]
         if not isinstance(item, Mapping):
             raise PatternError(f"{key} is a sequence: its value is an item (a mapping)", key)
+        if not item:
+            raise PatternError(f"{key} has an empty item, which would match every dataset: "
+                               "give the item's keys and values, or leave the key out", key)
         try:
             return {"vr": "SQ", "Value": [to_json(item)]}
         except PatternError as exc:
             raise PatternError(f"{key} item: {exc}", key) from None
     values = _texts(raw, vr, key)
-    element: dict[str, Any] = {"vr": vr}
-    if values:
-        element["Value"] = [_json_value(vr, text, key) for text in values]
+    if not values:
+        raise PatternError(empty_value_message(key), key)
+    element: dict[str, Any] = {"vr": vr, "Value": [_json_value(vr, text, key) for text in values]}
     _check_values(tag, vr, element, key)
     return element
+
+
+def empty_value_message(key: str) -> str:
+    """What an empty value means in a pattern (everything) and what to write instead.
+
+    In a C-FIND identifier an empty key is universal matching; in a rule that silently
+    lifts the restriction the administrator meant to write, so it is refused.
+    """
+    return (f"{key} has an empty value, which would match every dataset: write "
+            f"{key}: \"*\" for any value, {key}: '\"\"' for datasets without one, "
+            f"or leave {key} out")
+
+
+def matches_everything(pattern: Mapping[str, Any] | None) -> bool:
+    """Whether a non-empty stored pattern lets every dataset through (all its keys are
+    universal, e.g. ``{PatientID: "*"}``): the same as no pattern, worth a warning."""
+    return bool(pattern) and compile_pattern(pattern) is None
+
+
+def check_stored(pattern: Mapping[str, Any] | None) -> None:
+    """PatternError when a stored pattern is one :func:`to_json` refuses now (a rule
+    applied before empty values were refused); the message says what to write."""
+    if pattern:
+        to_json(to_text(pattern))
 
 
 def _texts(raw: RawValue, vr: str, key: str) -> list[str]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import bcrypt
 import yaml
 
+from archive import yamlfile
 from archive.cli import command
 from archive.config import Config
 
@@ -86,9 +87,11 @@ def read_users(path: str | Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsersFileError(f"{path}: cannot read ({exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlfile.safe_load(text)
+    except yamlfile.YamlLimitError as exc:
+        raise UsersFileError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UsersFileError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UsersFileError(f"{path}: not valid YAML ({yamlfile.describe(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -28,6 +28,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from acl.patterns import PatternError, RawValue, parse_key, to_json, to_text
 from acl.rules import ANY, RETRIEVE, SERVICES, Rule
+from archive import yamlfile
 
 _NULL = "tag:yaml.org,2002:null"
 _FIELDS = ("principal", "service", "pattern", "destinations")
@@ -62,7 +63,9 @@ def load(path: str | Path) -> list[Rule]:
 def parse(text: str, filename: str = "<rules>") -> list[Rule]:
     """Validate a whole rules file and return its rules, or raise RulesFileError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yamlfile.compose(text)
+    except yamlfile.YamlLimitError as exc:
+        raise RulesFileError(filename, [Problem(exc.line, exc.message)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else 0

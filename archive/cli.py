@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"archive: configuration error: {exc}", file=sys.stderr)
         return 2
+    problem = unwritable_folder(cfg, args.command)
+    if problem:
+        print(f"archive: {problem}", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level)
     try:
         return args.run(args, cfg)
@@ -257,6 +262,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+#: Commands that write the rollback journal; every command but ``user`` may start the
+#: embedded database, which writes its data folder.
+_JOURNAL_WRITERS = frozenset({"serve", "import"})
+_NO_DATABASE = frozenset({"user"})
+
+
+def writable(folder: Path) -> str | None:
+    """None when a file can be created in ``folder`` (made if missing), else why not.
+
+    A real probe rather than ``os.access``: root passes every permission check but not
+    a read-only file system, and both must fail here rather than in a traceback later.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".archive-probe-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def unwritable_folder(cfg: Config, command_name: str) -> str | None:
+    """``FOLDER: not writable (reason)`` for the first data folder the command would
+    write and cannot: the embedded database's data folder, the journal's folder."""
+    folders = []
+    if command_name not in _NO_DATABASE and cfg.database.embedded.enabled:
+        folders.append(Path(cfg.database.embedded.data_dir))
+    if command_name in _JOURNAL_WRITERS:
+        folders.append(Path(cfg.journal).parent)
+    for folder in folders:
+        reason = writable(folder)
+        if reason is not None:
+            return f"{folder}: not writable ({reason})"
+    return None
 
 
 def _load_plugins() -> None:

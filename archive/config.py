@@ -17,6 +17,8 @@ from pymongo import uri_parser
 from pymongo.errors import ConfigurationError as PyMongoConfigurationError
 from pymongo.errors import InvalidURI
 
+from archive import yamlfile
+
 DEFAULT_PATH = Path("config/archive.yaml")
 
 
@@ -272,9 +274,11 @@ def load(path: str | Path | None = None, environ: dict[str, str] | None = None) 
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yamlfile.safe_load(text) or {}
+    except yamlfile.YamlLimitError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yamlfile.describe(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     for variable, dotted in ENVIRONMENT.items():

@@ -9,6 +9,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from archive.part10 import Incomplete, check_bare
 from archive.storage import CANNOT_UNDERSTAND, Archive, StoreRefused
 
 
@@ -48,5 +49,9 @@ def read_part10(path: Path) -> tuple[bytes, Dataset]:
             raise ValueError
     except Exception:  # noqa: BLE001 - anything unreadable is simply not DICOM
         raise StoreRefused(CANNOT_UNDERSTAND, "not a DICOM file") from None
+    try:  # re-encoding would hide a dataset cut short: check it as read
+        check_bare(data, *(bool(flag) for flag in ds.original_encoding))
+    except Incomplete as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
     part10 = _wrap(ds)
     return part10, Archive.parse(part10)

@@ -34,7 +34,7 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from archive import matching
+from archive import datetimes, matching
 from archive.model import (
     COMPUTED_KEYS,
     CONTROL_KEYS,
@@ -227,7 +227,10 @@ def _query_level(identifier: Dataset, model: str) -> str:
             "QueryRetrieveLevel (0008,0052) is missing",
             (QUERY_RETRIEVE_LEVEL,),
         )
-    value = identifier[QUERY_RETRIEVE_LEVEL].value
+    try:
+        value = identifier[QUERY_RETRIEVE_LEVEL].value
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
+        raise _fault(QUERY_RETRIEVE_LEVEL, "has an invalid value") from exc
     if value is None or isinstance(value, str):
         level = (value or "").strip()
         if not level:
@@ -287,7 +290,9 @@ def _conditions(dataset: Dataset, context: _Context) -> list[Condition]:
     if context.combined_datetime:
         for date_tag, time_tag in DATE_TIME_PAIRS:
             date, time = by_tag.get(date_tag), by_tag.get(time_tag)
-            if date and time and _is_interval(date) and _is_interval(time):
+            # (paired only as DA and TM: an identifier may send these keys with other VRs)
+            if date and time and (date.vr, time.vr) == ("DA", "TM") and \
+                    _is_interval(date) and _is_interval(time):
                 paired[date_tag] = _date_time(date, time)
                 paired[time_tag] = None
     conditions = []
@@ -313,7 +318,7 @@ def _key(dataset: Dataset, tag: int, context: _Context) -> _Key | None:
         vr = element.VR.split(" or ")[0]
         values = _values(element, vr)
         items = tuple(element.value or ()) if vr == "SQ" else ()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
         raise _fault(tag, "has an invalid value") from exc
     raw_path = f"{context.prefix}{tag:08X}.Value"
     field = None
@@ -416,6 +421,7 @@ def _single(key: _Key) -> Condition | None:
     if key.vr in RANGE_VRS:
         if not _VALUE[key.vr].fullmatch(value):
             raise _fault(key.tag, f"has an invalid {key.vr} value")
+        _check_real(key, value)
         if key.vr == "DA":
             return {key.path: normalise_date(value)}
         return _between(key.path, _lower(key, value), _upper(key, value))
@@ -441,6 +447,8 @@ def _range(key: _Key) -> Condition | None:
     if found is None:
         raise _fault(key.tag, f"has an invalid {key.vr} range")
     low, high = found.group("low"), found.group("high")
+    for end in (low, high):
+        _check_real(key, end)
     if low is None and high is None:
         return None
     return _between(
@@ -611,11 +619,22 @@ def _interval(key: _Key) -> tuple[str | None, str | None]:
     """The two ends of a single value or range as given (None: open)."""
     value = key.values[0]
     if _VALUE[key.vr].fullmatch(value):
+        _check_real(key, value)
         return value, value
     found = _RANGE[key.vr].fullmatch(value)
     if found is None:
         raise _fault(key.tag, f"has an invalid {key.vr} value")
+    for end in (found.group("low"), found.group("high")):
+        _check_real(key, end)
     return found.group("low"), found.group("high")
+
+
+def _check_real(key: _Key, value: str | None) -> None:
+    """Refuse a DA/TM/DT value of the right shape that names no real date or time
+    (month 13, 30 February, hour 25, minute 60): it would match nothing, silently."""
+    problem = None if value is None else datetimes.problem(key.vr, value)
+    if problem is not None:
+        raise _fault(key.tag, problem)
 
 
 def _combine(conditions: list[Condition]) -> Condition:

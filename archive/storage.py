@@ -57,9 +57,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
-from archive import dicomjson, model
+from archive import dicomjson, identifiers, model
+from archive import part10 as part10_check
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
 from archive.health import DatabaseHealth
@@ -253,21 +254,39 @@ class Archive:
 
     @staticmethod
     def parse(part10: bytes) -> Dataset:
-        """Decode the metadata of a Part-10 file, refusing what cannot be stored."""
+        """Decode the metadata of a Part-10 file, refusing what cannot be stored.
+
+        Refused with 0xC000: what pydicom cannot read, a file cut short (pydicom reads
+        it without a word: :mod:`archive.part10` checks every declared length), a
+        missing key UID, and key values that would corrupt the documents' keys
+        (:mod:`archive.identifiers`).
+        """
+        ds: Dataset | None = None
         try:
             ds = dcmread(BytesIO(part10), force=False)
+            part10_check.check(part10, ds)
             ds.SOPInstanceUID  # noqa: B018 - force decoding of the element now
+        except part10_check.Incomplete as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
         except (InvalidDicomError, EOFError) as exc:
+            _refuse_if_incomplete(part10, ds)
             raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM dataset: {exc}"[:64]) from None
         except AttributeError:
             raise StoreRefused(CANNOT_UNDERSTAND, "no SOP Instance UID (0008,0018)") from None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+            _refuse_if_incomplete(part10, ds)
             raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}"[:64]) from None
-        for keyword, tag in (("SOPInstanceUID", "0008,0018"), ("SOPClassUID", "0008,0016"),
-                             ("StudyInstanceUID", "0020,000D"),
-                             ("SeriesInstanceUID", "0020,000E")):
-            if not str(ds.get(keyword, "") or "").strip():
-                raise StoreRefused(CANNOT_UNDERSTAND, f"no {keyword} ({tag})")
+        for keyword, tag in identifiers.KEYS:  # the values documents are keyed on
+            try:
+                vr = str(ds[keyword].VR) if keyword in ds else ""
+                value = ds.get(keyword)
+                problem = identifiers.problem(keyword, tag, value, vr)
+                if not problem and keyword != "PatientID" and not str(value or "").strip():
+                    problem = f"no {keyword} ({tag})"
+            except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode
+                problem = f"{keyword} ({tag}) cannot be read: {exc}"[:64]
+            if problem:
+                raise StoreRefused(CANNOT_UNDERSTAND, problem)
         return ds
 
     # -- store ------------------------------------------------------------------------
@@ -290,7 +309,12 @@ class Archive:
             return self._store(part10, ds, sop_uid, source, admit)
         except StoreRefused as exc:
             return StoreOutcome(exc.status, exc.comment, sop_uid)
-        except PyMongoError as exc:
+        except Exception as exc:  # noqa: BLE001 - taken back already; the sender is told
+            if _refused_data(exc):
+                log.error("store %s refused: cannot store this dataset: %s: %s", sop_uid,
+                          type(exc).__name__, _reason(exc)[:200])
+                return StoreOutcome(CANNOT_UNDERSTAND, f"cannot store this dataset: "
+                                    f"{_reason(exc)}"[:64], sop_uid)
             log.error("store %s failed: database error: %s", sop_uid, exc)
             return StoreOutcome(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64],
                                 sop_uid)
@@ -799,6 +823,42 @@ class Archive:
 
 def _transfer_syntax(ds: Dataset) -> str:
     return str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+
+
+#: Server error codes meaning "this document can never be stored", not "try later":
+#: BadValue (FerretDB: infinity, '$' or '.' in a key), FailedToParse, TypeMismatch,
+#: PathNotViable, DollarPrefixedFieldName, EmptyFieldName, DottedFieldName,
+#: BSONObjectTooLarge, KeyTooLong.
+_DATA_ERROR_CODES = frozenset({2, 9, 14, 28, 52, 56, 57, 10334, 17280})
+
+
+def _refused_data(exc: BaseException) -> bool:
+    """Whether a failure is the data's (0xC000: sending it again cannot help) rather
+    than the database's (0xA700: it may work later).
+
+    The data's: anything not from the database (BSON refusing to encode the document,
+    an OverflowError, a value the code cannot handle: it would fail again), and the
+    server refusing the document as invalid.  A lost connection is never the data's
+    -- FerretDB drops the connection on a NaN, which is why none reaches it.
+    """
+    if isinstance(exc, PyMongoError):
+        return isinstance(exc, OperationFailure) and exc.code in _DATA_ERROR_CODES
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for an Error Comment: the first line, printable ASCII only."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
+
+
+def _refuse_if_incomplete(part10: bytes, ds: Dataset | None) -> None:
+    """A file pydicom failed on because it is cut short is refused as truncated."""
+    if ds is None:
+        try:
+            part10_check.check(part10, None)
+        except part10_check.Incomplete as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
 
 
 def _variants(hashes: dict[str, str], *levels: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pydicom import Dataset
 from pymongo.errors import PyMongoError
 
 from acl.audit import AuditLog, format_entry, parse_since
-from acl.patterns import PatternError, compile_pattern, to_json
+from acl.patterns import PatternError, compile_pattern, matches_everything, to_json
 from acl.rules import (
     NOT_AUTHORIZED,
     ConcurrentApply,
@@ -97,8 +97,21 @@ def test_patterns_of_all_applicable_rules_are_ored() -> None:
 
 
 def test_a_pattern_of_universal_values_is_no_restriction() -> None:
-    assert compile_pattern(to_json({"PatientID": "*", "StudyDescription": ""})) is None
+    assert compile_pattern(to_json({"PatientID": "*", "StudyDescription": "*"})) is None
+    assert matches_everything(to_json({"PatientID": "*", "StudyDescription": "*"}))
+    assert not matches_everything(to_json({"PatientID": "*", "StudyDescription": "A"}))
     assert not decide([rule("a", "Query", 1, PatientID="*")], "a", "Query").restricted
+
+
+@pytest.mark.parametrize("raw", ["", "   ", [], "\\", {"ProcedureCodeSequence": {}}])
+def test_an_empty_value_is_refused_not_read_as_everything(raw: object) -> None:
+    pattern = raw if isinstance(raw, dict) else {"PatientID": raw, "Modality": "CT"}
+    with pytest.raises(PatternError) as caught:
+        to_json(pattern)  # type: ignore[arg-type]
+    assert "would match every dataset" in str(caught.value)
+    if not isinstance(raw, dict):
+        assert caught.value.key == "PatientID"
+        assert "PatientID: \"*\"" in str(caught.value)  # what to write instead
 
 
 @pytest.mark.parametrize(("pattern", "matching", "other"), [

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
+import math
+import struct
 import warnings
 
+import bson
+import pytest
 from bson import ObjectId
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -220,3 +225,81 @@ def test_binary_vr_of_ambiguous_elements_is_ow() -> None:
 def test_empty_values_of_a_multi_valued_attribute_are_null() -> None:
     data = to_json(item(ImageType=["DERIVED", "", "MPR"]), FILE_ID)
     assert data["00080008"]["Value"] == ["DERIVED", None, "MPR"]
+
+
+# --- values JSON or BSON cannot hold as read ------------------------------------------
+
+def raw_element(tag: int, vr: str, value: bytes) -> Dataset:
+    ds = item(PatientID="P1")
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    return ds
+
+
+def convert(ds: Dataset) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = to_json(ds, FILE_ID)
+    # valid JSON (no NaN/Infinity tokens) and BSON that MongoDB and FerretDB accept
+    json.dumps(data, allow_nan=False)
+    bson.encode({"dataset": data})
+    return data
+
+
+@pytest.mark.parametrize("value", [b"NaN ", b"Inf ", b"-Infinity ", b"1e400 ", b"nan\\1.5 "])
+def test_a_ds_that_is_no_finite_number_is_kept_as_bytes(value: bytes) -> None:
+    data = convert(raw_element(0x00180050, "DS", value))
+    assert data["00180050"] == {"vr": "UN", "InlineBinary": base64.b64encode(value).decode()}
+
+
+@pytest.mark.parametrize("value", [b"99999999999999999999999 ", b"4294967296",
+                                   b"2147483648", b"-2147483649", b"1\\18446744073709551616"])
+def test_an_is_out_of_its_range_is_kept_as_bytes_not_rounded(value: bytes) -> None:
+    data = convert(raw_element(0x00200013, "IS", value))
+    assert data["00200013"] == {"vr": "UN", "InlineBinary": base64.b64encode(value).decode()}
+
+
+def test_is_range_limits_are_numbers() -> None:
+    data = convert(raw_element(0x00200013, "IS", b"-2147483648\\2147483647 "))
+    assert data["00200013"] == {"vr": "IS", "Value": [-(2**31), 2**31 - 1]}
+
+
+@pytest.mark.parametrize(("vr", "fmt", "values", "expected"), [
+    ("UV", "<QQ", (2**64 - 1, 5), ["18446744073709551615", "5"]),
+    ("UV", "<Q", (2**53,), ["9007199254740992"]),
+    ("UV", "<Q", (2**53 - 1,), [2**53 - 1]),
+    ("SV", "<q", (-(2**63),), ["-9223372036854775808"]),
+    ("SV", "<qq", (-5, 7), [-5, 7]),
+])
+def test_very_long_integers_beyond_exact_json_numbers_are_strings(
+        vr: str, fmt: str, values: tuple[int, ...], expected: list) -> None:
+    data = convert(raw_element(0x00081161, vr, struct.pack(fmt, *values)))
+    assert data["00081161"] == {"vr": vr, "Value": expected}
+
+
+@pytest.mark.parametrize(("vr", "fmt", "values"), [
+    ("FD", "<dd", (1.5, math.nan)), ("FD", "<d", (math.inf,)), ("FL", "<f", (-math.inf,)),
+])
+def test_non_finite_floats_are_referred_to_as_bulk_data(vr: str, fmt: str,
+                                                        values: tuple[float, ...]) -> None:
+    data = convert(raw_element(0x00189087, vr, struct.pack(fmt, *values)))
+    assert data["00189087"] == {"vr": vr, "BulkDataURI": f"gridfs:{FILE_ID}#00189087"}
+
+
+def test_finite_floats_stay_numbers() -> None:
+    data = convert(raw_element(0x00189087, "FD", struct.pack("<dd", 1.5, -0.0)))
+    assert data["00189087"] == {"vr": "FD", "Value": [1.5, -0.0]}
+
+
+def test_text_with_nul_is_kept_as_text() -> None:
+    data = convert(raw_element(0x00081030, "LO", b"A\x00B "))
+    assert data["00081030"] == {"vr": "LO", "Value": ["A\x00B"]}
+
+
+def test_bad_values_inside_sequence_items_are_handled_too() -> None:
+    inner = raw_element(0x00180050, "DS", b"NaN ")
+    inner[0x00081161] = RawDataElement(Tag(0x00081161), "UV", 8, struct.pack("<Q", 2**64 - 1),
+                                       0, False, True)
+    data = convert(item(ReferencedImageSequence=Sequence([inner])))
+    (converted,) = data["00081140"]["Value"]
+    assert converted["00180050"]["vr"] == "UN"
+    assert converted["00081161"] == {"vr": "UV", "Value": ["18446744073709551615"]}

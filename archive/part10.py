@@ -1,0 +1,249 @@
+"""Is a Part-10 byte string whole?  A walk over its element headers, values unread.
+
+pydicom reads a dataset cut short without a word: a value shorter than its declared
+length comes back short (Pixel Data included), a missing sequence delimiter ends the
+sequence, a partial element header ends the dataset.  Storing such a file would
+acknowledge data the sender never finished sending, so :func:`check_complete` walks the
+same structure pydicom reads -- the same encoding decisions, element by element -- and
+requires that the buffer is consumed exactly and that every declared length (values,
+sequences, items, encapsulated fragments) is satisfied.  Only headers are decoded:
+values, Pixel Data included, are skipped by their length.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+#: VRs with a 4-byte length in explicit VR (PS3.5 Table 7.1-1); the others have 2.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                       b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD",
+                        b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM",
+                        b"UI", b"UL", b"US"})
+UNDEFINED = 0xFFFFFFFF
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+#: Deeper nesting is refused rather than walked (a hostile file could exhaust the stack).
+MAX_DEPTH = 64
+
+
+class Incomplete(ValueError):
+    """The file is cut short or a declared length is not satisfied; the message says
+    where, in at most 64 characters (it becomes an Error Comment)."""
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    implicit: bool
+    little: bool
+
+    @property
+    def endian(self) -> str:
+        return "<" if self.little else ">"
+
+
+def _name(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _is_sequence(tag: int) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+class _Walker:
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.buf = buf
+
+    def _tag(self, pos: int, enc: _Encoding) -> int:
+        group, element = struct.unpack_from(enc.endian + "HH", self.buf, pos)
+        return group << 16 | element
+
+    def header(self, pos: int, end: int, enc: _Encoding) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR or None, length, value start) of the element at ``pos``, as
+        pydicom's reader decodes it (an explicit VR that is no VR means implicit)."""
+        if end - pos < 8:
+            raise Incomplete(f"truncated: element header at byte {pos} cut short")
+        tag = self._tag(pos, enc)
+        if enc.implicit or tag >> 16 == 0xFFFE:
+            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 4)
+            return tag, None, length, pos + 8
+        vr = bytes(self.buf[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                raise Incomplete(f"truncated: {_name(tag)} header cut short")
+            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 8)
+            return tag, vr, length, pos + 12
+        if vr not in _SHORT_VRS and not (b"AA" <= vr <= b"ZZ"):
+            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 4)
+            return tag, None, length, pos + 8  # pydicom: an implicit VR element
+        (length,) = struct.unpack_from(enc.endian + "H", self.buf, pos + 6)
+        return tag, vr, length, pos + 8
+
+    def dataset(self, pos: int, end: int, enc: _Encoding, depth: int,
+                in_item: bool = False, stop_group: int | None = None) -> int:
+        """Walk elements from ``pos``; the position after the last one.
+
+        ``in_item``: an item of undefined length, ended by an Item Delimitation Item.
+        ``stop_group``: stop before the first element of another group (meta group).
+        """
+        if depth > MAX_DEPTH:
+            raise Incomplete("sequences nested too deep")
+        while pos < end:
+            if stop_group is not None and (end - pos < 2 or struct.unpack_from(
+                    "<H", self.buf, pos)[0] != stop_group):
+                return pos
+            tag, vr, length, start = self.header(pos, end, enc)
+            if tag == ITEM_END:
+                return start
+            pos = self.value(tag, vr, length, start, end, enc, depth)
+        if in_item:
+            raise Incomplete("truncated: a sequence item has no end")
+        return pos
+
+    def value(self, tag: int, vr: bytes | None, length: int, start: int, end: int,
+              enc: _Encoding, depth: int) -> int:
+        """Check one element's value; the position after it."""
+        if length == UNDEFINED:
+            if vr in (b"SQ", b"UN") or (vr is None and self._undefined_is_sequence(
+                    tag, start, end, enc)):
+                return self.items(tag, start, end, enc, depth, datasets=True)
+            return self.items(tag, start, end, enc, depth, datasets=False)
+        stop = start + length
+        if stop > end:
+            raise Incomplete(f"truncated: {_name(tag)} needs {length} bytes, "
+                             f"{max(end - start, 0)} left")
+        if vr == b"SQ" or (vr is None and _is_sequence(tag)):
+            self.items(tag, start, stop, enc, depth, datasets=True, defined=True)
+        return stop
+
+    def _undefined_is_sequence(self, tag: int, start: int, end: int, enc: _Encoding) -> bool:
+        if _is_sequence(tag):
+            return True
+        try:
+            dictionary_VR(tag)
+            return False
+        except KeyError:  # pydicom looks ahead: items mean a sequence
+            return end - start >= 4 and self._tag(start, enc) == ITEM
+
+    def items(self, tag: int, pos: int, end: int, enc: _Encoding, depth: int,
+              datasets: bool, defined: bool = False) -> int:
+        """Walk the items of a sequence (``datasets``) or of encapsulated data."""
+        while True:
+            if defined and pos == end:
+                return pos
+            if end - pos < 8:
+                raise Incomplete(f"truncated: {_name(tag)} has no end")
+            item, length = self._tag(pos, enc), struct.unpack_from(
+                enc.endian + "L", self.buf, pos + 4)[0]
+            start = pos + 8
+            if item == SEQUENCE_END:
+                return start
+            if item != ITEM and not datasets:
+                return self._delimiter(tag, pos, end, enc)
+            # (pydicom reads whatever tag starts a sequence item as an Item: so does this)
+            if length == UNDEFINED:
+                if not datasets:
+                    raise Incomplete(f"{_name(tag)}: a fragment has no length")
+                pos = self.dataset(start, end, self._item_encoding(start, end, enc),
+                                   depth + 1, in_item=True)
+                continue
+            stop = start + length
+            if stop > end:
+                raise Incomplete(f"truncated: item of {_name(tag)} needs {length} bytes")
+            if datasets and self.dataset(start, stop, self._item_encoding(start, stop, enc),
+                                         depth + 1) != stop:
+                raise Incomplete(f"truncated: item of {_name(tag)} cut short")
+            pos = stop
+
+    def _item_encoding(self, pos: int, end: int, enc: _Encoding) -> _Encoding:
+        """pydicom reads an item of an explicit VR dataset as implicit VR when its first
+        element has no VR (PS3.5 6.2.2: UN sequences are implicit VR little endian)."""
+        if enc.implicit or end - pos < 6:
+            return enc
+        vr = self.buf[pos + 4:pos + 6]
+        if 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B:
+            return enc
+        return _Encoding(True, enc.little)
+
+    def _delimiter(self, tag: int, pos: int, end: int, enc: _Encoding) -> int:
+        """An undefined length value that is no items: pydicom reads up to the
+        Sequence Delimitation Item's bytes."""
+        marker = struct.pack(enc.endian + "HHL", 0xFFFE, 0xE0DD, 0)
+        found = bytes(self.buf[pos:end]).find(marker)
+        if found < 0:
+            raise Incomplete(f"truncated: {_name(tag)} has no end")
+        return pos + found + 8
+
+
+def check_complete(part10: bytes, implicit: bool, little: bool, deflated: bool) -> None:
+    """Raise :class:`Incomplete` unless every byte of the Part-10 file is accounted for.
+
+    ``implicit``/``little``: the dataset's encoding as pydicom read it
+    (``Dataset.original_encoding``); ``deflated``: its transfer syntax is deflated.
+    """
+    walker = _Walker(part10)
+    meta = _Encoding(False, True)
+    pos = walker.dataset(132, len(part10), meta, 0, stop_group=0x0002)
+    # Command set elements (group 0000), if any: always implicit VR little endian.
+    pos = walker.dataset(pos, len(part10), _Encoding(True, True), 0, stop_group=0x0000)
+    body: bytes | memoryview = memoryview(part10)[pos:]
+    if deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(bytes(body))
+        except zlib.error:
+            raise Incomplete("deflated data set does not inflate") from None
+        if not inflater.eof:
+            raise Incomplete("truncated: the deflated data set ends early")
+    walker = _Walker(body)
+    walker.dataset(0, len(body), _Encoding(implicit, little), 0)
+
+
+def check_bare(data: bytes, implicit: bool, little: bool) -> None:
+    """:func:`check_complete` for a dataset without preamble nor meta group (older
+    tools write them; ``archive import`` wraps them after this check)."""
+    _Walker(data).dataset(0, len(data), _Encoding(implicit, little), 0)
+
+
+def check(part10: bytes, ds: Dataset | None) -> None:
+    """:func:`check_complete` in the encoding pydicom read ``ds`` with; when pydicom
+    could not read the file at all (``ds`` None), in the one its meta group names,
+    so that a file cut short is reported as such rather than by pydicom's error.
+    Without a readable meta group there is nothing to check against: no error."""
+    if ds is not None:
+        implicit, little = ds.original_encoding
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        check_complete(part10, bool(implicit), bool(little),
+                       syntax == DeflatedExplicitVRLittleEndian)
+        return
+    syntax = _meta_syntax(part10)
+    if syntax is None:
+        return
+    check_complete(part10, syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian,
+                   syntax == DeflatedExplicitVRLittleEndian)
+
+
+def _meta_syntax(part10: bytes) -> str | None:
+    """Transfer Syntax UID (0002,0010) of the meta group, None if it has none readable."""
+    if part10[128:132] != b"DICM":
+        return None
+    walker, meta, pos = _Walker(part10), _Encoding(False, True), 132
+    try:
+        while len(part10) - pos >= 8 and struct.unpack_from("<H", part10, pos)[0] == 2:
+            tag, vr, length, start = walker.header(pos, len(part10), meta)
+            if length == UNDEFINED or start + length > len(part10):
+                return None
+            if tag == 0x00020010:
+                return part10[start:start + length].decode("ascii").rstrip("\x00 ")
+            pos = start + length
+    except (Incomplete, UnicodeDecodeError):
+        return None
+    return None
