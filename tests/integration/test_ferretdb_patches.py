@@ -125,3 +125,25 @@ def test_concurrent_upserts_of_one_id_insert_once(mongo_db: Any) -> None:
         assert inserted == [key], f"round {round_}"
         assert doc["n"] == THREADS and sorted(doc["by"]) == list(range(THREADS))
     assert docs.count_documents({}) == ROUNDS // 4
+
+
+# --- 03-id-pushdown-with-other-conditions -------------------------------------------
+
+
+def test_a_filter_naming_id_and_more_uses_the_id_index(mongo_db: Any) -> None:
+    """The archive upserts level documents on {_id, claimed keys} and compares-and-sets
+    on {_id, rev}: without the patch each such write reads the whole collection."""
+    mongo_db.docs.insert_many([{"_id": f"doc-{n}", "n": n, "rev": 0} for n in range(50)])
+    plan = mongo_db.command("explain", {"find": "docs", "filter": {"_id": "doc-7", "rev": 0}})
+    details = " ".join(plan["queryPlanner"]["Plan"])
+    assert "USING INDEX" in details and "SCAN" not in details, details
+    # the other conditions still apply
+    assert mongo_db.docs.find_one({"_id": "doc-7", "rev": 1}) is None
+    assert mongo_db.docs.update_one({"_id": "doc-7", "rev": 0}, {"$inc": {"rev": 1}}
+                                    ).modified_count == 1
+    assert mongo_db.docs.update_one({"_id": "doc-7", "rev": 0}, {"$inc": {"rev": 1}}
+                                    ).modified_count == 0
+    with pytest.raises(pymongo.errors.DuplicateKeyError):  # a conflicting upsert
+        mongo_db.docs.update_one({"_id": "doc-8", "n": 99}, {"$set": {"x": 1}}, upsert=True)
+    assert mongo_db.docs.delete_one({"_id": "doc-9", "n": 8}).deleted_count == 0
+    assert mongo_db.docs.delete_one({"_id": "doc-9", "n": 9}).deleted_count == 1
