@@ -251,7 +251,8 @@ def fake_event(kind: int, primary: bytes, secondary: bytes | None = None,
 
 @pytest.fixture
 def file_node(users_file: Path) -> Any:
-    return SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={})
+    return SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
+                           guard=None)
 
 
 def test_handler_accepts_and_remembers_the_principal(file_node: Any) -> None:
@@ -290,7 +291,7 @@ def test_handler_refuses_on_one_line_without_the_passcode(
 def test_handler_marks_backend_trouble_transient(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     node = SimpleNamespace(authenticator=FileAuthenticator(tmp_path / "absent.yaml"),
-                           identities={})
+                           identities={}, guard=None)
     event = fake_event(2, b"alice", b"pw")
     with caplog.at_level(logging.INFO, logger="acl.auth"):
         assert auth.handle_user_id(event, node) == (False, None)
@@ -303,7 +304,8 @@ def test_handler_survives_a_backend_bug(caplog: pytest.LogCaptureFixture) -> Non
         def authenticate(self, username: str, passcode: bytes | None) -> str:
             raise RuntimeError(f"boom {passcode!r}")
 
-    node = SimpleNamespace(authenticator=Broken(), identities={})
+    node = SimpleNamespace(authenticator=Broken(), identities={},
+                           guard=None)
     with caplog.at_level(logging.INFO, logger="acl.auth"):
         assert auth.handle_user_id(fake_event(2, b"alice", b"hidden-pw"), node) == (False,
                                                                                      None)
@@ -450,7 +452,8 @@ def test_identity_lives_exactly_as_long_as_its_association(users_file: Path) -> 
     from pynetdicom.sop_class import Verification
 
     auth.install()
-    node = SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={})
+    node = SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
+                           guard=None)
     seen: list[str | None] = []
 
     def on_echo(event: Any) -> int:
