@@ -313,12 +313,10 @@ class CheckSlots:
     def acquire(self, trusted: bool, timeout: float) -> bool:
         limit = self.size + (self.reserved if trusted else 0)
         with self._cond:
-            return self._cond.wait_for(lambda: self._busy < limit, timeout) and \
-                self._take()
-
-    def _take(self) -> bool:
-        self._busy += 1
-        return True
+            if not self._cond.wait_for(lambda: self._busy < limit, timeout):
+                return False
+            self._busy += 1
+            return True
 
     def release(self) -> None:
         with self._cond:
