@@ -2,6 +2,10 @@
 
 - :mod:`acl.auth`, :mod:`acl.users`: User Identity Negotiation checked by a backend;
   the association's principal (:meth:`archive.node.Node.principal`).
+- :mod:`acl.identity`: who an association acts for and how (user identity, AE title
+  bound to address/certificate, anonymous), pure; warnings about broad mappings.
+- :mod:`acl.throttle`: limits on failed authentications per peer and per user, with
+  back-off (pure, clock-injected); wired by :class:`acl.auth.Guard`.
 - :mod:`acl.rules`: rules (principal, service, dataset pattern), decisions (pure),
   the rulesets in MongoDB (``acl_rules``, ``acl_state``) and their atomic replacement.
 - :mod:`acl.patterns`: dataset patterns, YAML text <-> DICOM JSON -> C-FIND filters.

@@ -10,8 +10,10 @@ can absorb costs entries, each loss counted and logged.
 
 Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
 (A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
-C-GET), ``principal``, ``address``/``port`` of the peer, ``calling_ae``,
-``called_ae``, ``service``, ``request`` (identifier summary or SOP Instance UID),
+C-GET), ``principal``, ``established`` (how the principal was established:
+verified-user, claimed-user, ae-title, anonymous, refused) and ``basis`` (on what:
+backend, AE title and address, certificate), ``address``/``port`` of the peer,
+``calling_ae``, ``called_ae``, ``service``, ``request`` (identifier summary or SOP Instance UID),
 ``allowed``, ``rule`` (index of the deciding rule), ``restricted``, ``status``,
 ``comment``, ``counts``, ``ms``.
 """
@@ -32,6 +34,8 @@ from pydicom.dataset import Dataset
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
+
+from acl.identity import ATTRIBUTE as PRINCIPAL_ATTRIBUTE
 
 log = logging.getLogger("acl.audit")
 
@@ -58,6 +62,10 @@ def association_entry(assoc: Any, event: str, principal: str, **extra: Any) -> d
         "calling_ae": str(getattr(requestor, "ae_title", "")).strip(),
         "called_ae": str(getattr(acceptor, "ae_title", "")).strip(),
     }
+    resolved = getattr(assoc, PRINCIPAL_ATTRIBUTE, None)  # acl.identity.Principal
+    if resolved is not None:
+        entry["established"] = resolved.established
+        entry["basis"] = resolved.basis
     entry.update(extra)
     return entry
 
@@ -259,6 +267,10 @@ def format_entry(entry: Mapping[str, Any]) -> str:
         parts.append(f"rule={entry['rule']}")
     if entry.get("user") and entry.get("user") != entry.get("principal"):
         parts.append(f"user={entry['user']!r}")
+    if entry.get("established"):
+        parts.append(f"established={entry['established']}")
+    if entry.get("kind") == "association" and entry.get("basis"):
+        parts.append(f"basis={entry['basis']!r}")
     if entry.get("ms") is not None:
         parts.append(f"{entry['ms']}ms")
     for key in ("request", "comment"):

@@ -25,8 +25,16 @@ A refused identity rejects the association (A-ASSOCIATE-RJ) and logs one line: w
 missing): source "DICOM UL service-provider (ACSE related function)", reason
 "no-reason-given" in both cases.  A verified identity becomes the association's
 principal (:meth:`archive.node.Node.principal`) until the association ends; without
-one, the principal is the calling AE title's entry in ``auth.ae_principals``, else
-``anonymous``.
+one, the principal comes from the calling AE title only where ``auth.ae_principals``
+binds it (:mod:`acl.identity`), else it is ``anonymous``.
+
+Throttling (:class:`Guard`, limits in :mod:`acl.throttle`, ``auth.throttle``): a peer
+address or a user name with too many recent failures is in back-off, and its attempts
+are refused *before* any check runs (rejected-transient, one log line); addresses that
+authenticated a user before are exempt from that user's limit, so guesses from
+elsewhere cannot lock her out.  At most ``auth.throttle.concurrent_checks`` checks run
+at once (one more for a user from a known address), so that checks cannot starve the
+other clients of CPU; an attempt waits ``check_wait_seconds`` at most for its turn.
 
 Two small patches of pynetdicom 3.0 (:func:`install`): it answers a positive User
 Identity response only for types 3-5 although the requestor may ask for one with
@@ -42,6 +50,7 @@ import math
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +62,11 @@ from pynetdicom import acse, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
+from acl import identity
+from acl.throttle import Limits, Throttle
 from acl.users import UsersFileError, is_bcrypt_hash, read_users
 from archive.config import Auth, ConfigError
+from archive.config import Throttle as ThrottleConfig
 
 if TYPE_CHECKING:
     from archive.node import Node
@@ -285,6 +297,73 @@ def from_config(cfg: Auth) -> Authenticator:
     raise ConfigError(f"auth.backend: unknown backend {cfg.backend!r}")
 
 
+# --- throttling --------------------------------------------------------------------
+
+
+class CheckSlots:
+    """At most ``size`` credential checks at once, plus ``reserved`` more for users
+    coming from an address known for them (so that a flood of guesses from elsewhere
+    cannot keep the real user waiting)."""
+
+    def __init__(self, size: int, reserved: int = 1) -> None:
+        self.size, self.reserved = size, reserved
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, trusted: bool, timeout: float) -> bool:
+        limit = self.size + (self.reserved if trusted else 0)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._busy < limit, timeout):
+                return False
+            self._busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+
+class Guard:
+    """Throttle (optional) and check slots around a backend's ``authenticate``."""
+
+    def __init__(self, cfg: ThrottleConfig, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.throttle = Throttle(Limits.from_config(cfg), clock) if cfg.enabled else None
+        self.slots = CheckSlots(cfg.concurrent_checks)
+        self.wait = cfg.check_wait_seconds
+        self.clock = clock
+
+    def _admit(self, address: str, username: str) -> None:
+        if self.throttle is None:
+            return
+        refusal = self.throttle.check(address, username)
+        if refusal is not None:
+            raise Refused(refusal.describe(self.clock()), transient=True)
+
+    def authenticate(self, address: str, username: str,
+                     check: Callable[[], str]) -> str:
+        """``check()`` (the backend) unless throttled; its outcome counted."""
+        self._admit(address, username)
+        trusted = self.throttle is not None and self.throttle.known(address, username)
+        if not self.slots.acquire(trusted, self.wait):
+            raise Refused(f"busy: {self.slots.size} credential checks running for over "
+                          f"{self.wait:g} s", transient=True)
+        try:
+            self._admit(address, username)  # failures recorded while this one waited
+            try:
+                principal = check()
+            except Refused as exc:
+                if self.throttle is not None and not exc.transient:
+                    self.throttle.record(address, username, False)
+                raise
+        finally:
+            self.slots.release()
+        if self.throttle is not None:
+            self.throttle.record(address, username, True)
+        return principal
+
+
 # --- pynetdicom event handlers ------------------------------------------------------
 
 
@@ -326,7 +405,13 @@ def handle_user_id(event: Event, node: Node) -> tuple[bool, bytes | None]:
             raise Refused(f"{label} identities are not supported")
         username = _username(raw)
         passcode = (event.secondary_field or b"") if kind == USERNAME_PASSCODE else None
-        principal = authenticator.authenticate(username, passcode)
+        guard: Guard | None = node.guard
+        if guard is None:
+            principal = authenticator.authenticate(username, passcode)
+        else:
+            principal = guard.authenticate(str(assoc.requestor.address), username,
+                                           lambda: authenticator.authenticate(username,
+                                                                              passcode))
     except Refused as exc:
         setattr(assoc, REFUSAL_ATTRIBUTE, exc.transient)
         log.warning("authentication refused %s user=%s (%s, backend %s): %s%s",
@@ -345,6 +430,43 @@ def handle_user_id(event: Event, node: Node) -> tuple[bool, bytes | None]:
     requested = assoc.requestor.user_identity
     return True, (b"" if requested is not None and requested.positive_response_requested
                   else None)
+
+
+def peer_certificate(assoc: Any) -> identity.Certificate | None:
+    """The client certificate of a TLS association, when the node verified one."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+        info = sock.getpeercert() or {}
+    except (ValueError, OSError):  # handshake not done, or the connection is gone
+        return None
+    if not der:
+        return None
+    return identity.Certificate.from_der(der, info.get("subject", ()))
+
+
+def principal_of(assoc: Any, node: Node) -> identity.Principal:
+    """Who an association acts for and how that was established, decided once per
+    association (after its user identity was checked) and kept on it."""
+    known = getattr(assoc, identity.ATTRIBUTE, None)
+    if known is not None:
+        return known
+    requestor = assoc.requestor
+    calling = str(requestor.ae_title).strip()
+    resolved = identity.resolve(
+        user=node.identities.get(id(assoc)),
+        refused=getattr(assoc, REFUSAL_ATTRIBUTE, None) is not None,
+        backend=node.authenticator.name, ae_title=calling, address=str(requestor.address),
+        certificate=peer_certificate(assoc) if calling in node.ae_bindings else None,
+        mappings=node.ae_bindings, without_password=node.cfg.auth.ae_principals_without_password)
+    setattr(assoc, identity.ATTRIBUTE, resolved)
+    if calling in node.ae_bindings and resolved.established == identity.NONE:
+        log.warning("%s: no mapped principal, anonymous (%s)", _peer(assoc), resolved.basis)
+    else:
+        log.info("%s acts as %s", _peer(assoc), resolved.describe())
+    return resolved
 
 
 def forget_identity(event: Event, node: Node) -> None:

@@ -6,7 +6,9 @@ should never have to read a traceback to find a typo in the configuration.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -87,11 +89,50 @@ class Ldap:
 
 
 @dataclass
+class AePrincipal:
+    """The principal of a calling AE title, granted only to the device where it is:
+    an AE title alone is not a credential (anyone may send any title)."""
+
+    principal: str
+    #: Peer addresses or networks (CIDR) the title is accepted from.
+    addresses: list[str] = field(default_factory=list)
+    #: With mutual TLS: the client certificate's subject CN, and/or its SHA-256.
+    certificate_cn: str = ""
+    certificate_sha256: str = ""
+
+    @staticmethod
+    def not_a_mapping(value: Any) -> str:
+        """The message for today's plain form ``{AE: principal}``."""
+        return (f"an AE title alone is not a credential; bind it to the device: "
+                f"{{principal: {value}, addresses: [192.0.2.10]}} (see README, Access "
+                "control)")
+
+
+@dataclass
+class Throttle:
+    """Limits on wrong passcodes (acl.throttle): per peer address and per user name,
+    with back-off; attempts in a back-off are refused without checking."""
+
+    enabled: bool = True
+    peer_failures: int = 10          # failures one address may make before back-off
+    user_failures: int = 5           # failures on one user name, from unknown addresses
+    backoff_seconds: float = 1.0     # first back-off; doubles with each further failure
+    max_backoff_seconds: float = 300.0
+    forgive_seconds: float = 60.0    # one failure forgotten per this many seconds
+    concurrent_checks: int = 1       # password checks running at once (bcrypt: 1 core)
+    check_wait_seconds: float = 5.0  # longest wait for a check slot: then transient
+
+
+@dataclass
 class Auth:
     backend: str = "none"
     users_file: str = "config/users.yaml"
     ldap: Ldap = field(default_factory=Ldap)
-    ae_principals: dict[str, str] = field(default_factory=dict)
+    ae_principals: dict[str, AePrincipal] = field(default_factory=dict)
+    #: With a backend that verifies passwords (file, ldap): may an association without
+    #: a user identity act as its AE title's principal?  Off: it is anonymous.
+    ae_principals_without_password: bool = False
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 @dataclass
@@ -150,6 +191,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = get_origin(hint)
     if is_dataclass(hint):
         if not isinstance(value, dict):
+            explain = getattr(hint, "not_a_mapping", None)
+            if explain is not None and value is not None:
+                raise ConfigError(f"{key}: {explain(value)}")
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, key + ".")
     if origin is dict:
@@ -236,6 +280,7 @@ def _validate(cfg: Config) -> None:
     _validate_database(cfg.database)
     if not 0 < cfg.acl.refresh_seconds <= 60:
         raise ConfigError("acl.refresh_seconds: must be above 0 and at most 60")
+    _validate_auth(cfg)
     for key in ("sop_classes", "transfer_syntaxes"):
         value = getattr(cfg.accept, key)
         if isinstance(value, str) and value != "all":
@@ -245,6 +290,47 @@ def _validate(cfg: Config) -> None:
             if bad or not value:
                 raise ConfigError(f"accept.{key}: not UIDs: {bad}" if bad else
                                   f"accept.{key}: an empty list accepts nothing")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _validate_auth(cfg: Config) -> None:
+    """AE-title principals bound to addresses (and certificates); throttle limits."""
+    for ae, binding in cfg.auth.ae_principals.items():
+        key = f"auth.ae_principals.{ae}"
+        if not 0 < len(ae.strip()) <= 16 or ae != ae.strip() or "\\" in ae:
+            raise ConfigError(f"{key}: an AE title has 1 to 16 characters, no backslash, "
+                              "no leading or trailing space")
+        if not binding.principal.strip() or binding.principal == "*":
+            raise ConfigError(f"{key}.principal: a user name is needed ('*' is not one)")
+        if not binding.addresses:
+            raise ConfigError(f"{key}.addresses: list the device's addresses or networks, "
+                              "e.g. [192.0.2.10, 198.51.100.0/28] (0.0.0.0/0 and ::/0 for "
+                              "any address)")
+        for address in binding.addresses:
+            try:
+                ipaddress.ip_network(address, strict=True)
+            except ValueError:
+                raise ConfigError(f"{key}.addresses: {address!r} is not an IP address or "
+                                  "network (192.0.2.10, 192.0.2.0/24, 2001:db8::/64)") from None
+        fingerprint = binding.certificate_sha256.replace(":", "").lower()
+        if binding.certificate_sha256 and not _SHA256.fullmatch(fingerprint):
+            raise ConfigError(f"{key}.certificate_sha256: expected 64 hexadecimal digits "
+                              "(colons allowed)")
+        if (binding.certificate_cn or binding.certificate_sha256) and not (
+                cfg.tls.certificate and cfg.tls.ca_certificate):
+            raise ConfigError(f"{key}: a certificate binding needs mutual TLS "
+                              "(tls.certificate and tls.ca_certificate)")
+    t = cfg.auth.throttle
+    for name in ("peer_failures", "user_failures", "concurrent_checks"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"auth.throttle.{name}: must be at least 1")
+    for name in ("backoff_seconds", "forgive_seconds", "check_wait_seconds"):
+        if not getattr(t, name) > 0:
+            raise ConfigError(f"auth.throttle.{name}: must be positive")
+    if t.max_backoff_seconds < t.backoff_seconds:
+        raise ConfigError("auth.throttle.max_backoff_seconds: must be at least backoff_seconds")
 
 
 def _validate_database(database: Database) -> None:

@@ -17,9 +17,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 
-from acl import auth, yamlrules
+from acl import auth, identity, yamlrules
 from acl.audit import AuditLog
-from acl.rules import Decision, RuleStore, allow_all
+from acl.rules import Decision, Rule, RuleStore, allow_all
 from archive import negotiation, retrieve, services
 from archive.config import Config
 from archive.find import Finder
@@ -28,7 +28,7 @@ from archive.storage import Archive, connect, ensure_indexes
 
 log = logging.getLogger("archive.node")
 
-ANONYMOUS = "anonymous"
+ANONYMOUS = identity.ANONYMOUS
 
 
 class _DeferredHandshake(ssl.SSLContext):
@@ -81,6 +81,11 @@ class Node:
         self.audit = AuditLog(self.db)
         self.authenticator = auth.from_config(cfg.auth)
         log.info("authentication: %s", self.authenticator.describe())
+        #: Wrong-passcode limits and check slots around the backend (acl.throttle).
+        self.guard = auth.Guard(cfg.auth.throttle)
+        #: auth.ae_principals, bound to addresses / certificates (acl.identity).
+        self.ae_bindings = identity.bindings(cfg.auth)
+        self._mappings_checked: object = ()
         self.ae = self._make_ae()
 
     # -- set-up -----------------------------------------------------------------------
@@ -119,13 +124,28 @@ class Node:
     # -- who asks ---------------------------------------------------------------------
 
     def principal(self, assoc: Any) -> str:
-        """Who an association acts for: its verified user identity, else the principal
-        mapped to its calling AE title in ``auth.ae_principals``, else ``anonymous``."""
-        user = self.identities.get(id(assoc))
-        if user:
-            return user
-        calling = assoc.requestor.ae_title.strip()
-        return self.cfg.auth.ae_principals.get(calling, ANONYMOUS)
+        """Who an association acts for: its user identity, else the principal its calling
+        AE title is mapped to *from that address* (acl.identity), else ``anonymous``."""
+        return auth.principal_of(assoc, self).name
+
+    def warn_about_mappings(self) -> None:
+        """One warning per AE-title mapping granting broad rights, open to wide
+        networks, or inactive; again whenever the active ruleset changes."""
+        if not self.ae_bindings:
+            return
+        if not self.cfg.acl.enabled:
+            ruleset_id: object = "acl disabled"
+            rules: tuple[Rule, ...] = tuple(Rule(b.principal, "*", None, 0, "acl.enabled: false")
+                                            for b in self.ae_bindings.values())
+        else:
+            ruleset = self.rules.current()
+            ruleset_id, rules = ruleset.id, ruleset.rules
+        if ruleset_id == self._mappings_checked:
+            return
+        self._mappings_checked = ruleset_id
+        for line in identity.broad_mappings(self.ae_bindings, rules, self.authenticator.name,
+                                            self.cfg.auth.ae_principals_without_password):
+            log.warning("%s", line)
 
     def authorize(self, assoc: Any, service: str) -> tuple[str, Decision]:
         """The principal of an association and what the access rules say about its
@@ -187,6 +207,7 @@ class Node:
                      ": every request is denied until `archive acl apply` gives rules")
         else:
             log.warning("access control disabled (acl.enabled: false): everything allowed")
+        self.warn_about_mappings()
         self.server = self.ae.start_server(
             (self.cfg.bind_address, self.cfg.port), block=False,
             evt_handlers=self.handlers(),
@@ -203,6 +224,7 @@ class Node:
             # While the database is away the replay would only wait out its timeouts.
             if self.health.up:
                 self.maybe_reconcile()
+            self.warn_about_mappings()
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Refuse new work, let stores in flight finish, then close every association."""

@@ -80,8 +80,8 @@ def _deny(node: Node, event: Event, operation: str, principal: str, decision: De
           started: float, request: str = "", outside_rules: bool = False) -> Dataset:
     """Refused: Not authorized (0x0124), logged, audited."""
     comment = decision.comment(document_refused=outside_rules)
-    log.warning("%s %s denied to %s: 0x%04X %s", operation, peer(event), principal,
-                NOT_AUTHORIZED, comment)
+    log.warning("%s %s denied to %s: 0x%04X %s", operation, peer(event),
+                auth.principal_of(event.assoc, node).describe(), NOT_AUTHORIZED, comment)
     _audit(node, event, operation, principal, decision, NOT_AUTHORIZED, request=request,
            comment=comment, started=started)
     return status(NOT_AUTHORIZED, comment)

@@ -10,7 +10,8 @@
   timeout, and the node serves the next association once slapd is back.
 - TLS (certificates from the ``openssl`` CLI): a pynetdicom SCU with an SSL context
   echoes; with ``tls.ca_certificate`` a client without a certificate is refused; plain
-  TCP to a TLS node fails.
+  TCP to a TLS node fails; an AE title mapped with ``certificate_cn`` or
+  ``certificate_sha256`` gets its principal only with that certificate.
 
 (Named ``test_auth_e2e`` because ``tests/unit/test_auth.py`` exists: without
 ``__init__.py`` files pytest refuses two test modules with the same basename.)
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -390,3 +392,46 @@ def test_an_idle_connection_does_not_stall_tls_clients(tls_node: Any,
             pass
     finally:
         idle.close()
+
+
+# --- AE titles bound to client certificates ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate_bound_node(module_node_factory: Any, certs: dict[str, Path]) -> Any:
+    """Mutual TLS; four AE titles mapped to ``viewer`` from 127.0.0.1, each bound to a
+    certificate: the client's CN, the client's SHA-256, another key, another CN."""
+    from acl.rules import RuleStore
+    from acl.yamlrules import parse
+
+    der = ssl.PEM_cert_to_DER_cert(certs["client"].read_text())
+    client_sha = hashlib.sha256(der).hexdigest()
+    viewer = {"principal": "viewer", "addresses": ["127.0.0.1"]}
+    node = module_node_factory.start({
+        "tls": {"certificate": str(certs["server"]), "private_key": str(certs["server_key"]),
+                "ca_certificate": str(certs["ca"])},
+        "acl": {"enabled": True, "refresh_seconds": 0.2},
+        "auth": {"backend": "none", "ae_principals": {
+            "BYCN": {**viewer, "certificate_cn": "client"},
+            "BYSHA": {**viewer, "certificate_sha256": ":".join(
+                client_sha[i:i + 2] for i in range(0, 64, 2)).upper()},
+            "OTHERKEY": {**viewer, "certificate_sha256": "00" * 32},
+            "OTHERCN": {**viewer, "certificate_cn": "server"}}}})
+    RuleStore(node.db).apply(parse("rules:\n  - {principal: viewer, service: Echo}\n", "t"))
+    time.sleep(0.6)
+    return node
+
+
+@pytest.mark.parametrize(("ae_title", "echo"), [
+    ("BYCN", 0x0000), ("BYSHA", 0x0000), ("OTHERKEY", 0x0124), ("OTHERCN", 0x0124)])
+def test_ae_title_bound_to_a_client_certificate(certificate_bound_node: Any,
+                                                certs: dict[str, Path], ae_title: str,
+                                                echo: int) -> None:
+    outcome = associate(certificate_bound_node, tls=client_context(certs, True),
+                        ae_title=ae_title)
+    assert outcome.echo == echo, outcome  # only viewer may echo: anonymous is refused
+    [line] = log_lines(certificate_bound_node, rf"{ae_title}@127\.0\.0\.1:\d+:? (acts as|no)")
+    if echo == 0x0000:
+        assert "acts as viewer (AE title" in line and "certificate CN 'client'" in line
+    else:
+        assert "no mapped principal, anonymous" in line and "certificate" in line

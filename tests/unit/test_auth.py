@@ -251,7 +251,8 @@ def fake_event(kind: int, primary: bytes, secondary: bytes | None = None,
 
 @pytest.fixture
 def file_node(users_file: Path) -> Any:
-    return SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={})
+    return SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
+                           guard=None)
 
 
 def test_handler_accepts_and_remembers_the_principal(file_node: Any) -> None:
@@ -290,7 +291,7 @@ def test_handler_refuses_on_one_line_without_the_passcode(
 def test_handler_marks_backend_trouble_transient(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     node = SimpleNamespace(authenticator=FileAuthenticator(tmp_path / "absent.yaml"),
-                           identities={})
+                           identities={}, guard=None)
     event = fake_event(2, b"alice", b"pw")
     with caplog.at_level(logging.INFO, logger="acl.auth"):
         assert auth.handle_user_id(event, node) == (False, None)
@@ -303,7 +304,8 @@ def test_handler_survives_a_backend_bug(caplog: pytest.LogCaptureFixture) -> Non
         def authenticate(self, username: str, passcode: bytes | None) -> str:
             raise RuntimeError(f"boom {passcode!r}")
 
-    node = SimpleNamespace(authenticator=Broken(), identities={})
+    node = SimpleNamespace(authenticator=Broken(), identities={},
+                           guard=None)
     with caplog.at_level(logging.INFO, logger="acl.auth"):
         assert auth.handle_user_id(fake_event(2, b"alice", b"hidden-pw"), node) == (False,
                                                                                      None)
@@ -450,7 +452,8 @@ def test_identity_lives_exactly_as_long_as_its_association(users_file: Path) -> 
     from pynetdicom.sop_class import Verification
 
     auth.install()
-    node = SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={})
+    node = SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
+                           guard=None)
     seen: list[str | None] = []
 
     def on_echo(event: Any) -> int:
@@ -492,3 +495,58 @@ def test_identity_lives_exactly_as_long_as_its_association(users_file: Path) -> 
         server_ae.shutdown()
     assert seen == ["alice", "alice"]
     assert node.identities == {}
+
+
+# --- throttling and the principal, through the handler ----------------------------------
+
+
+def test_handler_refuses_throttled_attempts_transient_without_checking(
+        users_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from acl.auth import Guard
+    from archive.config import Throttle
+
+    checks: list[str] = []
+
+    class Counting(FileAuthenticator):
+        def authenticate(self, username: str, passcode: bytes | None) -> str:
+            checks.append(username)
+            return super().authenticate(username, passcode)
+
+    node = SimpleNamespace(authenticator=Counting(users_file), identities={},
+                           guard=Guard(Throttle(peer_failures=1, user_failures=10)))
+    events = [fake_event(2, b"alice", b"wrong-passcode-123") for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="acl.auth"):
+        assert [auth.handle_user_id(e, node) for e in events] == [(False, None)] * 3
+    assert checks == ["alice", "alice"]  # the third was never checked
+    assert [getattr(e.assoc, auth.REFUSAL_ATTRIBUTE) for e in events] == [False, False, True]
+    last = caplog.records[-1].getMessage()
+    assert "throttled: address 127.0.0.1 has 2 recent failures" in last
+    assert last.endswith("[transient]") and "wrong-passcode-123" not in caplog.text
+
+
+def test_principal_is_decided_once_per_association_and_says_how(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from acl import identity
+    from archive.config import AePrincipal
+
+    cfg = Auth(backend="file", ae_principals_without_password=True,
+               ae_principals={"MODALITY": AePrincipal("ct", ["127.0.0.1"])})
+    node = SimpleNamespace(authenticator=SimpleNamespace(name="file"), identities={},
+                           ae_bindings=identity.bindings(cfg),
+                           cfg=SimpleNamespace(auth=cfg))
+    here, there, refused, verified = FakeAssoc(), FakeAssoc(), FakeAssoc(), FakeAssoc()
+    there.requestor.address = "127.0.0.9"
+    setattr(refused, auth.REFUSAL_ATTRIBUTE, False)
+    node.identities[id(verified)] = "alice"
+    with caplog.at_level(logging.INFO, logger="acl.auth"):
+        for assoc in (here, here, there, there, refused, verified):
+            auth.principal_of(assoc, node)
+    assert [auth.principal_of(a, node).name for a in (here, there, refused, verified)] == \
+        ["ct", "anonymous", "anonymous", "alice"]
+    assert [auth.principal_of(a, node).established for a in (here, there, refused, verified)
+            ] == [identity.AE_TITLE, identity.NONE, identity.REFUSED, identity.VERIFIED]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4  # one per association
+    assert lines[0].endswith("acts as ct (AE title MODALITY from 127.0.0.1)")
+    assert caplog.records[1].levelname == "WARNING"
+    assert "MODALITY@127.0.0.9:40000: no mapped principal, anonymous" in lines[1]

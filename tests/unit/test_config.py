@@ -279,3 +279,89 @@ def test_accept_lists_take_all_or_a_list_only(tmp_path: Path) -> None:
 def test_config_error_message_is_the_exception_text(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^duplicate_policy: 'x' is not one of"):
         config.load(write(tmp_path, with_changes({"duplicate_policy": "x"})), {})
+
+
+# --- auth: AE-title principals bound to devices, throttle limits -------------------------
+
+
+def test_plain_ae_title_mapping_is_refused_with_the_new_form(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, with_changes({"auth": {"ae_principals": {"WORKSTATION": "admin"}}}))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, "auth.ae_principals.WORKSTATION: an AE title alone is "
+                        "not a credential",
+                        "{principal: admin, addresses: [192.0.2.10]}")
+
+
+def test_bound_ae_principals_and_throttle_load(tmp_path: Path) -> None:
+    sha = "AB:" * 31 + "CD"
+    cfg = config.load(write(tmp_path, with_changes({
+        "tls": {"certificate": "s.pem", "ca_certificate": "ca.pem"},
+        "auth": {"backend": "file", "ae_principals_without_password": True,
+                 "ae_principals": {
+                     "CT01": {"principal": "modality-ct", "addresses": ["192.0.2.21"]},
+                     "VIEW": {"principal": "viewer", "addresses": ["0.0.0.0/0", "::/0"],
+                              "certificate_cn": "viewer3", "certificate_sha256": sha}},
+                 "throttle": {"peer_failures": 3, "max_backoff_seconds": 60}}})), {})
+    assert cfg.auth.ae_principals["CT01"].addresses == ["192.0.2.21"]
+    assert cfg.auth.ae_principals["VIEW"].certificate_sha256 == sha
+    assert cfg.auth.ae_principals_without_password is True
+    assert (cfg.auth.throttle.peer_failures, cfg.auth.throttle.user_failures) == (3, 5)
+    assert cfg.auth.throttle.max_backoff_seconds == 60.0
+
+
+def test_auth_defaults_are_safe(tmp_path: Path) -> None:
+    for cfg in (config.load(write(tmp_path, VALID), {}),
+                config.load(Path(__file__).resolve().parents[2] / "config" / "archive.yaml",
+                            {})):
+        assert cfg.auth.ae_principals == {}
+        assert cfg.auth.ae_principals_without_password is False
+        t = cfg.auth.throttle
+        assert t.enabled and (t.peer_failures, t.user_failures, t.concurrent_checks) == (10, 5, 1)
+        assert (t.backoff_seconds, t.max_backoff_seconds, t.forgive_seconds,
+                t.check_wait_seconds) == (1.0, 300.0, 60.0, 5.0)
+
+
+def _binding(**changes: Any) -> dict[str, Any]:
+    return {"principal": "modality-ct", "addresses": ["192.0.2.21"], **changes}
+
+
+@pytest.mark.parametrize("changes,fragments", [
+    ({"ae_principals": {"CT01": {"principal": "x"}}},
+     ("auth.ae_principals.CT01.addresses:", "0.0.0.0/0")),
+    ({"ae_principals": {"CT01": _binding(addresses=[])}}, ("auth.ae_principals.CT01.addresses",)),
+    ({"ae_principals": {"CT01": _binding(addresses=["ct01.example.org"])}},
+     ("auth.ae_principals.CT01.addresses:", "'ct01.example.org' is not an IP address")),
+    ({"ae_principals": {"CT01": _binding(addresses=["192.0.2.21/24"])}},
+     ("auth.ae_principals.CT01.addresses:", "not an IP address or network")),
+    ({"ae_principals": {"CT01": _binding(addresses="192.0.2.21")}},
+     ("auth.ae_principals.CT01.addresses:",)),
+    ({"ae_principals": {"CT01": _binding(adresses=["192.0.2.21"])}},
+     ("auth.ae_principals.CT01.adresses: unknown key",)),
+    ({"ae_principals": {"CT01": _binding(principal="*")}},
+     ("auth.ae_principals.CT01.principal:",)),
+    ({"ae_principals": {"CT01": _binding(principal=" ")}},
+     ("auth.ae_principals.CT01.principal:",)),
+    ({"ae_principals": {"A_VERY_LONG_AE_TITLE": _binding()}},
+     ("auth.ae_principals.A_VERY_LONG_AE_TITLE:", "1 to 16")),
+    ({"ae_principals": {"CT01": _binding(certificate_sha256="abc")}},
+     ("auth.ae_principals.CT01.certificate_sha256:", "64 hexadecimal")),
+    ({"ae_principals": {"CT01": _binding(certificate_cn="ct01")}},
+     ("auth.ae_principals.CT01:", "mutual TLS")),
+    ({"ae_principals_without_password": "yes"}, ("auth.ae_principals_without_password:",)),
+    ({"throttle": {"peer_failures": 0}}, ("auth.throttle.peer_failures:", "at least 1")),
+    ({"throttle": {"user_failures": -1}}, ("auth.throttle.user_failures:",)),
+    ({"throttle": {"concurrent_checks": 0}}, ("auth.throttle.concurrent_checks:",)),
+    ({"throttle": {"backoff_seconds": 0}}, ("auth.throttle.backoff_seconds:", "positive")),
+    ({"throttle": {"forgive_seconds": -5}}, ("auth.throttle.forgive_seconds:",)),
+    ({"throttle": {"check_wait_seconds": 0}}, ("auth.throttle.check_wait_seconds:",)),
+    ({"throttle": {"max_backoff_seconds": 0.5}}, ("auth.throttle.max_backoff_seconds:",)),
+    ({"throttle": {"peer_failures": "10"}}, ("auth.throttle.peer_failures:",)),
+    ({"throttle": {"enabled": "no"}}, ("auth.throttle.enabled:",)),
+    ({"throttle": {"lockout": True}}, ("auth.throttle.lockout: unknown key",)),
+], ids=lambda v: "" if isinstance(v, dict) else v[0])
+def test_bad_auth_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                           changes: dict[str, Any], fragments: tuple[str, ...]) -> None:
+    path = write(tmp_path, with_changes({"auth": changes}))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, *fragments)
