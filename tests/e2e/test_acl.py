@@ -12,19 +12,24 @@ records it all.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
+from acl_clients import (
+    REFRESH,
+    archive_cli,
+    by_key,
+    c_find,
+    c_get,
+    c_move,
+    scu,
+    use_rules,
+)
 from helpers import (
     CT_IMAGE,
     MR_IMAGE,
@@ -32,34 +37,21 @@ from helpers import (
     StoreSCP,
     consistency_problems,
     counter_problems,
-    identifier,
     make_dataset,
     to_part10,
     wait_for,
 )
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import (
-    CTImageStorage,
-    MRImageStorage,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
     Verification,
 )
-
-from acl.rules import RuleStore
-from acl.yamlrules import parse
 
 pytestmark = [pytest.mark.network,
               pytest.mark.filterwarnings("ignore:Invalid value for VR")]
 
-FIND = PatientRootQueryRetrieveInformationModelFind
-GET = PatientRootQueryRetrieveInformationModelGet
-MOVE = PatientRootQueryRetrieveInformationModelMove
-REFRESH = 0.2  # acl.refresh_seconds of the node
 UID = "1.2.826.0.1.3680043.10.1041"
 
 # patient, study, series, instance numbers, modality, description
@@ -127,105 +119,6 @@ rules:
     service: Query
     pattern: {RequestAttributesSequence: {ScheduledProcedureStepID: SPS3}}
 """
-
-
-# --- clients --------------------------------------------------------------------------
-
-
-def _identity(user: str | None) -> list[Any]:
-    if user is None:
-        return []
-    item = UserIdentityNegotiation()
-    item.user_identity_type = 1
-    item.primary_field = user.encode()
-    return [item]
-
-
-@contextlib.contextmanager
-def scu(node: Any, user: str | None = None, *, get: bool = False,
-        received: list[str] | None = None) -> Iterator[Any]:
-    """An association acting for ``user`` (None: anonymous); with ``get`` it also
-    accepts C-STORE sub-operations, recording their SOP Instance UIDs in ``received``."""
-    ae = AE(ae_title="ACLSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    for context in (Verification, FIND, GET, MOVE, CTImageStorage, MRImageStorage):
-        ae.add_requested_context(context)
-    roles, handlers = [], []
-    if get:
-        roles = [build_role(c, scp_role=True) for c in (CTImageStorage, MRImageStorage)]
-
-        def on_store(event: Any) -> int:
-            assert received is not None
-            received.append(str(event.dataset.SOPInstanceUID))
-            return 0x0000
-        handlers = [(evt.EVT_C_STORE, on_store)]
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
-                         ext_neg=roles + _identity(user), evt_handlers=handlers)
-    assert assoc.is_established
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
-
-
-def c_find(assoc: Any, level: str, **keys: Any) -> tuple[int, list[Dataset], Dataset]:
-    """(final status, matches, final status dataset) of one C-FIND."""
-    matches, final = [], Dataset()
-    for status, found in assoc.send_c_find(identifier(level, **keys), FIND):
-        if status.Status == 0xFF00:
-            matches.append(found)
-        else:
-            final = status
-    return int(final.Status), matches, final
-
-
-def by_key(matches: list[Dataset], key: str, *values: str) -> dict[str, dict[str, Any]]:
-    """Matches by ``key``, each as {keyword: value as text or sorted list}."""
-    result = {}
-    for ds in matches:
-        row = {}
-        for keyword in values:
-            value = ds[keyword].value
-            if keyword.endswith("InStudy"):
-                value = sorted([value] if isinstance(value, str) else (value or []))
-            row[keyword] = value if isinstance(value, list) else str(value)
-        result[str(ds[key].value)] = row
-    return result
-
-
-def c_get(node: Any, user: str, level: str, **keys: Any) -> tuple[int, int, list[str]]:
-    """(final status, completed sub-operations, SOP Instance UIDs received)."""
-    received: list[str] = []
-    final = Dataset()
-    with scu(node, user, get=True, received=received) as assoc:
-        for status, _ in assoc.send_c_get(identifier(level, **keys), GET):
-            final = status
-    return int(final.Status), int(final.get("NumberOfCompletedSuboperations", 0)), received
-
-
-def c_move(node: Any, user: str, destination: str, level: str,
-           **keys: Any) -> tuple[int, int]:
-    final = Dataset()
-    with scu(node, user) as assoc:
-        for status, _ in assoc.send_c_move(identifier(level, **keys), destination, MOVE):
-            final = status
-    return int(final.Status), int(final.get("NumberOfCompletedSuboperations", 0))
-
-
-def archive_cli(node: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHIVE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "archive", *args, "--config",
-                           str(node.config_path)], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=60, input=stdin)
-
-
-def use_rules(node: Any, text: str) -> None:
-    """Apply rules in-process (the CLI has tests of its own) and wait for the node."""
-    RuleStore(node.db).apply(parse(textwrap.dedent(text), "test"), "test")
-    time.sleep(REFRESH * 2.5)
 
 
 # --- the node ---------------------------------------------------------------------------
