@@ -20,7 +20,7 @@ from pynetdicom.transport import AssociationServer
 from acl import auth, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, RuleStore, allow_all
-from archive import negotiation, retrieve, services
+from archive import connections, negotiation, retrieve, services
 from archive.config import Config
 from archive.find import Finder
 from archive.storage import Archive, connect, ensure_indexes
@@ -77,6 +77,8 @@ class Node:
         self.audit = AuditLog(self.db)
         self.authenticator = auth.from_config(cfg.auth)
         log.info("authentication: %s", self.authenticator.describe())
+        #: Slots per peer and the deadline of every connection phase (archive.connections).
+        self.guard = connections.ConnectionGuard(cfg.connections, cfg.max_associations)
         self.ae = self._make_ae()
 
     # -- set-up -----------------------------------------------------------------------
@@ -84,10 +86,13 @@ class Node:
     def _make_ae(self) -> AE:
         cfg = self.cfg
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
-        ae.acse_timeout = 30
+        # The guard counts associations (max_associations) and connections awaiting one
+        # (connections.max_pending) apart; pynetdicom counts both against its maximum.
+        limits = cfg.connections
+        ae.maximum_associations = cfg.max_associations + limits.max_pending
+        ae.network_timeout = limits.network_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.acse_timeout = limits.acse_timeout
         # Sub-associations (C-MOVE destinations): give up on a silent host in bounded
         # time, and send stored files as they are, never decoded (archive.retrieve).
         ae.connection_timeout = retrieve.CONNECT_TIMEOUT
@@ -181,11 +186,9 @@ class Node:
                      ": every request is denied until `archive acl apply` gives rules")
         else:
             log.warning("access control disabled (acl.enabled: false): everything allowed")
-        self.server = self.ae.start_server(
-            (self.cfg.bind_address, self.cfg.port), block=False,
-            evt_handlers=self.handlers(),
-            ssl_context=_ssl_context(self.cfg),
-        )
+        self.server = connections.start_server(
+            self.ae, self.guard, (self.cfg.bind_address, self.cfg.port),
+            evt_handlers=self.handlers(), ssl_context=_ssl_context(self.cfg))
         negotiation.share_contexts(self.server)
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         log.info("%s listening on %s:%d (database %s/%s)", self.cfg.ae_title,
@@ -206,10 +209,12 @@ class Node:
         with self._in_flight_cond:
             while self._in_flight and time.monotonic() < deadline:
                 self._in_flight_cond.wait(0.2)
+        self.guard.close_unassociated()  # nothing for an abort to wait on
         assocs = list(self.server.active_associations) if self.server else []
         for assoc in assocs:
             assoc.abort()
         self.ae.shutdown()
+        self.guard.stop()
         self.audit.stop()
         self.client.close()
         log.info("stopped")
