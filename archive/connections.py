@@ -28,7 +28,9 @@ release      A-RELEASE, A-ABORT or A-ASSOCIATE-RJ, until   ``acse_timeout``
 
 and, once associated, in any phase: a PDU started but not whole after ``dimse_timeout``
 (a trickle), or a PDU the peer has not taken for ``network_timeout`` (it stopped
-reading).  Every socket also has a timeout a little longer than both, in case.
+reading).  Every socket also has a timeout a little longer than both, in case.  A PDU
+announced longer than the node reads (:data:`MAX_PDU_LENGTH`, or the maximum length
+the node announced for P-DATA-TF) closes the connection at once.
 
 Slots: a connection is *pending* until its A-ASSOCIATE-RQ arrives, then *associated*.
 A peer (IP address) may have ``pending_per_peer`` pending connections (more are closed
@@ -68,6 +70,13 @@ log = logging.getLogger("archive.connections")
 
 #: PDU types (PS3.8 9.3.1), the first byte of every PDU.
 A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x01, 0x04, 0x05, 0x07
+
+#: Longest PDU read, but for P-DATA-TF: an A-ASSOCIATE-RQ with 128 presentation
+#: contexts of 20 transfer syntaxes each and a 64 KiB user identity is some 250 KiB.
+MAX_PDU_LENGTH = 1 << 20
+#: P-DATA-TF may exceed the maximum length the node announced by this much (sloppy
+#: peers), no more.
+PDU_LENGTH_TOLERANCE = 1024
 
 #: A-ASSOCIATE-RJ result, source, reason: rejected-transient, DUL service provider
 #: (presentation related), local-limit-exceeded (PS3.8 9.3.4).
@@ -256,6 +265,9 @@ class ConnectionGuard:
         self.limits = limits
         self.clock = clock
         self.slots = Slots(limits, max_associations)
+        #: the maximum P-DATA-TF length the node announces (0: unlimited); set by
+        #: :func:`start_server` from the AE
+        self.max_pdu_length = 0
         self.tick = min(0.2, min(limits.request_timeout, limits.acse_timeout,
                                  limits.dimse_timeout, limits.network_timeout) / 10)
         self._lock = threading.Lock()
@@ -360,7 +372,8 @@ class ConnectionGuard:
                     ident = threading.get_ident()  # the DUL thread, now known
                     conn.threads += (ident,)
                     self._by_thread[ident] = conn
-                if conn.reading_since is None:
+                header = conn.reading_since is None  # a PDU begins: its 6-byte header
+                if header:
                     conn.reading_since = self.clock()
             try:
                 data = recv(nr_bytes)
@@ -373,6 +386,8 @@ class ConnectionGuard:
                     conn.first_byte = data[0]
                 conn.received += len(data)
                 conn.eof = conn.eof or len(data) < nr_bytes
+            if header and len(data) == 6 and not self._admit_pdu(conn, data):
+                return bytearray()  # what a closed connection gives the DUL
             return data  # EVT_DATA_RECV ends the PDU
 
         def sending(data: bytes) -> None:
@@ -385,6 +400,27 @@ class ConnectionGuard:
                     conn.sending_since = None
 
         transport.recv, transport.send = receiving, sending
+
+    def _admit_pdu(self, conn: Connection, header: bytes) -> bool:
+        """Whether a PDU of the announced length may be read.  pynetdicom reads whatever
+        length a header announces, up to 4 GiB, into memory: a peer streaming such PDUs
+        on a few connections would exhaust the node's memory within its deadlines."""
+        kind, length = header[0], struct.unpack(">L", header[2:6])[0]
+        most = MAX_PDU_LENGTH
+        if kind == P_DATA_TF and self.max_pdu_length:
+            most = self.max_pdu_length + PDU_LENGTH_TOLERANCE
+        if length <= most:
+            return True
+        with self._lock:
+            if conn.cut:
+                return False
+            conn.cut = True
+            phase = conn.phase()
+        log.warning("connection %s closed in phase %s: a PDU of %d bytes announced "
+                    "(type 0x%02X), more than %d", conn.label(), phase.value, length, kind,
+                    most)
+        self._cut(conn)
+        return False
 
     def release(self, conn: Connection) -> None:
         """The connection's association thread has ended: close everything, give the
@@ -666,6 +702,7 @@ def start_server(ae: Any, guard: ConnectionGuard, address: tuple[str, int],
                  evt_handlers: list[tuple[Any, ...]],
                  ssl_context: ssl.SSLContext | None = None) -> GuardedServer:
     """``ae.start_server(address, block=False, ...)`` with a :class:`GuardedServer`."""
+    guard.max_pdu_length = ae.maximum_pdu_size
     server = ae.make_server(address, evt_handlers=[*evt_handlers, *guard.handlers()],
                             ssl_context=ssl_context, server_class=GuardedServer, guard=guard)
     guard.start()

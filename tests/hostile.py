@@ -10,7 +10,7 @@ Kinds (:data:`KINDS`; the ``tls_`` ones need a node with TLS):
 ``silent``         connect, send nothing
 ``partial_rq``     the first half of an A-ASSOCIATE-RQ, then nothing
 ``random_bytes``   200 random bytes (seeded), then nothing
-``huge_pdu``       an A-ASSOCIATE-RQ header announcing 1 MiB, 1000 random bytes of it
+``huge_pdu``       an A-ASSOCIATE-RQ header announcing 64 MiB, 1000 random bytes of it
 ``trickle``        an A-ASSOCIATE-RQ one byte every 0.3 s, never finished in time
 ``stalled_store``  associated; a C-STORE command and two of its dataset's five PDUs
 ``deaf``           associated; a C-GET of a large instance, no byte of it ever read
@@ -54,6 +54,9 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+
+#: What ``huge_pdu`` announces.
+HUGE = 64 << 20
 
 #: Kinds that need no association and no TLS, those that associate, those over TLS.
 PRE_ASSOCIATION = ("silent", "partial_rq", "random_bytes", "huge_pdu", "trickle")
@@ -284,7 +287,7 @@ class Siege:
         self._send(hostile, self._random.randbytes(200))
 
     def _huge_pdu(self, hostile: Hostile) -> None:
-        self._send(hostile, struct.pack(">BBL", 0x01, 0, 1 << 20) + self._random.randbytes(1000))
+        self._send(hostile, struct.pack(">BBL", 0x01, 0, HUGE) + self._random.randbytes(1000))
 
     def _trickle(self, hostile: Hostile) -> None:
         rq = a_associate_rq(self.called)

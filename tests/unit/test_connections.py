@@ -225,3 +225,57 @@ def test_network_tracebacks_keep_their_message_only(
     assert keep(undecodable) and undecodable.exc_info is None
     bug = record("pynetdicom.events", 7, KeyError("x"))  # a handler's bug keeps its trace
     assert keep(bug) and bug.exc_info is not None and bug.exc_info[0] is KeyError
+
+
+# --- PDU lengths ---------------------------------------------------------------------------
+
+
+class Transport:
+    """What the guard wraps: pynetdicom's AssociationSocket, reading from ``data``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def recv(self, n: int) -> bytearray:
+        chunk, self.data = self.data[:n], self.data[n:]
+        return bytearray(chunk)
+
+    def send(self, data: bytes) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind,length,allowed", [
+    (0x01, 200_000, True),          # a large A-ASSOCIATE-RQ
+    (0x01, (1 << 20) + 1, False),   # more than MAX_PDU_LENGTH
+    (0x04, 16382 + 1024, True),     # P-DATA-TF: the announced maximum, and some slack
+    (0x04, 16382 + 1025, False),
+    (0x04, 0xFFFFFFFF, False),      # 4 GiB, which pynetdicom would try to read
+], ids=lambda v: hex(v) if isinstance(v, int) else "")
+def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
+        guard: tuple[ConnectionGuard, Clock], caplog: pytest.LogCaptureFixture, kind: int,
+        length: int, allowed: bool) -> None:
+    watchdog, _ = guard
+    watchdog.max_pdu_length = 16382
+    ours, theirs = socket.socketpair()
+    try:
+        assert watchdog.admit(ours, ("10.0.0.7", 7777))
+        connection = watchdog.connection(ours)
+        assert connection is not None
+        header = bytes([kind, 0]) + length.to_bytes(4, "big")
+        transport = Transport(header + b"\x00" * 16)
+        watchdog._watch_io(connection, transport)
+        with caplog.at_level(logging.WARNING, "archive.connections"):
+            read = transport.recv(6)
+        assert (read == header) is allowed
+        assert connection.cut is not allowed
+        if not allowed:
+            assert read == b""  # what a closed connection gives pynetdicom
+            theirs.settimeout(1)
+            assert theirs.recv(1) == b""  # the peer sees the connection end
+            assert [r.getMessage() for r in caplog.records] == [
+                f"connection 10.0.0.7:7777 closed in phase request: a PDU of {length} bytes "
+                f"announced (type 0x{kind:02X}), more than "
+                f"{16382 + 1024 if kind == 0x04 else 1 << 20}"]
+    finally:
+        ours.close()
+        theirs.close()
