@@ -111,10 +111,13 @@ def run(ref: str, kinds: list[str], counts: list[int], cap: float) -> list[dict[
                     echo_result, echo_seconds = echo(node.port)
                     store_result, store_seconds = store(node.port)
                     siege.wait_closed(cap)
+                    # before closing our side: what the node closed, what it still held
+                    now = time.monotonic()
+                    lasted = [(now if c.closed is None else c.closed) - c.opened
+                              for c in siege.connections]
+                    still_open = sum(c.open for c in siege.connections)
                 finally:
                     siege.close()
-                now = time.monotonic()
-                lasted = [(c.closed or now) - c.opened for c in siege.connections]
                 refused = sum(t < AT_ONCE for t in lasted)
                 held = [t for t in lasted if t >= AT_ONCE]
                 row = {"ref": ref, "commit": sha, "kind": kind, "hostile": count,
@@ -123,7 +126,7 @@ def run(ref: str, kinds: list[str], counts: list[int], cap: float) -> list[dict[
                        "node_cpu_%": round(cpu * 100), "refused_at_once": refused,
                        "held": len(held),
                        "held_max_s": round(max(held), 1) if held else 0.0,
-                       "still_open": sum(c.open for c in siege.connections)}
+                       "still_open": still_open}
                 rows.append(row)
                 print(h.table(list(row), [list(row.values())]), flush=True)
     return rows
