@@ -147,6 +147,27 @@ class Acl:
 
 
 @dataclass
+class Connections:
+    """What one peer (IP address) may hold, and for how long (``archive.connections``).
+
+    ``*_per_peer`` count connections from one IP address: those still waiting for their
+    A-ASSOCIATE-RQ (pending) and associations.  Timeouts are seconds: ``request_timeout``
+    from the TCP connection (TLS handshake included) to a complete A-ASSOCIATE-RQ;
+    ``acse_timeout`` for negotiation and release; ``dimse_timeout`` between two PDUs of
+    one DIMSE message, or for one PDU to arrive whole; ``network_timeout`` while an
+    association has no message in progress, or the peer does not take a PDU.
+    """
+
+    associations_per_peer: int = 4
+    pending_per_peer: int = 4
+    max_pending: int = 20
+    request_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass
 class Config:
     ae_title: str = "ARCHIVE"
     bind_address: str = "127.0.0.1"
@@ -165,6 +186,7 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     acl: Acl = field(default_factory=Acl)
     tls: TLS = field(default_factory=TLS)
+    connections: Connections = field(default_factory=Connections)
 
 
 #: Environment variable -> dotted key it overrides.
@@ -272,6 +294,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
     if cfg.max_associations < 1:
         raise ConfigError("max_associations: must be at least 1")
+    _validate_connections(cfg.connections, cfg.max_associations)
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")
     if not 0 < cfg.database.embedded.restart_delay_seconds <= 60:
@@ -331,6 +354,29 @@ def _validate_auth(cfg: Config) -> None:
             raise ConfigError(f"auth.throttle.{name}: must be positive")
     if t.max_backoff_seconds < t.backoff_seconds:
         raise ConfigError("auth.throttle.max_backoff_seconds: must be at least backoff_seconds")
+
+
+#: Longest timeout accepted: a day (anything longer is a typo, or no timeout at all).
+MAX_TIMEOUT = 86400.0
+
+
+def _validate_connections(connections: Connections, max_associations: int) -> None:
+    """Limits of at least 1 that fit inside the global ones; timeouts above 0."""
+    for key in ("associations_per_peer", "pending_per_peer", "max_pending"):
+        if getattr(connections, key) < 1:
+            raise ConfigError(f"connections.{key}: must be at least 1")
+    if connections.associations_per_peer > max_associations:
+        raise ConfigError(f"connections.associations_per_peer: "
+                          f"{connections.associations_per_peer} is more than max_associations "
+                          f"({max_associations}): set it to {max_associations} or less")
+    if connections.pending_per_peer > connections.max_pending:
+        raise ConfigError(f"connections.pending_per_peer: {connections.pending_per_peer} is "
+                          f"more than connections.max_pending ({connections.max_pending})")
+    for key in ("request_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
+        value = getattr(connections, key)
+        if not 0 < value <= MAX_TIMEOUT:
+            raise ConfigError(f"connections.{key}: {value!r} must be above 0 and at most "
+                              f"{MAX_TIMEOUT:.0f} seconds")
 
 
 def _validate_database(database: Database) -> None:

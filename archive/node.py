@@ -20,7 +20,7 @@ from pynetdicom.transport import AssociationServer
 from acl import auth, identity, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, Rule, RuleStore, allow_all
-from archive import negotiation, retrieve, services
+from archive import connections, negotiation, retrieve, services
 from archive.config import Config
 from archive.find import Finder
 from archive.health import DatabaseHealth
@@ -86,6 +86,8 @@ class Node:
         #: auth.ae_principals, bound to addresses / certificates (acl.identity).
         self.ae_bindings = identity.bindings(cfg.auth)
         self._mappings_checked: object = ()
+        #: Slots per peer and the deadline of every connection phase (archive.connections).
+        self.connections = connections.ConnectionGuard(cfg.connections, cfg.max_associations)
         self.ae = self._make_ae()
 
     # -- set-up -----------------------------------------------------------------------
@@ -93,10 +95,13 @@ class Node:
     def _make_ae(self) -> AE:
         cfg = self.cfg
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
-        ae.acse_timeout = 30
+        # The guard counts associations (max_associations) and connections awaiting one
+        # (connections.max_pending) apart; pynetdicom counts both against its maximum.
+        limits = cfg.connections
+        ae.maximum_associations = cfg.max_associations + limits.max_pending
+        ae.network_timeout = limits.network_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.acse_timeout = limits.acse_timeout
         # Sub-associations (C-MOVE destinations): give up on a silent host in bounded
         # time, and send stored files as they are, never decoded (archive.retrieve).
         ae.connection_timeout = retrieve.CONNECT_TIMEOUT
@@ -208,11 +213,9 @@ class Node:
         else:
             log.warning("access control disabled (acl.enabled: false): everything allowed")
         self.warn_about_mappings()
-        self.server = self.ae.start_server(
-            (self.cfg.bind_address, self.cfg.port), block=False,
-            evt_handlers=self.handlers(),
-            ssl_context=_ssl_context(self.cfg),
-        )
+        self.server = connections.start_server(
+            self.ae, self.connections, (self.cfg.bind_address, self.cfg.port),
+            evt_handlers=self.handlers(), ssl_context=_ssl_context(self.cfg))
         negotiation.share_contexts(self.server)
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         log.info("%s listening on %s:%d (database %s/%s)", self.cfg.ae_title,
@@ -236,10 +239,12 @@ class Node:
         with self._in_flight_cond:
             while self._in_flight and time.monotonic() < deadline:
                 self._in_flight_cond.wait(0.2)
+        self.connections.close_unassociated()  # nothing for an abort to wait on
         assocs = list(self.server.active_associations) if self.server else []
         for assoc in assocs:
             assoc.abort()
         self.ae.shutdown()
+        self.connections.stop()
         self.audit.stop()
         self.health.stop()
         self.client.close()

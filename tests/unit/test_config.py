@@ -365,3 +365,76 @@ def test_bad_auth_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     path = write(tmp_path, with_changes({"auth": changes}))
     status, err = run_cli(capsys, "--config", str(path), "stats")
     assert_config_error(status, err, *fragments)
+
+
+# --- connections (archive.connections) -------------------------------------------------
+
+
+def test_connection_limits_default_below_max_associations(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, VALID), {})
+    limits = cfg.connections
+    assert limits.associations_per_peer < cfg.max_associations
+    assert limits.pending_per_peer <= limits.max_pending
+    assert limits.request_timeout < limits.acse_timeout
+
+
+def test_shipped_connection_settings_are_the_defaults() -> None:
+    shipped = config.load(Path(__file__).resolve().parents[2] / "config" / "archive.yaml", {})
+    assert shipped.connections == config.Connections()
+
+
+def test_connection_timeouts_take_integers_and_fractions(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, with_changes(
+        {"connections": {"request_timeout": 2, "dimse_timeout": 0.5}})), {})
+    assert cfg.connections.request_timeout == 2.0
+    assert isinstance(cfg.connections.request_timeout, float)
+    assert cfg.connections.dimse_timeout == 0.5
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"connections": {"pending_per_peer": "4"}}, "connections.pending_per_peer"),
+    ({"connections": {"associations_per_peer": 2.5}}, "connections.associations_per_peer"),
+    ({"connections": {"max_pending": True}}, "connections.max_pending"),
+    ({"connections": {"request_timeout": "10s"}}, "connections.request_timeout"),
+    ({"connections": {"network_timeout": None}}, "connections.network_timeout"),
+    ({"connections": 10}, "connections"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_connection_keys_of_the_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           changes: dict[str, Any], key: str) -> None:
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, with_changes(changes))),
+                          "stats")
+    assert_config_error(status, err, f"{key}:")
+
+
+@pytest.mark.parametrize("changes,key,fragment", [
+    ({"connections": {"pending_per_peer": 0}}, "connections.pending_per_peer", "at least 1"),
+    ({"connections": {"associations_per_peer": -1}}, "connections.associations_per_peer",
+     "at least 1"),
+    ({"connections": {"max_pending": 0}}, "connections.max_pending", "at least 1"),
+    ({"connections": {"associations_per_peer": 11}}, "connections.associations_per_peer",
+     "more than max_associations (10)"),
+    ({"max_associations": 2}, "connections.associations_per_peer",
+     "more than max_associations (2)"),
+    ({"connections": {"pending_per_peer": 30}}, "connections.pending_per_peer",
+     "more than connections.max_pending (20)"),
+    ({"connections": {"request_timeout": 0}}, "connections.request_timeout", "above 0"),
+    ({"connections": {"acse_timeout": -5}}, "connections.acse_timeout", "above 0"),
+    ({"connections": {"dimse_timeout": 1e9}}, "connections.dimse_timeout", "at most 86400"),
+    ({"connections": {"network_timeout": float("nan")}}, "connections.network_timeout",
+     "above 0"),
+    ({"connections": {"request_timeout": float("inf")}}, "connections.request_timeout",
+     "at most"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_connection_values_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        changes: dict[str, Any], key: str,
+                                        fragment: str) -> None:
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, with_changes(changes))),
+                          "stats")
+    assert_config_error(status, err, f"{key}:", fragment)
+
+
+def test_unknown_connection_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, with_changes({"connections": {"idle_timeout": 60}}))
+    status, err = run_cli(capsys, "--config", str(path), "stats")
+    assert_config_error(status, err, "connections.idle_timeout: unknown key",
+                        "network_timeout")
