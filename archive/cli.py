@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-#: Commands that write the rollback journal; every command but ``user`` may start the
+#: Commands that write the store journal; every command but ``user`` may start the
 #: embedded database, which writes its data folder.
-_JOURNAL_WRITERS = frozenset({"serve", "import"})
+_JOURNAL_WRITERS = frozenset({"serve", "import", "check"})
 _NO_DATABASE = frozenset({"user"})
 
 
