@@ -398,7 +398,7 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
     conditions = []
     restriction = visibility.pre_filter(level)
     if restriction:
-        conditions.append(restriction)
+        conditions.append(server_filter(restriction))
     if search_query.filter:
         conditions.append({"$or": [mixed_filter(level), server_filter(search_query.filter)]})
     pre_filter = {"$and": conditions} if len(conditions) > 1 else \

@@ -287,12 +287,12 @@ def writable(folder: Path) -> str | None:
 
 def unwritable_folder(cfg: Config, command_name: str) -> str | None:
     """``FOLDER: not writable (reason)`` for the first data folder the command would
-    write and cannot: the embedded database's data folder, the journal's folder."""
+    write and cannot: the embedded database's data folder, the journal."""
     folders = []
     if command_name not in _NO_DATABASE and cfg.database.embedded.enabled:
         folders.append(Path(cfg.database.embedded.data_dir))
     if command_name in _JOURNAL_WRITERS:
-        folders.append(Path(cfg.journal).parent)
+        folders.append(Path(cfg.journal))  # a folder: one file per unfinished store
     for folder in folders:
         reason = writable(folder)
         if reason is not None:

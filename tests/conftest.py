@@ -198,14 +198,20 @@ def write_config(directory: Path, ferret: FerretDB, database: str,
         "bind_address": "127.0.0.1",
         "port": port or free_port(),
         "log_level": "INFO",
-        "journal": str(directory / "journal.jsonl"),
+        "journal": str(directory / "journal"),
         "database": {"uri": ferret.uri, "name": database, "embedded": {"enabled": False}},
     }
     data["acl"] = {"enabled": False, "initial_rules": ""}
     deep_merge(data, overrides)
     path = directory / "archive.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    # the archive refuses YAML anchors and aliases: write repeated values out
+    path.write_text(yaml.dump(data, Dumper=_NoAliases, sort_keys=False), encoding="utf-8")
     return path
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 class RunningNode:
@@ -227,6 +233,10 @@ class RunningNode:
     @property
     def db(self) -> pymongo.database.Database:
         return self.ferret.client[self.database]
+
+    def journal_pending(self) -> list[Path]:
+        """Journal entries of unfinished stores (archive.journal: one file each)."""
+        return sorted(self.journal.glob("*.json")) if self.journal.is_dir() else []
 
     @property
     def pid(self) -> int | None:

@@ -49,7 +49,7 @@ def alias_bomb(indent: str, first: str, last: str) -> str:
 def offline_config(tmp_path: Path) -> Path:
     """A configuration whose database is never reached: the files are refused first."""
     path = tmp_path / "archive.yaml"
-    path.write_text(f"port: {free_port()}\njournal: {tmp_path / 'journal.jsonl'}\n"
+    path.write_text(f"port: {free_port()}\njournal: {tmp_path / 'journal'}\n"
                     "acl: {initial_rules: ''}\ndatabase:\n  uri: mongodb://127.0.0.1:9/\n"
                     "  timeout_seconds: 1\n  embedded: {enabled: false}\n", encoding="utf-8")
     return path
@@ -186,7 +186,7 @@ def test_a_read_only_embedded_database_folder_is_one_line_exit_2(tmp_path: Path)
     data = tmp_path / "data"
     data.mkdir()
     config = tmp_path / "archive.yaml"
-    config.write_text(f"journal: {tmp_path / 'journal.jsonl'}\nacl: {{initial_rules: ''}}\n"
+    config.write_text(f"journal: {tmp_path / 'journal'}\nacl: {{initial_rules: ''}}\n"
                       "database:\n  timeout_seconds: 1\n  embedded:\n"
                       f"    data_dir: {data / 'ferretdb'}\n    port: {free_port()}\n"
                       f"    binary: {ROOT / '.tools/bin/ferretdb'}\n", encoding="utf-8")
@@ -203,9 +203,10 @@ def test_a_read_only_journal_folder_is_one_line_exit_2(db_config: tuple[Path, An
     data = tmp_path / "journal-folder"
     data.mkdir()
     text = config.read_text(encoding="utf-8")
-    config.write_text("\n".join(f"journal: {data / 'journal.jsonl'}"
+    config.write_text("\n".join(f"journal: {data / 'journal'}"
                                 if line.startswith("journal:") else line
                                 for line in text.splitlines()) + "\n", encoding="utf-8")
     result, _ = archive(config, "serve", prefix=read_only(data), timeout=60)
     assert result.returncode == 2
-    assert one_line(result) == f"archive: {data}: not writable (Read-only file system)"
+    assert one_line(result) == (f"archive: {data / 'journal'}: not writable "
+                                "(Read-only file system)")

@@ -248,7 +248,7 @@ def test_unreachable_database_is_one_line_not_a_traceback(tmp_path: Path,
                                                           command: str) -> None:
     config = tmp_path / "archive.yaml"
     config.write_text(
-        f"port: {free_port()}\njournal: {tmp_path / 'journal.jsonl'}\ndatabase:\n"
+        f"port: {free_port()}\njournal: {tmp_path / 'journal'}\ndatabase:\n"
         "  uri: mongodb://127.0.0.1:9/\n  timeout_seconds: 1\n  embedded:\n    enabled: false\n")
     result = archive(config, command, timeout=60)
     assert result.returncode != 0

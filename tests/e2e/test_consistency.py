@@ -202,7 +202,7 @@ def test_kill_at_random_instants_leaves_an_exact_archive(node_factory: Any,
             pending[sop] = versions if acked_now else pending.get(sop, []) + versions
         acknowledged.update(sender.acknowledged)
         # the node finishes what the crash interrupted (journal) once the database answers
-        wait_for(lambda: not any(node.journal.glob("*.json")), 60)
+        wait_for(lambda: not node.journal_pending(), 60)
 
     replays = node.log().count("journal replayed")
     print(f"{len(acknowledged)} acknowledged, journal replayed {replays} times")

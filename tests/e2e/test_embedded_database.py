@@ -60,7 +60,7 @@ def embedded(database: FerretDB, **settings: Any) -> dict[str, Any]:
             "enabled": True, "binary": str(FERRETDB_BINARY), "data_dir": str(database.data_dir),
             "port": database.port, **settings}},
         "acl": {"enabled": True, "initial_rules": "config/acl.yaml"},
-        "auth": {"ae_principals": {"PYSCU": "admin"}},
+        "auth": {"ae_principals": {"PYSCU": {"principal": "admin", "addresses": ["127.0.0.1"]}}},
     }
 
 

@@ -419,8 +419,12 @@ def test_brute_force_is_throttled_without_starving_others(throttled_node: Any,
     throttled = [x for x in log.splitlines() if "throttled:" in x and "EVIL@" in x]
     checked = [x for x in log.splitlines() if "authentication refused EVIL@" in x
                and "throttled:" not in x]
-    assert len(checked) <= 6 and len(throttled) >= 64, (len(checked), len(throttled))
-    assert len(checked) + len(throttled) == 50 + len(late)
+    # (four guessers from one address also meet its share of association slots:
+    # archive.connections refuses those before any authentication)
+    limited = [x for x in log.splitlines() if " refused in phase " in x and attacker in x]
+    assert len(checked) <= 6 and len(throttled) + len(limited) >= 64, \
+        (len(checked), len(throttled), len(limited))
+    assert len(checked) + len(throttled) + len(limited) == 50 + len(late)
     assert any("user 'alice'" in x for x in throttled)
     assert any("address 127.0.0.5" in x for x in throttled)
     # a refusal costs no bcrypt: well under a check at cost 12 (~0.25 s of CPU)

@@ -524,7 +524,7 @@ def test_database_outage_fails_stores_and_leaves_no_orphans(
     assert own.running
 
     private_ferretdb.start()
-    wait_for(lambda: not own.journal.exists() or own.journal.stat().st_size == 0, 30,
+    wait_for(lambda: not own.journal_pending(), 30,
              interval=0.5, message="the journal to be replayed")
     time.sleep(0.5)
 
