@@ -12,6 +12,7 @@ DICOM JSON or a PatternError.  (tests/integration runs a sample against FerretDB
 from __future__ import annotations
 
 import json
+import tempfile
 from typing import Any
 
 import bson
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def fresh_archive() -> Archive:
     db = mongomock.MongoClient().archive
-    return Archive(db, "fs", "replace", "/nonexistent/journal.jsonl")
+    return Archive(db, "fs", "replace", tempfile.mkdtemp(prefix="journal-"))
 
 
 @given(malformed())
