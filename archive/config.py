@@ -179,6 +179,9 @@ class Config:
     #: another patient: refuse (0xC409) or accept (the study then holds both).
     hierarchy_conflicts: str = "refuse"
     journal: str = "data/journal"
+    #: At start, besides finishing what the journal names: "full" also runs
+    #: ``archive check --repair`` in the background (damage a lost journal left).
+    startup_check: str = "journal"
     database: Database = field(default_factory=Database)
     accept: Accept = field(default_factory=Accept)
     query: Query = field(default_factory=Query)
@@ -203,6 +206,7 @@ ENVIRONMENT = {
 _CHOICES = {
     "duplicate_policy": ("replace", "keep", "reject"),
     "hierarchy_conflicts": ("refuse", "accept"),
+    "startup_check": ("journal", "full"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "auth.backend": ("none", "file", "ldap"),
 }

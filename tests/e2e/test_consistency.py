@@ -12,6 +12,7 @@ nodes as subprocesses, pynetdicom senders).
 
 from __future__ import annotations
 
+import datetime
 import random
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import FerretDB, node_environment
 from helpers import (
     CT_IMAGE,
@@ -39,6 +41,8 @@ from helpers import (
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from archive.gridstore import GridStore
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -233,10 +237,7 @@ def version(data: bytes) -> tuple[str, ...]:
 
 
 def _reader(db: Any) -> Callable[[Any], bytes]:
-    from archive.gridstore import GridStore
-
-    store = GridStore(db)
-    return store.read
+    return GridStore(db).read
 
 
 def test_archive_check_finds_and_repairs_what_a_lost_journal_leaves(
@@ -248,8 +249,6 @@ def test_archive_check_finds_and_repairs_what_a_lost_journal_leaves(
     assert statuses == [0, 0, 0]
     db = node.db
     # an orphan original, a wrong counter, a series document without instances
-    from archive.gridstore import GridStore
-
     GridStore(db).put(b"orphan", "orphan.dcm", {})
     db.studies.update_one({"_id": f"{UID}.5"}, {"$set": {"NumberOfStudyRelatedInstances": 7}})
     db.series.insert_one({"_id": f"{UID}.5.99", "StudyInstanceUID": f"{UID}.5",
@@ -265,3 +264,24 @@ def test_archive_check_finds_and_repairs_what_a_lost_journal_leaves(
     assert consistency_problems(db) == [] and counter_problems(db) == []
     as_json = archive_check(node, "--json")
     assert '"clean": true' in as_json.stdout
+
+
+def test_a_full_startup_check_repairs_what_a_lost_journal_left(node_factory: Any) -> None:
+    """``startup_check: full``: the node runs ``archive check --repair`` as it starts."""
+    node = node_factory()
+    send(node, [instance(f"{UID}.6.1", f"{UID}.6.1", study=f"{UID}.6")], statuses := [])
+    assert statuses == [0]
+    db = node.db
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    orphan = GridStore(db).put(b"left by a crash", "orphan.dcm", {})
+    db["fs.files"].update_one({"_id": orphan}, {"$set": {"uploadDate": old}})
+    recent = GridStore(db).put(b"a store in flight", "recent.dcm", {})
+    db.studies.update_one({"_id": f"{UID}.6"}, {"$set": {"NumberOfStudyRelatedInstances": 9}})
+    node.stop()
+    node.config["startup_check"] = "full"
+    node.config_path.write_text(yaml.safe_dump(node.config), encoding="utf-8")
+    node.launch()
+    wait_for(lambda: "startup check:" in node.log(), 30)
+    assert db["fs.files"].count_documents({"_id": orphan}) == 0
+    assert db["fs.files"].count_documents({"_id": recent}) == 1  # younger than the grace
+    assert db.studies.find_one({"_id": f"{UID}.6"})["NumberOfStudyRelatedInstances"] == 1
