@@ -32,6 +32,7 @@ from archive.query import (
     SPECIFIC_CHARACTER_SET,
     TEXT_VRS,
     QueryError,
+    integer_value,
     pattern_filter,
 )
 
@@ -184,7 +185,10 @@ def _json_value(vr: str, text: str, key: str) -> Any:
     if vr in _INTEGER_VRS:
         if not re.fullmatch(r"[+-]?\d+", text):
             raise PatternError(f"{key} is {vr}: {text!r} is not an integer", key)
-        return int(text)
+        value = integer_value(vr, text)
+        if value is None:
+            raise PatternError(f"{key} is {vr}: {text} is out of its range", key)
+        return value
     if vr in NUMERIC_VRS:
         try:
             number = float(text)

@@ -364,7 +364,7 @@ def _values(element: DataElement, vr: str) -> tuple[str, ...]:
         return tuple(f"{int(tag):08X}" for tag in items)
     texts: list[str] = []
     for item in items:
-        text = str(item)
+        text = str(getattr(item, "original_string", None) or item)  # IS/DS as sent
         texts.extend([text] if vr in TEXT_VRS else text.split("\\"))
     strip = str.rstrip if vr in TEXT_VRS else str.strip
     return tuple(text for text in map(strip, texts) if text)
@@ -533,16 +533,42 @@ def _pattern(text: str, fold_case: bool) -> dict[str, str]:
     return pattern
 
 
-def _number(key: _Key, text: str) -> int | float:
+#: What each integer VR can hold (PS3.5 Table 6.2-1); IS as decimal text, the others binary.
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    "IS": (-(2**31), 2**31 - 1), "SS": (-(2**15), 2**15 - 1), "US": (0, 2**16 - 1),
+    "SL": (-(2**31), 2**31 - 1), "UL": (0, 2**32 - 1), "SV": (-(2**63), 2**63 - 1),
+    "UV": (0, 2**64 - 1)}
+#: Larger SV/UV values are stored as JSON strings (archive.dicomjson, PS3.18 F.2.3).
+MAX_EXACT_INTEGER = 2**53 - 1
+
+
+def integer_value(vr: str, text: str) -> int | str | None:
+    """An integer VR's value as DICOM JSON stores it, None when out of the VR's range
+    (BSON holds 64-bit integers at most: a larger one must never reach a filter)."""
+    value = int(text)
+    low, high = INTEGER_RANGES.get(vr, (-(2**63), 2**63 - 1))
+    if not low <= value <= high:
+        return None
+    return str(value) if vr in ("SV", "UV") and abs(value) > MAX_EXACT_INTEGER else value
+
+
+def _number(key: _Key, text: str) -> int | float | str:
     """A numeric key's value as the JSON number DICOM JSON stores (``5`` for IS "5")."""
     if re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
+        value = integer_value(key.vr, text) if key.vr in INTEGER_RANGES else (
+            int(text) if abs(int(text)) <= MAX_EXACT_INTEGER else None)
+        if value is None:
+            raise _fault(key.tag, f"has a {key.vr} value out of range")
+        return value
     try:
         number = float(text)
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or (key.vr not in ("DS", "FL", "FD") and number % 1):
         raise _fault(key.tag, f"has an invalid {key.vr} value")
+    if key.vr in INTEGER_RANGES and not (
+            INTEGER_RANGES[key.vr][0] <= number <= INTEGER_RANGES[key.vr][1]):
+        raise _fault(key.tag, f"has a {key.vr} value out of range")
     return number
 
 

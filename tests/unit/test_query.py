@@ -709,3 +709,22 @@ def test_evaluate_operator_semantics(db: Any, query: dict[str, Any]) -> None:
 def test_evaluate_refuses_operators_outside_the_subset(query: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         evaluate(query, {"a": 1})
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("SeriesNumber", "99999999999999999999"),   # IS beyond 64 bits
+    ("SeriesNumber", "2147483648"),             # IS beyond its 32-bit range
+    ("InstanceNumber", "-2147483649"),
+    ("SliceThickness", "1e400"),                # DS beyond a double
+])
+def test_numbers_a_vr_cannot_hold_are_refused_not_sent_to_the_database(
+        keyword: str, value: str) -> None:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    setattr(ds, keyword, value)
+    with pytest.raises(QueryError) as refused:
+        translate(ds, "STUDY")
+    assert refused.value.status == 0xA900
+    assert keyword in refused.value.comment
