@@ -8,12 +8,15 @@ so the metadata documents stay small and the original bytes stay the single copy
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import math
 import re
+import struct
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -58,17 +61,29 @@ def to_json(ds: Dataset, file_id: Any) -> dict[str, Any]:
 
     Whatever the dataset, the result is valid DICOM JSON that BSON (MongoDB, FerretDB)
     stores as is: every value is checked (:func:`_element`), sequence items included.
+
+    Elements still in their raw form with a common VR are converted straight from
+    their bytes (:class:`_RawConverter`: one walk, several times cheaper than pydicom's
+    element objects); the others -- and any value the fast path is not sure of -- go
+    through pydicom, with the same result (tests/unit/test_dicomjson.py compares both).
     """
 
     def handler(elem: DataElement) -> str:
         return bulk_data_uri(file_id, elem.tag)
 
+    fast = _RawConverter.for_dataset(ds, file_id)
     result: dict[str, Any] = {}
-    for tag in list(ds.keys()):
-        if tag.group == 0x0002:
+    elements = ds._dict  # tag -> RawDataElement (as read) or DataElement
+    for tag in sorted(elements):
+        if tag >> 16 == 0x0002:
             continue
-        raw = ds.get_item(tag)  # the bytes as read, before pydicom converts them
+        raw = elements[tag]
         key = f"{tag:08X}"
+        if fast is not None and isinstance(raw, RawDataElement):
+            converted = fast.convert(raw)
+            if converted is not None:
+                result[key] = converted
+                continue
         elem = None
         try:
             elem = ds[tag]
@@ -175,3 +190,179 @@ def _binary_vr(elem: DataElement) -> str:
 def from_json(data: dict[str, Any]) -> Dataset:
     """A pydicom Dataset from DICOM JSON; bulk data comes back empty."""
     return Dataset.from_json(data, bulk_data_uri_handler=lambda *_: b"")
+
+
+# --- the fast path: raw elements straight to DICOM JSON ---------------------------------
+
+#: VRs whose values pydicom decodes as ASCII/Latin-1 whatever the character set.
+_DEFAULT_TEXT = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR"})
+#: VRs decoded with the dataset's character set, one value per backslash ...
+_MULTI_TEXT = frozenset({"SH", "LO", "UC"})
+#: ... and as one value whatever it holds.
+_SINGLE_TEXT = frozenset({"LT", "ST", "UT"})
+_NUMBERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4),
+            "UV": ("Q", 8), "SV": ("q", 8), "FL": ("f", 4), "FD": ("d", 8)}
+#: (UN is left to pydicom, which replaces it with a known tag's dictionary VR.)
+_RAW_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+class _RawConverter:
+    """Converts raw elements of one little endian dataset with a simple character set.
+
+    :meth:`convert` answers None whenever pydicom's own conversion should decide (a VR
+    it does not handle, a value it is not sure to render exactly as pydicom does), so
+    the result never differs from the slow path's.
+    """
+
+    def __init__(self, codec: str, file_id: Any) -> None:
+        self.codec = codec
+        self.file_id = file_id
+
+    @classmethod
+    def for_dataset(cls, ds: Dataset, file_id: Any) -> _RawConverter | None:
+        if not getattr(ds, "is_little_endian", True):
+            return None
+        try:
+            encodings = ds._character_set
+        except Exception:  # noqa: BLE001 - an unusable Specific Character Set
+            return None
+        if len(encodings) != 1:
+            return None
+        return cls(encodings[0], file_id)
+
+    def convert(self, raw: RawDataElement) -> dict[str, Any] | None:
+        vr = raw.VR
+        if vr is None:  # implicit VR: the dictionary's, when it is unambiguous
+            vr = _dictionary_vr(raw.tag)
+            if vr is None:
+                return None
+        value = raw.value
+        if value is None:
+            value = b""
+        if not isinstance(value, bytes | bytearray):
+            return None
+        try:
+            if vr in _DEFAULT_TEXT:
+                return self._text(vr, value.decode("latin_1"))
+            if vr in _MULTI_TEXT or vr in _SINGLE_TEXT or vr == "PN":
+                if b"\x1b" in value:  # ISO 2022 escapes: pydicom decodes those
+                    return None
+                if vr == "PN":
+                    value = value.rstrip(b"\x00 ")
+                return self._text(vr, value.decode(self.codec))
+            if vr == "IS" or vr == "DS":
+                return self._numbers(vr, value.decode("latin_1"))
+            if vr in _NUMBERS:
+                return self._binary_numbers(raw.tag, vr, value)
+            if vr == "AT":
+                return self._tags(value)
+            if vr in _RAW_BINARY:
+                return self._binary(raw.tag, vr, value)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return None
+
+    @staticmethod
+    def _text(vr: str, text: str) -> dict[str, Any] | None:
+        """pydicom's rules per VR (values.py): which padding each strips, and where."""
+        if vr in _SINGLE_TEXT:
+            items = [text.rstrip("\0 ")]
+        elif vr == "UR":
+            items = [text.rstrip()]
+        elif vr == "AE":
+            items = [i.strip() for i in text.split("\\")]
+        elif vr in _MULTI_TEXT:
+            items = [i.rstrip("\0 ") for i in text.split("\\")]
+        elif vr == "PN":
+            names = [_person_name(i) for i in text.split("\\")]
+            if len(names) > 1 and {} in names:
+                return None  # an empty name among several: pydicom fails, let it decide
+            return {"vr": vr} if names == [{}] else {"vr": vr, "Value": names}
+        elif vr == "UI":  # (pydicom's UID strips each value)
+            items = [i.strip() for i in text.rstrip("\0 ").split("\\")]
+        else:  # AS, CS, DA, DT, TM
+            items = text.rstrip(" \x00").split("\\")
+        if items == [""]:
+            return {"vr": vr}
+        if len(items) > 1:
+            return {"vr": vr, "Value": [i if i else None for i in items]}
+        return {"vr": vr, "Value": items}
+
+    @staticmethod
+    def _numbers(vr: str, text: str) -> dict[str, Any] | None:
+        items = text.strip(" \x00").split("\\")
+        if items == [""]:
+            return {"vr": vr}
+        items = [i.strip(" \x00") for i in items]
+        if "" in items:
+            return None
+        if vr == "IS":
+            if not all(_INTEGER_STRING.fullmatch(i) for i in items):
+                return None
+            values: list[Any] = [int(i) for i in items]
+            if not all(_IS_RANGE[0] <= v <= _IS_RANGE[1] for v in values):
+                return None
+            return {"vr": vr, "Value": values}
+        if not all(_DECIMAL_STRING.fullmatch(i) for i in items):
+            return None
+        values = [float(i) for i in items]
+        if not all(math.isfinite(v) for v in values):
+            return None
+        return {"vr": vr, "Value": values}
+
+    def _binary_numbers(self, tag: int, vr: str, value: bytes) -> dict[str, Any] | None:
+        code, size = _NUMBERS[vr]
+        if len(value) % size:
+            return None
+        if not value:
+            return {"vr": vr}
+        values = list(struct.unpack(f"<{len(value) // size}{code}", value))
+        if vr in ("FL", "FD"):
+            if not all(math.isfinite(v) for v in values):
+                return {"vr": vr, "BulkDataURI": bulk_data_uri(self.file_id, tag)}
+            return {"vr": vr, "Value": values}
+        if vr in ("UV", "SV") and any(abs(v) > MAX_EXACT_INTEGER for v in values):
+            return {"vr": vr, "Value": [str(v) for v in values]}
+        return {"vr": vr, "Value": values}
+
+    @staticmethod
+    def _tags(value: bytes) -> dict[str, Any] | None:
+        if len(value) % 4:
+            return None
+        if not value:
+            return {"vr": "AT"}
+        words = struct.unpack(f"<{len(value) // 2}H", value)
+        return {"vr": "AT", "Value": [f"{words[i]:04X}{words[i + 1]:04X}"
+                                      for i in range(0, len(words), 2)]}
+
+    def _binary(self, tag: int, vr: str, value: bytes) -> dict[str, Any]:
+        if len(value) > BULK_DATA_THRESHOLD:
+            return {"vr": vr, "BulkDataURI": bulk_data_uri(self.file_id, tag)}
+        if not value:
+            return {"vr": vr}
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
+
+
+_DECIMAL_STRING = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _person_name(text: str) -> dict[str, str]:
+    """A PN value's groups as pydicom's JSON gives them: trailing empty groups left out,
+    inner ones kept (``A^B==X`` has an empty Ideographic)."""
+    groups = text.split("=")[:3]
+    while groups and not groups[-1]:
+        groups.pop()
+    return dict(zip(_PN_GROUPS, groups, strict=False))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str | None:
+    """The dictionary VR of a public tag, None when unknown, private or ambiguous."""
+    if (tag >> 16) % 2:
+        return None
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return None if " or " in vr or vr in ("SQ", "xs", "ox") else vr

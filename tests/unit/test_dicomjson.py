@@ -7,10 +7,14 @@ import json
 import math
 import struct
 import warnings
+from typing import Any
 
 import bson
 import pytest
+from baddata import malformed
 from bson import ObjectId
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -303,3 +307,85 @@ def test_bad_values_inside_sequence_items_are_handled_too() -> None:
     (converted,) = data["00081140"]["Value"]
     assert converted["00180050"]["vr"] == "UN"
     assert converted["00081161"] == {"vr": "UV", "Value": ["18446744073709551615"]}
+
+
+# --- the fast path (raw elements) against pydicom's own conversion ------------------------
+
+
+def _slow(ds: Dataset) -> dict:
+    """to_json with every element converted by pydicom (the fast path switched off)."""
+    real = dicomjson._RawConverter.for_dataset
+    dicomjson._RawConverter.for_dataset = classmethod(lambda cls, *a: None)  # type: ignore
+    try:
+        return to_json(ds, "FILE")
+    finally:
+        dicomjson._RawConverter.for_dataset = real  # type: ignore[method-assign]
+
+
+def _both(data: bytes) -> tuple[dict, dict] | None:
+    from archive.storage import Archive, StoreRefused
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fast = to_json(Archive.parse(data), "FILE")
+            slow = _slow(Archive.parse(data))
+        except StoreRefused:
+            return None
+    return fast, slow
+
+
+def test_the_fast_path_gives_pydicoms_result_for_every_test_file(
+        testdata_files: list[Any]) -> None:
+    compared = 0
+    for path in testdata_files:
+        both = _both(path.read_bytes())
+        if both is not None:
+            assert both[0] == both[1], path.name
+            compared += 1
+    assert compared > 100
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(malformed())
+def test_the_fast_path_gives_pydicoms_result_for_generated_datasets(data: bytes) -> None:
+    both = _both(data)
+    if both is not None:
+        assert both[0] == both[1]
+
+
+@settings(max_examples=400, deadline=None)
+@given(vr=st.sampled_from(["AE", "AS", "CS", "DA", "DT", "TM", "UI", "SH", "LO", "UC", "LT",
+                           "ST", "UT", "UR", "PN", "IS", "DS"]),
+       text=st.text(st.sampled_from("A1.+-e \\=^\x00éZ"), max_size=12),
+       charset=st.sampled_from(["", "ISO_IR 100", "ISO_IR 192"]))
+def test_the_fast_path_gives_pydicoms_result_for_any_text_value(vr: str, text: str,
+                                                                 charset: str) -> None:
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    codec = "utf-8" if charset == "ISO_IR 192" else "latin-1"
+    body = text.encode(codec, "replace")
+    if len(body) % 2:
+        body += b" "
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.3"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buffer = BytesIO()
+    ds.file_meta = meta
+    ds.save_as(buffer, enforce_file_format=True)
+    header = struct.pack("<HH2sH", 0x0009, 0x1010, vr.encode(), len(body)) if vr not in (
+        "UC", "UT", "UR") else struct.pack("<HH2s2xI", 0x0009, 0x1010, vr.encode(), len(body))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parsed = dcmread(BytesIO(buffer.getvalue() + header + body))
+        fast = to_json(parsed, "FILE")
+        slow = _slow(dcmread(BytesIO(buffer.getvalue() + header + body)))
+    assert fast == slow, (vr, text)
