@@ -364,7 +364,9 @@ def _values(element: DataElement, vr: str) -> tuple[str, ...]:
         return tuple(f"{int(tag):08X}" for tag in items)
     texts: list[str] = []
     for item in items:
-        text = str(getattr(item, "original_string", None) or item)  # IS/DS as sent
+        text = str(item)
+        if vr in ("IS", "DS"):  # as sent: pydicom reads a long IS through a float
+            text = str(getattr(item, "original_string", None) or text)
         texts.extend([text] if vr in TEXT_VRS else text.split("\\"))
     strip = str.rstrip if vr in TEXT_VRS else str.strip
     return tuple(text for text in map(strip, texts) if text)
