@@ -376,8 +376,8 @@ class Archive:
                 rebuild += [hierarchy_of(previous), hierarchy_of(doc)]
             else:
                 self._leave(previous, hierarchy_of(doc))
-        for hierarchy in dict.fromkeys(rebuild):
-            self.recompute(hierarchy, extra_instance=sop_uid)
+        if rebuild:
+            self.recompute(*rebuild, extra_instance=sop_uid)
         outcome = StoreOutcome(SUCCESS, "", sop_uid, replaced=previous is not None)
         if previous is not None and previous["file_id"] != file_id:
             try:
@@ -562,18 +562,28 @@ class Archive:
 
     # -- exact rebuilds ---------------------------------------------------------------
 
-    def recompute(self, hierarchy: Iterable[str], extra_instance: str | None = None) -> None:
-        """Rebuild the series, study and patient documents of one hierarchy exactly.
+    def recompute(self, *hierarchies: Iterable[str], extra_instance: str | None = None
+                  ) -> None:
+        """Rebuild the series, study and patient documents of hierarchies exactly.
 
         Members are found through the child lists plus ``extra_instance`` (an instance
         a failed or interrupted store may have written without listing it), checked
-        against their own documents.
+        against their own documents.  Level by level -- every series, then every
+        study, then every patient -- since a study is summed from its series and a
+        patient from its studies: an instance that moved between two hierarchies must
+        have left the old series before the study above it is counted.
         """
-        series_uid, study_uid, patient_id = hierarchy
-        self._rebuild(self.series, series_uid, "instances", [extra_instance],
-                      self._series_fields)
-        self._rebuild(self.studies, study_uid, "series", [series_uid], self._study_fields)
-        self._rebuild(self.patients, patient_id, "studies", [study_uid], self._patient_fields)
+        triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
+        for series_uid in dict.fromkeys(t[0] for t in triples):
+            self._rebuild(self.series, series_uid, "instances", [extra_instance],
+                          self._series_fields)
+        all_series = [t[0] for t in triples]
+        for study_uid in dict.fromkeys(t[1] for t in triples):
+            self._rebuild(self.studies, study_uid, "series", all_series, self._study_fields)
+        all_studies = [t[1] for t in triples]
+        for patient_id in dict.fromkeys(t[2] for t in triples):
+            self._rebuild(self.patients, patient_id, "studies", all_studies,
+                          self._patient_fields)
 
     def _rebuild(self, collection: Collection, uid: str, children: str,
                  extra: list[str | None],
@@ -778,9 +788,10 @@ class Archive:
             if current is None and previous and self.files.exists(ObjectId(previous)):
                 self._reindex(ObjectId(previous))
             self.files.delete(file_id, entry.get("length"))
-        for key in ("hierarchy", "previous_hierarchy"):
-            if entry.get(key):
-                self.recompute(tuple(entry[key]), extra_instance=sop)
+        hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
+                       if entry.get(k)]
+        if hierarchies:
+            self.recompute(*hierarchies, extra_instance=sop)
 
     def _reindex(self, file_id: ObjectId) -> None:
         """Index an original already in GridFS again (its metadata was lost)."""

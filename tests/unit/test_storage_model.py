@@ -145,7 +145,7 @@ def level_state(db: Any) -> dict[str, Any]:
     return state
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(store_op, min_size=1, max_size=12),
        policy=st.sampled_from(["refuse", "accept"]))
