@@ -196,7 +196,8 @@ def _json_value(vr: str, text: str, key: str) -> Any:
             number = math.nan
         if not math.isfinite(number):
             raise PatternError(f"{key} is {vr}: {text!r} is not a number", key)
-        return int(number) if number.is_integer() and "." not in text else number
+        integral = number.is_integer() and "." not in text and abs(number) <= 2**53
+        return int(number) if integral else number  # (a larger one stays a double)
     return text
 
 
