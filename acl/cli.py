@@ -44,9 +44,10 @@ from archive.storage import connect
 
 
 @contextlib.contextmanager
-def _database(cfg: Config) -> Iterator[Database]:
-    """The archive's database (starting the embedded FerretDB when configured)."""
-    with database(cfg):
+def _database(cfg: Config, existing: bool = False) -> Iterator[Database]:
+    """The archive's database (the running node's embedded FerretDB, or one started for
+    the command); ``existing`` for reading: one nothing was stored in is an error."""
+    with database(cfg, existing=existing):
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         try:
             yield client[cfg.database.name]
@@ -165,7 +166,7 @@ def _report(change: Change, rules: list[Rule], file: str, dry_run: bool) -> str:
 
 
 def _export(args: argparse.Namespace, cfg: Config) -> int:
-    with _database(cfg) as db:
+    with _database(cfg, existing=True) as db:
         ruleset = RuleStore(db).load()
     if ruleset.id is None:
         header = f"No rules were ever applied to database {cfg.database.name}: all is denied."
@@ -193,7 +194,7 @@ def _check(args: argparse.Namespace, cfg: Config) -> int:
         document = _document(args)
     except (OSError, ValueError) as exc:
         return _error(str(exc), 2)
-    with _database(cfg) as db:
+    with _database(cfg, existing=True) as db:
         ruleset = RuleStore(db).load()
     refused = stored_problems(ruleset.rules)
     if refused:
@@ -281,7 +282,7 @@ def run_audit(args: argparse.Namespace, cfg: Config) -> int:
     if args.limit < 0:
         return _error("--limit must be 0 (all) or more", 2, "archive audit")
     try:
-        with _database(cfg) as db:
+        with _database(cfg, existing=True) as db:
             rows = audit.entries(db, args.user, since, args.limit)
     except PyMongoError as exc:
         return _error(f"database error: {exc}", 1, "archive audit")

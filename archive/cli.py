@@ -1,4 +1,16 @@
-"""Command line: ``python -m archive serve | import | stats`` (and the ``archive`` script)."""
+"""The command line: ``archive COMMAND`` (also ``python -m archive COMMAND``).
+
+Conventions, as DCMTK's and Orthanc's tools: exit status 0 when everything asked was
+done, 1 when something failed (a file not stored, a problem found, a request denied),
+2 when the command could not run (usage, configuration, no database); one line per
+problem on stderr; commands other than ``serve`` log warnings and errors only (INFO
+with ``--verbose``); machine-readable output with ``--json`` where there is output.
+
+The one-shot commands work on the database of the configuration; with the embedded
+FerretDB that is the running node's when one serves the same data folder, else one
+started for the command, and the commands that only read refuse a data folder or a
+database that does not exist rather than report an empty archive.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +23,28 @@ import signal
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
 from archive import config as config_module
-from archive.config import Config, ConfigError
+from archive.config import Config, ConfigError, display_uri
 from archive.ferretdb import DatabaseUnavailable, EmbeddedFerretDB
 
 log = logging.getLogger("archive")
+
+DESCRIPTION = """\
+A DICOM archive: a node that stores (C-STORE), answers queries (C-FIND) and retrieves
+(C-MOVE, C-GET) under access rules, and the commands that manage it."""
+
+EPILOG = """\
+'archive COMMAND --help' shows a command's options.
+Exit status: 0 done, 1 something failed (a file not stored, a problem found, a request
+denied), 2 the command could not run (usage, configuration, database)."""
 
 #: Registered sub-commands: name -> (configure parser, run).  Other modules (acl,
 #: users, audit) add theirs through :func:`command`.
@@ -35,32 +59,108 @@ def command(name: str, configure: Callable[[argparse.ArgumentParser], None]) -> 
     return register
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("dicom-archive")
+    except metadata.PackageNotFoundError:
+        from archive import __version__
+
+        return __version__
+
+
+def setup_logging(level: str, one_shot: bool) -> None:
+    """The node logs at its configured level with time stamps; other commands say
+    only warnings and errors (INFO with --verbose), prefixed like their other lines."""
+    fmt = "archive: %(levelname)s: %(message)s" if one_shot else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt)
     for noisy in ("pynetdicom", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
+class NoArchive(Exception):
+    """A command that reads was pointed at a database that does not exist."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """Which database a command works on, so that it can say so."""
+
+    name: str
+    uri: str  # as shown: without password
+    data_dir: str | None  # the embedded FerretDB's data folder, None for an external one
+    node_pid: int | None  # the running node whose embedded FerretDB is shared
+
+    def where(self) -> str:
+        if self.data_dir is None:
+            return self.uri
+        owner = f"shared with the running node pid {self.node_pid}" if self.node_pid \
+            else "started for this command: no node is running on it"
+        return f"embedded FerretDB on {self.uri}, data in {self.data_dir}, {owner}"
+
+    def describe(self) -> str:
+        return f"database {self.name} ({self.where()})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @contextlib.contextmanager
-def database(cfg: Config, on_down: Callable[[str], None] | None = None) -> Iterator[Config]:
-    """Start the embedded FerretDB when configured, and point the config at it.
+def database(cfg: Config, on_down: Callable[[str], None] | None = None, *,
+             existing: bool = False) -> Iterator[Opened]:
+    """Start the embedded FerretDB when configured (or share the running node's), and
+    point the config at it.
 
     With ``on_down`` (the node), FerretDB is also restarted whenever it exits, and
     ``on_down(reason)`` is told at once; one-shot commands have no need of either.
+    ``existing`` (commands that only read): raise NoArchive rather than create an
+    empty data folder or report on a database nothing was ever stored in.
     """
     embedded = EmbeddedFerretDB(cfg.database.embedded) if cfg.database.embedded.enabled else None
     if embedded is not None:
+        if existing and not embedded.data_dir.is_dir():
+            raise NoArchive(f"no embedded database in {embedded.data_dir} (database.embedded."
+                            "data_dir: the folder does not exist); run from the archive's "
+                            "folder or give its --config")
         cfg.database.uri = embedded.start()
         if on_down is not None:
             embedded.supervise(on_down)
     try:
-        yield cfg
+        opened = Opened(cfg.database.name, display_uri(cfg.database.uri),
+                        str(embedded.data_dir) if embedded else None,
+                        embedded.shared_with if embedded else None)
+        if existing:
+            _require_database(cfg, opened)
+        yield opened
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _require_database(cfg: Config, opened: Opened) -> None:
+    from archive.storage import connect
+
+    client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+    try:
+        collections = client[cfg.database.name].list_collection_names()
+    finally:
+        client.close()
+    if not collections:
+        raise NoArchive(f"no {opened.describe()}: nothing was ever stored there (wrong "
+                        "--config, database.name or data folder?)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Lists sub-commands under their section without the ``{a,b,c}`` line above them."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._SubParsersAction):
+            return "".join(self._format_action(sub) for sub in action._get_subactions())
+        return super()._format_action(action)
 
 
 # --- serve -------------------------------------------------------------------------
@@ -101,51 +201,52 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
 
 def _configure_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _walk(paths: list[str]) -> Iterator[Path]:
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
-        else:
-            yield path
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar, no line per skipped file (failures still)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON report on stdout: counts and every file's outcome")
 
 
 @command("import", _configure_import)
 def run_import(args: argparse.Namespace, cfg: Config) -> int:
-    """Load files into the archive through the same code path as C-STORE."""
+    """Store files and folders (recursively) through the checks of C-STORE."""
     from tqdm import tqdm
 
-    from archive.importer import read_part10
-    from archive.storage import Archive, StoreRefused, connect, ensure_indexes
+    from archive import importer
+    from archive.storage import Archive, connect, ensure_indexes
 
-    files = list(_walk(args.paths))
-    counts = {"stored": 0, "skipped": 0, "failed": 0}
-    with database(cfg):
+    candidates = list(importer.walk(args.paths))
+    # A progress bar only on a terminal: redirected, its redraws would flood the file.
+    show_bar = bool(candidates) and not (args.quiet or args.json) and sys.stderr.isatty()
+    results: list[importer.Result] = []
+    with database(cfg) as opened:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
-        db = client[cfg.database.name]
-        ensure_indexes(db)
-        archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal,
-                          cfg.hierarchy_conflicts)
-        bar = tqdm(files, unit="file", disable=args.quiet or not files, file=sys.stderr)
-        for path in bar:
-            try:
-                part10, ds = read_part10(path)
-            except StoreRefused as exc:
-                counts["skipped"] += 1
-                bar.write(f"skipped {path}: {exc.comment}")
-                continue
-            outcome = archive.store(part10, source="import", ds=ds)
-            if outcome.ok:
-                counts["stored"] += 1
-            else:
-                counts["failed"] += 1
-                bar.write(f"failed {path}: 0x{outcome.status:04X} {outcome.comment}")
-        client.close()
-    print(f"stored {counts['stored']}, skipped {counts['skipped']}, failed {counts['failed']}")
-    return 1 if counts["failed"] else 0
+        try:
+            db = client[cfg.database.name]
+            ensure_indexes(db)
+            archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal,
+                              cfg.hierarchy_conflicts)
+            bar = tqdm(candidates, unit="file", disable=not show_bar, file=sys.stderr)
+            for candidate in bar:
+                result = importer.import_one(archive, candidate)
+                results.append(result)
+                if result.outcome == importer.FAILED or \
+                        (result.outcome == importer.SKIPPED and not args.quiet):
+                    line = f"archive import: {result.line()}"
+                    if show_bar:
+                        bar.write(line, file=sys.stderr)
+                    else:
+                        print(line, file=sys.stderr)
+        finally:
+            client.close()
+    counts = Counter(result.outcome for result in results)
+    summary = {key: counts[key] for key in (importer.STORED, importer.SKIPPED, importer.FAILED)}
+    if args.json:
+        print(json.dumps({**summary, "database": opened.as_dict(),
+                          "files": [result.as_dict() for result in results]}, indent=2))
+    else:
+        print(", ".join(f"{key} {n}" for key, n in summary.items()) + f" into {opened.describe()}")
+    return 1 if counts[importer.FAILED] else 0
 
 
 # --- stats -------------------------------------------------------------------------
@@ -157,15 +258,19 @@ def _configure_stats(parser: argparse.ArgumentParser) -> None:
 
 @command("stats", _configure_stats)
 def run_stats(args: argparse.Namespace, cfg: Config) -> int:
+    """Count patients, studies, series and instances, per modality and SOP class."""
     from archive.storage import Archive, connect
 
-    with database(cfg):
+    with database(cfg, existing=True) as opened:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
-        stats = Archive(client[cfg.database.name], cfg.database.gridfs_bucket).stats()
-        client.close()
+        try:
+            stats = Archive(client[cfg.database.name], cfg.database.gridfs_bucket).stats()
+        finally:
+            client.close()
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps({**stats, "database": opened.as_dict()}, indent=2))
         return 0
+    print(opened.describe())
     for key in ("patients", "studies", "series", "instances"):
         print(f"{key:<10} {stats[key]:>8}")
     for title, key in (("instances per modality", "modalities"),
@@ -194,7 +299,7 @@ def run_check(args: argparse.Namespace, cfg: Config) -> int:
     from archive.check import check
     from archive.storage import Archive, connect
 
-    with database(cfg):
+    with database(cfg, existing=True) as opened:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         try:
             archive = Archive(client[cfg.database.name], cfg.database.gridfs_bucket,
@@ -204,8 +309,10 @@ def run_check(args: argparse.Namespace, cfg: Config) -> int:
         finally:
             client.close()
     if args.json:
-        print(json.dumps({**report.as_dict(), "clean_after_repair": after.clean}, indent=2))
+        print(json.dumps({**report.as_dict(), "clean_after_repair": after.clean,
+                          "database": opened.as_dict()}, indent=2))
     else:
+        print(opened.describe())
         for line in report.problems:
             print(f"problem: {line}")
         for line in report.notes:
@@ -224,15 +331,30 @@ def run_check(args: argparse.Namespace, cfg: Config) -> int:
 # --- entry point -------------------------------------------------------------------
 
 
+def _options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--config and --verbose, before the command or after it."""
+    parser.add_argument("--config", default=os.environ.get("ARCHIVE_CONFIG") if top
+                        else argparse.SUPPRESS,
+                        help=f"YAML configuration (default {config_module.DEFAULT_PATH}, "
+                             "or ARCHIVE_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
+                        help="log progress too (commands other than serve log warnings "
+                             "and errors only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="archive", description=__doc__)
-    parser.add_argument("--config", default=os.environ.get("ARCHIVE_CONFIG"),
-                        help=f"YAML configuration (default {config_module.DEFAULT_PATH})")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="archive", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"archive {version()}")
+    _options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
     for name, (configure, run) in COMMANDS.items():
-        child = sub.add_parser(name, help=(run.__doc__ or "").split("\n")[0])
-        child.add_argument("--config", default=argparse.SUPPRESS,
-                           help="YAML configuration file")
+        doc = (run.__doc__ or "").strip()
+        child = sub.add_parser(name, help=doc.split("\n")[0].rstrip("."), description=doc,
+                               formatter_class=_Formatter)
+        _options(child, top=False)
         configure(child)
         child.set_defaults(run=run)
     return parser
@@ -250,15 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"archive: {problem}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
+    one_shot = args.command != "serve"
+    setup_logging(("INFO" if args.verbose else "WARNING") if one_shot else cfg.log_level,
+                  one_shot)
     try:
         return args.run(args, cfg)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, NoArchive) as exc:
         print(f"archive: {exc}", file=sys.stderr)
         return 2
     except PyMongoError as exc:
-        print(f"archive: database {cfg.database.uri} ({cfg.database.name}) not usable: "
-              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        print(f"archive: database {cfg.database.name} at {display_uri(cfg.database.uri)} "
+              f"not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -271,14 +396,19 @@ _NO_DATABASE = frozenset({"user"})
 
 
 def writable(folder: Path) -> str | None:
-    """None when a file can be created in ``folder`` (made if missing), else why not.
+    """None when files can be created in ``folder``, or the folder itself (it is made
+    by whoever needs it), else why not.
 
     A real probe rather than ``os.access``: root passes every permission check but not
     a read-only file system, and both must fail here rather than in a traceback later.
+    Nothing is created but the probe's temporary file: a command that only reads must
+    not leave an empty data folder behind.
     """
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".archive-probe-"):
+        with tempfile.TemporaryFile(dir=probe, prefix=".archive-probe-"):
             pass
     except OSError as exc:
         return exc.strerror or type(exc).__name__

@@ -399,6 +399,11 @@ def _validate_database(database: Database) -> None:
                           "(1 to 63 characters, none of / \\ . space \" $)")
 
 
+def display_uri(uri: str) -> str:
+    """The database URI as logs and messages may show it: any password replaced."""
+    return re.sub(r"^(mongodb(?:\+srv)?://[^:@/?]*):[^@/?]*@", r"\1:***@", uri)
+
+
 def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Read, override from the environment, and validate the configuration."""
     environ = os.environ if environ is None else environ

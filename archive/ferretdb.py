@@ -247,6 +247,8 @@ class EmbeddedFerretDB:
         self.process: subprocess.Popen[bytes] | None = None
         #: the FerretDB in use: ours, or another node's
         self.server: Process | None = None
+        #: the pid of the node whose FerretDB is shared, None when it is ours
+        self.shared_with: int | None = None
         self._me = Process.of(os.getpid()) or Process(os.getpid(), 0)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -282,6 +284,7 @@ class EmbeddedFerretDB:
         if owner is not None:
             if owner.node.alive():
                 self.process, self.server = None, holder
+                self.shared_with = owner.node_pid
                 log.info("sharing the embedded database with node pid %d: FerretDB pid %d "
                          "on 127.0.0.1:%d (data in %s)", owner.node_pid, holder.pid,
                          self.port, self.data_dir)
@@ -371,6 +374,7 @@ class EmbeddedFerretDB:
             time.sleep(0.05)
         self.process = process
         self.server = Process.of(process.pid)
+        self.shared_with = None
         if self.server is None:  # died this instant: the caller tries again
             return False
         write_owner(self.pidfile, Owner(process.pid, self.server.started, self._me.pid,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -105,15 +105,32 @@ def unique_key_filter(identifier: Dataset, level: str) -> dict[str, Any]:
     conditions = []
     for lvl in LEVELS[: LEVELS.index(level) + 1]:
         keyword = model.UNIQUE_KEY[lvl]
-        values = _exact_values(identifier, keyword)
+        values = exact_values(identifier, keyword)
         if values is not None:
             conditions.append({keyword: {"$in": values}})
     return conditions[0] if len(conditions) == 1 else {"$and": conditions} if conditions else {}
 
 
-def _exact_values(identifier: Dataset, keyword: str) -> list[str] | None:
-    """Values of a unique key that name entities exactly (no wildcard, not universal)."""
-    elem = identifier.data_element(keyword) if keyword in identifier else None
+def exact_values(identifier: Dataset, keyword: str) -> list[str] | None:
+    """Values of a unique key that name entities exactly (no wildcard, not universal);
+    None when the key does not name any.
+
+    A file meta alias of the key ((0002,0003) for SOP Instance UID) names them too:
+    given alone it stands for the key, given beside it only the UIDs both name remain
+    (an empty list: nothing can match).
+    """
+    tag = tag_for_keyword(keyword)
+    values = _exact(identifier, tag) if tag is not None else None
+    for alias, attribute in model.FILE_META_ALIASES.items():
+        if attribute == tag:
+            aliased = _exact(identifier, alias)
+            if aliased is not None:
+                values = aliased if values is None else [v for v in values if v in aliased]
+    return values
+
+
+def _exact(identifier: Dataset, tag: int) -> list[str] | None:
+    elem = identifier.get(tag)
     if elem is None or elem.value in (None, "", []):
         return None
     values = [str(v).strip() for v in (elem.value if elem.VM > 1 else [elem.value])]
@@ -165,7 +182,7 @@ class Finder:
     def _navigation_start(self, level: str, identifier: Dataset) -> tuple[str, list[str]] | None:
         """The deepest level at or above ``level`` whose unique key names entities."""
         for candidate in reversed(LEVELS[: LEVELS.index(level) + 1]):
-            values = _exact_values(identifier, model.UNIQUE_KEY[candidate])
+            values = exact_values(identifier, model.UNIQUE_KEY[candidate])
             if values is not None:
                 return candidate, values
         return None

@@ -104,6 +104,28 @@ CONTROL_KEYS: frozenset[int] = frozenset(
 )
 
 
+#: File Meta Information keys that stand for a dataset attribute.  The archive sends
+#: every instance with Media Storage SOP Class / Instance UID equal to its SOP Class /
+#: Instance UID (archive.retrieve writes the meta group), so an identifier naming them
+#: (Orthanc 1.10 puts (0002,0003) in every IMAGE-level C-FIND and C-MOVE) asks for those.
+FILE_META_ALIASES: dict[int, int] = {0x00020002: 0x00080016, 0x00020003: 0x00080018}
+
+
+def identifier_key(tag: int) -> int | None:
+    """The dataset attribute an identifier key is matched against, or None.
+
+    None for keys that are no attribute of a stored dataset -- group lengths
+    (gggg,0000), command elements (0000,eeee), file meta elements (0002,eeee) other
+    than :data:`FILE_META_ALIASES` -- which match universally and are never returned.
+    """
+    tag = int(tag)
+    if tag in FILE_META_ALIASES:
+        return FILE_META_ALIASES[tag]
+    if tag >> 16 in (0x0000, 0x0002) or tag & 0xFFFF == 0:
+        return None
+    return tag
+
+
 def level_of(tag: int) -> str:
     """Level an attribute belongs to; IMAGE for anything not listed above it."""
     for level in (PATIENT, STUDY, SERIES):

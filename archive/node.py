@@ -21,7 +21,7 @@ from acl import auth, identity, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, Rule, RuleStore, allow_all
 from archive import connections, negotiation, retrieve, services
-from archive.config import Config
+from archive.config import Config, display_uri
 from archive.find import Finder
 from archive.health import DatabaseHealth
 from archive.storage import Archive, connect, ensure_indexes
@@ -220,9 +220,9 @@ class Node:
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         if self.cfg.startup_check == "full":
             threading.Thread(target=self._full_check, name="startup-check", daemon=True).start()
-        log.info("%s listening on %s:%d (database %s/%s)", self.cfg.ae_title,
-                 self.cfg.bind_address, self.cfg.port, self.cfg.database.uri,
-                 self.cfg.database.name)
+        log.info("%s listening on %s:%d (database %s at %s)", self.cfg.ae_title,
+                 self.cfg.bind_address, self.cfg.port, self.cfg.database.name,
+                 display_uri(self.cfg.database.uri))
 
     def _full_check(self) -> None:
         """``archive check --repair`` while serving (startup_check: full): finds what a

@@ -224,14 +224,24 @@ def check(part10: bytes, ds: Dataset | None) -> None:
         check_complete(part10, bool(implicit), bool(little),
                        syntax == DeflatedExplicitVRLittleEndian)
         return
-    syntax = _meta_syntax(part10)
+    syntax = meta_syntax(part10)
     if syntax is None:
         return
     check_complete(part10, syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian,
                    syntax == DeflatedExplicitVRLittleEndian)
 
 
-def _meta_syntax(part10: bytes) -> str | None:
+def meta_end(part10: bytes) -> int | None:
+    """Where the dataset of a file with the ``DICM`` preamble starts: after its meta
+    group elements, however many (none included); None when the group is cut short."""
+    try:
+        return _Walker(part10).dataset(132, len(part10), _Encoding(False, True), 0,
+                                       stop_group=0x0002)
+    except Incomplete:
+        return None
+
+
+def meta_syntax(part10: bytes) -> str | None:
     """Transfer Syntax UID (0002,0010) of the meta group, None if it has none readable."""
     if part10[128:132] != b"DICM":
         return None

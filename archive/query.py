@@ -45,6 +45,7 @@ from archive.model import (
     SERIES,
     STUDY,
     Field,
+    identifier_key,
     level_of,
     normalise_date,
     normalise_datetime,
@@ -172,15 +173,18 @@ def translate(
     if model not in MODELS:
         raise ValueError(f"unknown information model {model!r}")
     level = _query_level(identifier, model)
-    keys = tuple(
-        tag
-        for tag in _in_order(identifier)
-        if tag not in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET) and tag.element != 0
-    )
-    for tag in keys:
+    for tag in _in_order(identifier):
         _check_allowed(int(tag), level)
+    # Returned: the requested dataset attributes, never a key that is no attribute
+    # (group lengths, command and file meta elements: model.identifier_key).
+    keys = tuple(
+        int(tag)
+        for tag in _in_order(identifier)
+        if tag not in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET)
+        and identifier_key(tag) == tag
+    )
     context = _Context(level, "dataset.", pn_case_insensitive, combined_datetime, True)
-    return Query(level, _combine(_conditions(identifier, context)), tuple(int(t) for t in keys))
+    return Query(level, _combine(_conditions(identifier, context)), keys)
 
 
 def pattern_filter(
@@ -251,13 +255,17 @@ def _query_level(identifier: Dataset, model: str) -> str:
 
 
 def _check_allowed(tag: int, level: str) -> None:
-    """Refuse a key of a level below the query level (PS3.4 C.4.1.2.1)."""
-    if tag in CONTROL_KEYS:
+    """Refuse a key of a level below the query level (PS3.4 C.4.1.2.1).
+
+    A file meta alias is judged as the attribute it stands for, under its own name.
+    """
+    attribute = identifier_key(tag)
+    if attribute is None or attribute in CONTROL_KEYS:
         return
-    key_level = level_of(tag)
+    key_level = level_of(attribute)
     if LEVELS.index(key_level) <= LEVELS.index(level):
         return
-    if key_level == IMAGE and tag not in IMAGE_KEYS:
+    if key_level == IMAGE and attribute not in IMAGE_KEYS:
         return  # an optional key the archive does not support: universal match
     article = "an" if key_level == IMAGE else "a"
     raise _fault(tag, f"is {article} {key_level} key, not allowed at {level} level")
@@ -309,17 +317,23 @@ def _in_order(dataset: Dataset) -> list[BaseTag]:
 
 
 def _key(dataset: Dataset, tag: int, context: _Context) -> _Key | None:
-    """Resolve a key to its field, or None when it never filters at this place."""
-    tag = int(tag)
-    if tag in CONTROL_KEYS or tag & 0xFFFF == 0:
-        return None  # control keys and group lengths
+    """Resolve a key to its field, or None when it never filters at this place.
+
+    A file meta alias ((0002,0003) Media Storage SOP Instance UID) is matched as the
+    attribute it stands for, beside that attribute if both are given.
+    """
+    received = int(tag)
+    attribute = identifier_key(received)
+    if attribute is None or attribute in CONTROL_KEYS:
+        return None  # control keys, group lengths, command and other file meta elements
+    tag = attribute
     try:
-        element = dataset[tag]
+        element = dataset[received]
         vr = element.VR.split(" or ")[0]
         values = _values(element, vr)
         items = tuple(element.value or ()) if vr == "SQ" else ()
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
-        raise _fault(tag, "has an invalid value") from exc
+        raise _fault(received, "has an invalid value") from exc
     raw_path = f"{context.prefix}{tag:08X}.Value"
     field = None
     if context.level is not None:

@@ -71,6 +71,7 @@ from acl.audit import operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, RETRIEVE, Decision
 from archive import model
 from archive.config import Destination
+from archive.find import exact_values
 from archive.query import Query, QueryError, translate
 
 if TYPE_CHECKING:
@@ -90,6 +91,11 @@ OUT_OF_RESOURCES_SUBOPS = 0xA702  # unable to perform sub-operations
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
+#: The identifier selects no instance (unknown, or hidden by the access rules: the two
+#: are answered alike).  PS3.4 has no status for it; 0xC000 is Orthanc's answer, and the
+#: one its C-MOVE SCU reports as "unable to process - resource not found ?".
+NOTHING_FOUND = UNABLE_TO_PROCESS
+NOTHING_FOUND_COMMENT = "no instance matches the identifier"
 INTERNAL_ERROR = 0xC001
 
 #: Number of ... Sub-operations are US: no more matches can be reported.
@@ -148,11 +154,12 @@ class Counts:
     def remaining(self) -> int:
         return self.total - self.completed - self.failed - self.warning
 
-    def fail(self, item: Item, reason: str) -> None:
+    def fail(self, item: Item | str, reason: str) -> None:
+        uid = item if isinstance(item, str) else item.uid
         self.failed += 1
-        self.failed_uids.append(item.uid)
+        self.failed_uids.append(uid)
         if not self.reasons[reason]:
-            log.warning("sub-operation failed for %s: %s", item.uid, reason)
+            log.warning("sub-operation failed for %s: %s", uid, reason)
         self.reasons[reason] += 1
 
     def final_status(self) -> int:
@@ -522,10 +529,17 @@ class Retrieve:
         if not self.node.health.up:  # refused at once, not after the driver's timeouts
             raise Refused(OUT_OF_RESOURCES_MATCHES, "database unavailable")
         items = self._match(query, identifier)
-        self.counts.total = len(items)
         if not items:
-            self.finish(SUCCESS)
-            return
+            raise Refused(NOTHING_FOUND, NOTHING_FOUND_COMMENT, _unique_tags(query.level))
+        # Instances named by UID and not found are failed sub-operations (PS3.4
+        # C.4.2.1.5: Warning B000, Failed SOP Instance UID List), so a peer sees them.
+        found = {item.uid for item in items}
+        named = exact_values(identifier, "SOPInstanceUID") if query.level == model.IMAGE \
+            else None
+        missing = [uid for uid in dict.fromkeys(named or ()) if uid not in found]
+        self.counts.total = len(items) + len(missing)
+        for uid in missing:
+            self.counts.fail(uid, "SOP Instance not found")
         with tempfile.TemporaryDirectory(prefix="archive-retrieve-") as tmp:
             if destination is None:
                 self._transfer(self.assoc, items, Path(tmp))
@@ -559,7 +573,8 @@ class Retrieve:
         except Exception:  # noqa: BLE001 - an identifier pydicom cannot decode
             raise Refused(UNABLE_TO_PROCESS, "cannot decode the identifier") from None
         try:
-            query = translate(identifier, MODELS[self.request.AffectedSOPClassUID],
+            query = translate(identifier, _retrieve_model(
+                MODELS[self.request.AffectedSOPClassUID], identifier),
                               pn_case_insensitive=self.node.cfg.query.pn_case_insensitive,
                               combined_datetime=self.node.cfg.query.combined_datetime)
         except QueryError as exc:
@@ -729,19 +744,37 @@ def _error_comment(text: str) -> str:
 def _require_unique_key(identifier: Dataset, level: str) -> None:
     """A retrieve names the entities it moves: the level's unique key (PS3.4 C.4.2.2.1).
 
-    Without it a C-MOVE of an empty identifier would send the whole archive.
+    Without it a C-MOVE of an empty identifier would send the whole archive.  At the
+    IMAGE level (0002,0003) Media Storage SOP Instance UID names instances too.
     """
     keyword = model.UNIQUE_KEY[level]
-    values: list[str] = []
-    if keyword in identifier:
-        value = identifier.data_element(keyword).value  # type: ignore[union-attr]
-        raw = [value] if isinstance(value, str) else list(value or [])
-        values = [str(v).strip() for v in raw if str(v).strip()]
-    if not values or any("*" in v or "?" in v for v in values):
-        tag = tag_for_keyword(keyword) or 0
+    if exact_values(identifier, keyword) is None:
         raise Refused(IDENTIFIER_DOES_NOT_MATCH,
                       f"{keyword} required at the {level} level, without wildcards",
-                      (tag,))
+                      _unique_tags(level))
+
+
+def _unique_tags(level: str) -> tuple[int, ...]:
+    """The level's unique key, as Offending Element."""
+    return (tag_for_keyword(model.UNIQUE_KEY[level]) or 0,)
+
+
+def _retrieve_model(model_name: str, identifier: Dataset) -> str:
+    """The information model to read a retrieve identifier in.
+
+    Orthanc (1.10) sends every C-MOVE in Study Root, its patient-level retrieves
+    included: a PATIENT level naming a Patient ID is then read as Patient Root, so that
+    "retrieve this patient" works.  C-FIND stays strict (Orthanc queries patients in
+    Patient Root).
+    """
+    if model_name != model.STUDY:
+        return model_name
+    try:
+        level = identifier.get("QueryRetrieveLevel")
+    except Exception:  # noqa: BLE001 - translate() names the faulty level itself
+        return model_name
+    return model.PATIENT if isinstance(level, str) and level.strip() == model.PATIENT \
+        else model_name
 
 
 # --- handlers -------------------------------------------------------------------------

@@ -108,6 +108,18 @@ def c_get(node: Any, user: str, level: str, **keys: Any) -> tuple[int, int, list
     return int(final.Status), int(final.get("NumberOfCompletedSuboperations", 0)), received
 
 
+def c_get_final(node: Any, user: str, level: str,
+                **keys: Any) -> tuple[int, str, int, list[str]]:
+    """(final status, its Error Comment, completed sub-operations, UIDs received)."""
+    received: list[str] = []
+    final = Dataset()
+    with scu(node, user, get=True, received=received) as assoc:
+        for status, _ in assoc.send_c_get(identifier(level, **keys), GET):
+            final = status
+    return (int(final.Status), str(final.get("ErrorComment", "")),
+            int(final.get("NumberOfCompletedSuboperations", 0)), received)
+
+
 def c_move(node: Any, user: str, destination: str, level: str,
            **keys: Any) -> tuple[int, int]:
     final = Dataset()

@@ -36,10 +36,12 @@ import pymongo
 import pytest
 import yaml
 
-# ``helpers`` sits beside this file: importable whatever pytest's import mode or layout.
+# ``helpers`` sits beside this file, ``benchmarks`` (whose harness runs Orthanc for the
+# peer tests) beside ``tests``: importable whatever pytest's import mode or layout.
 _TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+for _path in (_TESTS, str(Path(_TESTS).parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from helpers import (  # noqa: E402, F401 - re-exported for the other suites
     ROOT,

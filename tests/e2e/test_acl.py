@@ -26,6 +26,7 @@ from acl_clients import (
     by_key,
     c_find,
     c_get,
+    c_get_final,
     c_move,
     scu,
     use_rules,
@@ -334,20 +335,23 @@ def test_get_sends_only_visible_instances(node: Any) -> None:
     # Patient level: the other study of the same patient stays behind.
     status, completed, received = c_get(node, "alice", "PATIENT", PatientID="A.B$C(1)")
     assert (status, completed, len(received)) == (0x0000, 3, 3)
-    # Hidden ones, even by exact UID: nothing, as if not found.
+    # Hidden ones, even by exact UID: nothing, answered exactly as for UIDs that do not
+    # exist (0xC000, same comment).
     for level, keys in [
         ("STUDY", {"PatientID": "A.B$C(1)", "StudyInstanceUID": study_uid("2")}),
         ("IMAGE", {"PatientID": "P3", "StudyInstanceUID": study_uid("4"),
                    "SeriesInstanceUID": series_uid("4", "1"),
                    "SOPInstanceUID": sop_uid("4", "1", 1)}),
     ]:
-        assert c_get(node, "alice", level, **keys) == (0x0000, 0, []), level
+        hidden = c_get_final(node, "alice", level, **keys)
+        absent = c_get_final(node, "alice", level, **{k: f"{v}9" for k, v in keys.items()})
+        assert hidden == absent == (0xC000, "no instance matches the identifier", 0, []), level
 
 
 def test_move_sends_only_visible_instances(node: Any, capture: StoreSCP) -> None:
     capture.take()
     assert c_move(node, "alice", "CAPTURE", "STUDY", PatientID="P3",
-                  StudyInstanceUID=study_uid("4")) == (0x0000, 0)
+                  StudyInstanceUID=study_uid("4")) == (0xC000, 0)  # hidden: not found
     assert c_move(node, "alice", "CAPTURE", "STUDY", PatientID="AXB$C(1)",
                   StudyInstanceUID=study_uid("3")) == (0x0000, 1)
     assert c_move(node, "carol", "CAPTURE", "STUDY", PatientID="AXB$C(1)",

@@ -509,12 +509,37 @@ def test_move_every_level_and_model(node: RunningNode, corpus: Corpus, ports: di
     assert all(scp.received[u][1] == corpus.stored[u] for u in uids)
 
 
-def test_move_of_nothing_succeeds_without_contacting_the_destination(
-        node: RunningNode, corpus: Corpus, ports: dict[str, int]) -> None:
-    outcome = pynetdicom_move(node, identifier("STUDY", StudyInstanceUID=generate_uid()),
-                              "NOBODY")
-    assert outcome.status == 0x0000
-    assert_counts(outcome, completed=0)
+@pytest.mark.parametrize(("model", "level"), LEVEL_CASES)
+def test_move_of_nothing_fails_without_contacting_the_destination(
+        node: RunningNode, corpus: Corpus, ports: dict[str, int], model: str,
+        level: str) -> None:
+    """Unknown UIDs at every level: 0xC000 saying so, not Success with zero.  NOBODY
+    listens nowhere: contacting it would have answered 0xA702."""
+    unknown = [("PATIENT", "PatientID", "NOBODY-" + generate_uid()[-8:]),
+               ("STUDY", "StudyInstanceUID", generate_uid()),
+               ("SERIES", "SeriesInstanceUID", generate_uid()),
+               ("IMAGE", "SOPInstanceUID", generate_uid())]
+    depth = [lvl for lvl, _, _ in unknown].index(level)
+    keys = {keyword: value for _, keyword, value in unknown[:depth + 1]}
+    outcome = pynetdicom_move(node, identifier(level, **keys), "NOBODY", model)
+    assert (outcome.status, outcome.final.ErrorComment) == \
+        (0xC000, "no instance matches the identifier")
+    assert outcome.pending == []
+
+
+def test_get_of_named_instances_reports_those_not_found(node: RunningNode,
+                                                        corpus: Corpus) -> None:
+    """Two of four SOP Instance UIDs exist: both sent, the others listed as failed."""
+    present = sorted(corpus.uids(patient="RETR-N"))[:2]
+    absent = [generate_uid(), generate_uid()]
+    request = identifier("IMAGE", StudyInstanceUID=corpus.one(patient="RETR-N").study,
+                         SeriesInstanceUID=corpus.one(patient="RETR-N").series,
+                         SOPInstanceUID=[present[0], absent[0], present[1], absent[1]])
+    outcome, received = pynetdicom_get(node, request)
+    assert outcome.status == 0xB000
+    assert (outcome.count("Completed"), outcome.count("Failed")) == (2, 2)
+    assert outcome.failed_uids == set(absent)
+    assert set(received) == set(present)
 
 
 # --- refusals ----------------------------------------------------------------------------

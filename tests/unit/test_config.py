@@ -438,3 +438,14 @@ def test_unknown_connection_key(tmp_path: Path, capsys: pytest.CaptureFixture[st
     status, err = run_cli(capsys, "--config", str(path), "stats")
     assert_config_error(status, err, "connections.idle_timeout: unknown key",
                         "network_timeout")
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("mongodb://127.0.0.1:27017/", "mongodb://127.0.0.1:27017/"),
+    ("mongodb://reader:s3cret@db1:27017,db2:27017/?authSource=admin",
+     "mongodb://reader:***@db1:27017,db2:27017/?authSource=admin"),
+    ("mongodb+srv://app:p%40ss@cluster.example.org/", "mongodb+srv://app:***@cluster.example.org/"),
+    ("mongodb://user@host/", "mongodb://user@host/"),
+])
+def test_a_database_uri_is_shown_without_its_password(uri: str, shown: str) -> None:
+    assert config.display_uri(uri) == shown

@@ -363,6 +363,23 @@ CASES = [
     case("private key at image level", IMAGE, {"3.1"},
          tags={0x00090010: ("LO", "ACME"), 0x00091010: ("LO", "ACME*")}),
     case("name at image level any case", IMAGE, {"3.1", "3.2"}, PatientName="SMITH^JOHN"),
+    # keys that are no dataset attribute (model.identifier_key)
+    case("media storage sop instance uid stands for the sop instance uid", IMAGE, {"3.2"},
+         tags={0x00020003: ("UI", "3.2")}),
+    case("media storage uid list", IMAGE, {"3.1", "3.4"}, tags={0x00020003: ("UI", "3.1\\3.4")}),
+    case("media storage uid beside the same sop instance uid", IMAGE, {"3.2"},
+         SOPInstanceUID="3.2", tags={0x00020003: ("UI", "3.2")}),
+    case("media storage uid beside another sop instance uid", IMAGE, set(),
+         SOPInstanceUID="3.1", tags={0x00020003: ("UI", "3.2")}),
+    case("media storage sop class uid stands for the sop class uid", IMAGE, {"3.4"},
+         tags={0x00020002: ("UI", MR)}),
+    case("empty media storage uid is universal", IMAGE, None, tags={0x00020003: ("UI", "")}),
+    case("other file meta keys never filter", IMAGE, None,
+         tags={0x00020010: ("UI", "1.2.840.10008.1.2.4.50"), 0x00020016: ("AE", "NOBODY")}),
+    case("group lengths never filter", STUDY, None,
+         tags={0x00080000: ("UL", 7), 0x00100000: ("UL", 0), 0x00200000: ("UL", 99)}),
+    case("command elements never filter", STUDY, None,
+         tags={0x00000902: ("LO", "x"), 0x00001000: ("UI", "9.9")}),
 ]
 
 
@@ -512,6 +529,34 @@ def test_keys_in_identifier_order() -> None:
     ds.PatientID = ""
     assert translate(ds, "STUDY").keys == (
         0x00080020, 0x00100010, 0x00091010, 0x00080061, 0x00080054, 0x00100020)
+
+
+def test_keys_that_are_no_attribute_are_not_returned() -> None:
+    """Group lengths, command and file meta elements (aliases included) are matched as
+    described above but never returned: they have no place in a response dataset."""
+    ds = identifier(IMAGE, {"SOPInstanceUID": "3.2"}, {
+        0x00020003: ("UI", "3.2"), 0x00020010: ("UI", "1.2.840.10008.1.2"),
+        0x00080000: ("UL", 30), 0x00000902: ("LO", "x")})
+    assert translate(ds, "STUDY").keys == (0x00080018,)
+
+
+@pytest.mark.parametrize(("tags", "comment"), [
+    ({0x00020003: ("UI", "3.1")},
+     "(0002,0003) is an IMAGE key, not allowed at SERIES level"),
+    ({0x00020002: ("UI", CT)},
+     "(0002,0002) is an IMAGE key, not allowed at SERIES level"),
+])
+def test_a_file_meta_alias_is_an_image_key(tags: dict, comment: str) -> None:
+    error = refused(identifier(SERIES, {}, tags))
+    assert error.comment == comment
+    assert error.offending == (next(iter(tags)),)
+
+
+def test_other_file_meta_keys_and_group_lengths_are_allowed_at_every_level() -> None:
+    ds = identifier(PATIENT, {"PatientID": "P1"}, {
+        0x00020010: ("UI", "1.2.840.10008.1.2"), 0x00200000: ("UL", 8)})
+    query = translate(ds, "PATIENT")
+    assert (query.filter, query.keys) == ({"PatientID": "P1"}, (0x00100020,))
 
 
 def test_unsupported_private_key_is_listed() -> None:

@@ -408,3 +408,71 @@ def test_long_move_keeps_the_requesting_association_alive() -> None:
         server.shutdown()
         scp.shutdown()
         requestor.shutdown()
+
+
+# --- what the identifier names and what is found ----------------------------------------
+
+
+def image_request(*uids: str, alias: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    if uids:
+        ds.SOPInstanceUID = list(uids)
+    if alias is not None:
+        ds.add_new(0x00020003, "UI", alias)  # Media Storage SOP Instance UID, as Orthanc
+    return ds
+
+
+@pytest.mark.parametrize("kind", [MOVE, GET])
+def test_nothing_found_is_a_failure_that_says_so(kind: str) -> None:
+    """Unknown and hidden look the same from here: the finder yields nothing."""
+    assoc = FakeAssociation()
+    node = fake_node([], {}, destinations={"DEST": Destination("127.0.0.1", 1)})
+    Retrieve(FakeEvent(assoc, image_request("9.9.9"), "DEST"), node, kind).run()
+    assert len(assoc.responses) == 1  # no pending response, no sub-association
+    last = final(assoc)
+    assert (last.Status, last.ErrorComment) == (0xC000, "no instance matches the identifier")
+    assert last.OffendingElement == [0x00080018]
+    assert last.NumberOfCompletedSuboperations is None
+
+
+def test_named_instances_not_found_are_failed_sub_operations() -> None:
+    docs, files = _corpus(2)
+    assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
+    request = image_request("1.2.3.0", "9.9.9", "1.2.3.1", "9.9.8")
+    Retrieve(FakeEvent(assoc, request), fake_node(docs, files), GET).run()
+    pending, last = assoc.responses[:-1], final(assoc)
+    assert [p.NumberOfRemainingSuboperations for p in pending] == [1]
+    assert (last.Status, last.NumberOfCompletedSuboperations,
+            last.NumberOfFailedSuboperations) == (0xB000, 2, 2)
+    assert last.ErrorComment == "SOP Instance not found"
+    failed = pydicom.dcmread(BytesIO(last.Identifier.getvalue()), force=True)
+    assert list(failed.FailedSOPInstanceUIDList) == ["9.9.9", "9.9.8"]
+
+
+def test_media_storage_sop_instance_uid_names_the_instance() -> None:
+    """Orthanc's IMAGE-level identifier: (0002,0003) is enough as the unique key."""
+    docs, files = _corpus(1)
+    assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
+    seen: list[Dataset] = []
+    node = fake_node(docs, files)
+    node.finder.instances = lambda level, ident, *a, **k: seen.append(ident) or iter(docs)
+    Retrieve(FakeEvent(assoc, image_request(alias="1.2.3.0")), node, GET).run()
+    assert final(assoc).Status == 0x0000
+    assert final(assoc).NumberOfCompletedSuboperations == 1
+    assert seen and 0x00020003 in seen[0]
+
+
+def test_study_root_patient_level_retrieve_is_read_as_patient_root() -> None:
+    """Orthanc sends its patient-level C-MOVE in Study Root."""
+    docs, files = _corpus(2)
+    assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
+    levels: list[str] = []
+    node = fake_node(docs, files)
+    node.finder.instances = lambda level, *a, **k: levels.append(level) or iter(docs)
+    request = Dataset()
+    request.QueryRetrieveLevel = "PATIENT"
+    request.PatientID = "P1"
+    Retrieve(FakeEvent(assoc, request), node, GET).run()  # FakeEvent: Study Root MOVE
+    assert (final(assoc).Status, final(assoc).NumberOfCompletedSuboperations) == (0x0000, 2)
+    assert levels == ["PATIENT"]
