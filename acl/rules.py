@@ -35,9 +35,10 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from acl.patterns import Compiled, compile_pattern, describe
 from archive import dicomjson
+from archive.levels import is_mixed
 from archive.model import IMAGE, SERIES, STUDY
 from archive.query import evaluate
-from archive.storage import Admit, Archive, Existing, StoreRefused, is_mixed
+from archive.storage import Admit, Archive, Existing, StoreRefused
 
 log = logging.getLogger("acl.rules")
 

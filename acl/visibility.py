@@ -50,6 +50,16 @@ from pydicom.dataset import Dataset
 
 from acl.patterns import Compiled
 from archive.find import CHILDREN, Finder, server_filter
+from archive.levels import (
+    LATEST,
+    MODALITY_COUNTS,
+    SOP_CLASS_COUNTS,
+    from_field_key,
+    is_mixed,
+    level_dataset,
+    mixed_filter,
+    normalised_fields,
+)
 from archive.model import (
     COMPUTED_KEYS,
     COUNTERS,
@@ -63,16 +73,6 @@ from archive.model import (
     level_of,
 )
 from archive.query import QUERY_RETRIEVE_LEVEL, Query, evaluate, translate
-from archive.storage import (
-    LATEST,
-    MODALITY_COUNTS,
-    SOP_CLASS_COUNTS,
-    from_field_key,
-    is_mixed,
-    level_dataset,
-    mixed_filter,
-    normalised_fields,
-)
 
 _CACHE_LIMIT = 50_000
 _OLDEST = ObjectId("0" * 24)

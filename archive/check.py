@@ -30,14 +30,9 @@ from typing import Any
 
 from bson import ObjectId
 
+from archive.levels import MODALITY_COUNTS, SOP_CLASS_COUNTS, VARIANTS, field_key
 from archive.model import PATIENT, SERIES, STUDY
-from archive.storage import (
-    MODALITY_COUNTS,
-    SOP_CLASS_COUNTS,
-    VARIANTS,
-    Archive,
-    field_key,
-)
+from archive.storage import Archive
 
 _MEMBER = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 1, "PatientID": 1,
            "SOPClassUID": 1, "Modality": 1, "hashes": 1}
@@ -255,11 +250,11 @@ def _check_levels(archive: Archive, instances: list[dict[str, Any]], report: Rep
                     wrong[level].add(uid)
     if not repair:
         return
-    for level, children, compute in ((SERIES, "instances", archive._series_fields),
-                                     (STUDY, "series", archive._study_fields),
-                                     (PATIENT, "studies", archive._patient_fields)):
+    for level, children, compute in ((SERIES, "instances", archive.levels.series_fields),
+                                     (STUDY, "series", archive.levels.study_fields),
+                                     (PATIENT, "studies", archive.levels.patient_fields)):
         for uid in sorted(wrong[level]):
             want = levels[level].get(uid)
             members = sorted(want.children) if want is not None else []
-            archive._rebuild(collections[level], uid, children, list(members), compute)
+            archive.levels.rebuild(collections[level], uid, children, list(members), compute)
             report.repaired.append(f"{level.lower()} {uid} rebuilt")

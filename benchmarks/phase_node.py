@@ -66,7 +66,7 @@ def install() -> None:
     import pymongo.collection
     from pynetdicom.events import Event
 
-    from archive import dicomjson, gridstore, services, storage
+    from archive import dicomjson, gridstore, levels, services, storage
 
     services.handle_store = _timed("handle_store", services.handle_store)
     Event.encoded_dataset = _timed("encoded_dataset", Event.encoded_dataset)
@@ -75,7 +75,7 @@ def install() -> None:
     storage.Archive.instance_document = staticmethod(
         _timed("instance_document", storage.Archive.instance_document))
     gridstore.GridStore.put = _timed("GridStore.put", gridstore.GridStore.put)
-    storage.Archive._update_levels = _timed("_update_levels", storage.Archive._update_levels)
+    levels.Levels.fold = _timed("Levels.fold", levels.Levels.fold)
     storage.Archive.store = _timed("Archive.store", storage.Archive.store)
     for op in ("insert_one", "insert_many", "find_one", "find_one_and_replace",
                "update_one", "replace_one", "delete_one", "count_documents", "aggregate"):
