@@ -66,7 +66,8 @@ def _service(system: str, workdir: Path, args: argparse.Namespace,
              associations: int) -> h.Service:
     if system == "archive":
         return h.ArchiveNode(workdir, log_level=args.archive_log_level, ferretdb=args.ferretdb,
-                             source=args.source)
+                             source=args.source,
+                             extra_config=h.archive_associations_config(associations))
     if system == "storescp":
         # without --fork storescp serves one association at a time: the others would
         # queue (and time out after 30 s); --fork serves each in a process of its own

@@ -248,6 +248,22 @@ def checkout(ref: str) -> Path:
 ALLOW_ALL: tuple[dict[str, str], ...] = ({"principal": "*", "service": "*"},)
 
 
+#: Associations one peer address may hold at once in the archive as shipped
+#: (``connections.associations_per_peer``); every benchmark client is 127.0.0.1.
+ARCHIVE_PER_PEER = 4
+
+
+def archive_associations_config(associations: int) -> dict[str, Any]:
+    """``extra_config`` letting ``associations`` concurrent associations from loopback
+    into an :class:`ArchiveNode`: nothing up to :data:`ARCHIVE_PER_PEER` (so that
+    commits without the ``connections`` section still run), else a raised limit."""
+    if associations <= ARCHIVE_PER_PEER:
+        return {}
+    return {"max_associations": max(10, associations),
+            "connections": {"associations_per_peer": associations,
+                            "pending_per_peer": associations}}
+
+
 class ArchiveNode(Service):
     """This archive, ``python -m archive serve`` on its own embedded FerretDB.
 
