@@ -155,6 +155,9 @@ def _name_prefix(patients: dict[str, SeriesInfo], studies: dict[str, SeriesInfo]
     families = [s.patient_name.split("^")[0] for s in patients.values()
                 if s.patient_name.isascii() and s.patient_name[:3].isalpha()
                 and s.patient_name[:3].isupper()]
+    if not families:
+        raise h.BenchmarkError("the corpus has no upper-case ASCII family name to query a "
+                               "prefix of: use more patients")
     if target is None:
         prefix = Counter(f[:3] for f in families).most_common(1)[0][0]
         return prefix, matches(prefix)
@@ -560,9 +563,10 @@ def print_growth(small: dict[str, Any], large: dict[str, Any], rows: list[dict[s
     table = []
     for r in rows:
         line: list[Any] = [r["query"], _marks(r["query"])]
+        some = r.get("archive") or r.get("orthanc")
+        line.append(f"{some['answers'][0]} / {some['answers'][1]}" if some else "")
         for system in ("archive", "orthanc"):
             g = r.get(system)
-            line += ([f"{g['answers'][0]} / {g['answers'][1]}"] if system == "archive" else [])
             line += ([g["median_ms"][0], g["median_ms"][1], f"{g['growth_pct']:+.0f}%"]
                      if g else ["", "", ""])
         ratio = r.get("archive_per_orthanc")
@@ -588,7 +592,7 @@ def print_targets(base: dict[str, Any], rows: list[dict[str, Any]] | None) -> di
         same = "yes" if not differ else "NO: " + ", ".join(differ)
         print(f"\ntarget: the six queries at {base['corpus']['instances']} instances <= "
               f"{MAX_VS_ORTHANC}x Orthanc's time: {met}; same answers: {same}")
-    if rows:
+    if rows and all("archive" in r for r in rows):
         grown = [f"{r['query']} {r['archive']['growth_pct']:+.0f}% ("
                  f"{r['archive']['answers'][0]} -> {r['archive']['answers'][1]} answers)"
                  for r in rows
@@ -681,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
             print_size(sizes[label], systems)
     for label in ("small", "large"):
         if label in sizes:
-            low, high = (sizes["small"], sizes["base"]) if label == "small" \
-                else (sizes["base"], sizes["large"])
+            low, high = sorted((sizes["base"], sizes[label]),
+                               key=lambda size: size["corpus"]["instances"])
             growths[label] = growth(low, high)
             print_growth(low, high, growths[label])
     verdict = print_targets(sizes["base"], growths.get("large"))

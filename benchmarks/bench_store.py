@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"archive's code: {code}")
     print(f"corpus:  {manifest['instances']} instances, {size_mb:.1f} MB, "
           f"{manifest['modalities']}; N associations = N storescu processes at once, each "
-          "sending whole patients; TCP_NODELAY=1")
+          "sending whole patients (studies, series when too few); TCP_NODELAY=1")
     rows = []
     for n, by_system in results.items():
         for system, r in by_system.items():
