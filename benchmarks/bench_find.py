@@ -1,21 +1,28 @@
-"""C-FIND response time: this archive against Orthanc on the same 10,000-instance corpus.
+"""C-FIND response time: this archive against Orthanc at 10,000 and 50,000 instances.
 
     python -m benchmarks.bench_find [--patients 60 --studies 2 --series 3 --instances 28]
-                                    [--small-patients 6] [--runs 7] [--warmup 1]
+                                    [--large-patients 300] [--small-patients 0]
+                                    [--runs 7] [--warmup 1] [--same-recipe]
+                                    [--archive-load storescu|import] [--load-associations 4]
                                     [--source-ref HEAD] [--systems archive,orthanc]
 
-Loads the synthetic corpus (default 60 x 2 x 3 x 28 = 10,080 instances) into this archive
-(``archive import``, the same storage code as C-STORE) and into Orthanc (one
-``storescu`` association), once: the loaded folders are cached under
-``bench-data/runs/query/<corpus>-<commit>/`` and reused by later runs (and by
-``bench_retrieve``).  Then, one system at a time, times DCMTK ``findscu`` (TCP_NODELAY=1)
-for six queries with the same return keys on both systems, ``--runs`` times after
-``--warmup`` runs, and prints the median (min-max) per query, the ratio, and the number
-of answers of each system against the number the corpus says is right.  Each query's
-answers are also extracted once from both systems and compared key by key.
+Loads the synthetic corpus (default 60 x 2 x 3 x 28 = 10,080 instances, the base) into
+this archive and into Orthanc, once: by 4 storescu processes at once, whole patients
+each (``--archive-load import``: ``archive import``, the same storage code as C-STORE,
+one process); the loaded folders are cached under ``bench-data/runs/query/<corpus>-
+<commit>/`` and reused by later runs (and by ``bench_retrieve``).  Then, one system at a
+time, times DCMTK ``findscu`` (TCP_NODELAY=1) for eight queries with the same return
+keys on both systems (the speed issue's six, then by accession number and by modality),
+``--runs`` times after ``--warmup`` runs, and prints the median (min-max) per query, the
+ratio, and the number of answers of each system against the number the corpus says is
+right.  Each query's answers are also extracted once from both systems and compared key
+by key.
 
-The same is done on a second, 1,000-instance corpus (``--small-patients 6``, same shape;
-0 skips it) to show how each median grows with the archive's size.
+The same is done on a larger corpus of the same shape (``--large-patients 300``: 50,400
+instances; 0 skips it), and optionally a smaller one (``--small-patients 6``: 1,008), to
+show how each median grows with the archive's size.  There the name prefix and the date
+range are re-picked to match as many studies as on the base corpus (``--same-recipe``:
+picked by the same rule, so they match about 5 times as many at 50k).
 
 The corpora are generated with unambiguous UIDs into ``bench-data/corpus/<slug>-uidsep``
 (corpus._uid joins its parts with "/"), and Orthanc runs with ``DefaultEncoding: Utf8`` (see
@@ -69,6 +76,8 @@ class SeriesInfo:
     study_date: str
     series_uid: str
     instances: int
+    accession: str = ""
+    modality: str = ""
 
 
 def corpus_index(corpus_dir: Path) -> list[SeriesInfo]:
@@ -80,7 +89,8 @@ def corpus_index(corpus_dir: Path) -> list[SeriesInfo]:
         files = sorted(folder.glob("IM*.dcm"))
         ds = dcmread(files[0], stop_before_pixels=True)
         out.append(SeriesInfo(ds.PatientID, str(ds.PatientName), ds.StudyInstanceUID,
-                              ds.StudyDate, ds.SeriesInstanceUID, len(files)))
+                              ds.StudyDate, ds.SeriesInstanceUID, len(files),
+                              str(ds.get("AccessionNumber", "")), str(ds.get("Modality", ""))))
     return out
 
 
@@ -103,29 +113,85 @@ class FindQuery:
 #: 'ukasiewicz^Zofia', '김^민준' as '^'), while the archive answers in ISO_IR 192.
 CHARSET = "ISO_IR 192"
 
+#: The six queries the speed issue names ("at 10k instances <= 1.2x Orthanc's time").
+SIX = ("study_by_name", "study_by_date", "series_of_study", "images_of_series",
+       "patient_by_id", "all_studies")
+#: Queries on keys the archive indexes, whose time should not grow with the archive
+#: (the issue: "date range, patient name prefix, accession number, modality").
+INDEXED = ("study_by_name", "study_by_date", "study_by_accession", "study_by_modality")
+#: Queries whose parameters are re-picked on a corpus of another size to give as many
+#: answers as on the base corpus (``targets``): more answers cost more on any system,
+#: and what the growth should show is the cost of the archive's size.
+RETARGETED = ("study_by_name", "study_by_date")
+DATE_LOW, DATE_HIGH = "20200101", "20211231"
+#: The speed issue's targets: at 10k instances each of the six <= 1.2x Orthanc's time;
+#: from 10k to 50k instances the indexed-key queries grow by less than 25%.
+MAX_VS_ORTHANC, MAX_GROWTH_PCT = 1.2, 25.0
+MODALITY = "MR"
 
-def queries(index: list[SeriesInfo], charset: str = CHARSET) -> list[FindQuery]:
-    """The six queries, their parameters chosen from the corpus, with expected counts."""
-    qs = _queries(index)
+
+def queries(index: list[SeriesInfo], charset: str = CHARSET,
+            targets: dict[str, int] | None = None) -> list[FindQuery]:
+    """The queries, their parameters chosen from the corpus, with expected counts.
+
+    ``targets`` (answers on the base corpus, by query name) re-picks the parameters of
+    :data:`RETARGETED` so that they give as many answers, or as near as the corpus allows.
+    """
+    qs = _queries(index, targets or {})
     if charset:
         for q in qs:
             q.keys = {"SpecificCharacterSet": charset, **q.keys}
     return qs
 
 
-def _queries(index: list[SeriesInfo]) -> list[FindQuery]:
+def _name_prefix(patients: dict[str, SeriesInfo], studies: dict[str, SeriesInfo],
+                 target: int | None) -> tuple[str, int]:
+    """A family-name prefix and the studies it matches: the most common 3-letter prefix
+    of upper-case ASCII names or, given a target, the prefix (3 letters or more) whose
+    count is nearest to it (then the shortest, then the first in order)."""
+    def matches(prefix: str) -> int:
+        return sum(1 for s in studies.values() if s.patient_name.upper().startswith(prefix))
+
+    families = [s.patient_name.split("^")[0] for s in patients.values()
+                if s.patient_name.isascii() and s.patient_name[:3].isalpha()
+                and s.patient_name[:3].isupper()]
+    if not families:
+        raise h.BenchmarkError("the corpus has no upper-case ASCII family name to query a "
+                               "prefix of: use more patients")
+    if target is None:
+        prefix = Counter(f[:3] for f in families).most_common(1)[0][0]
+        return prefix, matches(prefix)
+    candidates = sorted({f[:n] for f in families for n in range(3, len(f) + 1)
+                         if f[:n].isalpha()})
+    counted = [(abs(matches(c) - target), len(c), c) for c in candidates]
+    prefix = min(counted)[2]
+    return prefix, matches(prefix)
+
+
+def _date_range(studies: dict[str, SeriesInfo], target: int | None) -> tuple[str, str, int]:
+    """20200101-20211231 or, given a target, from 20200101 to the date that makes the
+    number of studies in range nearest to it."""
+    def matches(low: str, high: str) -> int:
+        return sum(1 for s in studies.values() if low <= s.study_date <= high)
+
+    if target is None:
+        return DATE_LOW, DATE_HIGH, matches(DATE_LOW, DATE_HIGH)
+    dates = sorted({s.study_date for s in studies.values() if s.study_date >= DATE_LOW})
+    if not dates:
+        return DATE_LOW, DATE_HIGH, 0
+    high = min(dates, key=lambda d: (abs(matches(DATE_LOW, d) - target), d))
+    return DATE_LOW, high, matches(DATE_LOW, high)
+
+
+def _queries(index: list[SeriesInfo], targets: dict[str, int]) -> list[FindQuery]:
     studies = {s.study_uid: s for s in index}
     patients = {s.patient_id: s for s in index}
-    # the most common 3-letter prefix of upper-case ASCII family names: several matches
-    prefixes = Counter(s.patient_name[:3] for s in patients.values()
-                       if s.patient_name.isascii() and s.patient_name[:3].isalpha()
-                       and s.patient_name[:3].isupper())
-    prefix = prefixes.most_common(1)[0][0]
-    by_name = sum(1 for s in studies.values() if s.patient_name.upper().startswith(prefix))
-    low, high = "20200101", "20211231"
-    by_date = sum(1 for s in studies.values() if low <= s.study_date <= high)
+    prefix, by_name = _name_prefix(patients, studies, targets.get("study_by_name"))
+    low, high, by_date = _date_range(studies, targets.get("study_by_date"))
     first = index[0]
     in_study = sum(1 for s in index if s.study_uid == first.study_uid)
+    by_accession = len({s.study_uid for s in index if s.accession == first.accession})
+    by_modality = len({s.study_uid for s in index if s.modality == MODALITY})
     study = dict.fromkeys(STUDY_KEYS, "")
     return [
         FindQuery("study_by_name", "STUDY", "study",
@@ -141,6 +207,10 @@ def _queries(index: list[SeriesInfo]) -> list[FindQuery]:
         FindQuery("patient_by_id", "PATIENT", "patient",
                   {**dict.fromkeys(PATIENT_KEYS, ""), "PatientID": first.patient_id}, 1),
         FindQuery("all_studies", "STUDY", "study", study, len(studies)),
+        FindQuery("study_by_accession", "STUDY", "study",
+                  {**study, "AccessionNumber": first.accession}, by_accession),
+        FindQuery("study_by_modality", "STUDY", "study",
+                  {**study, "ModalitiesInStudy": MODALITY}, by_modality),
     ]
 
 
@@ -166,8 +236,10 @@ def _marker(workdir: Path) -> Path:
 
 
 def archive_node(workdir: Path, source: Path | None, fresh: bool = False,
-                 destinations: dict[str, tuple[str, int]] | None = None) -> h.ArchiveNode:
-    return h.ArchiveNode(workdir, source=source, fresh=fresh, destinations=destinations)
+                 destinations: dict[str, tuple[str, int]] | None = None,
+                 associations: int = 1) -> h.ArchiveNode:
+    return h.ArchiveNode(workdir, source=source, fresh=fresh, destinations=destinations,
+                         extra_config=h.archive_associations_config(associations))
 
 
 #: Orthanc answers C-FIND in its DefaultEncoding (Latin1 as shipped) whatever the
@@ -216,21 +288,27 @@ def held(system: str, service: h.Service) -> dict[str, int]:
 
 def ensure_loaded(system: str, params: corpus_module.Parameters, corpus_dir: Path,
                   manifest: dict[str, Any], source: Path | None, sha: str,
-                  reload: bool = False) -> dict[str, Any]:
-    """Load the corpus into ``system`` unless a verified load is cached; its record."""
+                  reload: bool = False, archive_load: str = "storescu",
+                  associations: int = 4) -> dict[str, Any]:
+    """Load the corpus into ``system`` unless a verified load is cached; its record.
+
+    Orthanc, and the archive unless ``archive_load == "import"``, are loaded by
+    ``associations`` storescu processes at once (whole patients each, corpus.split);
+    ``import`` runs ``archive import`` (the C-STORE storage code without the network,
+    one process).  The time recorded is that of the transfer (or of the import)."""
     workdir = system_dir(system, params, sha)
     marker = _marker(workdir)
     if marker.exists() and not reload:
         record = json.loads(marker.read_text())
         print(f"  {system}: reusing {workdir.relative_to(h.REPO)} (loaded in "
-              f"{record['seconds']:.0f} s)", file=sys.stderr)
+              f"{record['seconds']:.0f} s: {record['how']})", file=sys.stderr)
         return {**record, "cached": True}
     print(f"  {system}: loading {manifest['instances']} instances into "
           f"{workdir.relative_to(h.REPO)} ...", file=sys.stderr)
-    started = time.perf_counter()
-    if system == "archive":
+    if system == "archive" and archive_load == "import":
         node = archive_node(workdir, source, fresh=True)
-        done = node.cli("import", str(corpus_dir), "--quiet", timeout=7200)
+        started = time.perf_counter()
+        done = node.cli("import", str(corpus_dir), "--quiet", timeout=6 * 3600)
         if done.returncode != 0:
             raise h.BenchmarkError(f"archive import failed ({done.returncode}): "
                                    f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -239,12 +317,15 @@ def ensure_loaded(system: str, params: corpus_module.Parameters, corpus_dir: Pat
         with node:
             holds = held(system, node)
     else:
-        node = orthanc_node(workdir, fresh=True)
+        node = archive_node(workdir, source, fresh=True, associations=associations) \
+            if system == "archive" else orthanc_node(workdir, fresh=True)
+        parts = corpus_module.split(corpus_dir, associations)
         with node:
-            sent = h.storescu(node.host, node.port, node.ae_title, [corpus_dir])
-            sent.check(manifest["instances"])
-            seconds = time.perf_counter() - started
-            how = shlex.join(sent.run.argv)
+            sent = h.storescu_parallel(node.host, node.port, node.ae_title, parts)
+            sent.check([corpus_module.count_files(p) for p in parts])
+            seconds = sent.elapsed
+            how = (f"{associations} storescu at once, whole patients each: "
+                   f"{shlex.join(sent.runs[0].run.argv[:-len(parts[0])])} ...")
             holds = held(system, node)
     if holds != expected_totals(manifest):
         raise h.BenchmarkError(f"{system} holds {holds} after loading, expected "
@@ -280,7 +361,8 @@ def prepare(params: corpus_module.Parameters, args: argparse.Namespace,
             systems: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     corpus_dir, manifest = ensure_corpus(params)
     loads = {s: ensure_loaded(s, params, corpus_dir, manifest, args.source, args.sha,
-                              args.reload) for s in systems}
+                              args.reload, args.archive_load, args.load_associations)
+             for s in systems}
     return corpus_dir, manifest, loads
 
 
@@ -366,9 +448,9 @@ def run_queries(system: str, service: h.Service, qs: list[FindQuery],
 
 
 def measure(params: corpus_module.Parameters, args: argparse.Namespace,
-            systems: list[str]) -> dict[str, Any]:
+            systems: list[str], targets: dict[str, int] | None = None) -> dict[str, Any]:
     corpus_dir, manifest, loads = prepare(params, args, systems)
-    qs = queries(corpus_index(corpus_dir), args.charset)
+    qs = queries(corpus_index(corpus_dir), args.charset, targets)
     per_system: dict[str, Any] = {}
     for system in systems:
         if args.quiet_wait > 0:
@@ -377,7 +459,12 @@ def measure(params: corpus_module.Parameters, args: argparse.Namespace,
         service = archive_node(workdir, args.source) if system == "archive" \
             else orthanc_node(workdir)
         with service:
+            root = service.pid
             per_system[system] = run_queries(system, service, qs, args)
+        for r in per_system[system].values():  # node and database apart, as in bench_store
+            node_s, database_s = h.node_and_database(r["cpu"], root)
+            r["node_cpu_ms_per_query"] = 1000 * node_s / (args.runs + args.warmup)
+            r["database_cpu_ms_per_query"] = 1000 * database_s / (args.runs + args.warmup)
     mismatches: dict[str, list[str]] = {}
     for q in qs:
         problems = []
@@ -395,7 +482,7 @@ def measure(params: corpus_module.Parameters, args: argparse.Namespace,
             r.pop("_answers")
     return {"corpus": {"dir": str(corpus_dir), **expected_totals(manifest),
                        "bytes": manifest["bytes"], "parameters": manifest["parameters"]},
-            "loads": loads,
+            "loads": loads, "targets": targets or {},
             "queries": [{**dataclasses.asdict(q), "description": q.describe()} for q in qs],
             "systems": per_system, "mismatches": mismatches}
 
@@ -404,25 +491,30 @@ def _ms(r: dict[str, Any] | None, key: str = "median") -> float | None:
     return None if r is None else 1000 * r[key]
 
 
+def _marks(name: str) -> str:
+    """'6' for the issue's six queries, 'i' for those on indexed keys."""
+    return ("6" if name in SIX else "") + ("i" if name in INDEXED else "")
+
+
 def print_size(result: dict[str, Any], systems: list[str]) -> None:
     corpus = result["corpus"]
     print(f"\ncorpus {corpus['instances']} instances ({corpus['patients']} patients, "
           f"{corpus['studies']} studies, {corpus['series']} series, "
           f"{corpus['bytes'] / 1e6:.0f} MB); findscu, TCP_NODELAY=1, times in ms, median "
           f"(min-max) of {next(iter(next(iter(result['systems'].values())).values()))['runs']}"
-          " runs after warm-up")
+          " runs after warm-up; 6 = the issue's six queries, i = on an indexed key")
     rows = []
     for q in result["queries"]:
         a = result["systems"].get("archive", {}).get(q["name"])
         o = result["systems"].get("orthanc", {}).get(q["name"])
         ratio = f"{a['median'] / o['median']:.2f}x" if a and o else ""
         flag = "MISMATCH" if q["name"] in result["mismatches"] else "ok"
-        rows.append([q["name"], q["description"][:60],
+        rows.append([q["name"], _marks(q["name"]), q["description"][:60],
                      _ms(a), f"{_ms(a, 'min'):.1f}-{_ms(a, 'max'):.1f}" if a else "",
                      _ms(o), f"{_ms(o, 'min'):.1f}-{_ms(o, 'max'):.1f}" if o else "",
                      ratio, a["answers"] if a else "", o["answers"] if o else "",
                      q["expected"], flag])
-    print(h.table(["query", "matching", "archive ms", "(min-max)", "Orthanc ms",
+    print(h.table(["query", "", "matching", "archive ms", "(min-max)", "Orthanc ms",
                    "(min-max)", "archive/Orthanc", "answers archive", "answers Orthanc",
                    "expected", "answers"], rows))
     cpu_rows = []
@@ -430,32 +522,86 @@ def print_size(result: dict[str, Any], systems: list[str]) -> None:
         row: list[Any] = [q["name"]]
         for system in ("archive", "orthanc"):
             r = result["systems"].get(system, {}).get(q["name"])
-            row.append(r["server_cpu_ms_per_query"] if r else None)
+            row += [r.get("node_cpu_ms_per_query") if r else None]
+            if system == "archive":
+                row += [r.get("database_cpu_ms_per_query") if r else None]
         cpu_rows.append(row)
-    print("server CPU per query (ms, all server processes: node + FerretDB / Orthanc):")
-    print(h.table(["query", "archive", "Orthanc"], cpu_rows))
+    print("server CPU per query (ms): the archive's node and its FerretDB; Orthanc:")
+    print(h.table(["query", "archive node", "archive FerretDB", "Orthanc"], cpu_rows))
     for name, problems in result["mismatches"].items():
         for problem in problems:
             print(f"!!! MISMATCH {name}: {problem}")
 
 
-def print_growth(small: dict[str, Any], large: dict[str, Any], systems: list[str]) -> None:
-    print(f"\ngrowth of the median from {small['corpus']['instances']} to "
-          f"{large['corpus']['instances']} instances (answers in brackets):")
-    rows = []
+def growth(small: dict[str, Any], large: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per query: answers and median at both sizes, growth in percent, archive/Orthanc."""
+    out = []
     for qs, ql in zip(small["queries"], large["queries"], strict=True):
-        row: list[Any] = [qs["name"]]
+        row: dict[str, Any] = {"query": qs["name"], "indexed": qs["name"] in INDEXED,
+                               "matching": [qs["description"], ql["description"]]}
         for system in ("archive", "orthanc"):
             s = small["systems"].get(system, {}).get(qs["name"])
             big = large["systems"].get(system, {}).get(ql["name"])
             if s and big:
-                row += [f"{_ms(s):.1f} ({s['answers']})", f"{_ms(big):.1f} ({big['answers']})",
-                        f"{big['median'] / s['median']:.2f}x"]
-            else:
-                row += ["", "", ""]
-        rows.append(row)
-    print(h.table(["query", "archive small ms", "archive large ms", "growth",
-                   "Orthanc small ms", "Orthanc large ms", "growth"], rows))
+                row[system] = {"answers": [s["answers"], big["answers"]],
+                               "median_ms": [_ms(s), _ms(big)],
+                               "growth_pct": 100 * (big["median"] / s["median"] - 1)}
+        if "archive" in row and "orthanc" in row:
+            row["archive_per_orthanc"] = [
+                a / o for a, o in zip(row["archive"]["median_ms"], row["orthanc"]["median_ms"],
+                                      strict=True)]
+        out.append(row)
+    return out
+
+
+def print_growth(small: dict[str, Any], large: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    n_small, n_large = small["corpus"]["instances"], large["corpus"]["instances"]
+    retargeted = large["targets"] or small["targets"]
+    print(f"\ngrowth of the median from {n_small} to {n_large} instances" + (
+        f" ({', '.join(retargeted)}: parameters re-picked on the other corpus for as many "
+        "answers as on the base one)" if retargeted else "") + ":")
+    table = []
+    for r in rows:
+        line: list[Any] = [r["query"], _marks(r["query"])]
+        some = r.get("archive") or r.get("orthanc")
+        line.append(f"{some['answers'][0]} / {some['answers'][1]}" if some else "")
+        for system in ("archive", "orthanc"):
+            g = r.get(system)
+            line += ([g["median_ms"][0], g["median_ms"][1], f"{g['growth_pct']:+.0f}%"]
+                     if g else ["", "", ""])
+        ratio = r.get("archive_per_orthanc")
+        line += [f"{ratio[0]:.2f}x" if ratio else "", f"{ratio[1]:.2f}x" if ratio else ""]
+        table.append(line)
+    print(h.table(["query", "", "answers", f"archive ms {n_small}", f"archive ms {n_large}",
+                   "growth", f"Orthanc ms {n_small}", f"Orthanc ms {n_large}", "growth",
+                   f"archive/Orthanc {n_small}", f"archive/Orthanc {n_large}"], table))
+
+
+def print_targets(base: dict[str, Any], rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The speed issue's C-FIND targets against these figures (archive only)."""
+    verdict: dict[str, Any] = {}
+    by_name = {q["name"]: q for q in base["queries"]}
+    archive, orthanc = base["systems"].get("archive", {}), base["systems"].get("orthanc", {})
+    if archive and orthanc:
+        slow = [f"{n} {archive[n]['median'] / orthanc[n]['median']:.2f}x" for n in SIX
+                if n in by_name and archive[n]["median"] > MAX_VS_ORTHANC * orthanc[n]["median"]]
+        differ = [n for n in SIX if n in base["mismatches"]]
+        verdict["six_within_1_2x"] = not slow
+        verdict["six_same_answers"] = not differ
+        met = "met" if not slow else "NOT met: " + ", ".join(slow)
+        same = "yes" if not differ else "NO: " + ", ".join(differ)
+        print(f"\ntarget: the six queries at {base['corpus']['instances']} instances <= "
+              f"{MAX_VS_ORTHANC}x Orthanc's time: {met}; same answers: {same}")
+    if rows and all("archive" in r for r in rows):
+        grown = [f"{r['query']} {r['archive']['growth_pct']:+.0f}% ("
+                 f"{r['archive']['answers'][0]} -> {r['archive']['answers'][1]} answers)"
+                 for r in rows
+                 if r["indexed"] and "archive" in r
+                 and r["archive"]["growth_pct"] >= MAX_GROWTH_PCT]
+        verdict["indexed_growth_below_25pct"] = not grown
+        print(f"target: queries on indexed keys grow < {MAX_GROWTH_PCT}%: "
+              f"{'met' if not grown else 'NOT met: ' + ', '.join(grown)}")
+    return verdict
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -467,6 +613,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--reload", action="store_true",
                         help="reload the systems even when a cached load exists")
+    parser.add_argument("--archive-load", choices=("storescu", "import"), default="storescu",
+                        help="how an uncached archive is loaded: --load-associations storescu "
+                             "at once (default), or `archive import` (one process)")
+    parser.add_argument("--load-associations", type=int, default=4, metavar="N",
+                        help="storescu processes at once when loading (default 4; Orthanc "
+                             "always loads this way)")
     parser.add_argument("--quiet-wait", type=float, default=120, metavar="SECONDS",
                         help="before each system, wait up to this long for an idle machine")
 
@@ -475,6 +627,8 @@ def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if set(systems) - set(SYSTEMS):
         parser.error(f"unknown systems: {set(systems) - set(SYSTEMS)}")
+    if args.load_associations < 1:
+        parser.error("--load-associations must be at least 1")
     args.source = h.checkout(args.source_ref) if args.source_ref else None
     args.sha = source_sha(args.source_ref)
     return systems
@@ -484,8 +638,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_find",
                                      description=__doc__.split("\n\n")[0])
     add_common(parser)
-    parser.add_argument("--small-patients", type=int, default=6,
-                        help="patients of the second, small corpus (same shape); 0: none")
+    parser.add_argument("--large-patients", type=int, default=300,
+                        help="patients of the corpus the growth is measured to (same shape; "
+                             "default 300: 50,400 instances); 0: none")
+    parser.add_argument("--small-patients", type=int, default=0,
+                        help="patients of a smaller corpus to measure the growth from "
+                             "(6: 1,008 instances, what this benchmark did before); 0: none")
+    parser.add_argument("--same-recipe", action="store_true",
+                        help="on the other corpora, pick every query's parameters as on the "
+                             "base one (the name prefix and date range then match more "
+                             "studies on a larger corpus) instead of for as many answers")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", default="find")
@@ -497,25 +659,37 @@ def main(argv: list[str] | None = None) -> int:
     environment = h.environment_info()
     started = datetime.datetime.now(datetime.timezone.utc)
     wall = time.perf_counter()
-    large_params = corpus_module.parameters(args)
+    base_params = corpus_module.parameters(args)
     sizes: dict[str, Any] = {}
+    growths: dict[str, Any] = {}
     try:
-        if args.small_patients:
-            small_params = dataclasses.replace(large_params, patients=args.small_patients)
-            print(f"small corpus {small_params.slug()}", file=sys.stderr)
-            sizes["small"] = measure(small_params, args, systems)
-        print(f"large corpus {large_params.slug()}", file=sys.stderr)
-        sizes["large"] = measure(large_params, args, systems)
+        print(f"base corpus {base_params.slug()}", file=sys.stderr)
+        sizes["base"] = measure(base_params, args, systems)
+        targets = None if args.same_recipe else {
+            q["name"]: q["expected"] for q in sizes["base"]["queries"]
+            if q["name"] in RETARGETED}
+        for label, patients in (("small", args.small_patients),
+                                ("large", args.large_patients)):
+            if patients and patients != base_params.patients:
+                other = dataclasses.replace(base_params, patients=patients)
+                print(f"{label} corpus {other.slug()}", file=sys.stderr)
+                sizes[label] = measure(other, args, systems, targets)
     except h.BenchmarkError as exc:
         print(f"bench_find: FAILED: {exc}", file=sys.stderr)
         return 1
     print(f"\ncommand: {command}")
     print(f"archive's code: {args.source_ref} ({args.sha})" if args.source_ref
           else "archive's code: work tree")
-    for result in sizes.values():
-        print_size(result, systems)
-    if "small" in sizes:
-        print_growth(sizes["small"], sizes["large"], systems)
+    for label in ("small", "base", "large"):
+        if label in sizes:
+            print_size(sizes[label], systems)
+    for label in ("small", "large"):
+        if label in sizes:
+            low, high = sorted((sizes["base"], sizes[label]),
+                               key=lambda size: size["corpus"]["instances"])
+            growths[label] = growth(low, high)
+            print_growth(low, high, growths[label])
+    verdict = print_targets(sizes["base"], growths.get("large"))
     seconds = time.perf_counter() - wall
     print(f"\nwall time {seconds:.0f} s")
     mismatched = any(r["mismatches"] for r in sizes.values())
@@ -525,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "find", "command": command, "started": started.isoformat(),
         "wall_s": seconds, "environment": environment,
         "archive_source": f"{args.source_ref} = {args.sha}" if args.source_ref else "work tree",
-        "sizes": sizes})
+        "sizes": sizes, "growth": growths, "targets": verdict})
     print(f"results: {path.relative_to(h.REPO)}")
     return 0
 

@@ -1,24 +1,29 @@
-"""C-MOVE (and C-GET) throughput: this archive against Orthanc, to DCMTK's storescp.
+"""C-MOVE and C-GET throughput: this archive against Orthanc, to DCMTK's storescp.
 
     python -m benchmarks.bench_retrieve [--patients 60 --studies 2 --series 3 --instances 28]
                                         [--runs 5] [--warmup 1] [--corpus-runs 1]
+                                        [--scenarios move_study,...,get_all]
                                         [--source-ref HEAD] [--systems archive,orthanc]
 
 Uses the loaded systems ``bench_find`` caches (``bench-data/runs/query/<corpus>-<commit>``;
-loads them first when missing).  One system at a time, with a DCMTK ``storescp``
+loads them first when missing, with the same ``--archive-load`` and
+``--load-associations``).  One system at a time, with a DCMTK ``storescp``
 (TCP_NODELAY=1, files written to a scratch folder emptied before every run) as the Move
 Destination of both, it times ``movescu`` (TCP_NODELAY=1) for:
 
-- one study (STUDY level, Study Root, by StudyInstanceUID);
-- one patient (PATIENT level, Patient Root, by PatientID);
-- the whole corpus: one movescu per patient, one after the other (PATIENT level; the
-  archive refuses an empty unique key, and so does a universal PatientID for Orthanc),
-  timed as a whole;
-- and, with ``getscu``, one study (C-GET, instances on the same association).
+- ``move_study``: one study (STUDY level, Study Root, by StudyInstanceUID);
+- ``move_patient``: one patient (PATIENT level, Patient Root, by PatientID);
+- ``move_all``: the whole corpus, one movescu per patient, one after the other (PATIENT
+  level; the archive refuses an empty unique key, and so does a universal PatientID for
+  Orthanc), timed as a whole;
+
+and the same three with ``getscu`` (C-GET, instances on the same association, written
+by getscu): ``get_study``, ``get_patient``, ``get_all``.
 
 After every run the count the tool reports (completed sub-operations) and the files
-storescp wrote must both equal what the corpus holds, else the run fails.  Prints
-instances/s and MB/s (bytes as written by storescp) for both systems and the ratio.
+received must both equal what the corpus holds, else the run fails.  Prints instances/s
+and MB/s (bytes as written) for both systems and the ratio, and the CPU per instance of
+the archive's node and of its FerretDB, and of Orthanc, meanwhile.
 
 Results: ``bench-data/results/retrieve.json``.
 """
@@ -52,17 +57,26 @@ def scenarios(index: list[bf.SeriesInfo]) -> list[dict[str, Any]]:
     for s in index:
         by_patient[s.patient_id] = by_patient.get(s.patient_id, 0) + s.instances
     in_study = sum(s.instances for s in index if s.study_uid == first.study_uid)
+    study = ("STUDY", "study", {"StudyInstanceUID": first.study_uid}, in_study)
+    patient = ("PATIENT", "patient", {"PatientID": first.patient_id},
+               by_patient[first.patient_id])
+    every_patient = [("PATIENT", "patient", {"PatientID": pid}, n)
+                     for pid, n in by_patient.items()]
     return [
-        {"name": "move_study", "tool": "movescu", "moves": [
-            ("STUDY", "study", {"StudyInstanceUID": first.study_uid}, in_study)]},
-        {"name": "move_patient", "tool": "movescu", "moves": [
-            ("PATIENT", "patient", {"PatientID": first.patient_id},
-             by_patient[first.patient_id])]},
-        {"name": "move_all", "tool": "movescu", "moves": [
-            ("PATIENT", "patient", {"PatientID": pid}, n) for pid, n in by_patient.items()]},
-        {"name": "get_study", "tool": "getscu", "moves": [
-            ("STUDY", "study", {"StudyInstanceUID": first.study_uid}, in_study)]},
+        {"name": "move_study", "tool": "movescu", "moves": [study]},
+        {"name": "move_patient", "tool": "movescu", "moves": [patient]},
+        {"name": "move_all", "tool": "movescu", "moves": every_patient},
+        {"name": "get_study", "tool": "getscu", "moves": [study]},
+        {"name": "get_patient", "tool": "getscu", "moves": [patient]},
+        {"name": "get_all", "tool": "getscu", "moves": every_patient},
     ]
+
+
+#: Scenarios that retrieve the whole corpus: --corpus-runs, no warm-up.
+WHOLE = ("move_all", "get_all")
+#: The speed issue's target: C-MOVE and C-GET at least this fraction of Orthanc's rate.
+TARGET_VS_ORTHANC = 0.5
+SCENARIOS = ("move_study", "move_patient", "move_all", "get_study", "get_patient", "get_all")
 
 
 def one_run(scenario: dict[str, Any], service: h.Service, scp: h.StoreSCP,
@@ -107,8 +121,9 @@ def run_system(system: str, workdir: Path, args: argparse.Namespace,
         if args.quiet_wait > 0:
             h.wait_for_quiet(timeout=args.quiet_wait)
         with service:
+            root = service.pid
             for scenario in scens:
-                whole = scenario["name"] == "move_all"
+                whole = scenario["name"] in WHOLE
                 runs, warmup = (args.corpus_runs, 0) if whole else (args.runs, args.warmup)
                 for _ in range(warmup):
                     one_run(scenario, service, scp, scratch)
@@ -124,11 +139,15 @@ def run_system(system: str, workdir: Path, args: argparse.Namespace,
                     "max_s": max(s["seconds"] for s in samples),
                     "instances_per_s": best["instances"] / median,
                     "mb_per_s": best["bytes"] / 1e6 / median,
-                    "server_cpu_ms_per_instance": 1000 * sum(
-                        v for k, v in cpu.result["system_cpu_s"].items() if k != "storescp")
-                    / (best["instances"] * runs),
                     "cpu": cpu.result,
                 }
+                # the node and its database apart (storescp, the destination, is not
+                # part of the system's process tree)
+                node_s, database_s = h.node_and_database(cpu.result, root)
+                per = 1000 / (best["instances"] * runs)
+                result.update({"node_cpu_ms_per_instance": node_s * per,
+                               "database_cpu_ms_per_instance": database_s * per,
+                               "server_cpu_ms_per_instance": (node_s + database_s) * per})
                 results[scenario["name"]] = result
                 flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
                 each = ", ".join(f"{s:.2f}" for s in result["runs"])
@@ -148,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of the study/patient moves")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--corpus-runs", type=int, default=1,
-                        help="runs of the whole-corpus move (no warm-up)")
+                        help="runs of the whole-corpus move and get (no warm-up)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     parser.add_argument("--output", default="retrieve")
     args = parser.parse_args(argv)
     systems = bf.setup(args, parser)
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not wanted or set(wanted) - set(SCENARIOS):
+        parser.error(f"--scenarios: a comma-separated subset of {', '.join(SCENARIOS)}")
     command = shlex.join(["python", "-m", "benchmarks.bench_retrieve", *(argv or sys.argv[1:])])
     environment = h.environment_info()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -160,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         corpus_dir, manifest, loads = bf.prepare(params, args, systems)
-        scens = scenarios(bf.corpus_index(corpus_dir))
+        scens = [sc for sc in scenarios(bf.corpus_index(corpus_dir)) if sc["name"] in wanted]
         for system in systems:
             results[system] = run_system(system, bf.system_dir(system, params, args.sha),
                                          args, scens)
@@ -172,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"archive's code: {args.source_ref} ({args.sha})" if args.source_ref
           else "archive's code: work tree")
     print(f"corpus {manifest['instances']} instances, {manifest['bytes'] / 1e6:.0f} MB; "
-          f"destination DCMTK storescp (files written), TCP_NODELAY=1; move_all = one "
-          f"movescu (PATIENT level) per patient, {manifest['patients']} in a row")
+          f"destination DCMTK storescp (files written), TCP_NODELAY=1; getscu writes its "
+          f"files itself; move_all / get_all = one movescu / getscu (PATIENT level) per "
+          f"patient, {manifest['patients']} in a row")
     rows = []
     for scenario in scens:
         name = scenario["name"]
@@ -187,11 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     print(h.table(["retrieve", "instances", "moves", "archive s", "archive inst/s",
                    "archive MB/s", "Orthanc s", "Orthanc inst/s", "Orthanc MB/s",
                    "archive/Orthanc", "runs"], rows))
-    print("server CPU per instance (ms; node + FerretDB / Orthanc, storescp excluded):")
-    print(h.table(["retrieve", "archive", "Orthanc"], [
-        [s["name"], *(results[x][s["name"]]["server_cpu_ms_per_instance"]
-                      if x in results else None for x in ("archive", "orthanc"))]
-        for s in scens]))
+    print("server CPU per instance (ms; the archive's node and its FerretDB, Orthanc; the "
+          "destination storescp excluded):")
+    cpu_rows = []
+    for scenario in scens:
+        a = results.get("archive", {}).get(scenario["name"])
+        o = results.get("orthanc", {}).get(scenario["name"])
+        cpu_rows.append([scenario["name"], a and a["node_cpu_ms_per_instance"],
+                         a and a["database_cpu_ms_per_instance"],
+                         o and o["node_cpu_ms_per_instance"]])
+    print(h.table(["retrieve", "archive node", "archive FerretDB", "Orthanc"], cpu_rows))
+    targets: dict[str, bool] = {}
+    if {"archive", "orthanc"} <= results.keys():
+        slow = []
+        for scenario in scens:
+            ratio = (results["archive"][scenario["name"]]["instances_per_s"]
+                     / results["orthanc"][scenario["name"]]["instances_per_s"])
+            targets[scenario["name"]] = ratio >= TARGET_VS_ORTHANC
+            if ratio < TARGET_VS_ORTHANC:
+                slow.append(f"{scenario['name']} {ratio:.2f}x")
+        print(f"target: every C-MOVE and C-GET >= {TARGET_VS_ORTHANC}x Orthanc's instances/s: "
+              + ("met" if not slow else "NOT met: " + ", ".join(slow)))
     disturbed = [f"{x}/{n}" for x, r in results.items() for n, v in r.items()
                  if v["cpu"]["foreign_cores"] > bf.DISTURBED]
     if disturbed:
@@ -204,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "archive_source": f"{args.source_ref} = {args.sha}" if args.source_ref else "work tree",
         "corpus": {"dir": str(corpus_dir), **bf.expected_totals(manifest),
                    "bytes": manifest["bytes"]},
-        "loads": loads, "systems": results})
+        "loads": loads, "systems": results, "targets": targets})
     print(f"results: {path.relative_to(h.REPO)}")
     return 0
 

@@ -341,6 +341,36 @@ def ensure(out_dir: str | Path, params: Parameters, force: bool = False,
     return manifest
 
 
+def split(out_dir: str | Path, parts: int) -> list[list[Path]]:
+    """The corpus as ``parts`` lists of folders holding about as many files each, one
+    per concurrent sender.  Whole patients when there are enough of them, else studies,
+    else series: two senders then never write to the same patient, as when several
+    modalities send at once.  ``parts == 1``: the corpus folder itself."""
+    out_dir = Path(out_dir)
+    if parts < 1:
+        raise ValueError("parts must be at least 1")
+    if parts == 1:
+        return [[out_dir]]
+    for pattern in ("P*", "P*/ST*", "P*/ST*/SE*"):
+        units = sorted(p for p in out_dir.glob(pattern) if p.is_dir())
+        if len(units) >= parts:
+            break
+    else:
+        raise ValueError(f"{out_dir}: fewer than {parts} series to share among senders")
+    groups: list[list[Path]] = [[] for _ in range(parts)]
+    files = [0] * parts
+    for unit in units:  # to the lightest group so far: round-robin when all weigh the same
+        smallest = files.index(min(files))
+        groups[smallest].append(unit)
+        files[smallest] += sum(1 for _ in unit.rglob("*.dcm"))
+    return groups
+
+
+def count_files(paths: list[Path]) -> int:
+    """Corpus files (``*.dcm``) in these folders, or files."""
+    return sum(1 if p.is_file() else sum(1 for _ in p.rglob("*.dcm")) for p in paths)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The corpus knobs, shared by every benchmark's command line."""
     defaults = Parameters()

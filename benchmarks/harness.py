@@ -248,6 +248,22 @@ def checkout(ref: str) -> Path:
 ALLOW_ALL: tuple[dict[str, str], ...] = ({"principal": "*", "service": "*"},)
 
 
+#: Associations one peer address may hold at once in the archive as shipped
+#: (``connections.associations_per_peer``); every benchmark client is 127.0.0.1.
+ARCHIVE_PER_PEER = 4
+
+
+def archive_associations_config(associations: int) -> dict[str, Any]:
+    """``extra_config`` letting ``associations`` concurrent associations from loopback
+    into an :class:`ArchiveNode`: nothing up to :data:`ARCHIVE_PER_PEER` (so that
+    commits without the ``connections`` section still run), else a raised limit."""
+    if associations <= ARCHIVE_PER_PEER:
+        return {}
+    return {"max_associations": max(10, associations),
+            "connections": {"associations_per_peer": associations,
+                            "pending_per_peer": associations}}
+
+
 class ArchiveNode(Service):
     """This archive, ``python -m archive serve`` on its own embedded FerretDB.
 
@@ -475,8 +491,24 @@ class StoreSCP(Service):
         return _du(self.output_dir)
 
 
+class PyStoreSCP(StoreSCP):
+    """A bare pynetdicom Storage SCP (``python -m benchmarks.pyscp``): every dataset
+    received is written as a file, nothing else.  What any node built on pynetdicom
+    pays before doing its own work: the Python floor beside storescp's."""
+
+    name = "pyscp"
+
+    def __init__(self, workdir: str | Path, aet: str = "PYSCP", port: int | None = None,
+                 output_dir: str | Path | None = None, fresh: bool = True) -> None:
+        super().__init__(workdir, aet=aet, port=port, output_dir=output_dir, fresh=fresh)
+
+    def command(self) -> list[str]:
+        return [PYTHON, "-m", "benchmarks.pyscp", "--aet", self.aet, "--port", str(self.port),
+                "--out", str(self.output_dir)]
+
+
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc)."""
+    """``pid`` and its descendants (from /proc), zombies included."""
     found, queue = [], [pid]
     while queue:
         current = queue.pop()
@@ -487,10 +519,26 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on: the command name may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the children a process has waited for (cutime+cstime):
+    where storescp --fork's per-association processes end up once reaped."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def parent_pid(pid: int) -> int:
+    return int(_stat_fields(pid)[1])
 
 
 def process_name(pid: int) -> str:
@@ -509,6 +557,12 @@ class CpuMeter:
     """CPU used during a measurement: by the system under test (per process), by the
     clients this process ran (storescu...), and by everything else on the machine.
 
+    For each process in ``pids`` it counts its own CPU time and that of the children it
+    reaped meanwhile; processes started meanwhile below one of ``pids`` (storescp
+    ``--fork`` forks one per association) are counted too, alive or zombie.  The result
+    has the CPU by process name (``system_cpu_s``) and by pid (``by_pid``, with each
+    one's name and parent, see :func:`node_and_database`).
+
     Other engineers' test runs share the 2 cores: ``foreign_cores`` says how many cores'
     worth of CPU other processes took meanwhile, so a disturbed run can be recognised.
     """
@@ -523,10 +577,13 @@ class CpuMeter:
         self._machine = _machine_jiffies()
         self._children = _rusage_cpu(resource.RUSAGE_CHILDREN)
         self._self = _rusage_cpu(resource.RUSAGE_SELF)
-        self._procs = {}
+        self._procs: dict[int, tuple[str, int, float, float]] = {}
         for pid in self.pids:
             with contextlib.suppress(OSError):
-                self._procs[pid] = (process_name(pid), cpu_seconds(pid))
+                self._procs[pid] = (process_name(pid), parent_pid(pid), cpu_seconds(pid),
+                                    reaped_children_cpu_seconds(pid))
+        # processes already there but not asked for (e.g. FerretDB under CpuMeter([node]))
+        self._known = {p for pid in self._procs for p in process_tree(pid)}
         self.result: dict[str, Any] = {}
         return self
 
@@ -537,19 +594,59 @@ class CpuMeter:
         busy, total = _machine_jiffies()
         tick = os.sysconf("SC_CLK_TCK")
         machine_busy = (busy - self._machine[0]) / tick
+        by_pid: dict[str, dict[str, Any]] = {}
+        # first the processes started meanwhile (zombies keep their times until reaped),
+        # then the parents' reaped-children times: a child reaped in between would be
+        # counted twice, one reaped after would not be, in a window of microseconds
+        for root in self._procs:
+            for pid in process_tree(root):
+                if pid not in self._known and str(pid) not in by_pid:
+                    with contextlib.suppress(OSError, ValueError):
+                        by_pid[str(pid)] = {"name": process_name(pid), "ppid": parent_pid(pid),
+                                            "cpu_s": cpu_seconds(pid), "started": True}
+        vanished = []
+        for pid, (name, ppid, own, reaped) in self._procs.items():
+            try:
+                used = cpu_seconds(pid) - own + reaped_children_cpu_seconds(pid) - reaped
+            except (OSError, ValueError):
+                vanished.append(name)
+                continue
+            by_pid[str(pid)] = {"name": name, "ppid": ppid, "cpu_s": used, "started": False}
         processes: dict[str, float] = {}
-        for pid, (name, before) in self._procs.items():
-            with contextlib.suppress(OSError):
-                processes[name] = processes.get(name, 0.0) + cpu_seconds(pid) - before
+        for entry in by_pid.values():
+            processes[entry["name"]] = processes.get(entry["name"], 0.0) + entry["cpu_s"]
         clients = _rusage_cpu(resource.RUSAGE_CHILDREN) - self._children
         harness = _rusage_cpu(resource.RUSAGE_SELF) - self._self
         ours = sum(processes.values()) + clients + harness
         self.result = {
-            "wall_s": wall, "system_cpu_s": processes, "client_cpu_s": clients,
+            "wall_s": wall, "system_cpu_s": processes, "by_pid": by_pid,
+            "vanished": vanished, "client_cpu_s": clients,
             "harness_cpu_s": harness, "machine_busy_cores": machine_busy / wall,
             "foreign_cores": max(machine_busy - ours, 0.0) / wall,
             "load_average": os.getloadavg(),
         }
+
+
+def node_and_database(cpu: Mapping[str, Any], root: int) -> tuple[float, float]:
+    """CPU seconds of a system under test started as process ``root``, from a
+    :class:`CpuMeter` result: (node, database).  The node is ``root`` and the processes
+    of its tree with its name (storescp's forks); the database is the rest of its tree
+    (the archive's embedded FerretDB).  Orthanc (SQLite in-process), storescp and the
+    bare pynetdicom SCP have no database process: 0.0."""
+    by_pid = cpu["by_pid"]
+    if str(root) not in by_pid:
+        raise BenchmarkError(f"process {root} was not measured")
+    tree, grew = {str(root)}, True
+    while grew:
+        grew = False
+        for pid, entry in by_pid.items():
+            if pid not in tree and str(entry["ppid"]) in tree:
+                tree.add(pid)
+                grew = True
+    name = by_pid[str(root)]["name"]
+    node = sum(by_pid[p]["cpu_s"] for p in tree if by_pid[p]["name"] == name)
+    database = sum(by_pid[p]["cpu_s"] for p in tree if by_pid[p]["name"] != name)
+    return node, database
 
 
 def busy_cores(window: float = 2.0) -> float:
@@ -704,6 +801,41 @@ def storescu(host: str, port: int, aec: str, paths: Iterable[str | Path],
             failed += 1
     failed += sum(1 for line in run.lines() if "Store Failed" in line or "Store SCU Failed" in line)
     return StoreRun(run, succeeded, warnings, failed)
+
+
+@dataclass
+class ParallelStoreRun:
+    """Several storescu processes at once, one association each: wall time from the
+    first start to the last exit, and each one's run."""
+
+    runs: list[StoreRun]
+    elapsed: float
+
+    @property
+    def ok(self) -> bool:
+        return all(run.ok for run in self.runs)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(run.succeeded + run.warnings for run in self.runs)
+
+    def check(self, expected: Sequence[int]) -> ParallelStoreRun:
+        """Raise BenchmarkError unless storescu ``i`` stored ``expected[i]`` files."""
+        for run, count in zip(self.runs, expected, strict=True):
+            run.check(count)
+        return self
+
+
+def storescu_parallel(host: str, port: int, aec: str, parts: Sequence[Sequence[str | Path]],
+                      **kwargs: Any) -> ParallelStoreRun:
+    """:func:`storescu` of each part at once (one process and association per part)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        started = time.perf_counter()
+        runs = list(pool.map(lambda paths: storescu(host, port, aec, paths, **kwargs), parts))
+        elapsed = time.perf_counter() - started
+    return ParallelStoreRun(runs, elapsed)
 
 
 Keys = Mapping[str, str] | Sequence[str]
