@@ -53,6 +53,13 @@ class Journal:
             fh.write(json.dumps(entry))
         os.replace(temporary, path)
 
+    def read(self, key: str) -> dict[str, Any] | None:
+        """The entry ``key``, None when there is none (or it is unreadable)."""
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -156,7 +157,7 @@ class Levels:
             raise Conflict(f"{what} belongs to another patient")
 
     def fold(self, doc: dict[str, Any], data: dict[str, Any],
-                       previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+             previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
         """Fold one instance into its series, study and patient documents.
 
         ``previous`` is the instance document a re-send replaced.  Returns the
@@ -287,12 +288,12 @@ class Levels:
 
     # -- exact rebuilds ---------------------------------------------------------------
 
-    def recompute(self, *hierarchies: Iterable[str], extra_instance: str | None = None
+    def recompute(self, *hierarchies: Iterable[str], extra_instances: Iterable[str] = ()
                   ) -> None:
         """Rebuild the series, study and patient documents of hierarchies exactly.
 
-        Members are found through the child lists plus ``extra_instance`` (an instance
-        a failed or interrupted store may have written without listing it), checked
+        Members are found through the child lists plus ``extra_instances`` (instances
+        a failed or interrupted store may have written without listing them), checked
         against their own documents.  Level by level -- every series, then every
         study, then every patient -- since a study is summed from its series and a
         patient from its studies: an instance that moved between two hierarchies must
@@ -300,8 +301,8 @@ class Levels:
         """
         triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
         for series_uid in dict.fromkeys(t[0] for t in triples):
-            self.rebuild(self.series, series_uid, "instances", [extra_instance],
-                          self.series_fields)
+            self.rebuild(self.series, series_uid, "instances", list(extra_instances),
+                         self.series_fields)
         all_series = [t[0] for t in triples]
         for study_uid in dict.fromkeys(t[1] for t in triples):
             self.rebuild(self.studies, study_uid, "series", all_series, self.study_fields)
@@ -463,3 +464,159 @@ def _present(members: list[dict[str, Any]], field: str) -> list[str]:
                    for k, n in (m.get(field) or {}).items() if n > 0})
 
 
+
+
+# --- write-behind of the updates of new instances -------------------------------------
+
+
+class _Batch:
+    """What the new instances of one series add to its level documents."""
+
+    def __init__(self, hierarchy: tuple[str, str, str]) -> None:
+        self.hierarchy = hierarchy
+        self.keys: list[str] = []
+        self.sops: list[str] = []
+        self.classes: Counter[str] = Counter()
+        self.modalities: Counter[str] = Counter()
+        self.latest: tuple[ObjectId, dict[str, Any]] | None = None
+
+    def add(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> None:
+        self.keys.append(key)
+        self.sops.append(doc["_id"])
+        self.classes[doc["SOPClassUID"]] += 1
+        self.modalities[doc["Modality"]] += 1
+        if self.latest is None or doc["file_id"] > self.latest[0]:
+            self.latest = (doc["file_id"], data)
+
+
+class WriteBehind:
+    """Coalesces the level updates of new instances into series this node knows.
+
+    FerretDB rewrites a whole document for every update (~3-5 ms each): three per
+    instance were half of a store's time.  A new instance whose series this node has
+    updated before with the same study, patient and attribute hashes (so nothing can
+    conflict nor change the variants) is counted in a batch instead; a batch is written
+    as one update per level document when it is ``max_batch`` long, every ``linger``
+    seconds, and before any read of the level documents on this node (:meth:`flush`,
+    the barrier C-FIND, C-MOVE and C-GET call).  Each instance's journal entry stays
+    until its batch is written: a crash or a failed write leaves the entries, whose
+    replay rebuilds the documents exactly, so the archive never depends on this memory.
+    """
+
+    def __init__(self, levels: Levels, written: Callable[[list[str]], None],
+                 failed: Callable[[list[str]], None], max_batch: int = 64,
+                 linger: float = 0.2, known: int = 10_000) -> None:
+        self.levels = levels
+        self.written, self.failed = written, failed
+        self.max_batch, self.linger, self.known_limit = max_batch, linger, known
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._batches: dict[str, _Batch] = {}
+        self._known: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def learn(self, doc: dict[str, Any]) -> None:
+        """The instance's level documents were just updated one by one, without
+        conflict: its series' next instances may be batched."""
+        with self._lock:
+            self._known[doc["SeriesInstanceUID"]] = _claims(doc)
+            self._known.move_to_end(doc["SeriesInstanceUID"])
+            while len(self._known) > self.known_limit:
+                self._known.popitem(last=False)
+
+    def forget(self) -> None:
+        """Level documents may have changed otherwise (a move, a rebuild): batch nothing
+        more until stores have learnt their series again."""
+        with self._lock:
+            self._known.clear()
+
+    def take(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> bool:
+        """Batch a new instance's level updates, if its series is known as it claims."""
+        series = doc["SeriesInstanceUID"]
+        with self._lock:
+            if self._known.get(series) != _claims(doc):
+                return False
+            batch = self._batches.setdefault(series, _Batch(hierarchy_of(doc)))
+            batch.add(doc, data, key)
+            full = len(batch.keys) >= self.max_batch
+        if full:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write every batch (the barrier before reading level documents)."""
+        with self._flushing:
+            with self._lock:
+                batches, self._batches = list(self._batches.values()), {}
+            for batch in batches:
+                try:
+                    self._write(batch)
+                except Exception:  # noqa: BLE001 - the journal rebuilds exactly
+                    with self._lock:
+                        self._known.pop(batch.hierarchy[0], None)
+                    self.failed(batch.keys)
+                else:
+                    self.written(batch.keys)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(b.keys) for b in self._batches.values())
+
+    def _write(self, batch: _Batch) -> None:
+        assert batch.latest is not None
+        series_uid, study_uid, patient_id = batch.hierarchy
+        file_id, data = batch.latest
+        n = len(batch.keys)
+        common = {LATEST: file_id}
+        # Each document must still be there: one emptied and deleted meanwhile (a
+        # re-send moved its instances away, here or on another node) makes the batch
+        # fail, and the journal rebuilds its documents exactly.
+        results = []
+        results.append(self.levels.series.update_one({"_id": series_uid}, {
+            "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
+                     **common},
+            "$addToSet": {"instances": {"$each": batch.sops}},
+            "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1,
+                     **{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c
+                        for k, c in batch.classes.items()},
+                     **{f"{MODALITY_COUNTS}.{field_key(k)}": c
+                        for k, c in batch.modalities.items()}}}))
+        results.append(self.levels.studies.update_one({"_id": study_uid}, {
+            "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
+                     **common},
+            "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},
+                          "SOPClassesInStudy": {"$each": sorted(batch.classes)}},
+            "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1}}))
+        results.append(self.levels.patients.update_one({"_id": patient_id}, {
+            "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
+                     **common},
+            "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}))
+        if any(result.matched_count != 1 for result in results):
+            raise PyMongoError(f"level documents of series {series_uid} gone meanwhile")
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="level-writer",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.linger):
+            self.flush()
+
+
+def _claims(doc: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:
+    """What a batched instance must share with its series' known instances."""
+    hashes = doc.get("hashes") or {}
+    return (doc["StudyInstanceUID"], doc["PatientID"],
+            tuple(hashes.get(level, "") for level in (PATIENT, STUDY, SERIES)))

@@ -68,6 +68,7 @@ from archive.levels import (
     SOP_CLASS_COUNTS,
     Conflict,
     Levels,
+    WriteBehind,
     attribute_hashes,
     from_field_key,
     hierarchy_of,
@@ -151,7 +152,7 @@ class Archive:
     def __init__(self, db: Database, bucket: str = "fs", duplicate_policy: str = "replace",
                  journal: str | Path = "data/journal",
                  hierarchy_conflicts: str = "refuse",
-                 health: DatabaseHealth | None = None) -> None:
+                 health: DatabaseHealth | None = None, write_behind: float = 0.0) -> None:
         self.db = db
         self.health = health or DatabaseHealth(db)
         self.files = GridStore(db, bucket)
@@ -159,8 +160,13 @@ class Archive:
         #: the series, study and patient documents (and conflicts)
         self.levels = Levels(db, hierarchy_conflicts)
         self.journal = Journal(journal)
-        #: Journal keys of the stores running in this process (reconcile leaves them).
+        #: Journal keys of the stores running in this process, or whose level updates
+        #: wait in a batch (reconcile leaves them).
         self._active: set[str] = set()
+        #: Batched level updates of new instances (write_behind: seconds a batch may
+        #: wait; 0: every store updates its level documents itself).
+        self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
+                                   linger=write_behind) if write_behind > 0 else None
 
     # The collections, one reference each (tests put failing stand-ins in their place).
     instances = property(lambda self: self.levels.instances,
@@ -263,19 +269,25 @@ class Archive:
                                  "file_id": key, "length": len(part10),
                                  "hierarchy": list(hierarchy_of(doc))}
         self._active.add(key)
+        batched = False
         try:
             self.journal.write(key, entry)
             try:
-                return self._write(part10, doc, data, entry)
+                outcome, batched = self._write(part10, doc, data, entry)
+                return outcome
             except BaseException as exc:
                 self._undo(entry, exc)
                 raise
         finally:
-            self._active.discard(key)
+            if not batched:  # else the batch's writer finishes the entry
+                self._active.discard(key)
 
     def _write(self, part10: bytes, doc: dict[str, Any], data: dict[str, Any],
-               entry: dict[str, Any]) -> StoreOutcome:
-        """Steps 1 to 5; an exception leaves the undo to the caller (the entry says what)."""
+               entry: dict[str, Any]) -> tuple[StoreOutcome, bool]:
+        """Steps 1 to 5; an exception leaves the undo to the caller (the entry says what).
+
+        Also answers whether the level updates went into a batch (the entry stays until
+        the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
         try:
             self.files.put(part10, f"{sop_uid}.dcm", {
@@ -291,26 +303,72 @@ class Archive:
                 self._discard(entry)
                 if self.policy == "reject":
                     return StoreOutcome(DUPLICATE_SOP_INSTANCE, "SOP Instance already stored",
-                                        sop_uid)
-                return StoreOutcome(SUCCESS, "already stored, kept", sop_uid)
+                                        sop_uid), False
+                return StoreOutcome(SUCCESS, "already stored, kept", sop_uid), False
             previous = self._replace(doc, entry)
+        if self.batches is not None:
+            if previous is None and self.batches.take(doc, data, entry["file_id"]):
+                return StoreOutcome(SUCCESS, "", sop_uid), True
+            self.batches.flush()  # what was batched before is written before this one
         rebuild = self.levels.fold(doc, data, previous)
-        if previous is not None and hierarchy_of(previous) != hierarchy_of(doc):
+        if self.batches is not None:
+            if previous is None and not rebuild:
+                self.batches.learn(doc)
+            else:  # a re-send or a rebuild may delete or change level documents
+                self.batches.forget()
+        unfinished = self.journal.read(str(previous["file_id"])) if previous else None
+        if unfinished is not None:
+            # it replaced a store still unfinished (its undo waits in the journal): the
+            # level documents may count the instance where that store found it
+            rebuild += [hierarchy_of(previous), hierarchy_of(doc),
+                        *(tuple(unfinished[k]) for k in ("hierarchy", "previous_hierarchy")
+                          if unfinished.get(k))]
+        elif previous is not None and hierarchy_of(previous) != hierarchy_of(doc):
             if previous["PatientID"] != doc["PatientID"]:  # an accepted conflict
                 rebuild += [hierarchy_of(previous), hierarchy_of(doc)]
             else:
                 self.levels.leave(previous, hierarchy_of(doc))
         if rebuild:
-            self.levels.recompute(*rebuild, extra_instance=sop_uid)
+            # rebuilds read the instances: unfinished stores are settled first
+            self.reconcile()
+            self.levels.recompute(*rebuild, extra_instances=[sop_uid])
         outcome = StoreOutcome(SUCCESS, "", sop_uid, replaced=previous is not None)
         if previous is not None and previous["file_id"] != file_id:
             try:
                 self.files.delete(previous["file_id"])
             except PyMongoError as exc:  # stored: the journal entry deletes it later
                 log.warning("replaced file of %s not deleted yet: %s", sop_uid, exc)
-                return outcome
+                return outcome, False
         self.journal.remove(entry["file_id"])
-        return outcome
+        return outcome, False
+
+    # -- batched level updates ----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write the batched level updates: the barrier before reading level documents."""
+        if self.batches is not None:
+            self.batches.flush()
+
+    def start(self) -> None:
+        """Write batches in the background (a node; a one-shot command flushes at close)."""
+        if self.batches is not None:
+            self.batches.start()
+
+    def close(self) -> None:
+        """Write what is batched and stop the background writer."""
+        if self.batches is not None:
+            self.batches.stop()
+
+    def _batch_written(self, keys: list[str]) -> None:
+        for key in keys:
+            self.journal.remove(key)
+            self._active.discard(key)
+
+    def _batch_failed(self, keys: list[str]) -> None:
+        log.warning("batched level updates of %d instances not written: the journal "
+                    "rebuilds them", len(keys))
+        for key in keys:
+            self._active.discard(key)  # reconcile finishes them
 
     def _discard(self, entry: dict[str, Any]) -> None:
         """The file of a store that ends without indexing it (duplicate kept/refused)."""
@@ -353,7 +411,9 @@ class Archive:
 
         When the failure was the connection and the database does not answer a short
         ping, the undo is left to the journal at once: trying it would only wait out the
-        same timeout again, for every store of an outage.
+        same timeout again, for every store of an outage.  Otherwise the journal is
+        replayed, this entry with the others it holds: an instance document that an
+        earlier unfinished store left must not be counted by this undo's rebuilds.
         """
         entry["kind"] = "undo"
         try:
@@ -363,12 +423,15 @@ class Archive:
         if isinstance(cause, ConnectionFailure) and not self.health.check():
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), cause)
             return
+        written = self.journal.read(entry["file_id"]) is not None
         try:
-            self._resolve(entry)
+            if written:  # with whatever else the journal holds, newest first
+                self._active.discard(entry["file_id"])
+                self.reconcile()
+            else:
+                self._resolve(entry)
         except PyMongoError as exc:
             log.warning("rollback of %s deferred to the journal: %s", entry.get("sop"), exc)
-            return
-        self.journal.remove(entry["file_id"])
 
     def pending(self) -> bool:
         """Whether unfinished work of past stores waits in the journal."""
@@ -385,19 +448,29 @@ class Archive:
         Entries of stores still running (in this process, or another live one) are left.
         Raises PyMongoError, keeping the journal, while the database is unreachable.
         """
-        done = 0
-        for key, entry in list(self.journal.entries()):
-            if key in self._active or _alive_elsewhere(entry):
-                continue
-            self._resolve(entry)
+        entries = [(key, entry) for key, entry in self.journal.entries()
+                   if key not in self._active and not _alive_elsewhere(entry)]
+        if not entries:
+            return 0
+        if self.batches is not None:
+            self.batches.forget()
+        hierarchies: list[tuple[str, str, str]] = []
+        for _, entry in reversed(entries):  # newest first: each undo reveals the older state
+            hierarchies += self._settle(entry)
+        # then the level documents once, over the instances as they now are
+        self.levels.recompute(*hierarchies, extra_instances=[e["sop"] for _, e in entries])
+        for key, _ in entries:
             self.journal.remove(key)
-            done += 1
-        if done:
-            log.info("journal replayed: %d entries", done)
-        return done
+        log.info("journal replayed: %d entries", len(entries))
+        return len(entries)
 
     def _resolve(self, entry: dict[str, Any]) -> None:
         """Bring the archive to the state the entry's store should leave (see reconcile)."""
+        self.levels.recompute(*self._settle(entry), extra_instances=[entry["sop"]])
+
+    def _settle(self, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """The instance and files as the entry's store should leave them; the
+        hierarchies whose level documents must then be rebuilt."""
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, {"file_id": 1})
@@ -406,27 +479,31 @@ class Archive:
             self.instances.delete_one({"_id": sop})
             current, committed = None, False
         previous = entry.get("previous_file_id")
+        hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
+                       if entry.get(k)]
         if committed:
             if previous and ObjectId(previous) != file_id:
                 self.files.delete(ObjectId(previous))
         else:
             if current is None and previous and self.files.exists(ObjectId(previous)):
-                self._reindex(ObjectId(previous))
+                hierarchies.append(self._reindex(ObjectId(previous)))
+            elif current is not None and previous and current["file_id"] != ObjectId(previous):
+                # a later store replaced the instance since: the version this one would
+                # have restored belongs to nothing now (a file holds one instance)
+                self.files.delete(ObjectId(previous))
             self.files.delete(file_id, entry.get("length"))
-        hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
-                       if entry.get(k)]
-        if hierarchies:
-            self.levels.recompute(*hierarchies, extra_instance=sop)
+        return hierarchies  # type: ignore[return-value]
 
-    def _reindex(self, file_id: ObjectId) -> None:
-        """Index an original already in GridFS again (its metadata was lost)."""
+    def _reindex(self, file_id: ObjectId) -> tuple[str, str, str]:
+        """Index an original already in GridFS again (its metadata was lost); its
+        hierarchy, whose level documents the caller rebuilds."""
         part10 = self.files.read(file_id)
         ds = self.parse(part10)
         data = dicomjson.to_json(ds, file_id)
         doc = self.instance_document(data, file_id, _transfer_syntax(ds), len(part10),
                                      "reindex")
         self.instances.replace_one({"_id": doc["_id"]}, doc, upsert=True)
-        self.levels.recompute(hierarchy_of(doc), extra_instance=doc["_id"])
+        return hierarchy_of(doc)
 
     # -- reading ----------------------------------------------------------------------
 

@@ -63,6 +63,8 @@ store_op = st.fixed_dictionaries({
         st.booleans()),
     # the undo fails too (database still away): the journal finishes it later
     "undo_fails": st.booleans(),
+    # with batched level updates: write the batches now, or let a write of them fail
+    "flush": st.sampled_from(["later", "now", "fails"]),
 })
 
 
@@ -148,13 +150,14 @@ def level_state(db: Any) -> dict[str, Any]:
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(store_op, min_size=1, max_size=12),
-       policy=st.sampled_from(["refuse", "accept"]))
+       policy=st.sampled_from(["refuse", "accept"]), batched=st.booleans())
 def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
                                                          ops: list[dict[str, Any]],
-                                                         policy: str) -> None:
+                                                         policy: str, batched: bool) -> None:
     db = mongomock.MongoClient().archive
     journal = tmp_path / f"journal-{random.getrandbits(64):x}"
-    archive = Archive(db, "fs", "replace", journal, policy)
+    # batched: level updates wait in batches (no writer thread: written when told)
+    archive = Archive(db, "fs", "replace", journal, policy, write_behind=3600 * batched)
     for op in ops:
         outcome = run_store(archive, op)
         assert outcome.status in (SUCCESS, OUT_OF_RESOURCES, HIERARCHY_CONFLICT), outcome
@@ -162,9 +165,22 @@ def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
             assert outcome.comment == "Series Instance UID belongs to another study"
         if op["failure"] is None:
             assert outcome.status != OUT_OF_RESOURCES
+        if op["flush"] == "later":
+            continue
+        if op["flush"] == "fails":  # the database goes away while a batch is written
+            real = archive.studies
+            archive.studies = Flaky(real, "update_one", applied=False)
+            try:
+                archive.flush()
+            finally:
+                archive.studies = real
+        archive.flush()
         archive.reconcile()  # the database is back: the journal finishes what failed
         assert not archive.pending()
         assert_exact(archive, db)
+    archive.flush()
+    archive.reconcile()
+    assert_exact(archive, db)
 
     # The same final instances stored afresh, in the order they were last stored,
     # make the same level documents.
@@ -181,7 +197,7 @@ def test_patient_conflicts_are_refused_by_default(tmp_path: Path) -> None:
     archive = Archive(db, "fs", "replace", tmp_path / "journal")
     first = {"sop": SOPS[0], "patient": "P1", "study": STUDIES[0], "series": SERIES[0],
              "modality": "CT", "name": "DOE^J", "description": "HEAD", "failure": None,
-             "undo_fails": False}
+             "undo_fails": False, "flush": "now"}
     assert run_store(archive, first).status == SUCCESS
     before = level_state(db)
     # another patient's instance into that study, that series, or re-using that SOP UID
