@@ -225,7 +225,8 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
             db = client[cfg.database.name]
             ensure_indexes(db)
             archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal,
-                              cfg.hierarchy_conflicts)
+                              cfg.hierarchy_conflicts, write_behind=cfg.write_behind_seconds)
+            archive.start()
             bar = tqdm(candidates, unit="file", disable=not show_bar, file=sys.stderr)
             for candidate in bar:
                 result = importer.import_one(archive, candidate)
@@ -237,6 +238,7 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
                         bar.write(line, file=sys.stderr)
                     else:
                         print(line, file=sys.stderr)
+            archive.close()  # the batched level updates written
         finally:
             client.close()
     counts = Counter(result.outcome for result in results)

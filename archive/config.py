@@ -179,6 +179,10 @@ class Config:
     #: another patient: refuse (0xC409) or accept (the study then holds both).
     hierarchy_conflicts: str = "refuse"
     journal: str = "data/journal"
+    #: New instances of a series this node knows update their series, study and patient
+    #: documents in batches written at least this often (and before any query on this
+    #: node); 0: one update per level per instance.
+    write_behind_seconds: float = 0.2
     #: At start, besides finishing what the journal names: "full" also runs
     #: ``archive check --repair`` in the background (damage a lost journal left).
     startup_check: str = "journal"
@@ -296,6 +300,8 @@ def _validate(cfg: Config) -> None:
     for ae in cfg.destinations:
         if not 0 < len(ae) <= 16:
             raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
+    if not 0 <= cfg.write_behind_seconds <= 60:
+        raise ConfigError("write_behind_seconds: must be between 0 and 60")
     if cfg.max_associations < 1:
         raise ConfigError("max_associations: must be at least 1")
     _validate_connections(cfg.connections, cfg.max_associations)

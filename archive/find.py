@@ -19,7 +19,7 @@ from __future__ import annotations
 import codecs
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +146,9 @@ class Finder:
 
     db: Database
     ae_title: str = "ARCHIVE"
+    #: Called before level documents are read: writes the store's batched updates, so
+    #: a C-FIND right after a C-STORE on this node counts it.
+    barrier: Callable[[], None] | None = None
     _collections: dict[str, Collection] = field(default_factory=dict)
 
     def collection(self, level: str) -> Collection:
@@ -172,6 +175,8 @@ class Finder:
         """Level documents that may match: those the identifier's unique keys name
         (walked down by ``_id``), else a scan of the level with ``pre_filter`` (a
         :func:`server_filter`).  The caller decides each one exactly."""
+        if self.barrier is not None:
+            self.barrier()
         start = self._navigation_start(level, identifier)
         if start is None:
             yield from self.collection(level).find(pre_filter or {}, _LEAN, batch_size=500)

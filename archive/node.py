@@ -66,11 +66,13 @@ class Node:
         #: whether the database answers; requests needing it are refused while it does not
         self.health = DatabaseHealth(self.db)
         self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
-                               cfg.journal, cfg.hierarchy_conflicts, self.health)
+                               cfg.journal, cfg.hierarchy_conflicts, self.health,
+                               write_behind=cfg.write_behind_seconds)
         self.stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_cond = threading.Condition()
-        self.finder = Finder(self.db, cfg.ae_title)
+        #: queries read level documents after the batched updates are written
+        self.finder = Finder(self.db, cfg.ae_title, barrier=self.archive.flush)
         #: Verified user identity of each association, keyed by id(association); filled
         #: by the EVT_USER_ID handler, emptied when the association ends.
         self.identities: dict[int, str] = {}
@@ -204,6 +206,7 @@ class Node:
         self.health.start()
         self.maybe_reconcile()
         self.audit.start()
+        self.archive.start()  # the writer of batched level updates
         if self.cfg.acl.enabled:
             self._initial_rules()
             ruleset = self.rules.current()
@@ -262,6 +265,7 @@ class Node:
             assoc.abort()
         self.ae.shutdown()
         self.connections.stop()
+        self.archive.close()  # batched level updates written before the database goes
         self.audit.stop()
         self.health.stop()
         self.client.close()

@@ -448,6 +448,15 @@ def consistency_problems(db: Any, bucket: str = "fs") -> list[str]:
     return problems
 
 
+def settled_counters(db: Any, timeout: float = 30) -> list[str]:
+    """``counter_problems`` once the node's written-behind level updates are in (a node
+    acknowledges a store before its level documents change: ``write_behind_seconds``)."""
+    deadline = time.monotonic() + timeout
+    while (problems := counter_problems(db)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return problems
+
+
 def counter_problems(db: Any) -> list[str]:
     """Level documents whose counters or lists disagree with the instances."""
     problems = []

@@ -25,10 +25,10 @@ from helpers import (
     ROOT,
     association,
     consistency_problems,
-    counter_problems,
     free_port,
     identifier,
     port_open,
+    settled_counters,
     wait_for,
     write_images,
 )
@@ -224,4 +224,4 @@ def test_requests_fail_fast_while_ferretdb_is_down_and_it_comes_back(
     db = database.client.archive
     assert db.instances.count_documents({}) == 2 + 1 + 3
     assert consistency_problems(db) == []
-    assert counter_problems(db) == []
+    assert settled_counters(db) == []

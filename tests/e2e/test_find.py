@@ -50,8 +50,8 @@ from helpers import (
     DCMTK_ENV,
     ROOT,
     association,
-    counter_problems,
     echoscu,
+    settled_counters,
     storescu,
     wait_for,
 )
@@ -332,7 +332,7 @@ def store_bulk(node: Any, folder: Path, count: int) -> Bulk:
     result = storescu(node, path)
     assert result.succeeded() == [str(path)], result.output
     bulk = find_corpus.seed_clones(node.db, template, count)
-    assert counter_problems(node.db) == []
+    assert settled_counters(node.db) == []
     return bulk
 
 
@@ -346,7 +346,7 @@ def node(module_node_factory: Any, corpus: Corpus) -> Any:
     """A node holding the corpus and nothing else."""
     running = module_node_factory.start()
     archive_import(running, corpus.root, len(corpus.instances))
-    assert counter_problems(running.db) == []
+    assert settled_counters(running.db) == []
     return running
 
 

@@ -42,6 +42,7 @@ from helpers import (
     free_port,
     make_dataset,
     raw_sending,
+    settled_counters,
     to_part10,
 )
 from pydicom.dataset import Dataset
@@ -347,6 +348,7 @@ def test_orthanc_stores_into_the_node(empty_orthanc: Peer, node: RunningNode,
         assert doc is not None and doc["source"] == "ORTHANC"
         as_orthanc_has_it = empty_orthanc.rest("GET", f"/instances/{orthanc_id}/file")
         assert dataset_bytes(files.read(doc["file_id"])) == dataset_bytes(as_orthanc_has_it)
+    assert settled_counters(node.db) == []  # level documents are written behind
     assert node.db.series.find_one({"_id": series})["NumberOfSeriesRelatedInstances"] == 3
 
 
