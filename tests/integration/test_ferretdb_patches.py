@@ -7,12 +7,22 @@ tests with ``ARCHIVE_TEST_FERRETDB=/tmp/ferretdb-without-02``.
 
 from __future__ import annotations
 
+import re
 import threading
+import urllib.request
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pymongo
 import pytest
+from bson import ObjectId
+from conftest import FerretDB, free_port
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from archive import dicomjson
 
 pytestmark = pytest.mark.ferretdb
 
@@ -147,3 +157,46 @@ def test_a_filter_naming_id_and_more_uses_the_id_index(mongo_db: Any) -> None:
         mongo_db.docs.update_one({"_id": "doc-8", "n": 99}, {"$set": {"x": 1}}, upsert=True)
     assert mongo_db.docs.delete_one({"_id": "doc-9", "n": 8}).deleted_count == 0
     assert mongo_db.docs.delete_one({"_id": "doc-9", "n": 9}).deleted_count == 1
+
+
+# --- 04-no-resource-tracking-in-release ---------------------------------------------
+
+
+def nested_document(_id: str) -> dict[str, Any]:
+    """A 12 KiB DICOM JSON document with nested sequences (pydicom's CT_small.dcm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    return {"_id": _id, "dataset": dicomjson.to_json(dataset, ObjectId())}
+
+
+class DebugFerretDB(FerretDB):
+    """A FerretDB whose debug handler (pprof, as ``--debug-addr`` serves it) listens."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.debug_port = free_port()
+
+    def command(self) -> list[str]:
+        return [f"--debug-addr=127.0.0.1:{self.debug_port}" if a == "--debug-addr=-" else a
+                for a in super().command()]
+
+
+def test_reads_do_not_register_each_iterator_in_a_profile(tmp_path: Path) -> None:
+    """Release builds registered every document and array iterator in a pprof profile,
+    capturing a stack trace and setting a finalizer for each: about a quarter of
+    FerretDB's CPU when reading nested DICOM JSON. The profiler itself stays."""
+    server = DebugFerretDB(tmp_path / "ferretdb").start()
+    try:
+        docs = server.client.t.docs
+        docs.insert_one(nested_document("nested"))
+        for _ in range(3):
+            assert docs.find_one({"_id": "nested"})["dataset"]
+        url = f"http://127.0.0.1:{server.debug_port}/debug/pprof/"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            index = response.read().decode()
+        assert "goroutine" in index and "heap" in index, index[:500]
+        tracked = sorted(set(re.findall(r"FerretDB/[\w.]+", index)))
+        assert not tracked, f"objects tracked in pprof profiles: {tracked}"
+    finally:
+        server.close()
