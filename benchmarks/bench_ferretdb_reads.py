@@ -8,8 +8,9 @@ Starts a private FerretDB (SQLite handler, as the node embeds it) and measures:
 - **reads by _id** of ~14 KiB nested DICOM JSON documents (instance-like documents
   built from pydicom's ``CT_small.dcm`` with ``archive.dicomjson.to_json``), of the same
   content as one JSON string, and of a tiny document: median milliseconds per
-  ``find_one`` as the client sees it, and FerretDB's CPU milliseconds per read (from
-  /proc);
+  ``find_one`` as the client sees it, FerretDB's CPU milliseconds per read (all its
+  threads, from /proc/PID/task/*/schedstat) and the bytes it allocated per read (Go's
+  counter, ``/debug/metrics``); the nested one also with a projection;
 - **finds on indexed fields** of an instances-like collection (the same documents, with
   normalised top-level fields as the archive keeps them, each field indexed) at each of
   ``--sizes`` documents: ``{StudyDate: {$gte, $lte}}`` (a month), ``{PatientName:
@@ -32,6 +33,7 @@ import contextlib
 import copy
 import json
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -136,7 +138,19 @@ class Server:
         h.wait_until(lambda: h.port_open(self.port), 20, "FerretDB start-up", self.process)
 
     def cpu(self) -> float:
-        return h.cpu_seconds(self.process.pid)
+        """CPU seconds FerretDB's threads have used (the scheduler's nanoseconds)."""
+        total = 0
+        for stat in Path(f"/proc/{self.process.pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):  # a thread exited
+                total += int(stat.read_text().split()[0])
+        return total / 1e9
+
+    def allocated(self) -> float:
+        """Bytes FerretDB has allocated so far (Go's counter, from /debug/metrics)."""
+        url = f"http://127.0.0.1:{self.debug_port}/debug/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        return float(re.search(r"^go_memstats_alloc_bytes_total (\S+)$", metrics, re.M)[1])
 
     def close(self) -> None:
         self.process.terminate()
@@ -150,24 +164,30 @@ class Server:
 
 def reads(server: Server, db: Any, template: dict[str, Any], count: int,
           samples: int) -> dict[str, dict[str, float]]:
-    """find_one by _id: nested document, the same content as one string, a tiny one."""
+    """find_one by _id: nested document (whole, and with a projection), the same content
+    as one string, a tiny one."""
     nested = instance(template, 0)
-    kinds = {
-        "nested": lambda n: {**copy.copy(nested), "_id": f"doc-{n}"},
-        "one string": lambda n: {"_id": f"doc-{n}", "json": json.dumps(nested["dataset"])},
-        "tiny": lambda n: {"_id": f"doc-{n}", "n": n},
+    kinds: dict[str, tuple[str, Callable[[int], dict[str, Any]], dict[str, Any] | None]] = {
+        "nested": ("nested", lambda n: {**copy.copy(nested), "_id": f"doc-{n}"}, None),
+        "nested, projection {SeriesInstanceUID: 1}": ("nested", lambda n: {},
+                                                      {"SeriesInstanceUID": 1}),
+        "one string": ("one_string", lambda n: {"_id": f"doc-{n}",
+                                                "json": json.dumps(nested["dataset"])}, None),
+        "tiny": ("tiny", lambda n: {"_id": f"doc-{n}", "n": n}, None),
     }
     out = {}
-    for kind, make in kinds.items():
-        coll = db[f"reads_{kind.replace(' ', '_')}"]
-        coll.insert_many([make(n) for n in range(count)])
-        coll.find_one({"_id": "doc-0"})  # warm
-        cpu = server.cpu()
-        ms = median_ms(lambda i, coll=coll: coll.find_one({"_id": f"doc-{(i * 7) % count}"}),
-                       samples)
-        out[kind] = {"median_ms": ms, "server_cpu_ms": 1000 * (server.cpu() - cpu) / samples}
-        print(f"  read {kind}: {ms:.2f} ms, FerretDB CPU {out[kind]['server_cpu_ms']:.2f} ms",
-              file=sys.stderr)
+    for kind, (collection, make, projection) in kinds.items():
+        coll = db[f"reads_{collection}"]
+        if coll.estimated_document_count() == 0:
+            coll.insert_many([make(n) for n in range(count)])
+        coll.find_one({"_id": "doc-0"}, projection)  # warm
+        cpu, allocated = server.cpu(), server.allocated()
+        ms = median_ms(lambda i, coll=coll, p=projection: coll.find_one(
+            {"_id": f"doc-{(i * 7) % count}"}, p), samples)
+        out[kind] = {"median_ms": ms, "server_cpu_ms": 1000 * (server.cpu() - cpu) / samples,
+                     "allocated_kib": (server.allocated() - allocated) / samples / 1024}
+        print(f"  read {kind}: {ms:.2f} ms, FerretDB CPU {out[kind]['server_cpu_ms']:.2f} ms, "
+              f"allocated {out[kind]['allocated_kib']:.0f} KiB", file=sys.stderr)
     return out
 
 
@@ -276,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-samples", type=int, default=200)
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                         help="CPU profile of FerretDB during nested reads by _id")
+    parser.add_argument("--quiet-wait", type=float, default=600,
+                        help="seconds to wait for other processes to leave the machine idle")
     parser.add_argument("--output", default="ferretdb_reads",
                         help="results file name under bench-data/results")
     args = parser.parse_args(argv)
@@ -284,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     import bson
     import pymongo
 
-    h.wait_for_quiet()
+    h.wait_for_quiet(timeout=args.quiet_wait)
     template = dataset_json()
     doc_bytes = len(bson.encode(instance(template, 0)))
     print(f"  instance document: {doc_bytes} bytes of BSON", file=sys.stderr)
@@ -312,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     finally:
         server.close()
-    print(h.table(["read by _id", "median ms", "FerretDB CPU ms"],
-                  [[k, v["median_ms"], v["server_cpu_ms"]] for k, v in result["reads"].items()]))
+    print(h.table(["read by _id", "median ms", "FerretDB CPU ms", "FerretDB allocated KiB"],
+                  [[k, v["median_ms"], v["server_cpu_ms"], v["allocated_kib"]]
+                   for k, v in result["reads"].items()]))
     if sizes:
         print(h.table(["documents", "find", "median ms", "answers", "samples", "plan"],
                       [[r["documents"], r["query"], r["median_ms"], r["answers"], r["samples"],
