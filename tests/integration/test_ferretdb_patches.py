@@ -239,3 +239,37 @@ def test_a_nested_document_costs_little_more_than_its_text(ferretdb: FerretDB) -
     finally:
         ferretdb.client.drop_database(db.name)
 
+
+# --- 07-projection-without-copies ---------------------------------------------------
+
+
+def allocated_bytes(server: DebugFerretDB) -> float:
+    """Bytes FerretDB has allocated so far (Go's counter, from its /debug/metrics)."""
+    url = f"http://127.0.0.1:{server.debug_port}/debug/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        metrics = response.read().decode()
+    return float(re.search(r"^go_memstats_alloc_bytes_total (\S+)$", metrics, re.M)[1])
+
+
+def test_a_find_copies_no_document(tmp_path: Path) -> None:
+    """A find deep-copied every document it returned (twice without a projection):
+    reading a nested document by _id with a projection allocated 30% more than
+    counting it, which decodes and filters it the same way; with the patch, as much."""
+    server = DebugFerretDB(tmp_path / "ferretdb").start()
+    try:
+        db = server.client.t
+        db.docs.insert_one(nested_document("nested"))
+        calls = {
+            "find": lambda: db.docs.find_one({"_id": "nested"}, {"_id": 1}),
+            "count": lambda: db.command("count", "docs", query={"_id": "nested"}),
+        }
+        allocated = {}
+        for name, call in calls.items():
+            call()
+            before = allocated_bytes(server)
+            for _ in range(20):
+                call()
+            allocated[name] = (allocated_bytes(server) - before) / 20
+        assert allocated["find"] < 1.12 * allocated["count"], allocated
+    finally:
+        server.close()
