@@ -128,15 +128,6 @@ class Decision:
         filters = [p.filters["IMAGE"] for p in self.patterns]
         return filters[0] if len(filters) == 1 else {"$or": filters}
 
-    def instance_projection(self) -> dict[str, int] | None:
-        """What of an instance document :meth:`instance_filter` and a retrieve read."""
-        if not self.restricted:
-            return None
-        fields = {"file_id": 1, "SOPClassUID": 1, "TransferSyntaxUID": 1}
-        for pattern in self.patterns:
-            fields.update(pattern.projection)
-        return fields
-
     def deciding_rule(self, document: Mapping[str, Any] | None = None) -> Rule | None:
         """The first rule allowing this request for an instance document (or for
         the service at all when ``document`` is None); None: denied."""

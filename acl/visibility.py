@@ -49,8 +49,9 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from acl.patterns import Compiled
-from archive.find import CHILDREN, Finder, server_filter
+from archive.find import Finder, exact_values, server_filter
 from archive.levels import (
+    CHILDREN,
     LATEST,
     MODALITY_COUNTS,
     SOP_CLASS_COUNTS,
@@ -75,6 +76,8 @@ from archive.model import (
 from archive.query import QUERY_RETRIEVE_LEVEL, Query, evaluate, translate
 
 _CACHE_LIMIT = 50_000
+#: Level documents without their child lists.
+_LEAN = dict.fromkeys(CHILDREN.values(), 0)
 _OLDEST = ObjectId("0" * 24)
 
 
@@ -407,7 +410,7 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
     # others only (it then needs no ancestors) and add the visible counts here.
     stored_keys = replace(query, keys=tuple(t for t in query.keys if t not in computed))
     charset = identifier.get("SpecificCharacterSet")
-    for doc in finder.candidates(level, identifier, pre_filter):
+    for doc in _candidates(finder, level, identifier, pre_filter):
         if not visibility.visible(level, doc):  # the restriction first
             continue
         view = visibility.view(level, doc)
@@ -420,3 +423,52 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
         for tag in computed:  # ancestors as the view names them
             response.add(visibility.element(tag, level, view))
         yield response
+
+
+def _candidates(finder: Finder, level: str, identifier: Dataset,
+                pre_filter: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """Level documents that may be visible and match: those below the entities the
+    identifier's unique keys name, found through the child lists, else a find with
+    ``pre_filter``.
+
+    A level document holds the keys of its most recently stored instance: a study
+    holding instances of two patients (an accepted hierarchy conflict) is in both
+    patients' child lists but names one of them, so an indexed find on the ancestor's
+    key would miss it for the other patient, whose view of the study names her.
+    """
+    start = None
+    for candidate in reversed(LEVELS[: LEVELS.index(level) + 1]):
+        values = exact_values(identifier, UNIQUE_KEY[candidate])
+        if values is not None:
+            start = candidate, values
+            break
+    if start is None:
+        yield from finder.find(level, pre_filter)
+        return
+    if finder.barrier is not None:
+        finder.barrier()
+    yield from _walk(finder, *start, level)
+
+
+def _walk(finder: Finder, level: str, ids: list[str], target: str) -> Iterator[dict[str, Any]]:
+    """Documents of ``target`` below the ``ids`` of ``level``, by ``_id``."""
+    if level == target:
+        yield from _by_id(finder, level, ids, _LEAN)
+        return
+    child = LEVELS[LEVELS.index(level) + 1]
+    for parent in _by_id(finder, level, ids, {CHILDREN[level]: 1}):
+        yield from _walk(finder, child, parent.get(CHILDREN[level], []), target)
+
+
+#: ``_id`` values per find: a ``$in`` on an index is searched in it (FerretDB patch 05
+#: up to 1,000 values).
+_ID_BATCH = 500
+
+
+def _by_id(finder: Finder, level: str, ids: list[str],
+           fields: dict[str, int]) -> Iterator[dict[str, Any]]:
+    ids = list(dict.fromkeys(ids))
+    for start in range(0, len(ids), _ID_BATCH):
+        batch = ids[start:start + _ID_BATCH]
+        yield from finder.collection(level).find({"_id": {"$in": batch}}, fields,
+                                                 batch_size=_ID_BATCH)

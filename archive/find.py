@@ -1,13 +1,14 @@
 """Running a translated C-FIND query and building its responses.
 
-Planning.  FerretDB (SQLite handler) executes only ``{_id: value}`` as an index lookup;
-any other filter reads the whole collection.  The level documents are keyed by the
-unique key of their level and list their children (``patients.studies``,
-``studies.series``, ``series.instances``), so a query that names a unique key (Study
-Instance UID, Series Instance UID, Patient ID, SOP Instance UID) walks down from there
-by ``_id`` and checks each candidate with :func:`archive.query.evaluate` -- the same
-filter MongoDB would run.  A query naming no unique key scans the level's collection
-with the filter: studies, series and patients are few compared with instances.
+Planning.  Every query is one find on its level's collection with a filter the
+database runs on its indexes (:func:`server_filter`: the unique keys, Patient ID and
+Name, dates, Accession Number, Modality, SOP Class are indexed top-level fields, see
+``model.INDEXES``); each document found is then decided exactly with
+:func:`archive.query.evaluate`, the same filter MongoDB would run.  MongoDB and the
+embedded FerretDB (patch 05 pushes conditions on indexed fields down to SQLite) take
+the same path.  A find reads only the fields its filter and its answers need
+(:func:`fields_read`): an IMAGE answer a handful of DICOM JSON members, a retrieve its
+file and SOP Class.
 
 Responses carry exactly the requested keys, plus Query/Retrieve Level and Specific
 Character Set; keys the archive computes come from the counters of the level
@@ -17,10 +18,7 @@ documents, never from counting instances.
 from __future__ import annotations
 
 import codecs
-import itertools
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,18 +32,16 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from archive import dicomjson, matching, model
-from archive.model import IMAGE, LEVELS, PATIENT, SERIES, STUDY
+from archive.levels import CHILDREN
+from archive.model import IMAGE, LEVELS, UNIQUE_KEY
 from archive.query import Query, evaluate
 
-#: Lookups by ``_id`` in flight per query (see :meth:`Finder.fetch`); the pool is
-#: shared by all associations.
-FETCH_WINDOW = 4
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
-
-#: The field of a level document listing the ``_id`` of its children.
-CHILDREN = {PATIENT: "studies", STUDY: "series", SERIES: "instances"}
-#: Fields a response never needs: the child lists can be long.
-_LEAN = {"studies": 0, "series": 0, "instances": 0}
+#: Fields a level document's response never needs: the child lists can be long.
+_LEAN = dict.fromkeys(CHILDREN.values(), 0)
+#: Documents per round trip of a find: responses stream while the next ones are read.
+FIND_BATCH = 100
+#: What a retrieve reads of each instance document beside what its filter reads.
+_RETRIEVED = ("file_id", "SOPClassUID", "TransferSyntaxUID")
 
 _RETRIEVE_AE_TITLE = 0x00080054
 _INSTANCE_AVAILABILITY = 0x00080056
@@ -99,6 +95,38 @@ def _prefixed(prefix: str, filter_: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def fields_read(filter_: Any) -> set[str]:
+    """The fields a filter reads, as projection paths: top-level fields, and
+    ``dataset.<tag>`` for DICOM JSON members (whatever the filter reads inside them)."""
+    fields: set[str] = set()
+    if isinstance(filter_, list):
+        for item in filter_:
+            fields |= fields_read(item)
+    elif isinstance(filter_, dict):
+        for key, value in filter_.items():
+            if key in ("$and", "$or", "$nor"):
+                fields |= fields_read(value)
+            elif not key.startswith("$"):
+                fields.add(".".join(key.split(".")[:2]) if key.startswith("dataset.")
+                           else key.split(".")[0])
+    return fields
+
+
+def projection(fields: Iterable[str]) -> dict[str, int]:
+    """An inclusion projection of ``fields``, without a path inside another (which
+    MongoDB refuses as a collision)."""
+    wanted = set(fields)
+    return {f: 1 for f in sorted(wanted)
+            if not any(f.startswith(other + ".") for other in wanted)}
+
+
+def answer_projection(query: Query, exact: dict[str, Any]) -> dict[str, int]:
+    """What an IMAGE-level search reads of each instance document: what ``exact``
+    reads, the requested attributes and the hierarchy keys (ancestors' computed keys)."""
+    return projection({*fields_read(exact), *UNIQUE_KEY.values(),
+                       *(f"dataset.{tag:08X}" for tag in query.keys)})
+
+
 def unique_key_filter(identifier: Dataset, level: str) -> dict[str, Any]:
     """The identifier's unique keys at and above ``level`` as a filter on instance
     documents (which carry every level's unique key as a normalised field)."""
@@ -109,6 +137,16 @@ def unique_key_filter(identifier: Dataset, level: str) -> dict[str, Any]:
         if values is not None:
             conditions.append({keyword: {"$in": values}})
     return conditions[0] if len(conditions) == 1 else {"$and": conditions} if conditions else {}
+
+
+def by_id(identifier: Dataset, level: str, pre_filter: dict[str, Any]) -> dict[str, Any]:
+    """``pre_filter`` narrowed to the ``_id`` values the identifier names, if it names
+    any: each level document's ``_id`` is its unique key, which no other index holds."""
+    values = exact_values(identifier, UNIQUE_KEY[level])
+    if values is None:
+        return pre_filter
+    ids = {"_id": {"$in": values}}
+    return {"$and": [ids, pre_filter]} if pre_filter else ids
 
 
 def exact_values(identifier: Dataset, keyword: str) -> list[str] | None:
@@ -140,6 +178,39 @@ def _exact(identifier: Dataset, tag: int) -> list[str] | None:
     return values
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One find: the filter the database runs (on its indexes), the exact filter
+    decided on each document it returns, and the fields read."""
+
+    pre_filter: dict[str, Any]
+    exact: dict[str, Any]
+    fields: dict[str, int]
+
+
+def search_plan(query: Query, identifier: Dataset,
+                restriction: dict[str, Any] | None = None) -> Plan:
+    """The find of a C-FIND on its level's collection."""
+    exact = query.filter if not restriction else {"$and": [restriction, query.filter]}
+    fields = answer_projection(query, exact) if query.level == IMAGE else _LEAN
+    return Plan(by_id(identifier, query.level, server_filter(exact)), exact, fields)
+
+
+def retrieve_plan(level: str, identifier: Dataset,
+                  restriction: dict[str, Any] | None = None) -> Plan:
+    """The find of a retrieve on the instance documents.
+
+    The identifier's unique keys are matched on each instance document itself --
+    never on a level document, whose attributes are those of its most recently
+    stored instance -- and after ``restriction`` (an access rule on instances):
+    a study holding instances of two patients gives each patient only their own.
+    """
+    keys = unique_key_filter(identifier, level)
+    exact = keys if not restriction else {"$and": [restriction, keys]}
+    return Plan(by_id(identifier, IMAGE, server_filter(exact)), exact,
+                projection({*fields_read(exact), *_RETRIEVED}))
+
+
 @dataclass
 class Finder:
     """Executes queries on one database."""
@@ -165,107 +236,30 @@ class Finder:
         The restriction is decided first, so that the query's conditions are never
         evaluated on a document the restriction excludes.
         """
-        exact = query.filter if not restriction else {"$and": [restriction, query.filter]}
-        for doc in self.candidates(query.level, identifier, server_filter(exact)):
-            if evaluate(exact, doc):
+        plan = search_plan(query, identifier, restriction)
+        for doc in self.find(query.level, plan.pre_filter, plan.fields):
+            if evaluate(plan.exact, doc):
                 yield doc
 
-    def candidates(self, level: str, identifier: Dataset,
-                   pre_filter: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        """Level documents that may match: those the identifier's unique keys name
-        (walked down by ``_id``), else a scan of the level with ``pre_filter`` (a
-        :func:`server_filter`).  The caller decides each one exactly."""
+    def find(self, level: str, pre_filter: dict[str, Any] | None,
+             fields: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+        """Documents of ``level`` that may match: ``pre_filter`` is a
+        :func:`server_filter`; the caller decides each one exactly.  Level documents come
+        without their child lists unless ``fields`` says otherwise."""
         if self.barrier is not None:
             self.barrier()
-        start = self._navigation_start(level, identifier)
-        if start is None:
-            yield from self.collection(level).find(pre_filter or {}, _LEAN, batch_size=500)
-            return
-        start_level, ids = start
-        yield from self._walk(start_level, ids, level)
-
-    def _navigation_start(self, level: str, identifier: Dataset) -> tuple[str, list[str]] | None:
-        """The deepest level at or above ``level`` whose unique key names entities."""
-        for candidate in reversed(LEVELS[: LEVELS.index(level) + 1]):
-            values = exact_values(identifier, model.UNIQUE_KEY[candidate])
-            if values is not None:
-                return candidate, values
-        return None
-
-    def _walk(self, level: str, ids: list[str], target: str) -> Iterator[dict[str, Any]]:
-        coll = self.collection(level)
-        if level == target:
-            yield from self.fetch(coll, list(dict.fromkeys(ids)), _LEAN)
-            return
-        child = LEVELS[LEVELS.index(level) + 1]
-        for uid in dict.fromkeys(ids):
-            parent = coll.find_one({"_id": uid}, {CHILDREN[level]: 1})
-            if parent is not None:
-                yield from self._walk(child, parent.get(CHILDREN[level], []), target)
-
-    def fetch(self, coll: Collection, ids: list[str],
-              projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        """Documents by ``_id``, in order, a few lookups in flight at a time.
-
-        FerretDB spends most of a lookup decoding the document (~0.75 ms per KiB of
-        DICOM JSON): concurrent lookups let it use the second core while responses are
-        built, with at most ``FETCH_WINDOW`` documents held ahead of the consumer.
-        """
-        if len(ids) <= 1:
-            for uid in ids:
-                doc = coll.find_one({"_id": uid}, projection)
-                if doc is not None:
-                    yield doc
-            return
-        pending: deque[Future[dict[str, Any] | None]] = deque()
-        remaining = iter(ids)
-        try:
-            for uid in itertools.islice(remaining, FETCH_WINDOW):
-                pending.append(_POOL.submit(coll.find_one, {"_id": uid}, projection))
-            while pending:
-                doc = pending.popleft().result()
-                uid = next(remaining, None)
-                if uid is not None:
-                    pending.append(_POOL.submit(coll.find_one, {"_id": uid}, projection))
-                if doc is not None:
-                    yield doc
-        finally:  # a cancelled query: drop what is still queued
-            for future in pending:
-                future.cancel()
+        yield from self.collection(level).find(pre_filter or {}, fields or _LEAN,
+                                               batch_size=FIND_BATCH)
 
     def instances(self, level: str, identifier: Dataset,
-                  restriction: dict[str, Any] | None = None,
-                  projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        """Instance documents a retrieve identifier selects (PS3.4 C.4.2.2.1).
-
-        The identifier's unique keys are matched on each instance document itself --
-        never on a level document, whose attributes are those of its most recently
-        stored instance -- and after ``restriction`` (an access rule on instances):
-        a study holding instances of two patients gives each patient only their own.
-        Each comes without its ``dataset`` unless the restriction needs it (``projection``:
-        the fields it reads).
-        """
-        keys = unique_key_filter(identifier, level)
-        exact = keys if not restriction else {"$and": [restriction, keys]}
-        if projection is None and not restriction:
-            projection = {"dataset": 0}
-        coll = self.collection(IMAGE)
-        for doc in self.candidates(level, identifier):
-            ids = [doc["_id"]] if level == IMAGE else list(self._descendants(level, doc["_id"]))
-            for inst in self.fetch(coll, ids, projection):
-                if evaluate(exact, inst):
-                    inst.pop("dataset", None)
-                    yield inst
-
-    def _descendants(self, level: str, uid: str) -> Iterator[str]:
-        """``_id`` of the instances below one entity, depth first."""
-        if level == IMAGE:
-            yield uid
-            return
-        parent = self.collection(level).find_one({"_id": uid}, {CHILDREN[level]: 1})
-        child = LEVELS[LEVELS.index(level) + 1]
-        for child_uid in (parent or {}).get(CHILDREN[level], []):
-            yield from self._descendants(child, child_uid)
+                  restriction: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Instance documents a retrieve identifier selects (PS3.4 C.4.2.2.1), with
+        their file, SOP Class and Transfer Syntax (and what ``restriction`` reads)."""
+        plan = retrieve_plan(level, identifier, restriction)
+        for inst in self.collection(IMAGE).find(plan.pre_filter, plan.fields,
+                                                batch_size=FIND_BATCH):
+            if evaluate(plan.exact, inst):
+                yield inst
 
     # -- responses --------------------------------------------------------------------
 

@@ -115,8 +115,10 @@ _MEMBER_PROJECTION = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 
                       "PatientID": 1, "SOPClassUID": 1, "Modality": 1, "hashes": 1}
 HIERARCHY_PROJECTION = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 1,
                          "PatientID": 1, "Modality": 1, "SOPClassUID": 1, "hashes": 1}
+#: The field of a level document listing the ``_id`` of its children.
+CHILDREN = {PATIENT: "studies", STUDY: "series", SERIES: "instances"}
 #: Level documents without their (long) child lists of instances.
-NO_INSTANCES = {"instances": 0}
+NO_INSTANCES = {CHILDREN[SERIES]: 0}
 
 
 def hierarchy_of(doc: dict[str, Any]) -> tuple[str, str, str]:

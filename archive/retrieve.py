@@ -587,8 +587,7 @@ class Retrieve:
         """What the identifier selects (and the access rules let through), in order."""
         items: dict[str, Item] = {}
         restriction = self.decision.instance_filter() if self.decision else None
-        projection = self.decision.instance_projection() if self.decision else None
-        found = self.node.finder.instances(query.level, identifier, restriction, projection)
+        found = self.node.finder.instances(query.level, identifier, restriction)
         try:
             for n, doc in enumerate(found):
                 if n % 256 == 255 and self._cancel_requested():
