@@ -223,7 +223,7 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
         try:
             db = client[cfg.database.name]
-            ensure_indexes(db)
+            ensure_indexes(db, cfg.database.gridfs_bucket)
             archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy, cfg.journal,
                               cfg.hierarchy_conflicts, write_behind=cfg.write_behind_seconds)
             archive.start()

@@ -3,9 +3,9 @@
 The layout is GridFS's (``<bucket>.files`` and ``<bucket>.chunks`` with ``files_id``,
 ``n``, ``data``), so mongofiles or any driver's GridFS reads these files.  What differs
 from a driver's writer is the chunk ``_id``: ``"<file id>/<n>"`` instead of a random
-ObjectId.  Every chunk can then be fetched or deleted by ``_id``, which FerretDB
-(SQLite handler) executes as a primary-key lookup: it pushes down no other filter, so
-the drivers' ``{files_id: ...}`` query would scan every chunk of the archive.
+ObjectId, so that every chunk is fetched or deleted by one lookup of its ``_id``
+without a query on ``files_id`` (``storage.ensure_indexes`` creates the ``{files_id,
+n}`` index that drivers' readers use).
 """
 
 from __future__ import annotations

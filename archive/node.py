@@ -202,7 +202,7 @@ class Node:
         log.info("first start: applied the %d access rules of %s", len(rules), path)
 
     def start(self) -> None:
-        ensure_indexes(self.db)
+        ensure_indexes(self.db, self.cfg.database.gridfs_bucket)
         self.health.start()
         self.maybe_reconcile()
         self.audit.start()

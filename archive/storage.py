@@ -137,10 +137,16 @@ def connect(uri: str, timeout_seconds: float) -> pymongo.MongoClient:
     )
 
 
-def ensure_indexes(db: Database) -> None:
+def ensure_indexes(db: Database, bucket: str = "fs") -> None:
+    """The query indexes, and the two a GridFS bucket has for other tools (mongofiles,
+    drivers' GridFS readers query chunks by ``{files_id, n}``)."""
     for collection, indexes in model.INDEXES.items():
         for keys in indexes:
             db[collection].create_index([(k, pymongo.ASCENDING) for k in keys])
+    db[f"{bucket}.chunks"].create_index([("files_id", pymongo.ASCENDING),
+                                         ("n", pymongo.ASCENDING)], unique=True)
+    db[f"{bucket}.files"].create_index([("filename", pymongo.ASCENDING),
+                                        ("uploadDate", pymongo.ASCENDING)])
 
 
 # --- the archive -------------------------------------------------------------------
