@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -248,6 +249,41 @@ def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
         for chunk in stream:
             out.write(chunk)
     return transfer_syntax
+
+
+class Spooler:
+    """Spools each instance's stored file while the one before it is sent.
+
+    The database (FerretDB: another process) reads the next file on the second core
+    while pynetdicom sends the current one and waits for its response.  Two files in
+    ``tmp`` take turns; the memory held stays one chunk deep.  Items are taken in
+    order, each once.
+    """
+
+    def __init__(self, files: Any, items: list[Item], tmp: Path) -> None:
+        self.files, self.items, self.tmp = files, items, tmp
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self.ahead: Future[tuple[Path, str]] | None = self._submit(0)
+
+    def _submit(self, index: int) -> Future[tuple[Path, str]] | None:
+        if index >= len(self.items):
+            return None
+        item, path = self.items[index], self.tmp / f"instance-{index % 2}.dcm"
+        return self.pool.submit(lambda: (path, spool(self.files.stream(item.file_id),
+                                                     item, path)))
+
+    def take(self, index: int) -> tuple[Path, str]:
+        """Item ``index`` spooled (its path and stored transfer syntax), or what its
+        spooling raised; the next item starts spooling."""
+        current, self.ahead = self.ahead, self._submit(index + 1)
+        assert current is not None, "items are taken in order, each once"
+        return current.result()
+
+    def __enter__(self) -> Spooler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: Explicit VR elements whose length is on 4 bytes (after 2 reserved ones).
@@ -661,6 +697,11 @@ class Retrieve:
 
     def _transfer(self, sub: Association, items: list[Item], tmp: Path) -> None:
         """The C-STORE sub-operations, one pending response after each but the last."""
+        with Spooler(self.node.archive.files, items, tmp) as spooler:
+            self._sub_operations(sub, items, tmp, spooler)
+
+    def _sub_operations(self, sub: Association, items: list[Item], tmp: Path,
+                        spooler: Spooler) -> None:
         accepted = accepted_syntaxes(sub)
         c = self.counts
         for index, item in enumerate(items):
@@ -675,7 +716,7 @@ class Retrieve:
                     c.fail(rest, "destination association lost")
                 break
             try:
-                self._store(sub, item, accepted, tmp, index)
+                self._store(sub, item, accepted, tmp, index, spooler)
             except PyMongoError as exc:
                 self.node.health.suspect(exc)
                 log.warning("%s %s: database error reading %s: %s", self.kind, self.who,
@@ -688,12 +729,11 @@ class Retrieve:
         self.finish(c.final_status())
 
     def _store(self, sub: Association, item: Item, accepted: dict[str, set[str]],
-               tmp: Path, index: int) -> None:
+               tmp: Path, index: int, spooler: Spooler) -> None:
         c = self.counts
         try:
+            path, stored = spooler.take(index)
             syntax = choose(item, accepted)
-            path = tmp / "instance.dcm"
-            stored = spool(self.node.archive.files.stream(item.file_id), item, path)
             if stored != syntax:
                 if item.transfer_syntax != stored:  # the document and the file disagree
                     syntax = choose(Item(item.uid, item.sop_class, stored, item.file_id),
@@ -711,6 +751,10 @@ class Retrieve:
         status = self._send(sub, path, index)
         if status is None:
             c.fail(item, "no C-STORE response (association lost or DIMSE timeout)")
+            # The exchange is broken whatever pynetdicom's state says yet (it marks a
+            # connection reset a moment later): the sub-association ends here.
+            with contextlib.suppress(Exception):
+                sub.abort()
             return
         category = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Failure",))[0]
         if status == SUCCESS:
