@@ -275,9 +275,16 @@ class Spooler:
     def take(self, index: int) -> tuple[Path, str]:
         """Item ``index`` spooled (its path and stored transfer syntax), or what its
         spooling raised; the next item starts spooling."""
+        return self._advance(index).result()
+
+    def skip(self, index: int) -> None:
+        """Item ``index`` will not be sent: its file is not wanted."""
+        self._advance(index).cancel()
+
+    def _advance(self, index: int) -> Future[tuple[Path, str]]:
         current, self.ahead = self.ahead, self._submit(index + 1)
         assert current is not None, "items are taken in order, each once"
-        return current.result()
+        return current
 
     def __enter__(self) -> Spooler:
         return self
@@ -732,8 +739,13 @@ class Retrieve:
                tmp: Path, index: int, spooler: Spooler) -> None:
         c = self.counts
         try:
-            path, stored = spooler.take(index)
             syntax = choose(item, accepted)
+        except Unsendable as exc:
+            spooler.skip(index)
+            c.fail(item, str(exc))
+            return
+        try:
+            path, stored = spooler.take(index)
             if stored != syntax:
                 if item.transfer_syntax != stored:  # the document and the file disagree
                     syntax = choose(Item(item.uid, item.sop_class, stored, item.file_id),
