@@ -1,7 +1,8 @@
 """FerretDB on the archive's reads: nested DICOM JSON by _id, and finds on indexed fields.
 
     python -m benchmarks.bench_ferretdb_reads [--ferretdb BINARY] [--sizes 10000,50000]
-        [--samples 15] [--scan-samples 3] [--reads 300] [--profile SECONDS]
+        [--samples 15] [--scan-samples 3] [--reads 300] [--series-size 200]
+        [--profile SECONDS]
 
 Starts a private FerretDB (SQLite handler, as the node embeds it) and measures:
 
@@ -10,7 +11,13 @@ Starts a private FerretDB (SQLite handler, as the node embeds it) and measures:
   content as one JSON string, and of a tiny document: median milliseconds per
   ``find_one`` as the client sees it, FerretDB's CPU milliseconds per read (all its
   threads, from /proc/PID/task/*/schedstat) and the bytes it allocated per read (Go's
-  counter, ``/debug/metrics``); the nested one also with a projection;
+  counter, ``/debug/metrics``); the nested one also with projections (one field, and
+  ``{dataset: 0}``);
+- **projected finds**: ``find({SeriesInstanceUID: x}, projection)`` of a series of
+  ``--series-size`` (200) instance documents (with ``file_id`` and
+  ``TransferSyntaxUID``, as the archive stores them) by its index, with no projection,
+  with a C-MOVE's ``{file_id: 1, SOPClassUID: 1, TransferSyntaxUID: 1}``, and with
+  ``{dataset: 0}``: median ms per find, FerretDB CPU ms and KiB allocated per find;
 - **finds on indexed fields** of an instances-like collection (the same documents, with
   normalised top-level fields as the archive keeps them, each field indexed) at each of
   ``--sizes`` documents: ``{StudyDate: {$gte, $lte}}`` (a month), ``{PatientName:
@@ -171,6 +178,7 @@ def reads(server: Server, db: Any, template: dict[str, Any], count: int,
         "nested": ("nested", lambda n: {**copy.copy(nested), "_id": f"doc-{n}"}, None),
         "nested, projection {SeriesInstanceUID: 1}": ("nested", lambda n: {},
                                                       {"SeriesInstanceUID": 1}),
+        "nested, projection {dataset: 0}": ("nested", lambda n: {}, {"dataset": 0}),
         "one string": ("one_string", lambda n: {"_id": f"doc-{n}",
                                                 "json": json.dumps(nested["dataset"])}, None),
         "tiny": ("tiny", lambda n: {"_id": f"doc-{n}", "n": n}, None),
@@ -188,6 +196,50 @@ def reads(server: Server, db: Any, template: dict[str, Any], count: int,
                      "allocated_kib": (server.allocated() - allocated) / samples / 1024}
         print(f"  read {kind}: {ms:.2f} ms, FerretDB CPU {out[kind]['server_cpu_ms']:.2f} ms, "
               f"allocated {out[kind]['allocated_kib']:.0f} KiB", file=sys.stderr)
+    return out
+
+
+#: The projections of the projected finds: none, a C-MOVE / C-GET's, all but the dataset.
+PROJECTIONS: dict[str, dict[str, Any] | None] = {
+    "no projection": None,
+    "{file_id, SOPClassUID, TransferSyntaxUID}": {"file_id": 1, "SOPClassUID": 1,
+                                                  "TransferSyntaxUID": 1},
+    "{dataset: 0}": {"dataset": 0},
+}
+
+
+def projected_finds(server: Server, db: Any, template: dict[str, Any], series_size: int,
+                    samples: int) -> dict[str, dict[str, float]]:
+    """find({SeriesInstanceUID: x}, projection) of a whole series of instance documents,
+    by the field's index: what a C-MOVE / C-GET of a series reads."""
+    import pymongo
+    from bson import ObjectId
+
+    coll = db.projected
+    coll.create_index([("SeriesInstanceUID", pymongo.ASCENDING)])
+    for series in range(2):
+        docs = []
+        for n in range(series * series_size, (series + 1) * series_size):
+            doc = instance(template, n)
+            doc.update(SeriesInstanceUID=f"1.2.826.0.1.3680043.10.2.s{series}",
+                       file_id=ObjectId(), TransferSyntaxUID="1.2.840.10008.1.2.1")
+            docs.append(doc)
+        coll.insert_many(docs)
+    out = {}
+    for name, projection in PROJECTIONS.items():
+        def find(i: int, projection: dict[str, Any] | None = projection) -> None:
+            found = list(coll.find({"SeriesInstanceUID": f"1.2.826.0.1.3680043.10.2.s{i % 2}"},
+                                   projection))
+            assert len(found) == series_size, len(found)
+
+        find(0)  # warm
+        cpu, allocated = server.cpu(), server.allocated()
+        ms = median_ms(find, samples)
+        out[name] = {"median_ms": ms, "server_cpu_ms": 1000 * (server.cpu() - cpu) / samples,
+                     "allocated_kib": (server.allocated() - allocated) / samples / 1024}
+        print(f"  find of {series_size}, {name}: {ms:.1f} ms, FerretDB CPU "
+              f"{out[name]['server_cpu_ms']:.1f} ms, allocated "
+              f"{out[name]['allocated_kib']:.0f} KiB", file=sys.stderr)
     return out
 
 
@@ -294,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples of a find that takes more than 0.5 s")
     parser.add_argument("--reads", type=int, default=300, help="documents of each read kind")
     parser.add_argument("--read-samples", type=int, default=200)
+    parser.add_argument("--series-size", type=int, default=200,
+                        help="documents each projected find returns (0 to skip them)")
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                         help="CPU profile of FerretDB during nested reads by _id")
     parser.add_argument("--quiet-wait", type=float, default=600,
@@ -319,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         with h.CpuMeter() as meter:
             result["reads"] = reads(server, db, template, args.reads, args.read_samples)
         result["reads_foreign_cores"] = meter.result["foreign_cores"]
+        if args.series_size:
+            with h.CpuMeter() as meter:
+                result["projected_finds"] = projected_finds(server, db, template,
+                                                            args.series_size, args.samples)
+            result["projected_finds_foreign_cores"] = meter.result["foreign_cores"]
         if args.profile:
             h.RESULTS.mkdir(parents=True, exist_ok=True)
             path = h.RESULTS / f"{args.output}.pprof"
@@ -337,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     print(h.table(["read by _id", "median ms", "FerretDB CPU ms", "FerretDB allocated KiB"],
                   [[k, v["median_ms"], v["server_cpu_ms"], v["allocated_kib"]]
                    for k, v in result["reads"].items()]))
+    if args.series_size:
+        print(h.table([f"find of {args.series_size} by SeriesInstanceUID", "median ms",
+                       "FerretDB CPU ms", "FerretDB allocated KiB"],
+                      [[k, v["median_ms"], v["server_cpu_ms"], v["allocated_kib"]]
+                       for k, v in result["projected_finds"].items()]))
     if sizes:
         print(h.table(["documents", "find", "median ms", "answers", "samples", "plan"],
                       [[r["documents"], r["query"], r["median_ms"], r["answers"], r["samples"],
