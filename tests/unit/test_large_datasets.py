@@ -9,20 +9,83 @@ left in their file too (Pixel Data, long texts, sequences, LUTs...).
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import tracemalloc
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mongomock
 import pytest
+from baddata import BASES, malformed
 from bson import ObjectId
-from helpers import make_dataset, to_part10
+from helpers import image_dataset, make_dataset, to_part10
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from archive import part10
+from archive import dicomjson, part10, storage
 from archive.gridstore import CHUNK_SIZE, GridStore
+from archive.storage import Archive, StoreRefused
+from benchmarks.corpus import write_large_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def small_defer_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "DEFER_SIZE", dicomjson.MIN_DEFER_SIZE)
+
+
+def fresh_archive() -> Archive:
+    return Archive(mongomock.MongoClient().archive, "fs", "replace",
+                   tempfile.mkdtemp(prefix="journal-"))
+
+
+def parsed_json(source: bytes | Path) -> Any:
+    """The DICOM JSON of a file, or what refused it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dicomjson.to_json(Archive.parse(source), "FILE")
+        except StoreRefused as exc:
+            return ("refused", exc.status, exc.comment)
+
+
+def stored(source: bytes | Path) -> tuple[int, str, Any, bytes | None, dict[str, Any] | None]:
+    """Status, comment, DICOM JSON (file id neutral), GridFS copy and instance document
+    of a store into a fresh archive; the document without what differs between two
+    stores: file id, time, and the attribute hashes (of the JSON, compared, whose bulk
+    data URIs name the file)."""
+    archive = fresh_archive()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = archive.store(source)
+    doc = archive.instances.find_one({"_id": outcome.sop_instance_uid}) if outcome.ok else None
+    if doc is None:
+        assert archive.files.files.count_documents({}) == 0
+        assert archive.files.chunks.count_documents({}) == 0
+        return outcome.status, outcome.comment, None, None, None
+    file_id = str(doc.pop("file_id"))
+    data = json.loads(json.dumps(doc.pop("dataset")).replace(file_id, "FILE"))
+    doc.pop("stored_at")
+    doc.pop("hashes")
+    return outcome.status, outcome.comment, data, archive.files.read(ObjectId(file_id)), doc
+
+
+@pytest.fixture
+def as_file(tmp_path: Path) -> Iterator[Any]:
+    counter = iter(range(1_000_000))
+
+    def write(data: bytes) -> Path:
+        path = tmp_path / f"{next(counter)}.dcm"
+        path.write_bytes(data)
+        return path
+
+    yield write
 
 
 # --- the walk over a file -----------------------------------------------------------------
@@ -131,3 +194,124 @@ def test_gridfs_put_from_a_path_holds_one_chunk_at_a_time(tmp_path: Path) -> Non
     finally:
         tracemalloc.stop()
     assert peak < 3 * CHUNK_SIZE
+
+
+# --- the same outcome from the file as from its bytes ------------------------------------
+
+
+def test_every_pydicom_test_file_parses_the_same_from_its_path(
+        testdata_files: list[Path], unstorable_files: list[Path]) -> None:
+    deferred = 0
+    real = dicomjson._deferred_bulk
+
+    def counting(*args: Any) -> Any:
+        nonlocal deferred
+        deferred += 1
+        return real(*args)
+
+    dicomjson._deferred_bulk = counting  # type: ignore[assignment]
+    try:
+        for path in [*testdata_files, *unstorable_files]:
+            assert parsed_json(path) == parsed_json(path.read_bytes()), path.name
+    finally:
+        dicomjson._deferred_bulk = real  # type: ignore[assignment]
+    assert deferred > 40  # values were left in the files
+
+
+def test_a_file_is_stored_from_its_path_as_from_its_bytes(as_file: Any) -> None:
+    data = to_part10(image_dataset(pixels=os.urandom(64 * 64 * 2)))
+    from_bytes, from_path = stored(data), stored(as_file(data))
+    assert from_path == from_bytes
+    assert from_path[0] == 0x0000
+    assert from_path[3] == data
+    assert from_path[4]["size"] == len(data)
+
+
+@given(malformed())
+@settings(max_examples=100, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_a_malformed_dataset_gets_the_same_outcome_from_its_path(as_file: Any,
+                                                                 data: bytes) -> None:
+    assert stored(as_file(data)) == stored(data)
+
+
+@given(st.sampled_from(BASES), st.data())
+@settings(max_examples=100, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture])
+def test_a_file_cut_anywhere_gets_the_same_outcome_from_its_path(
+        as_file: Any, base: tuple[str, bytes], draw: st.DataObject) -> None:
+    _, data = base
+    cut = draw.draw(st.integers(0, len(data) - 1), label="cut")
+    assert stored(as_file(data[:cut])) == stored(data[:cut])
+
+
+@pytest.mark.parametrize("missing", [1, 100, 70_000, 1_000_000])
+@pytest.mark.parametrize("encapsulated", [False, True], ids=["native", "encapsulated"])
+def test_a_large_file_cut_in_pixel_data_is_refused_as_truncated(
+        tmp_path: Path, missing: int, encapsulated: bool) -> None:
+    path = write_large_instance(tmp_path / "large.dcm", 3 * CHUNK_SIZE,
+                                encapsulated=encapsulated)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - missing)
+    status, comment, *_ = stored(path)
+    assert (status, comment[:9]) == (0xC000, "truncated")
+
+
+def test_a_deflated_file_is_read_whole_and_stored_as_from_its_bytes(as_file: Any) -> None:
+    data = to_part10(image_dataset(), DeflatedExplicitVRLittleEndian)
+    assert stored(as_file(data)) == stored(data)
+    assert stored(data)[0] == 0x0000
+
+
+# --- bulk values stay in the file ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("encapsulated", [False, True], ids=["native", "encapsulated"])
+def test_bulk_values_are_never_read_into_memory(tmp_path: Path, monkeypatch: Any,
+                                                encapsulated: bool) -> None:
+    monkeypatch.setattr(storage, "DEFER_SIZE", 64 * 1024)  # as shipped
+    path = write_large_instance(tmp_path / "large.dcm", 40 * CHUNK_SIZE,
+                                encapsulated=encapsulated)
+
+    def no_deferred_read(*args: Any) -> Any:
+        raise AssertionError("a bulk value was read")
+
+    monkeypatch.setattr(dicomjson, "read_deferred_data_element", no_deferred_read)
+    tracemalloc.start()
+    try:
+        ds = Archive.parse(path)
+        data = dicomjson.to_json(ds, "FILE")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data["7FE00010"] == {"vr": "OB" if encapsulated else "OW",
+                                "BulkDataURI": "gridfs:FILE#7FE00010"}
+    assert peak < 2 * 1024 * 1024, f"{peak} bytes for a {path.stat().st_size}-byte file"
+
+
+def test_an_upload_from_a_path_cut_short_leaves_no_chunks(tmp_path: Path) -> None:
+    from pymongo.errors import AutoReconnect
+
+    archive = fresh_archive()
+    real = archive.files.chunks
+    calls = 0
+
+    class FailingSecond:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def insert_one(self, doc: dict[str, Any]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise AutoReconnect("injected")
+            real.insert_one(doc)
+
+    archive.files.chunks = FailingSecond()  # type: ignore[assignment]
+    path = tmp_path / "large.dcm"
+    path.write_bytes(to_part10(image_dataset(pixels=os.urandom(2 * CHUNK_SIZE))))
+    outcome = archive.store(path)
+    assert outcome.status == storage.OUT_OF_RESOURCES
+    assert real.count_documents({}) == 0
+    assert archive.instances.count_documents({}) == 0
+    assert not archive.pending()
