@@ -229,7 +229,8 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
             archive.start()
             bar = tqdm(candidates, unit="file", disable=not show_bar, file=sys.stderr)
             for candidate in bar:
-                result = importer.import_one(archive, candidate)
+                result = importer.import_one(archive, candidate,
+                                             cfg.receive.in_memory_max_bytes)
                 results.append(result)
                 if result.outcome == importer.FAILED or \
                         (result.outcome == importer.SKIPPED and not args.quiet):

@@ -25,9 +25,9 @@ from bson import ObjectId
 from helpers import image_dataset, make_dataset, to_part10
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from archive import dicomjson, part10, storage
+from archive import dicomjson, importer, part10, storage
 from archive.gridstore import CHUNK_SIZE, GridStore
 from archive.storage import Archive, StoreRefused
 from benchmarks.corpus import write_large_instance
@@ -315,3 +315,30 @@ def test_an_upload_from_a_path_cut_short_leaves_no_chunks(tmp_path: Path) -> Non
     assert real.count_documents({}) == 0
     assert archive.instances.count_documents({}) == 0
     assert not archive.pending()
+
+
+# --- archive import ------------------------------------------------------------------------
+
+
+def test_import_stores_a_large_file_from_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "large.dcm"
+    data = to_part10(image_dataset(pixels=os.urandom(64 * 64 * 2)))
+    path.write_bytes(data)
+    source, ds = importer.read_part10(path, in_memory_max_bytes=len(data) - 1)
+    assert source == path
+    small, _ = importer.read_part10(path, in_memory_max_bytes=len(data))
+    assert small == data
+    archive = fresh_archive()
+    result = importer.import_one(archive, importer.Candidate(path, True), len(data) - 1)
+    assert result.outcome == importer.STORED, result
+    doc = archive.instances.find_one({"_id": result.sop_instance_uid})
+    assert archive.files.read(doc["file_id"]) == data
+
+
+def test_import_reads_a_large_bare_dataset_whole_to_wrap_it(tmp_path: Path) -> None:
+    from helpers import dataset_bytes
+
+    path = tmp_path / "bare.dcm"
+    path.write_bytes(dataset_bytes(to_part10(image_dataset(), ExplicitVRLittleEndian)))
+    source, _ = importer.read_part10(path, in_memory_max_bytes=0)
+    assert isinstance(source, bytes) and source[128:132] == b"DICM"
