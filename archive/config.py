@@ -169,14 +169,15 @@ class Connections:
 
 @dataclass
 class Receive:
-    """How C-STORE datasets arrive (``archive.receiving``): into a file each, not memory.
+    """How C-STORE datasets arrive (``archive.receiving``): large ones into a file.
 
-    ``folder`` holds them while they are received and stored (what a crash leaves there
-    is deleted at the next start).  Datasets up to ``in_memory_max_mb`` MiB -- received,
-    or files ``archive import`` reads -- are then stored from memory, as before: for a
-    130 KiB MR that is 0.5 ms of CPU less than from the file, for a 520 KiB CT the same.
-    Larger ones are stored from their file, faster (2 MiB: 4.0 ms instead of 7.9; 8 MiB:
-    6.8 instead of 22.6) and in memory near one instance's metadata whatever their size.
+    Datasets up to ``in_memory_max_mb`` MiB (as Part-10 files) are received and stored
+    in memory, as before; so are files ``archive import`` reads.  A larger one goes to a
+    file of ``folder`` as it arrives and is stored from there, in memory near one
+    instance's metadata whatever its size, and faster (2 MiB: 4.0 ms of CPU instead of
+    7.9; 8 MiB: 6.8 instead of 22.6).  In memory, a 130 KiB MR costs 0.5 ms less than
+    from a file, a 520 KiB CT the same, and no file is made (0.5 ms more).  What a crash
+    leaves in ``folder`` is deleted at the next start.
     """
 
     folder: str = "data/incoming"

@@ -149,8 +149,8 @@ def test_a_connection_that_ends_in_a_dataset_leaves_no_file(node_factory: Any,
     try:
         sock.sendall(a_associate_rq(contexts=(SECONDARY_CAPTURE,)))
         assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
-        pdus = c_store_rq(dataset_size=200_000, context_id=1)
-        sock.sendall(b"".join(pdus[:3]))  # the command and part of the dataset
+        pdus = c_store_rq(dataset_size=2 * MIB, context_id=1)  # 16 KiB PDUs
+        sock.sendall(b"".join(pdus[:100]))  # the command and 1.6 MiB of the dataset
         wait_for(lambda: received_files(node), 10, message="the dataset's file")
         if ending == "aborted":
             sock.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0))  # A-ABORT

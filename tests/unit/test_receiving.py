@@ -6,14 +6,21 @@ import gc
 import os
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import _config, dimse_messages
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from archive.receiving import Receiver
+from archive.receiving import Receiver, Spool
+
+LIMIT = 1000
 
 
 @pytest.fixture
@@ -21,7 +28,10 @@ def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Receiver:
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile",
                         dimse_messages.NamedTemporaryFile)
-    return Receiver(tmp_path / "incoming", in_memory_max_bytes=100)
+    receiver = Receiver(tmp_path / "incoming", in_memory_max_bytes=LIMIT)
+    receiver.prepare()
+    receiver.install()
+    return receiver
 
 
 def dead_pid() -> int:
@@ -30,9 +40,9 @@ def dead_pid() -> int:
     return int(child.stdout)
 
 
-def test_start_removes_what_dead_nodes_left_and_nothing_else(receiver: Receiver) -> None:
-    folder = receiver.folder
-    folder.mkdir(parents=True)
+def test_start_removes_what_dead_nodes_left_and_nothing_else(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
     dead, alive = dead_pid(), os.getppid()
     left = [folder / f"recv-{dead}-abc123.dcm", folder / f"recv-{os.getpid()}-x.dcm"]
     kept = [folder / f"recv-{alive}-def456.dcm",  # another node still receiving
@@ -40,65 +50,116 @@ def test_start_removes_what_dead_nodes_left_and_nothing_else(receiver: Receiver)
     for path in left + kept:
         path.write_bytes(b"partial")
 
-    assert receiver.prepare() == len(left)
+    assert Receiver(folder, LIMIT).prepare() == len(left)
 
     assert sorted(folder.iterdir()) == sorted(kept)
 
 
-def test_start_creates_the_folder(receiver: Receiver) -> None:
+def test_start_creates_the_folder(tmp_path: Path) -> None:
+    receiver = Receiver(tmp_path / "a" / "incoming", LIMIT)
     assert receiver.prepare() == 0
     assert receiver.folder.is_dir()
 
 
-def test_pynetdicom_receives_into_the_folder_under_the_nodes_name(receiver: Receiver) -> None:
-    receiver.prepare()
-    receiver.install()
-    assert _config.STORE_RECV_CHUNKED_DATASET is True
-    # what pynetdicom's DIMSE decoder calls for a C-STORE-RQ with a dataset
-    handle = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
-    path = Path(handle.name)
-    assert path.parent == receiver.folder
-    assert path.name.startswith(f"recv-{os.getpid()}-") and path.suffix == ".dcm"
-    handle.write(b"DICM")
-    handle.close()
-    os.unlink(handle.name)  # what pynetdicom does after the handler
-    del handle
-    gc.collect()
+def receive(size: int) -> tuple[Any, Any]:
+    """A C-STORE-RQ of a ``size``-byte dataset through pynetdicom's DIMSE decoding, as
+    the node receives it (16 KiB PDUs); the request primitive and an event for it."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.Priority = 2
+    request.DataSet = BytesIO(os.urandom(size))
+    outgoing = C_STORE_RQ()
+    outgoing.primitive_to_message(request)
+    assoc = SimpleNamespace(_accepted_cx={1: SimpleNamespace(
+        transfer_syntax=[ExplicitVRLittleEndian])})
+    message = DIMSEMessage()
+    for primitive in outgoing.encode_msg(1, 16382):
+        message.decode_msg(primitive, assoc)
+    received = message.message_to_primitive()
+    event = SimpleNamespace(request=received, dataset_path=received._dataset_path)
+    return received, event
+
+
+def part10(request: Any, dataset: bytes) -> bytes:
+    """What ``event.encoded_dataset(include_meta=True)`` gave before."""
+    meta = create_file_meta(sop_class_uid=request.AffectedSOPClassUID,
+                            sop_instance_uid=request.AffectedSOPInstanceUID,
+                            transfer_syntax=ExplicitVRLittleEndian)
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + dataset
+
+
+def test_a_small_dataset_is_received_in_memory_no_file_made(receiver: Receiver) -> None:
+    _, event = receive(200)
+    received = receiver.dataset(event)
+    assert isinstance(received, bytes)
+    assert received[128:132] == b"DICM" and len(received) <= LIMIT
     assert list(receiver.folder.iterdir()) == []
 
 
-def test_a_file_pynetdicom_drops_without_deleting_it_is_deleted(receiver: Receiver) -> None:
-    receiver.prepare()
-    receiver.install()
-    handle = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
-    handle.write(b"half a dataset")
-    path = Path(handle.name)
-    del handle  # an association ended: the DIMSE message and its file are dropped
+def test_a_large_dataset_is_received_into_a_file_of_the_folder(receiver: Receiver) -> None:
+    request, event = receive(50_000)
+    received = receiver.dataset(event)
+    assert isinstance(received, Path)
+    assert received.parent == receiver.folder
+    assert received.name.startswith(f"recv-{os.getpid()}-") and received.suffix == ".dcm"
+    assert received.stat().st_size > LIMIT
+    # what pynetdicom does after the handler: close, delete
+    request._dataset_file.close()
+    os.unlink(request._dataset_file.name)
+    assert list(receiver.folder.iterdir()) == []
+
+
+def test_both_hold_the_bytes_encoded_dataset_gave(receiver: Receiver) -> None:
+    for size in (100, 50_000):
+        request, event = receive(size)
+        received = receiver.dataset(event)
+        data = received if isinstance(received, bytes) else received.read_bytes()
+        head = data[:len(data) - size]
+        assert data == part10(request, data[len(head):])
+        request._dataset_file.close()
+
+
+def test_a_spool_pynetdicom_drops_without_deleting_its_file_is_deleted(
+        receiver: Receiver) -> None:
+    spool = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    assert isinstance(spool, Spool)
+    spool.write(b"x" * (LIMIT + 1))  # spilled to its file
+    path = Path(spool.name)
+    assert path.exists()
+    del spool  # an association ended: the DIMSE message and its spool are dropped
     gc.collect()
     assert not path.exists()
 
 
-def event(path: Path | None = None, message: Any = None) -> Any:
-    return SimpleNamespace(dataset_path=path,
-                           assoc=SimpleNamespace(dimse=SimpleNamespace(message=message)))
+def test_a_spool_is_memory_up_to_the_limit_then_its_file() -> None:
+    spool = Spool(Path("/nonexistent-folder"), 10)
+    assert spool.write(b"0123456789") == 10
+    spool.file.flush()
+    assert spool.in_memory() == b"0123456789"
+    with pytest.raises(FileNotFoundError):  # the 11th byte goes to the file
+        spool.write(b"a")
 
 
-@pytest.mark.parametrize("size,in_memory", [(0, True), (100, True), (101, False)])
-def test_small_datasets_are_stored_from_memory_large_ones_from_their_file(
-        receiver: Receiver, tmp_path: Path, size: int, in_memory: bool) -> None:
-    path = tmp_path / "received.dcm"
-    path.write_bytes(b"x" * size)
-    got = receiver.dataset(event(path))
-    assert got == (path.read_bytes() if in_memory else path)
+def test_a_limit_of_zero_receives_everything_into_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 0)
+    spool.write(b"\x00" * 128)
+    spool.close()
+    assert spool.in_memory() is None
+    assert Path(spool.name).read_bytes() == b"\x00" * 128
+
+
+def event_closing(message: Any = None) -> Any:
+    return SimpleNamespace(assoc=SimpleNamespace(dimse=SimpleNamespace(message=message)))
 
 
 def test_a_connection_closed_during_a_dataset_deletes_its_file(receiver: Receiver) -> None:
-    receiver.prepare()
-    receiver.install()
-    handle = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
-    handle.write(b"half a dataset")
-    path = Path(handle.name)
-    receiver.discard_partial(event(message=SimpleNamespace(_data_set_file=handle)))
-    assert handle.closed and not path.exists()
-    receiver.discard_partial(event(message=None))  # between messages: nothing to do
-    receiver.discard_partial(event(message=SimpleNamespace(_data_set_file=None)))
+    spool = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    spool.write(b"half a dataset" * 100)
+    path = Path(spool.name)
+    assert path.exists()
+    receiver.discard_partial(event_closing(SimpleNamespace(_data_set_file=spool)))
+    assert spool.closed and not path.exists()
+    receiver.discard_partial(event_closing(None))  # between messages: nothing to do
+    receiver.discard_partial(event_closing(SimpleNamespace(_data_set_file=None)))
