@@ -69,7 +69,8 @@ class Node:
         self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
                                cfg.journal, cfg.hierarchy_conflicts, self.health,
                                write_behind=cfg.write_behind_seconds)
-        #: C-STORE datasets arrive in files of receive.folder (archive.receiving).
+        #: C-STORE datasets arrive in memory, or in files of receive.folder when large
+        #: (archive.receiving).
         self.receiver = Receiver(cfg.receive.folder, cfg.receive.in_memory_max_bytes)
         self.stopping = threading.Event()
         self._in_flight = 0
@@ -111,7 +112,7 @@ class Node:
         # time, and send stored files as they are, never decoded (archive.retrieve).
         ae.connection_timeout = retrieve.CONNECT_TIMEOUT
         _config.STORE_SEND_CHUNKED_DATASET = True
-        self.receiver.install()  # and received into files, never whole in memory
+        self.receiver.install()  # and received into a file when large, never assembled
         syntaxes = (list(ALL_TRANSFER_SYNTAXES) if cfg.accept.transfer_syntaxes == "all"
                     else list(cfg.accept.transfer_syntaxes))
         if cfg.accept.sop_classes == "all":

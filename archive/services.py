@@ -114,7 +114,7 @@ def handle_store(event: Event, node: Node) -> Dataset:
         return answer(OUT_OF_RESOURCES, "archive is shutting down")
     rule = None
     try:
-        try:  # received into a file: its bytes, or its path when it is large
+        try:  # as received: its bytes, or the path of its file when it is large
             part10 = node.receiver.dataset(event)
         except Exception as exc:  # noqa: BLE001 - a malformed request
             log.warning("C-STORE %s: cannot read the dataset: %s", peer(event), exc)
