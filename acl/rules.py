@@ -38,7 +38,7 @@ from archive import dicomjson
 from archive.levels import is_mixed
 from archive.model import IMAGE, SERIES, STUDY
 from archive.query import evaluate
-from archive.storage import Admit, Archive, Existing, StoreRefused
+from archive.storage import Admit, Archive, Existing, Part10, StoreRefused, part10_size
 
 log = logging.getLogger("acl.rules")
 
@@ -176,7 +176,7 @@ def allow_all(principal: str, service: str) -> Decision:
     return Decision(principal, service, (OPEN,), OPEN, ())
 
 
-def admit_store(decision: Decision, part10: bytes, source: str = ""
+def admit_store(decision: Decision, part10: Part10, source: str = ""
                 ) -> tuple[Dataset | None, Rule | None, Admit | None]:
     """Whether a C-STORE is allowed: the rule allowing it (None: refused), the dataset
     parsed to judge it (to store without parsing twice) and, for a principal restricted
@@ -191,7 +191,7 @@ def admit_store(decision: Decision, part10: bytes, source: str = ""
     if not decision.restricted:
         return None, decision.deciding_rule(), None
     ds = Archive.parse(part10)
-    document = instance_document(ds, len(part10), source)
+    document = instance_document(ds, part10_size(part10), source)
     rules = [rule for rule in decision.rules if rule.compiled is not None
              and evaluate(rule.compiled.filters[IMAGE], document)]
     if not rules:

@@ -229,7 +229,8 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
             archive.start()
             bar = tqdm(candidates, unit="file", disable=not show_bar, file=sys.stderr)
             for candidate in bar:
-                result = importer.import_one(archive, candidate)
+                result = importer.import_one(archive, candidate,
+                                             cfg.receive.in_memory_max_bytes)
                 results.append(result)
                 if result.outcome == importer.FAILED or \
                         (result.outcome == importer.SKIPPED and not args.quiet):
@@ -419,12 +420,15 @@ def writable(folder: Path) -> str | None:
 
 def unwritable_folder(cfg: Config, command_name: str) -> str | None:
     """``FOLDER: not writable (reason)`` for the first data folder the command would
-    write and cannot: the embedded database's data folder, the journal."""
+    write and cannot: the embedded database's data folder, the journal, the folder of
+    datasets being received."""
     folders = []
     if command_name not in _NO_DATABASE and cfg.database.embedded.enabled:
         folders.append(Path(cfg.database.embedded.data_dir))
     if command_name in _JOURNAL_WRITERS:
         folders.append(Path(cfg.journal))  # a folder: one file per unfinished store
+    if command_name == "serve":
+        folders.append(Path(cfg.receive.folder))  # C-STORE datasets being received
     for folder in folders:
         reason = writable(folder)
         if reason is not None:

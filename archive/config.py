@@ -168,6 +168,32 @@ class Connections:
 
 
 @dataclass
+class Receive:
+    """How C-STORE datasets arrive (``archive.receiving``): large ones into a file.
+
+    Datasets up to ``in_memory_max_mb`` MiB (as Part-10 files) are received and stored
+    in memory, as before; so are files ``archive import`` reads.  A larger one goes to a
+    file of ``folder`` as it arrives and is stored from there, in memory near one
+    instance's metadata whatever its size, and faster (2 MiB: 4.0 ms of CPU instead of
+    7.9; 8 MiB: 6.8 instead of 22.6).  In memory, a 130 KiB MR costs 0.5 ms less than
+    from a file, a 520 KiB CT the same, and no file is made (0.5 ms more).  What a crash
+    leaves in ``folder`` is deleted at the next start.
+    """
+
+    folder: str = "data/incoming"
+    in_memory_max_mb: float = 1.0
+
+    @property
+    def in_memory_max_bytes(self) -> int:
+        return int(self.in_memory_max_mb * 1024 * 1024)
+
+
+#: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
+#: several times its size (the issue this setting answers).
+MAX_IN_MEMORY_MB = 1024.0
+
+
+@dataclass
 class Config:
     ae_title: str = "ARCHIVE"
     bind_address: str = "127.0.0.1"
@@ -186,6 +212,7 @@ class Config:
     #: At start, besides finishing what the journal names: "full" also runs
     #: ``archive check --repair`` in the background (damage a lost journal left).
     startup_check: str = "journal"
+    receive: Receive = field(default_factory=Receive)
     database: Database = field(default_factory=Database)
     accept: Accept = field(default_factory=Accept)
     query: Query = field(default_factory=Query)
@@ -302,6 +329,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
     if not 0 <= cfg.write_behind_seconds <= 60:
         raise ConfigError("write_behind_seconds: must be between 0 and 60")
+    if not cfg.receive.folder.strip():
+        raise ConfigError("receive.folder: a folder is needed (e.g. data/incoming)")
+    if not 0 <= cfg.receive.in_memory_max_mb <= MAX_IN_MEMORY_MB:
+        raise ConfigError(f"receive.in_memory_max_mb: must be between 0 (every dataset "
+                          f"from its file) and {MAX_IN_MEMORY_MB:.0f}")
     if cfg.max_associations < 1:
         raise ConfigError("max_associations: must be at least 1")
     _validate_connections(cfg.connections, cfg.max_associations)

@@ -3,6 +3,11 @@
 Bulk data (Pixel Data, waveforms, large binary values) is not inlined: it is referred
 to by a ``BulkDataURI`` naming the GridFS file that holds the original and the tag,
 so the metadata documents stay small and the original bytes stay the single copy.
+
+A dataset read from a file with ``defer_size`` (a large instance, see
+:meth:`archive.storage.Archive.parse`) leaves its large values in the file: a binary one
+becomes its ``BulkDataURI`` without being read, any other is read when converted
+(:func:`_deferred`), so the JSON is the same as from the dataset read whole.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Any
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element
+from pydicom.hooks import hooks
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,12 @@ def to_json(ds: Dataset, file_id: Any) -> dict[str, Any]:
             continue
         raw = elements[tag]
         key = f"{tag:08X}"
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            bulk = _deferred_bulk(ds, raw, file_id)
+            if bulk is not None:
+                result[key] = bulk
+                continue
+            raw = _deferred(ds, raw)
         if fast is not None and isinstance(raw, RawDataElement):
             converted = fast.convert(raw)
             if converted is not None:
@@ -92,6 +106,58 @@ def to_json(ds: Dataset, file_id: Any) -> dict[str, Any]:
             log.warning("element %s not convertible to JSON (%s); kept as bytes", key, exc)
             result[key] = _fallback(elem, getattr(raw, "value", None))
     return result
+
+
+#: VRs whose values, above the threshold, are always bulk data.
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: The smallest ``defer_size`` a dataset given to :func:`to_json` may be read with: a
+#: deferred value of undefined length is then known to be longer than the threshold
+#: (pydicom defers it from ``defer_size`` bytes on, item headers and delimiter included).
+MIN_DEFER_SIZE = BULK_DATA_THRESHOLD + 16
+
+
+class _Length:
+    """Stands for a deferred value where pydicom's VR lookup asks only its length."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _deferred_bulk(ds: Dataset, raw: RawDataElement, file_id: Any) -> dict[str, Any] | None:
+    """The JSON of a value left in the file when it is bulk data, without reading it.
+
+    The VR is found as pydicom finds it when it reads the element (its VR hook: the
+    dictionary for implicit VR, a known private creator's, UN kept for a long value;
+    then the correction of an ambiguous OB or OW from the dataset's attributes), so
+    the answer is the one the element read whole would give.  None: read the value.
+    """
+    if raw.length != 0xFFFFFFFF and raw.length <= BULK_DATA_THRESHOLD:
+        return None
+    try:
+        found: dict[str, Any] = {}
+        hooks.raw_element_vr(raw._replace(value=_Length(raw.length)), found, ds=ds)
+        vr = found["VR"]
+        if vr == "OB or OW":
+            elem = DataElement(raw.tag, vr, b"", is_undefined_length=raw.length == 0xFFFFFFFF)
+            vr = correct_ambiguous_vr_element(elem, ds, raw.is_little_endian).VR
+    except Exception:  # noqa: BLE001 - whatever pydicom would fail on: read the value
+        return None
+    if vr not in _BULK_VRS:
+        return None
+    return {"vr": vr, "BulkDataURI": bulk_data_uri(file_id, raw.tag)}
+
+
+def _deferred(ds: Dataset, raw: RawDataElement) -> RawDataElement:
+    """The element with its value read from the file, kept in ``ds`` as pydicom keeps
+    what it reads.  A file that cannot be read again raises (OSError): the store fails
+    rather than describe a value it never saw."""
+    read = read_deferred_data_element(ds.fileobj_type, ds.filename or ds.buffer,
+                                      ds.timestamp, raw)
+    ds._dict[raw.tag] = read
+    return read
 
 
 #: Largest integer every JSON reader holds exactly (an IEEE 754 double: 2^53 - 1).

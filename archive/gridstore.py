@@ -6,15 +6,21 @@ from a driver's writer is the chunk ``_id``: ``"<file id>/<n>"`` instead of a ra
 ObjectId, so that every chunk is fetched or deleted by one lookup of its ``_id``
 without a query on ``files_id`` (``storage.ensure_indexes`` creates the ``{files_id,
 n}`` index that drivers' readers use).
+
+A file is written from its bytes or from the path of a file holding them, read one
+chunk at a time: a file of gigabytes costs the node one chunk of memory.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from bson import Binary, ObjectId
+from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
@@ -40,24 +46,33 @@ class GridStore:
     def chunk_id(file_id: ObjectId, n: int) -> str:
         return f"{file_id}/{n}"
 
-    def put(self, data: bytes, filename: str, metadata: dict[str, Any],
-            file_id: ObjectId | None = None) -> ObjectId:
-        """Write chunks, then the files document: a file is visible only when whole."""
+    def put(self, data: bytes | Path, filename: str, metadata: dict[str, Any],
+            file_id: ObjectId | None = None, length: int | None = None) -> ObjectId:
+        """Write chunks, then the files document: a file is visible only when whole.
+
+        ``data``: the bytes, or a path read one chunk at a time.  ``length``: the
+        length the caller expects (and journals, to delete the chunks of an upload cut
+        short); a file of another length raises OSError before anything is written,
+        one that changes while it is read raises OSError too.
+        """
         file_id = file_id or ObjectId()
-        view = memoryview(data)
-        try:
-            for n, start in enumerate(range(0, max(len(data), 1), CHUNK_SIZE)):
-                self.chunks.insert_one({
-                    "_id": self.chunk_id(file_id, n), "files_id": file_id, "n": n,
-                    "data": Binary(bytes(view[start:start + CHUNK_SIZE])),
+        with _chunks(data) as (size, chunks):
+            if length is not None and size != length:
+                name = data if isinstance(data, Path) else "data"
+                raise OSError(f"{name}: {size} bytes, {length} expected")
+            try:
+                for n, chunk in enumerate(chunks):
+                    self.chunks.insert_one({
+                        "_id": self.chunk_id(file_id, n), "files_id": file_id, "n": n,
+                        "data": chunk,  # bytes: BSON binary, subtype 0
+                    })
+                self.files.insert_one({
+                    "_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
+                    "uploadDate": datetime.datetime.now(datetime.timezone.utc),
+                    "filename": filename, "metadata": metadata,
                 })
-            self.files.insert_one({
-                "_id": file_id, "length": len(data), "chunkSize": CHUNK_SIZE,
-                "uploadDate": datetime.datetime.now(datetime.timezone.utc),
-                "filename": filename, "metadata": metadata,
-            })
-        except PyMongoError as exc:
-            raise ChunkWriteFailed(file_id, exc) from exc
+            except PyMongoError as exc:
+                raise ChunkWriteFailed(file_id, exc) from exc
         return file_id
 
     def stream(self, file_id: ObjectId) -> Iterator[bytes]:
@@ -96,3 +111,31 @@ class GridStore:
 
     def exists(self, file_id: ObjectId) -> bool:
         return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
+
+
+@contextmanager
+def _chunks(data: bytes | Path) -> Iterator[tuple[int, Iterator[bytes]]]:
+    """The length of ``data`` and its chunks (one, empty, for an empty file)."""
+    if not isinstance(data, Path):
+        view = memoryview(data)
+        yield len(data), (bytes(view[start:start + CHUNK_SIZE])
+                          for start in range(0, max(len(data), 1), CHUNK_SIZE))
+        return
+    with open(data, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        yield size, _read_chunks(fh, data, size)
+
+
+def _read_chunks(fh: Any, path: Path, size: int) -> Iterator[bytes]:
+    """``size`` bytes of an open file, a chunk at a time; OSError if it has more or less."""
+    for start in range(0, max(size, 1), CHUNK_SIZE):
+        want = min(CHUNK_SIZE, size - start)
+        chunk = fh.read(want)
+        while len(chunk) < want:  # an unbuffered read may return less
+            more = fh.read(want - len(chunk))
+            if not more:
+                raise OSError(f"{path}: shorter than its {size} bytes: changed while stored")
+            chunk += more
+        yield chunk
+    if fh.read(1):
+        raise OSError(f"{path}: longer than its {size} bytes: changed while stored")

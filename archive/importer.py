@@ -14,6 +14,10 @@ Bare datasets (no preamble, no meta group; older tools write them) are wrapped i
 Part-10 header in the encoding they were read with.  So is a file with the ``DICM``
 preamble whose meta group names no Transfer Syntax UID (none at all, or one without
 (0002,0010)): its dataset is read as a bare one, never stored without a transfer syntax.
+
+A file larger than ``receive.in_memory_max_mb`` whose meta group names its transfer
+syntax is stored from its path, as a large C-STORE is (never read whole: see
+:mod:`archive.storage`); a bare one is read whole to be wrapped.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from archive.part10 import Incomplete, check_bare, meta_end, meta_syntax
-from archive.storage import CANNOT_UNDERSTAND, Archive, StoreRefused
+from archive.storage import CANNOT_UNDERSTAND, Archive, Part10, StoreRefused
 
 STORED, SKIPPED, FAILED = "stored", "skipped", "failed"
 
@@ -126,11 +130,20 @@ def _folder(folder: Path, seen: set[tuple[int, int]], named: bool) -> Iterator[C
 # --- reading ----------------------------------------------------------------------------
 
 
-def read_part10(path: Path) -> tuple[bytes, Dataset]:
-    """The Part-10 bytes to store and their parsed dataset.
+def read_part10(path: Path, in_memory_max_bytes: int | None = None
+                ) -> tuple[Part10, Dataset]:
+    """The Part-10 file to store (its bytes, or its path when it is larger than
+    ``in_memory_max_bytes``) and its parsed dataset.
 
     Raises NotDicom, or StoreRefused with the status C-STORE would answer.
     """
+    try:
+        large = in_memory_max_bytes is not None and path.stat().st_size > in_memory_max_bytes
+        found = _from_file(path) if large else None
+    except OSError as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot read: {exc.strerror or exc}") from None
+    if found is not None:
+        return found
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -145,6 +158,19 @@ def read_part10(path: Path) -> tuple[bytes, Dataset]:
         if "not a DICOM" not in refused.comment:
             raise
     return _bare(data)
+
+
+def _from_file(path: Path) -> tuple[Path, Dataset] | None:
+    """A Part-10 file whose meta group names its transfer syntax, parsed from its path;
+    None when it must be read whole (bare, no transfer syntax, not DICOM)."""
+    if meta_syntax(path) is None:
+        return None
+    try:
+        return path, Archive.parse(path)
+    except StoreRefused as refused:
+        if "not a DICOM" not in refused.comment:
+            raise
+    return None
 
 
 def _bare(data: bytes) -> tuple[bytes, Dataset]:
@@ -182,13 +208,15 @@ def _wrap(ds: Dataset) -> bytes:
 # --- storing ----------------------------------------------------------------------------
 
 
-def import_one(archive: Archive, candidate: Candidate) -> Result:
-    """Read and store one file; what became of it."""
+def import_one(archive: Archive, candidate: Candidate,
+               in_memory_max_bytes: int | None = None) -> Result:
+    """Read and store one file (from its path when larger than ``in_memory_max_bytes``);
+    what became of it."""
     path = str(candidate.path)
     if candidate.problem:
         return Result(path, FAILED, candidate.problem)
     try:
-        part10, ds = read_part10(candidate.path)
+        part10, ds = read_part10(candidate.path, in_memory_max_bytes)
     except NotDicom as exc:
         return Result(path, FAILED if candidate.named else SKIPPED, str(exc))
     except StoreRefused as exc:

@@ -24,6 +24,7 @@ from archive import connections, negotiation, retrieve, services
 from archive.config import Config, display_uri
 from archive.find import Finder
 from archive.health import DatabaseHealth
+from archive.receiving import Receiver
 from archive.storage import Archive, connect, ensure_indexes
 
 log = logging.getLogger("archive.node")
@@ -68,6 +69,9 @@ class Node:
         self.archive = Archive(self.db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
                                cfg.journal, cfg.hierarchy_conflicts, self.health,
                                write_behind=cfg.write_behind_seconds)
+        #: C-STORE datasets arrive in memory, or in files of receive.folder when large
+        #: (archive.receiving).
+        self.receiver = Receiver(cfg.receive.folder, cfg.receive.in_memory_max_bytes)
         self.stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_cond = threading.Condition()
@@ -108,6 +112,7 @@ class Node:
         # time, and send stored files as they are, never decoded (archive.retrieve).
         ae.connection_timeout = retrieve.CONNECT_TIMEOUT
         _config.STORE_SEND_CHUNKED_DATASET = True
+        self.receiver.install()  # and received into a file when large, never assembled
         syntaxes = (list(ALL_TRANSFER_SYNTAXES) if cfg.accept.transfer_syntaxes == "all"
                     else list(cfg.accept.transfer_syntaxes))
         if cfg.accept.sop_classes == "all":
@@ -216,6 +221,7 @@ class Node:
         else:
             log.warning("access control disabled (acl.enabled: false): everything allowed")
         self.warn_about_mappings()
+        self.receiver.prepare()  # what a crash left of datasets being received
         self.server = connections.start_server(
             self.ae, self.connections, (self.cfg.bind_address, self.cfg.port),
             evt_handlers=self.handlers(), ssl_context=_ssl_context(self.cfg))

@@ -1,4 +1,4 @@
-"""Is a Part-10 byte string whole?  A walk over its element headers, values unread.
+"""Is a Part-10 file whole?  A walk over its element headers, values unread.
 
 pydicom reads a dataset cut short without a word: a value shorter than its declared
 length comes back short (Pixel Data included), a missing sequence delimiter ends the
@@ -8,13 +8,22 @@ same structure pydicom reads -- the same encoding decisions, element by element 
 requires that the buffer is consumed exactly and that every declared length (values,
 sequences, items, encapsulated fragments) is satisfied.  Only headers are decoded:
 values, Pixel Data included, are skipped by their length.
+
+The file is a byte string or, for a dataset too large to hold in memory, a path: its
+headers are then read piece by piece (:class:`_FileWalker`, a small window at a time),
+so checking a file of gigabytes costs kilobytes of memory.  A deflated data set is
+inflated in memory either way (pydicom does the same to read it).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -30,6 +39,12 @@ UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Deeper nesting is refused rather than walked (a hostile file could exhaust the stack).
 MAX_DEPTH = 64
+#: Bytes a :class:`_FileWalker` reads at a time: element headers are small and values
+#: are skipped, so a small window wastes little when the walk jumps over a value.
+WINDOW = 16 * 1024
+
+#: A Part-10 file: its bytes, or the path of a file holding them.
+Source = bytes | Path
 
 
 class Incomplete(ValueError):
@@ -59,11 +74,27 @@ def _is_sequence(tag: int) -> bool:
 
 
 class _Walker:
+    """The walk over a byte string; positions are offsets into it."""
+
     def __init__(self, buf: bytes | memoryview) -> None:
         self.buf = buf
 
+    def at(self, pos: int, size: int) -> tuple[bytes | memoryview, int]:
+        """A buffer holding the ``size`` bytes from ``pos`` (fewer where the data ends),
+        and where they start in it."""
+        return self.buf, pos
+
+    def slice(self, start: int, stop: int) -> bytes:
+        return bytes(self.buf[start:stop])
+
+    def find(self, marker: bytes, start: int, end: int) -> int:
+        """Position of the first ``marker`` between ``start`` and ``end``, else -1."""
+        found = bytes(self.buf[start:end]).find(marker)
+        return found if found < 0 else start + found
+
     def _tag(self, pos: int, enc: _Encoding) -> int:
-        group, element = struct.unpack_from(enc.endian + "HH", self.buf, pos)
+        buf, at = self.at(pos, 4)
+        group, element = struct.unpack_from(enc.endian + "HH", buf, at)
         return group << 16 | element
 
     def header(self, pos: int, end: int, enc: _Encoding) -> tuple[int, bytes | None, int, int]:
@@ -71,20 +102,23 @@ class _Walker:
         pydicom's reader decodes it (an explicit VR that is no VR means implicit)."""
         if end - pos < 8:
             raise Incomplete(f"truncated: element header at byte {pos} cut short")
-        tag = self._tag(pos, enc)
-        if enc.implicit or tag >> 16 == 0xFFFE:
-            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 4)
+        buf, at = self.at(pos, 12)
+        endian = enc.endian
+        group, element = struct.unpack_from(endian + "HH", buf, at)
+        tag = group << 16 | element
+        if enc.implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(endian + "L", buf, at + 4)
             return tag, None, length, pos + 8
-        vr = bytes(self.buf[pos + 4:pos + 6])
+        vr = bytes(buf[at + 4:at + 6])
         if vr in _LONG_VRS:
             if end - pos < 12:
                 raise Incomplete(f"truncated: {_name(tag)} header cut short")
-            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 8)
+            (length,) = struct.unpack_from(endian + "L", buf, at + 8)
             return tag, vr, length, pos + 12
         if vr not in _SHORT_VRS and not (b"AA" <= vr <= b"ZZ"):
-            (length,) = struct.unpack_from(enc.endian + "L", self.buf, pos + 4)
+            (length,) = struct.unpack_from(endian + "L", buf, at + 4)
             return tag, None, length, pos + 8  # pydicom: an implicit VR element
-        (length,) = struct.unpack_from(enc.endian + "H", self.buf, pos + 6)
+        (length,) = struct.unpack_from(endian + "H", buf, at + 6)
         return tag, vr, length, pos + 8
 
     def dataset(self, pos: int, end: int, enc: _Encoding, depth: int,
@@ -98,7 +132,7 @@ class _Walker:
             raise Incomplete("sequences nested too deep")
         while pos < end:
             if stop_group is not None and (end - pos < 2 or struct.unpack_from(
-                    "<H", self.buf, pos)[0] != stop_group):
+                    "<H", *self.at(pos, 2))[0] != stop_group):
                 return pos
             tag, vr, length, start = self.header(pos, end, enc)
             if tag == ITEM_END:
@@ -141,9 +175,9 @@ class _Walker:
                 return pos
             if end - pos < 8:
                 raise Incomplete(f"truncated: {_name(tag)} has no end")
-            item, length = self._tag(pos, enc), struct.unpack_from(
-                enc.endian + "L", self.buf, pos + 4)[0]
-            start = pos + 8
+            buf, at = self.at(pos, 8)
+            group, element, length = struct.unpack_from(enc.endian + "HHL", buf, at)
+            item, start = group << 16 | element, pos + 8
             if item == SEQUENCE_END:
                 return start
             if item != ITEM and not datasets:
@@ -168,7 +202,8 @@ class _Walker:
         element has no VR (PS3.5 6.2.2: UN sequences are implicit VR little endian)."""
         if enc.implicit or end - pos < 6:
             return enc
-        vr = self.buf[pos + 4:pos + 6]
+        buf, at = self.at(pos, 6)
+        vr = buf[at + 4:at + 6]
         if 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B:
             return enc
         return _Encoding(True, enc.little)
@@ -177,34 +212,87 @@ class _Walker:
         """An undefined length value that is no items: pydicom reads up to the
         Sequence Delimitation Item's bytes."""
         marker = struct.pack(enc.endian + "HHL", 0xFFFE, 0xE0DD, 0)
-        found = bytes(self.buf[pos:end]).find(marker)
+        found = self.find(marker, pos, end)
         if found < 0:
             raise Incomplete(f"truncated: {_name(tag)} has no end")
-        return pos + found + 8
+        return found + 8
 
 
-def check_complete(part10: bytes, implicit: bool, little: bool, deflated: bool) -> None:
+class _FileWalker(_Walker):
+    """The walk over a file, read a window at a time (never whole); positions are
+    offsets from ``base`` in the file."""
+
+    def __init__(self, fd: int, base: int = 0) -> None:
+        super().__init__(b"")
+        self.fd, self.base = fd, base
+        self.start = 0  # the position self.buf begins at
+
+    def at(self, pos: int, size: int) -> tuple[bytes | memoryview, int]:
+        offset = pos - self.start
+        if offset < 0 or offset + size > len(self.buf):
+            self.buf = os.pread(self.fd, max(size, WINDOW), self.base + pos)
+            self.start, offset = pos, 0
+        return self.buf, offset
+
+    def slice(self, start: int, stop: int) -> bytes:
+        buf, at = self.at(start, stop - start)
+        return bytes(buf[at:at + stop - start])
+
+    def find(self, marker: bytes, start: int, end: int) -> int:
+        overlap = len(marker) - 1
+        pos = start
+        while pos < end:
+            chunk = os.pread(self.fd, min(1024 * 1024, end - pos), self.base + pos)
+            if not chunk:
+                return -1
+            found = chunk.find(marker)
+            if found >= 0 and pos + found + len(marker) <= end:
+                return pos + found
+            if pos + len(chunk) >= end:
+                return -1
+            pos += max(len(chunk) - overlap, 1)
+        return -1
+
+
+@contextmanager
+def _opened(part10: Source) -> Iterator[tuple[_Walker, int]]:
+    """A walker over the file's bytes and their number."""
+    if not isinstance(part10, Path):
+        yield _Walker(part10), len(part10)
+        return
+    fd = os.open(part10, os.O_RDONLY)
+    try:
+        yield _FileWalker(fd), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def check_complete(part10: Source, implicit: bool, little: bool, deflated: bool) -> None:
     """Raise :class:`Incomplete` unless every byte of the Part-10 file is accounted for.
 
     ``implicit``/``little``: the dataset's encoding as pydicom read it
     (``Dataset.original_encoding``); ``deflated``: its transfer syntax is deflated.
     """
-    walker = _Walker(part10)
-    meta = _Encoding(False, True)
-    pos = walker.dataset(132, len(part10), meta, 0, stop_group=0x0002)
-    # Command set elements (group 0000), if any: always implicit VR little endian.
-    pos = walker.dataset(pos, len(part10), _Encoding(True, True), 0, stop_group=0x0000)
-    body: bytes | memoryview = memoryview(part10)[pos:]
-    if deflated:
+    with _opened(part10) as (walker, size):
+        meta = _Encoding(False, True)
+        pos = walker.dataset(132, size, meta, 0, stop_group=0x0002)
+        # Command set elements (group 0000), if any: always implicit VR little endian.
+        pos = walker.dataset(pos, size, _Encoding(True, True), 0, stop_group=0x0000)
+        if not deflated:
+            if isinstance(walker, _FileWalker):
+                body_walker: _Walker = _FileWalker(walker.fd, pos)
+            else:
+                body_walker = _Walker(memoryview(walker.buf)[pos:])
+            body_walker.dataset(0, size - pos, _Encoding(implicit, little), 0)
+            return
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            body = inflater.decompress(bytes(body))
+            body = inflater.decompress(walker.slice(pos, size))
         except zlib.error:
             raise Incomplete("deflated data set does not inflate") from None
         if not inflater.eof:
             raise Incomplete("truncated: the deflated data set ends early")
-    walker = _Walker(body)
-    walker.dataset(0, len(body), _Encoding(implicit, little), 0)
+    _Walker(body).dataset(0, len(body), _Encoding(implicit, little), 0)
 
 
 def check_bare(data: bytes, implicit: bool, little: bool) -> None:
@@ -213,7 +301,7 @@ def check_bare(data: bytes, implicit: bool, little: bool) -> None:
     _Walker(data).dataset(0, len(data), _Encoding(implicit, little), 0)
 
 
-def check(part10: bytes, ds: Dataset | None) -> None:
+def check(part10: Source, ds: Dataset | None) -> None:
     """:func:`check_complete` in the encoding pydicom read ``ds`` with; when pydicom
     could not read the file at all (``ds`` None), in the one its meta group names,
     so that a file cut short is reported as such rather than by pydicom's error.
@@ -231,29 +319,30 @@ def check(part10: bytes, ds: Dataset | None) -> None:
                    syntax == DeflatedExplicitVRLittleEndian)
 
 
-def meta_end(part10: bytes) -> int | None:
+def meta_end(part10: Source) -> int | None:
     """Where the dataset of a file with the ``DICM`` preamble starts: after its meta
     group elements, however many (none included); None when the group is cut short."""
-    try:
-        return _Walker(part10).dataset(132, len(part10), _Encoding(False, True), 0,
-                                       stop_group=0x0002)
-    except Incomplete:
-        return None
+    with _opened(part10) as (walker, size):
+        try:
+            return walker.dataset(132, size, _Encoding(False, True), 0, stop_group=0x0002)
+        except Incomplete:
+            return None
 
 
-def meta_syntax(part10: bytes) -> str | None:
+def meta_syntax(part10: Source) -> str | None:
     """Transfer Syntax UID (0002,0010) of the meta group, None if it has none readable."""
-    if part10[128:132] != b"DICM":
+    with _opened(part10) as (walker, size):
+        if size < 132 or walker.slice(128, 132) != b"DICM":
+            return None
+        meta, pos = _Encoding(False, True), 132
+        try:
+            while size - pos >= 8 and struct.unpack_from("<H", *walker.at(pos, 2))[0] == 2:
+                tag, vr, length, start = walker.header(pos, size, meta)
+                if length == UNDEFINED or start + length > size:
+                    return None
+                if tag == 0x00020010:
+                    return walker.slice(start, start + length).decode("ascii").rstrip("\x00 ")
+                pos = start + length
+        except (Incomplete, UnicodeDecodeError):
+            return None
         return None
-    walker, meta, pos = _Walker(part10), _Encoding(False, True), 132
-    try:
-        while len(part10) - pos >= 8 and struct.unpack_from("<H", part10, pos)[0] == 2:
-            tag, vr, length, start = walker.header(pos, len(part10), meta)
-            if length == UNDEFINED or start + length > len(part10):
-                return None
-            if tag == 0x00020010:
-                return part10[start:start + length].decode("ascii").rstrip("\x00 ")
-            pos = start + length
-    except (Incomplete, UnicodeDecodeError):
-        return None
-    return None

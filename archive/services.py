@@ -114,8 +114,8 @@ def handle_store(event: Event, node: Node) -> Dataset:
         return answer(OUT_OF_RESOURCES, "archive is shutting down")
     rule = None
     try:
-        try:
-            part10 = event.encoded_dataset(include_meta=True)
+        try:  # as received: its bytes, or the path of its file when it is large
+            part10 = node.receiver.dataset(event)
         except Exception as exc:  # noqa: BLE001 - a malformed request
             log.warning("C-STORE %s: cannot read the dataset: %s", peer(event), exc)
             return answer(0xC000, "cannot read the dataset")
@@ -264,6 +264,7 @@ def handlers(node: Node) -> list[tuple[Any, ...]]:
         (evt.EVT_C_MOVE, handle_move, [node]),
         (evt.EVT_C_GET, handle_get, [node]),
         (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_CONN_CLOSE, node.receiver.discard_partial),
         (evt.EVT_ACCEPTED, _assoc_logger("accepted"), [node]),
         (evt.EVT_RELEASED, _assoc_logger("released"), [node]),
         (evt.EVT_ABORTED, _assoc_logger("aborted"), [node]),

@@ -9,6 +9,12 @@ The instance document is the commit point.  Order of writes:
 4. on replacement, the previous GridFS file is deleted;
 5. the journal entry is removed, then the store is answered.
 
+The Part-10 file is given as bytes or, for a dataset too large to hold in memory, as
+the path of a file (a C-STORE received to disk, a file ``archive import`` reads): it is
+then parsed with its large values left in the file (:data:`DEFER_SIZE`), checked whole
+a window at a time and copied into GridFS one chunk at a time, with the same checks,
+the same documents and the same GridFS file as from bytes.
+
 A failure at any step undoes what the steps before it wrote.  If the undo itself fails
 (the database went away) or the node dies, the journal entry is still there and
 :meth:`Archive.reconcile` finishes the work once the database answers again, so no
@@ -52,6 +58,7 @@ from bson import ObjectId
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
@@ -89,6 +96,29 @@ CANNOT_UNDERSTAND = 0xC000
 #: sender must not retry it as it would an 0xA7xx "out of resources".
 HIERARCHY_CONFLICT = 0xC409
 
+#: A Part-10 file: its bytes, or the path of a file holding them (a large dataset).
+Part10 = part10_check.Source
+#: Values longer than this (bytes) stay in the file when a dataset is parsed from one:
+#: Pixel Data and other bulk values are then never read into memory (see dicomjson).
+DEFER_SIZE = 64 * 1024
+assert DEFER_SIZE >= dicomjson.MIN_DEFER_SIZE
+
+
+def part10_size(part10: Part10) -> int:
+    """The file's length in bytes."""
+    return part10.stat().st_size if isinstance(part10, Path) else len(part10)
+
+
+def _read(part10: Part10) -> Dataset:
+    """pydicom's dataset of the file; from a path, with large values left in the file.
+
+    A deflated data set is read whole: pydicom inflates it in memory, and would look
+    for deferred values in the compressed file.
+    """
+    if not isinstance(part10, Path):
+        return dcmread(BytesIO(part10), force=False)
+    deflated = part10_check.meta_syntax(part10) == DeflatedExplicitVRLittleEndian
+    return dcmread(str(part10), force=False, defer_size=None if deflated else DEFER_SIZE)
 
 
 @dataclass(frozen=True)
@@ -187,7 +217,7 @@ class Archive:
     # -- parsing ----------------------------------------------------------------------
 
     @staticmethod
-    def parse(part10: bytes) -> Dataset:
+    def parse(part10: Part10) -> Dataset:
         """Decode the metadata of a Part-10 file, refusing what cannot be stored.
 
         Refused with 0xC000: what pydicom cannot read, a file cut short (pydicom reads
@@ -197,7 +227,7 @@ class Archive:
         """
         ds: Dataset | None = None
         try:
-            ds = dcmread(BytesIO(part10), force=False)
+            ds = _read(part10)
             part10_check.check(part10, ds)
             ds.SOPInstanceUID  # noqa: B018 - force decoding of the element now
         except part10_check.Incomplete as exc:
@@ -225,7 +255,7 @@ class Archive:
 
     # -- store ------------------------------------------------------------------------
 
-    def store(self, part10: bytes, source: str = "", ds: Dataset | None = None,
+    def store(self, part10: Part10, source: str = "", ds: Dataset | None = None,
               admit: Admit | None = None) -> StoreOutcome:
         """Store one Part-10 file; the outcome's status is what C-STORE answers.
 
@@ -263,16 +293,17 @@ class Archive:
                         self.series.find_one({"_id": series_uid}, NO_INSTANCES),
                         self.studies.find_one({"_id": study_uid}))
 
-    def _store(self, part10: bytes, ds: Dataset, sop_uid: str, source: str,
+    def _store(self, part10: Part10, ds: Dataset, sop_uid: str, source: str,
                admit: Admit | None) -> StoreOutcome:
         if admit is not None:
             admit(self.existing(ds, sop_uid))
         file_id = ObjectId()
         key = str(file_id)
+        size = part10_size(part10)
         data = dicomjson.to_json(ds, file_id)
-        doc = self.instance_document(data, file_id, _transfer_syntax(ds), len(part10), source)
+        doc = self.instance_document(data, file_id, _transfer_syntax(ds), size, source)
         entry: dict[str, Any] = {"kind": "store", "pid": os.getpid(), "sop": sop_uid,
-                                 "file_id": key, "length": len(part10),
+                                 "file_id": key, "length": size,
                                  "hierarchy": list(hierarchy_of(doc))}
         self._active.add(key)
         batched = False
@@ -288,7 +319,7 @@ class Archive:
             if not batched:  # else the batch's writer finishes the entry
                 self._active.discard(key)
 
-    def _write(self, part10: bytes, doc: dict[str, Any], data: dict[str, Any],
+    def _write(self, part10: Part10, doc: dict[str, Any], data: dict[str, Any],
                entry: dict[str, Any]) -> tuple[StoreOutcome, bool]:
         """Steps 1 to 5; an exception leaves the undo to the caller (the entry says what).
 
@@ -298,7 +329,7 @@ class Archive:
         try:
             self.files.put(part10, f"{sop_uid}.dcm", {
                 "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
-                file_id=file_id)
+                file_id=file_id, length=entry["length"])
         except _ChunkWriteFailed as exc:
             raise exc.cause from None
         try:
@@ -571,7 +602,7 @@ def _reason(exc: BaseException) -> str:
     return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
-def _refuse_if_incomplete(part10: bytes, ds: Dataset | None) -> None:
+def _refuse_if_incomplete(part10: Part10, ds: Dataset | None) -> None:
     """A file pydicom failed on because it is cut short is refused as truncated."""
     if ds is None:
         try:

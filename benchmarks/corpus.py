@@ -366,6 +366,67 @@ def split(out_dir: str | Path, parts: int) -> list[list[Path]]:
     return groups
 
 
+def write_large_instance(path: str | Path, size: int, *, encapsulated: bool = False,
+                         fragment: int = 64 * 1024, seed: int = 0) -> Path:
+    """One Part-10 image whose Pixel Data holds ``size`` bytes (rounded down), written a
+    megabyte at a time, never whole in memory, with fresh UIDs: explicit VR little
+    endian with square 16-bit pixels; or, ``encapsulated``, JPEG Baseline's encapsulated
+    form with one ``fragment``-byte frame per fragment, as whole-slide images hold their
+    tiles (the bytes are pseudo-random, no JPEG: nothing decodes them).  Every megabyte
+    differs from the others, so a misplaced GridFS chunk would show."""
+    import math
+    import struct
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import JPEGBaseline8Bit
+
+    path = Path(path)
+    rng = random.Random(seed)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName = "LARGE-1", "LARGE^INSTANCE"
+    ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "OT", "20240102", 1, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    if encapsulated:
+        side = math.isqrt(fragment)
+        frames = max(size // fragment, 1)
+        ds.Rows = ds.Columns = side
+        ds.NumberOfFrames = frames
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        syntax = JPEGBaseline8Bit
+    else:
+        side = math.isqrt(size // 2)
+        ds.Rows = ds.Columns = side
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        syntax = ExplicitVRLittleEndian
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, \
+        ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+    head = BytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(head.getvalue())
+        if encapsulated:
+            out.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+            out.write(struct.pack("<HHL", 0xFFFE, 0xE000, 0))  # empty basic offset table
+            for _ in range(frames):
+                out.write(struct.pack("<HHL", 0xFFFE, 0xE000, fragment))
+                out.write(rng.randbytes(fragment))
+            out.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+        else:
+            length = side * side * 2
+            out.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, length))
+            for start in range(0, length, 1 << 20):
+                out.write(rng.randbytes(min(1 << 20, length - start)))
+    return path
+
+
 def count_files(paths: list[Path]) -> int:
     """Corpus files (``*.dcm``) in these folders, or files."""
     return sum(1 if p.is_file() else sum(1 for _ in p.rglob("*.dcm")) for p in paths)

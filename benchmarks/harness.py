@@ -308,6 +308,8 @@ class ArchiveNode(Service):
             "destinations": {ae: {"host": host, "port": port}
                              for ae, (host, port) in (destinations or {}).items()},
         }
+        if self.receives_into_files():  # never the checkout's own data/ folder
+            config["receive"] = {"folder": str(self.workdir / "incoming")}
         self.config = _deep_merge(config, extra_config or {})
         self.config_path = self.workdir / "archive.yaml"
         self.write_config()
@@ -329,6 +331,10 @@ class ArchiveNode(Service):
     def command(self) -> list[str]:
         return [*self.wrapper, PYTHON, *self.python_args, "-m", self.module, "serve",
                 "--config", str(self.config_path)]
+
+    def receives_into_files(self) -> bool:
+        """Whether the archive run receives C-STORE datasets into ``receive.folder``."""
+        return "class Receive" in (self.cwd / "archive" / "config.py").read_text("utf-8")
 
     def has_acl(self) -> bool:
         """Whether the archive run has access rules (it then denies unless allowed)."""

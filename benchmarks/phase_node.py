@@ -7,7 +7,9 @@ archive's code is not modified) the functions a C-STORE goes through:
 
 - ``handle_store``: the whole handler, i.e. all the node does for one instance once
   pynetdicom has received it;
-- ``encoded_dataset``: pynetdicom's Part-10 encoding of the received dataset;
+- ``encoded_dataset``: pynetdicom's Part-10 encoding of the received dataset (before
+  datasets were received into files), or ``received_dataset``: the received file read
+  back (or its path, for a large one);
 - ``parse``: pydicom's ``dcmread`` of those bytes;
 - ``to_json``: the DICOM JSON conversion; ``instance_document``: the instance document;
 - ``GridStore.put``: the original into GridFS; ``_update_levels``: series, study and
@@ -70,6 +72,12 @@ def install() -> None:
 
     services.handle_store = _timed("handle_store", services.handle_store)
     Event.encoded_dataset = _timed("encoded_dataset", Event.encoded_dataset)
+    try:  # since datasets are received into files
+        from archive import receiving
+    except ImportError:
+        pass
+    else:
+        receiving.Receiver.dataset = _timed("received_dataset", receiving.Receiver.dataset)
     storage.Archive.parse = staticmethod(_timed("parse", storage.Archive.parse))
     dicomjson.to_json = _timed("to_json", dicomjson.to_json)
     storage.Archive.instance_document = staticmethod(

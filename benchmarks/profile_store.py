@@ -66,6 +66,7 @@ def send(node: h.ArchiveNode, corpus_dir: Path, manifest: dict[str, Any]) -> dic
 PHASE_TREE = [
     ("node handler (handle_store), total", "handle_store", 0),
     ("Part-10 encoding (event.encoded_dataset)", "encoded_dataset", 1),
+    ("received file read back (receiving.Receiver.dataset)", "received_dataset", 1),
     ("Archive.store", "Archive.store", 1),
     ("pydicom parse (dcmread)", "parse", 2),
     ("DICOM JSON conversion (to_json)", "to_json", 2),
@@ -113,6 +114,7 @@ def print_phases(result: dict[str, Any], n: int) -> None:
         rows.append(["  " * (indent + 1) + label, t["mean_ms"], t["first_tenth_mean_ms"],
                      t["last_tenth_mean_ms"]])
     known = sum(timers.get(k, {}).get("mean_ms", 0.0) for k in ("encoded_dataset",
+                                                                 "received_dataset",
                                                                  "Archive.store"))
     rows.append(["    handler, other (ACL decision, audit queue, logging, status)",
                  handler - known, "", ""])
@@ -172,6 +174,8 @@ def classify(frames: list[str]) -> str:
         return "pydicom parse (dcmread)"
     if _has(frames, "encoded_dataset"):
         return "Part-10 encoding (encoded_dataset)"
+    if _has(frames, "archive/receiving"):
+        return "received file read back (receiving)"
     if _has(frames, "logging"):
         return "logging"
     if _has(frames, "acl/", "authorize", "admit_store", "audit"):

@@ -201,6 +201,7 @@ def write_config(directory: Path, ferret: FerretDB, database: str,
         "port": port or free_port(),
         "log_level": "INFO",
         "journal": str(directory / "journal"),
+        "receive": {"folder": str(directory / "incoming")},
         "database": {"uri": ferret.uri, "name": database, "embedded": {"enabled": False}},
     }
     data["acl"] = {"enabled": False, "initial_rules": ""}
@@ -228,6 +229,8 @@ class RunningNode:
         self.ae_title: str = self.config["ae_title"]
         self.database: str = self.config["database"]["name"]
         self.journal = Path(self.config["journal"])
+        #: where the node receives C-STORE datasets (archive.receiving)
+        self.incoming = ROOT / self.config.get("receive", {}).get("folder", "data/incoming")
         self.log_path = directory / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
         ferret.nodes.append(self)

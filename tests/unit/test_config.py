@@ -449,3 +449,46 @@ def test_unknown_connection_key(tmp_path: Path, capsys: pytest.CaptureFixture[st
 ])
 def test_a_database_uri_is_shown_without_its_password(uri: str, shown: str) -> None:
     assert config.display_uri(uri) == shown
+
+
+# --- receive -------------------------------------------------------------------------
+
+
+def test_shipped_receive_settings_are_the_defaults() -> None:
+    shipped = config.load(Path(__file__).resolve().parents[2] / "config" / "archive.yaml", {})
+    assert shipped.receive == config.Receive()
+    assert shipped.receive.folder.startswith("data/")
+
+
+def test_receive_threshold_takes_whole_and_fractional_mebibytes(tmp_path: Path) -> None:
+    for value, expected in ((0, 0), (0.5, 512 * 1024), (16, 16 << 20), (1024, 1 << 30)):
+        cfg = config.load(write(tmp_path, with_changes(
+            {"receive": {"in_memory_max_mb": value}})), {})
+        assert cfg.receive.in_memory_max_bytes == expected
+
+
+@pytest.mark.parametrize("changes,key,fragment", [
+    ({"receive": {"in_memory_max_mb": -1}}, "receive.in_memory_max_mb", "between 0"),
+    ({"receive": {"in_memory_max_mb": 1025}}, "receive.in_memory_max_mb", "and 1024"),
+    ({"receive": {"in_memory_max_mb": float("nan")}}, "receive.in_memory_max_mb", "between"),
+    ({"receive": {"in_memory_max_mb": "16MB"}}, "receive.in_memory_max_mb", "expected float"),
+    ({"receive": {"folder": ""}}, "receive.folder", "a folder is needed"),
+    ({"receive": {"folder": 3}}, "receive.folder", "expected str"),
+    ({"receive": {"spool": "x"}}, "receive.spool", "unknown key"),
+    ({"receive": "data/incoming"}, "receive", "expected a mapping"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_receive_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              changes: dict[str, Any], key: str, fragment: str) -> None:
+    status, err = run_cli(capsys, "--config", str(write(tmp_path, with_changes(changes))),
+                          "stats")
+    assert_config_error(status, err, f"{key}:", fragment)
+
+
+def test_serve_refuses_a_receive_folder_it_cannot_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = config.load(write(tmp_path, with_changes(
+        {"receive": {"folder": str(blocker / "incoming")}})), {})
+    assert cli.unwritable_folder(cfg, "serve") == \
+        f"{blocker / 'incoming'}: not writable (Not a directory)"
+    assert cli.unwritable_folder(cfg, "import") is None  # only the node receives

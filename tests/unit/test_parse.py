@@ -8,8 +8,10 @@ written.  ``archive import`` shares ``parse`` (through ``importer.read_part10``)
 from __future__ import annotations
 
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import mongomock
 import pytest
@@ -24,6 +26,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
+from archive import dicomjson, storage
 from archive.importer import read_part10
 from archive.storage import CANNOT_UNDERSTAND, Archive, StoreRefused
 
@@ -44,9 +47,17 @@ def nothing_written(archive: Archive) -> bool:
 
 
 def refused(archive: Archive, data: bytes) -> str:
+    """The Error Comment of a refusal, the same from the bytes as from a file holding
+    them (how a large dataset is stored), values left in the file from 1 KiB on."""
     outcome = archive.store(data)
     assert outcome.status == CANNOT_UNDERSTAND, outcome
     assert len(outcome.comment) <= 64
+    assert nothing_written(archive)
+    with tempfile.TemporaryDirectory() as folder, \
+            mock.patch.object(storage, "DEFER_SIZE", dicomjson.MIN_DEFER_SIZE):
+        path = Path(folder) / "sent.dcm"
+        path.write_bytes(data)
+        assert archive.store(path) == outcome
     assert nothing_written(archive)
     return outcome.comment
 
@@ -76,8 +87,12 @@ def with_sequence_last() -> bytes:
 
 
 @pytest.mark.parametrize("syntax", UNCOMPRESSED)
-def test_the_whole_file_is_stored(archive: Archive, syntax: str) -> None:
-    assert archive.store(to_part10(image_dataset(), syntax)).ok
+def test_the_whole_file_is_stored(archive: Archive, syntax: str, tmp_path: Path) -> None:
+    data = to_part10(image_dataset(), syntax)
+    assert archive.store(data).ok
+    path = tmp_path / "whole.dcm"
+    path.write_bytes(data)
+    assert archive.store(path).ok  # from its file too (a re-send: it replaces)
 
 
 @pytest.mark.parametrize("syntax", UNCOMPRESSED)
@@ -143,6 +158,8 @@ def test_pydicoms_own_truncated_files_are_refused() -> None:
     for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
         with pytest.raises(StoreRefused, match="truncated"):
             Archive.parse(Path(get_testdata_file(name)).read_bytes())
+        with pytest.raises(StoreRefused, match="truncated"):
+            Archive.parse(Path(get_testdata_file(name)))
 
 
 # --- key values ------------------------------------------------------------------------
