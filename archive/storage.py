@@ -316,7 +316,11 @@ class Archive:
                 self.batches.learn(doc)
             else:  # a re-send or a rebuild may delete or change level documents
                 self.batches.forget()
-        unfinished = self.journal.read(str(previous["file_id"])) if previous else None
+        # A store still running here, or whose batch waits, counts its instance itself
+        # (as one on another node does): only one whose undo waits in the journal
+        # leaves the level documents to a rebuild.
+        unfinished = (self.journal.read(str(previous["file_id"]))
+                      if previous and str(previous["file_id"]) not in self._active else None)
         if unfinished is not None:
             # it replaced a store still unfinished (its undo waits in the journal): the
             # level documents may count the instance where that store found it
