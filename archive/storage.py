@@ -28,11 +28,13 @@ duplicate key.
 its instances carry (modalities, SOP classes, and a hash of its level attributes per
 distinct variant: a document whose instances disagree on them is *mixed*, which the
 access rules must know).  A new instance updates them incrementally (atomic per
-document); a re-send that moves an instance or changes what it contributes, an accepted
-conflict, a rollback and the journal replay rebuild the affected documents exactly
-from their members (:meth:`Archive.recompute`), by navigation through the child lists
+document), a re-send moves what it contributes; an accepted conflict, a move out of a
+mixed entity, a rollback and the journal replay rebuild the affected documents exactly
+from their members (:meth:`Levels.recompute`), by navigation through the child lists
 (lookups by ``_id``, cheap on every database) and with a compare-and-set on each
 document's ``rev`` so that a rebuild never overwrites a concurrent store's update.
+Nothing else rebuilds: a rebuild races with the increments of stores in flight, on
+this node or another one sharing the database.
 """
 
 from __future__ import annotations
