@@ -536,8 +536,11 @@ class _Batch:
         self.classes: Counter[str] = Counter()
         self.modalities: Counter[str] = Counter()
         self.latest: tuple[ObjectId, dict[str, Any]] | None = None
+        #: the attribute hashes every instance of the batch has (WriteBehind.take)
+        self.hashes: dict[str, str] = {}
 
     def add(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> None:
+        self.hashes = doc["hashes"]
         self.keys.append(key)
         self.sops.append(doc["_id"])
         self.classes[doc["SOPClassUID"]] += 1
@@ -628,7 +631,10 @@ class WriteBehind:
         common = {LATEST: file_id}
         # Each document must still be there: one emptied and deleted meanwhile (a
         # re-send moved its instances away, here or on another node) makes the batch
-        # fail, and the journal rebuilds its documents exactly.
+        # fail, and the journal rebuilds its documents exactly.  The batch adds its
+        # attribute hashes although this node has written them before: another node's
+        # rebuild may have dropped them since (with the instances that carried them).
+        hashes = batch.hashes
         results: list[int] = []
         counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
                   **{f"{MODALITY_COUNTS}.{field_key(k)}": c
@@ -636,7 +642,8 @@ class WriteBehind:
         results.append(self.levels.series.update_one({"_id": series_uid}, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
                      **common},
-            "$addToSet": {"instances": {"$each": batch.sops}},
+            "$addToSet": {"instances": {"$each": batch.sops},
+                          **_variants(hashes, PATIENT, STUDY, SERIES)},
             "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1, **counts}}).matched_count)
         # (a count below zero: a re-send on another node moved one of these instances
         # before the batch counted it; see Levels.drop_uncounted)
@@ -644,7 +651,8 @@ class WriteBehind:
             "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
                      **common},
             "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},
-                          "SOPClassesInStudy": {"$each": sorted(batch.classes)}},
+                          "SOPClassesInStudy": {"$each": sorted(batch.classes)},
+                          **_variants(hashes, PATIENT, STUDY)},
             "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1, **counts}})
         results.append(0 if study is None else 1)
         if study is not None:
@@ -652,6 +660,7 @@ class WriteBehind:
         results.append(self.levels.patients.update_one({"_id": patient_id}, {
             "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
                      **common},
+            "$addToSet": _variants(hashes, PATIENT),
             "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}).matched_count)
         if any(matched != 1 for matched in results):
             raise PyMongoError(f"level documents of series {series_uid} gone meanwhile")

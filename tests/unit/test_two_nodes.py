@@ -24,7 +24,7 @@ from archive.storage import Archive
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-STUDY, SERIES = "1.2.826.0.1.7", "1.2.826.0.1.7.1"
+STUDY, SERIES, OTHER_SERIES = "1.2.826.0.1.7", "1.2.826.0.1.7.1", "1.2.826.0.1.7.2"
 
 
 def instance(sop: str, modality: str = "CT", series: str = SERIES, **attributes: Any) -> bytes:
@@ -117,3 +117,20 @@ def test_a_resend_elsewhere_before_the_store_it_replaces_counted_it(
     assert a.store(instance("1.2", "CT", SeriesDescription="OTHER")).ok
     assert_exact(a, db)
     assert db.studies.find_one()["ModalitiesInStudy"] == ["MR"]
+
+
+def test_a_batch_after_a_rebuild_elsewhere_dropped_its_variants(
+        nodes: tuple[Archive, Archive], db: Any) -> None:
+    """A knows the series with the attributes of 1.1; B's re-send gives 1.1 others and a
+    move out of the (mixed) series makes B rebuild it, which keeps only the variants of
+    the instances now there.  A's next batch of instances with 1.1's old attributes must
+    put their variant back: else the series looks unmixed and access rules would judge
+    all its instances by one of them."""
+    a, b = nodes
+    assert a.store(instance("1.1")).ok
+    assert b.store(instance("1.1", StudyDescription="NECK")).ok
+    assert b.store(instance("1.2", StudyDescription="NECK")).ok
+    assert b.store(instance("1.2", series=OTHER_SERIES, StudyDescription="NECK")).ok
+    assert a.store(instance("1.3")).ok  # batched
+    assert_exact(a, db)
+    assert len(db.series.find_one({"_id": SERIES})["variants"]["STUDY"]) == 2
