@@ -178,22 +178,21 @@ def _differences(level: str, doc: dict[str, Any], want: _Expected) -> list[str]:
                SOP_CLASS_COUNTS: {field_key(k): n for k, n in want.classes.items()},
                MODALITY_COUNTS: {field_key(k): n for k, n in want.modalities.items()}}
         stored = {"NumberOfSeriesRelatedInstances": doc.get("NumberOfSeriesRelatedInstances"),
-                  "instances": set(doc.get("instances", [])),
-                  SOP_CLASS_COUNTS: {k: n for k, n in (doc.get(SOP_CLASS_COUNTS) or {}).items()
-                                     if n},
-                  MODALITY_COUNTS: {k: n for k, n in (doc.get(MODALITY_COUNTS) or {}).items()
-                                    if n}}
+                  "instances": set(doc.get("instances", [])), **_value_counts(doc)}
         owned: tuple[str, ...] = (PATIENT, STUDY, SERIES)
     elif level == STUDY:
         got = {"NumberOfStudyRelatedInstances": len(want.members),
                "NumberOfStudyRelatedSeries": len(want.children), "series": want.children,
                "ModalitiesInStudy": set(want.modalities),
-               "SOPClassesInStudy": set(want.classes)}
+               "SOPClassesInStudy": set(want.classes),
+               SOP_CLASS_COUNTS: {field_key(k): n for k, n in want.classes.items()},
+               MODALITY_COUNTS: {field_key(k): n for k, n in want.modalities.items()}}
         stored = {"NumberOfStudyRelatedInstances": doc.get("NumberOfStudyRelatedInstances"),
                   "NumberOfStudyRelatedSeries": doc.get("NumberOfStudyRelatedSeries"),
                   "series": set(doc.get("series", [])),
                   "ModalitiesInStudy": set(doc.get("ModalitiesInStudy", [])),
-                  "SOPClassesInStudy": set(doc.get("SOPClassesInStudy", []))}
+                  "SOPClassesInStudy": set(doc.get("SOPClassesInStudy", [])),
+                  **_value_counts(doc)}
         owned = (PATIENT, STUDY)
     else:
         got = {"NumberOfPatientRelatedInstances": len(want.members),
@@ -209,6 +208,12 @@ def _differences(level: str, doc: dict[str, Any], want: _Expected) -> list[str]:
         if not want.variants[lvl] <= set(variants.get(lvl, [])):
             problems.append(f"{VARIANTS}.{lvl} lacks variants of its instances")
     return problems
+
+
+def _value_counts(doc: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """A series' or study's instances per SOP class and per modality, zeros left out."""
+    return {field: {k: n for k, n in (doc.get(field) or {}).items() if n}
+            for field in (SOP_CLASS_COUNTS, MODALITY_COUNTS)}
 
 
 def _stale(level: str, doc: dict[str, Any], want: _Expected) -> bool:

@@ -9,7 +9,12 @@ rules must know).  A new instance updates them incrementally (atomic per documen
 journal replay rebuild the affected documents exactly from their members
 (:meth:`Levels.recompute`), by navigation through the child lists (lookups by
 ``_id``, cheap on every database) and with a compare-and-set on each document's
-``rev`` so that a rebuild never overwrites a concurrent store's update.
+``rev`` so that a rebuild never overwrites a concurrent store's update.  Nothing else
+rebuilds: the compare-and-set does not see a store that has updated the series and
+not yet the study (the rebuild would count its instance twice), and a document that
+stores keep changing makes it fail.  Hence the per-value counts of a study too
+(Modalities / SOP Classes in Study follow them, :meth:`Levels.drop_uncounted`), so
+that a re-send changing a modality needs no rebuild.
 
 Hierarchy conflicts are found here too, without an extra read: level documents are
 upserted on the keys the instance claims (its study, its patient), which a document of
@@ -117,6 +122,8 @@ HIERARCHY_PROJECTION = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID"
                          "PatientID": 1, "Modality": 1, "SOPClassUID": 1, "hashes": 1}
 #: The field of a level document listing the ``_id`` of its children.
 CHILDREN = {PATIENT: "studies", STUDY: "series", SERIES: "instances"}
+#: The list of a study document that holds the values its per-value counts count.
+_IN_STUDY = {MODALITY_COUNTS: "ModalitiesInStudy", SOP_CLASS_COUNTS: "SOPClassesInStudy"}
 #: Level documents without their (long) child lists of instances.
 NO_INSTANCES = {CHILDREN[SERIES]: 0}
 
@@ -177,7 +184,6 @@ class Levels:
         counts: dict[str, int] = {
             f"{SOP_CLASS_COUNTS}.{field_key(doc['SOPClassUID'])}": inc,
             f"{MODALITY_COUNTS}.{field_key(doc['Modality'])}": inc}
-        changed = False
         if stays and previous is not None:  # a re-send in its series: move its own counts
             for field, old, new in ((SOP_CLASS_COUNTS, previous.get("SOPClassUID", ""),
                                      doc["SOPClassUID"]),
@@ -186,25 +192,26 @@ class Levels:
                 if old != new:
                     counts[f"{field}.{field_key(old)}"] = -1
                     counts[f"{field}.{field_key(new)}"] = 1
-                    changed = True
         hashes = doc["hashes"]
         common = {LATEST: doc["file_id"]}
-        new_series = self._upsert(self.series, SERIES, series_uid, {
+        new_series, _ = self._upsert(self.series, SERIES, series_uid, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
                      **common},
             "$addToSet": {"instances": doc["_id"], **_variants(hashes, PATIENT, STUDY, SERIES)},
             "$inc": {"NumberOfSeriesRelatedInstances": inc, REV: 1, **counts},
         }, {"StudyInstanceUID": study_uid, "PatientID": patient_id}, rebuild, hierarchy)
         new = 1 if new_series else 0
-        new_study = self._upsert(self.studies, STUDY, study_uid, {
+        # the study counts per value what its series count (Modalities / SOP Classes in
+        # Study follow from those counts, see drop_uncounted)
+        new_study, before = self._upsert(self.studies, STUDY, study_uid, {
             "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
                      **common},
             "$addToSet": {"series": series_uid, "ModalitiesInStudy": doc["Modality"],
                           "SOPClassesInStudy": doc["SOPClassUID"],
                           **_variants(hashes, PATIENT, STUDY)},
             "$inc": {"NumberOfStudyRelatedSeries": new,
-                     "NumberOfStudyRelatedInstances": study_inc, REV: 1},
-        }, {"PatientID": patient_id}, rebuild, hierarchy)
+                     "NumberOfStudyRelatedInstances": study_inc, REV: 1, **counts},
+        }, {"PatientID": patient_id}, rebuild, hierarchy, returning=True)
         self._upsert(self.patients, PATIENT, patient_id, {
             "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
                      **common},
@@ -213,8 +220,8 @@ class Levels:
                      "NumberOfPatientRelatedSeries": new,
                      "NumberOfPatientRelatedInstances": patient_inc, REV: 1},
         }, {}, rebuild, hierarchy)
-        if changed and hierarchy not in rebuild:  # a modality or SOP class left the study
-            self.rebuild(self.studies, study_uid, "series", [series_uid], self.study_fields)
+        if hierarchy not in rebuild:  # (a rebuild derives them anyway)
+            self.drop_uncounted(study_uid, before, counts)
         return list(dict.fromkeys(rebuild))
 
     def leave(self, previous: dict[str, Any], now: tuple[str, str, str]) -> None:
@@ -241,9 +248,12 @@ class Levels:
         if series_gone:
             self.series.delete_one({"_id": series_uid, REV: series.get(REV)})
         study_left = study_uid != now[1]
+        counts = {f"{SOP_CLASS_COUNTS}.{field_key(previous.get('SOPClassUID', ''))}": -1,
+                  f"{MODALITY_COUNTS}.{field_key(previous.get('Modality', ''))}": -1}
         study = self.studies.find_one_and_update({"_id": study_uid}, {
             "$inc": {"NumberOfStudyRelatedInstances": -1 if study_left else 0,
-                     "NumberOfStudyRelatedSeries": -1 if series_gone else 0, REV: 1},
+                     "NumberOfStudyRelatedSeries": -1 if series_gone else 0, REV: 1,
+                     **counts},
             **({"$pull": {"series": series_uid}} if series_gone else {})},
             return_document=after)
         if study is None or any(is_mixed(study, lvl) for lvl in (PATIENT, STUDY)):
@@ -252,8 +262,8 @@ class Levels:
         study_gone = study.get("NumberOfStudyRelatedInstances", 0) <= 0
         if study_gone:
             self.studies.delete_one({"_id": study_uid, REV: study.get(REV)})
-        else:  # Modalities / SOP Classes in Study from what its series still count
-            self.rebuild(self.studies, study_uid, "series", [], self.study_fields)
+        else:  # Modalities / SOP Classes in Study: what its series still count
+            self.drop_uncounted(study_uid, study, counts, after=True)
         patient = self.patients.find_one_and_update({"_id": patient_id}, {
             "$inc": {"NumberOfPatientRelatedSeries": -1 if series_gone else 0,
                      "NumberOfPatientRelatedStudies": -1 if study_gone else 0, REV: 1},
@@ -265,28 +275,65 @@ class Levels:
 
     def _upsert(self, collection: Collection, level: str, uid: str, update: dict[str, Any],
                 claims: dict[str, str], rebuild: list[tuple[str, str, str]],
-                hierarchy: tuple[str, str, str]) -> bool:
+                hierarchy: tuple[str, str, str], returning: bool = False
+                ) -> tuple[bool, dict[str, Any] | None]:
         """Update (or create) one level document if it agrees with ``claims``.
 
-        True when the document was created.  A document that exists with other values of
-        the claimed keys fails the upsert with a duplicate key: a conflict, refused or
-        (patient conflicts the site accepts) applied anyway and rebuilt afterwards.
+        Answers whether the document was created and, if ``returning``, the document
+        as it was before the update (None when created).  A document that exists with
+        other values of the claimed keys fails the upsert with a duplicate key: a
+        conflict, refused or (patient conflicts the site accepts) applied anyway and
+        rebuilt afterwards.  One created or deleted by another store between the
+        upsert's lookup and its insert (two nodes storing a new series at once) is
+        simply upserted again: a rebuild there would race with the stores going on.
         """
-        try:
-            result = collection.update_one({"_id": uid, **claims}, update, upsert=True)
-        except DuplicateKeyError:
-            stored = collection.find_one({"_id": uid}, {"StudyInstanceUID": 1, "PatientID": 1})
-            if stored is None:  # deleted meanwhile: try again as a new document
+        for _ in range(5):
+            try:
+                if returning:
+                    before = collection.find_one_and_update(
+                        {"_id": uid, **claims}, update, upsert=True,
+                        return_document=pymongo.ReturnDocument.BEFORE)
+                    return before is None, before
                 result = collection.update_one({"_id": uid, **claims}, update, upsert=True)
-                return result.upserted_id is not None
-            if level == SERIES and stored.get("StudyInstanceUID") != claims["StudyInstanceUID"]:
-                raise Conflict("Series Instance UID belongs to another study") from None
-            what = "Study Instance UID" if level == STUDY else "Series Instance UID"
-            self.check_patient(stored.get("PatientID", ""), claims["PatientID"], what)
-            collection.update_one({"_id": uid}, update)
-            rebuild.append(hierarchy)
-            return False
-        return result.upserted_id is not None
+                return result.upserted_id is not None, None
+            except DuplicateKeyError:
+                stored = collection.find_one({"_id": uid}, {"StudyInstanceUID": 1,
+                                                            "PatientID": 1})
+                if stored is None or all(stored.get(k) == v for k, v in claims.items()):
+                    continue  # deleted or created meanwhile: upsert again
+                if level == SERIES and stored.get("StudyInstanceUID") != claims[
+                        "StudyInstanceUID"]:
+                    raise Conflict("Series Instance UID belongs to another study") from None
+                what = "Study Instance UID" if level == STUDY else "Series Instance UID"
+                self.check_patient(stored.get("PatientID", ""), claims["PatientID"], what)
+                collection.update_one({"_id": uid}, update)
+                rebuild.append(hierarchy)
+                return False, None
+        raise PyMongoError(f"{collection.name} {uid}: upsert kept colliding")
+
+    def drop_uncounted(self, study_uid: str, doc: dict[str, Any] | None,
+                        counts: dict[str, int], after: bool = False) -> None:
+        """Take out of Modalities / SOP Classes in Study the values whose count in the
+        study this store's update (``counts``) brought to zero.
+
+        ``doc`` is the study as it was before the update (None: created by it), or
+        after it with ``after``.  Each value is pulled by one update that holds only
+        while its count is still zero or less, and every update counting a value also
+        adds it: stores on any node may interleave, the set stays what the counts say,
+        without rebuilding the study under a compare-and-set that concurrent stores
+        would keep failing.  (A count goes below zero for a moment when a re-send, on
+        another association or node, takes an instance out of its value before the
+        store it replaced has counted it.)
+        """
+        for path, delta in counts.items():
+            if not delta:
+                continue
+            field, key = path.split(".", 1)
+            count = ((doc or {}).get(field) or {}).get(key, 0) + (0 if after else delta)
+            if count > 0:
+                continue
+            self.studies.update_one({"_id": study_uid, path: {"$lte": 0}}, {
+                "$pull": {_IN_STUDY[field]: from_field_key(key)}, "$inc": {REV: 1}})
 
     # -- exact rebuilds ---------------------------------------------------------------
 
@@ -378,6 +425,8 @@ class Levels:
                 s.get("NumberOfSeriesRelatedInstances", 0) for s in members),
             "ModalitiesInStudy": _present(members, MODALITY_COUNTS),
             "SOPClassesInStudy": _present(members, SOP_CLASS_COUNTS),
+            MODALITY_COUNTS: _summed(members, MODALITY_COUNTS),
+            SOP_CLASS_COUNTS: _summed(members, SOP_CLASS_COUNTS),
             VARIANTS: {lvl: sorted({h for s in members for h in s.get(VARIANTS, {}).get(lvl, [])})
                        for lvl in (PATIENT, STUDY)},
         }
@@ -460,6 +509,14 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     return {field_key(value): n for value, n in Counter(values).items()}
 
 
+def _summed(members: list[dict[str, Any]], field: str) -> dict[str, int]:
+    """The members' per-value counters added up (those counting something)."""
+    total: Counter[str] = Counter()
+    for member in members:
+        total.update(member.get(field) or {})
+    return {key: n for key, n in total.items() if n > 0}
+
+
 def _present(members: list[dict[str, Any]], field: str) -> list[str]:
     """Values counted at least once in the members' per-value counters, sorted."""
     return sorted({from_field_key(k) for m in members
@@ -481,8 +538,11 @@ class _Batch:
         self.classes: Counter[str] = Counter()
         self.modalities: Counter[str] = Counter()
         self.latest: tuple[ObjectId, dict[str, Any]] | None = None
+        #: the attribute hashes every instance of the batch has (WriteBehind.take)
+        self.hashes: dict[str, str] = {}
 
     def add(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> None:
+        self.hashes = doc["hashes"]
         self.keys.append(key)
         self.sops.append(doc["_id"])
         self.classes[doc["SOPClassUID"]] += 1
@@ -573,28 +633,38 @@ class WriteBehind:
         common = {LATEST: file_id}
         # Each document must still be there: one emptied and deleted meanwhile (a
         # re-send moved its instances away, here or on another node) makes the batch
-        # fail, and the journal rebuilds its documents exactly.
-        results = []
+        # fail, and the journal rebuilds its documents exactly.  The batch adds its
+        # attribute hashes although this node has written them before: another node's
+        # rebuild may have dropped them since (with the instances that carried them).
+        hashes = batch.hashes
+        results: list[int] = []
+        counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
+                  **{f"{MODALITY_COUNTS}.{field_key(k)}": c
+                     for k, c in batch.modalities.items()}}
         results.append(self.levels.series.update_one({"_id": series_uid}, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
                      **common},
-            "$addToSet": {"instances": {"$each": batch.sops}},
-            "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1,
-                     **{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c
-                        for k, c in batch.classes.items()},
-                     **{f"{MODALITY_COUNTS}.{field_key(k)}": c
-                        for k, c in batch.modalities.items()}}}))
-        results.append(self.levels.studies.update_one({"_id": study_uid}, {
+            "$addToSet": {"instances": {"$each": batch.sops},
+                          **_variants(hashes, PATIENT, STUDY, SERIES)},
+            "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1, **counts}}).matched_count)
+        # (a count below zero: a re-send on another node moved one of these instances
+        # before the batch counted it; see Levels.drop_uncounted)
+        study = self.levels.studies.find_one_and_update({"_id": study_uid}, {
             "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
                      **common},
             "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},
-                          "SOPClassesInStudy": {"$each": sorted(batch.classes)}},
-            "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1}}))
+                          "SOPClassesInStudy": {"$each": sorted(batch.classes)},
+                          **_variants(hashes, PATIENT, STUDY)},
+            "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1, **counts}})
+        results.append(0 if study is None else 1)
+        if study is not None:
+            self.levels.drop_uncounted(study_uid, study, counts)
         results.append(self.levels.patients.update_one({"_id": patient_id}, {
             "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
                      **common},
-            "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}))
-        if any(result.matched_count != 1 for result in results):
+            "$addToSet": _variants(hashes, PATIENT),
+            "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}).matched_count)
+        if any(matched != 1 for matched in results):
             raise PyMongoError(f"level documents of series {series_uid} gone meanwhile")
 
     # -- the writer thread --------------------------------------------------------------

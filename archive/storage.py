@@ -34,11 +34,13 @@ duplicate key.
 its instances carry (modalities, SOP classes, and a hash of its level attributes per
 distinct variant: a document whose instances disagree on them is *mixed*, which the
 access rules must know).  A new instance updates them incrementally (atomic per
-document); a re-send that moves an instance or changes what it contributes, an accepted
-conflict, a rollback and the journal replay rebuild the affected documents exactly
-from their members (:meth:`Archive.recompute`), by navigation through the child lists
+document), a re-send moves what it contributes; an accepted conflict, a move out of a
+mixed entity, a rollback and the journal replay rebuild the affected documents exactly
+from their members (:meth:`Levels.recompute`), by navigation through the child lists
 (lookups by ``_id``, cheap on every database) and with a compare-and-set on each
 document's ``rev`` so that a rebuild never overwrites a concurrent store's update.
+Nothing else rebuilds: a rebuild races with the increments of stores in flight, on
+this node or another one sharing the database.
 """
 
 from __future__ import annotations
@@ -353,7 +355,11 @@ class Archive:
                 self.batches.learn(doc)
             else:  # a re-send or a rebuild may delete or change level documents
                 self.batches.forget()
-        unfinished = self.journal.read(str(previous["file_id"])) if previous else None
+        # A store still running here, or whose batch waits, counts its instance itself
+        # (as one on another node does): only one whose undo waits in the journal
+        # leaves the level documents to a rebuild.
+        unfinished = (self.journal.read(str(previous["file_id"]))
+                      if previous and str(previous["file_id"]) not in self._active else None)
         if unfinished is not None:
             # it replaced a store still unfinished (its undo waits in the journal): the
             # level documents may count the instance where that store found it

@@ -20,6 +20,7 @@ from helpers import (
 )
 from pymongo.errors import AutoReconnect
 
+from archive.check import check
 from archive.gridstore import CHUNK_SIZE, GridStore
 from archive.storage import (
     CANNOT_UNDERSTAND,
@@ -372,11 +373,26 @@ def test_blank_sop_instance_uid_is_refused(archive: Archive, db: Any) -> None:
     assert nothing_written(db)
 
 
+def test_check_repairs_a_study_without_counts_per_value(archive: Archive, db: Any) -> None:
+    """Studies count their instances per modality and SOP class (what Modalities / SOP
+    Classes in Study follow); `archive check --repair` gives those counts to a study
+    stored by an earlier version, which had none."""
+    archive.store(instance(sop_uid="1.2.3.1"))
+    archive.store(instance(sop_uid="1.2.3.2", modality="MR", sop_class=MR_IMAGE))
+    assert check(archive, grace=0).problems == []
+    db.studies.update_one({"_id": STUDY}, {"$unset": {"modality_counts": "",
+                                                      "sop_class_counts": ""}})
+    assert any("modality_counts" in p for p in check(archive, grace=0).problems)
+    check(archive, repair=True, grace=0)
+    assert check(archive, grace=0).problems == []
+    assert db.studies.find_one()["modality_counts"] == {"vCT": 1, "vMR": 1}
+
+
 # --- database failures -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("collection,method", [
-    ("series", "update_one"), ("studies", "update_one"), ("patients", "update_one"),
+    ("series", "update_one"), ("studies", "find_one_and_update"), ("patients", "update_one"),
 ])
 def test_database_error_in_level_updates_leaves_nothing(archive: Archive, db: Any,
                                                         collection: str, method: str) -> None:
@@ -415,7 +431,7 @@ def test_database_error_while_replacing_restores_the_previous_version(archive: A
     first = instance(sop_uid="1.2.3.4", InstanceNumber=1)
     archive.store(first)
     old_file = db.instances.find_one()["file_id"]
-    archive.studies = Flaky(archive.studies, "update_one", times=1)
+    archive.studies = Flaky(archive.studies, "find_one_and_update", times=1)
 
     outcome = archive.store(instance(sop_uid="1.2.3.4", InstanceNumber=2))
 

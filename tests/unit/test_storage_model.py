@@ -57,7 +57,8 @@ store_op = st.fixed_dictionaries({
     # a database failure during this store: (collection, method, reply lost?)
     "failure": st.none() | st.tuples(
         st.sampled_from(["instances.insert_one", "instances.find_one_and_replace",
-                         "series.update_one", "studies.update_one", "patients.update_one",
+                         "series.update_one", "studies.find_one_and_update",
+                         "studies.update_one", "patients.update_one",
                          "series.find_one_and_update", "files.insert_one",
                          "chunks.insert_one"]),
         st.booleans()),
@@ -169,7 +170,7 @@ def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
             continue
         if op["flush"] == "fails":  # the database goes away while a batch is written
             real = archive.studies
-            archive.studies = Flaky(real, "update_one", applied=False)
+            archive.studies = Flaky(real, "find_one_and_update", applied=False)
             try:
                 archive.flush()
             finally:

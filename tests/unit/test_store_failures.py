@@ -59,8 +59,8 @@ DATA_ERRORS = {
     "WriteError-BadValue": WriteError("invalid value: { \"v\": +Inf }", code=2),
     "ValueError": ValueError("something in this dataset"),
 }
-STEPS = [("instances", "insert_one"), ("series", "update_one"), ("studies", "update_one"),
-         ("patients", "update_one")]
+STEPS = [("instances", "insert_one"), ("series", "update_one"),
+         ("studies", "find_one_and_update"), ("patients", "update_one")]
 
 
 @pytest.mark.parametrize("error", DATA_ERRORS.values(), ids=DATA_ERRORS.keys())
@@ -101,7 +101,7 @@ def test_a_database_that_is_away_still_gets_a700(archive: Archive) -> None:
 def test_a_refused_resend_keeps_the_first_copy(archive: Archive) -> None:
     first = to_part10(make_dataset(sop_uid="1.2.3.4", InstanceNumber=1))
     assert archive.store(first).ok
-    archive.studies = Raising(archive.studies, "update_one", InvalidDocument("bad"))
+    archive.studies = Raising(archive.studies, "find_one_and_update", InvalidDocument("bad"))
 
     outcome = archive.store(to_part10(make_dataset(sop_uid="1.2.3.4", InstanceNumber=2)))
 
