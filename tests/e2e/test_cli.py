@@ -388,6 +388,7 @@ def embedded_config(folder: Path, data_dir: Path | str | None = None) -> tuple[P
     config, port = folder / "archive.yaml", free_port()
     config.write_text(
         f"port: {free_port()}\njournal: {folder / 'journal'}\n"
+        f"receive: {{folder: {folder / 'incoming'}}}\n"
         "acl: {enabled: false, initial_rules: ''}\n"
         "database:\n  timeout_seconds: 5\n  embedded:\n"
         f"    data_dir: {data_dir or folder / 'data'}\n    port: {port}\n"
