@@ -37,6 +37,7 @@ import os
 import ssl
 import struct
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -249,6 +250,45 @@ def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
         for chunk in stream:
             out.write(chunk)
     return transfer_syntax
+
+
+class _HeldCheckpoint(threading.Event):
+    """A reactor checkpoint that pynetdicom's ``send_*`` cannot reopen."""
+
+    def set(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def reactor_held(sub: Association) -> Iterator[None]:
+    """Keep the Move Destination association's reactor thread paused while it is sent to.
+
+    pynetdicom pauses the reactor for each C-STORE by clearing an event and polling a
+    flag the reactor sets just *before* waiting on it, and reopens it after the
+    response: a C-STORE that follows its predecessor at once can find the flag stale,
+    and the reactor then takes the C-STORE-RSP off the queue ("Received unexpected
+    C-STORE service message") while the send waits out the DIMSE timeout.  A Move
+    Destination sends no requests, so its reactor has nothing to do until release.
+    """
+    real = getattr(sub, "_reactor_checkpoint", None)
+    if not isinstance(real, threading.Event):  # not pynetdicom's (a test's stand-in)
+        yield
+        return
+    held = _HeldCheckpoint()
+    sub._reactor_checkpoint = held
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # until it blocks on the held checkpoint
+            if sub._is_paused:
+                time.sleep(0.005)  # several of its 1 ms turns: waiting, not passing by
+                if sub._is_paused:
+                    break
+            time.sleep(0.0005)
+        yield
+    finally:
+        sub._reactor_checkpoint = real
+        threading.Event.set(held)  # it may be waiting on the held one
+        real.set()
 
 
 class Spooler:
@@ -589,7 +629,8 @@ class Retrieve:
                 return
             sub = self._associate(destination, items)
             try:
-                self._transfer(sub, items, Path(tmp))
+                with reactor_held(sub):
+                    self._transfer(sub, items, Path(tmp))
             finally:
                 if sub.is_established:
                     sub.release()
