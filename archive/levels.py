@@ -251,9 +251,10 @@ class Levels:
         if series is None or any(is_mixed(series, lvl) for lvl in (PATIENT, STUDY, SERIES)):
             self.recompute(hierarchy)
             return
-        series_gone = series.get("NumberOfSeriesRelatedInstances", 0) <= 0
-        if series_gone:
-            self.series.delete_one({"_id": series_uid, REV: series.get(REV)})
+        # gone only if deleted: a store (here or on another node) may have put an
+        # instance into the series since, which the study and patient must keep
+        series_gone = series.get("NumberOfSeriesRelatedInstances", 0) <= 0 and \
+            self.series.delete_one({"_id": series_uid, REV: series.get(REV)}).deleted_count == 1
         left = -1 if study_uid != now[1] else 0
         before = self.studies.find_one_and_update({"_id": study_uid}, {
             "$inc": {"NumberOfStudyRelatedInstances": left,
@@ -264,10 +265,10 @@ class Levels:
                 not counts_per_value(before):
             self.recompute(hierarchy)
             return
-        study_gone = before.get("NumberOfStudyRelatedInstances", 0) + left <= 0
-        if study_gone:
-            self.studies.delete_one({"_id": study_uid, REV: before.get(REV, 0) + 1})
-        else:  # Modalities / SOP Classes in Study: what its series still count
+        study_gone = before.get("NumberOfStudyRelatedInstances", 0) + left <= 0 and \
+            self.studies.delete_one({"_id": study_uid, REV: before.get(REV, 0) + 1}
+                                    ).deleted_count == 1
+        if not study_gone:  # Modalities / SOP Classes in Study: what its series still count
             self.drop_uncounted(study_uid, before, counts)
         patient = self.patients.find_one_and_update({"_id": patient_id}, {
             "$inc": {"NumberOfPatientRelatedSeries": -1 if series_gone else 0,
