@@ -137,6 +137,13 @@ def is_mixed(doc: dict[str, Any], level: str) -> bool:
     return len((doc.get(VARIANTS) or {}).get(level, ())) > 1
 
 
+def counts_per_value(study: dict[str, Any]) -> bool:
+    """Whether a study document counts its instances per modality and SOP class: one
+    stored by an earlier version does not, and is rebuilt by the first store that
+    changes it (then ``archive check`` finds it right)."""
+    return all(field in study for field in _IN_STUDY)
+
+
 def mixed_filter(level: str) -> dict[str, Any]:
     """The filter selecting mixed documents of ``level``."""
     return {f"{VARIANTS}.{level}.1": {"$exists": True}}
@@ -220,6 +227,8 @@ class Levels:
                      "NumberOfPatientRelatedSeries": new,
                      "NumberOfPatientRelatedInstances": patient_inc, REV: 1},
         }, {}, rebuild, hierarchy)
+        if before is not None and not counts_per_value(before):
+            rebuild.append(hierarchy)
         if hierarchy not in rebuild:  # (a rebuild derives them anyway)
             self.drop_uncounted(study_uid, before, counts)
         return list(dict.fromkeys(rebuild))
@@ -235,35 +244,34 @@ class Levels:
         hierarchy = hierarchy_of(previous)
         series_uid, study_uid, patient_id = hierarchy
         after = pymongo.ReturnDocument.AFTER
+        counts = {f"{SOP_CLASS_COUNTS}.{field_key(previous.get('SOPClassUID', ''))}": -1,
+                  f"{MODALITY_COUNTS}.{field_key(previous.get('Modality', ''))}": -1}
         series = self.series.find_one_and_update({"_id": series_uid}, {
             "$pull": {"instances": previous["_id"]},
-            "$inc": {"NumberOfSeriesRelatedInstances": -1, REV: 1,
-                     f"{SOP_CLASS_COUNTS}.{field_key(previous.get('SOPClassUID', ''))}": -1,
-                     f"{MODALITY_COUNTS}.{field_key(previous.get('Modality', ''))}": -1}},
+            "$inc": {"NumberOfSeriesRelatedInstances": -1, REV: 1, **counts}},
             return_document=after)
         if series is None or any(is_mixed(series, lvl) for lvl in (PATIENT, STUDY, SERIES)):
             self.recompute(hierarchy)
             return
-        series_gone = series.get("NumberOfSeriesRelatedInstances", 0) <= 0
-        if series_gone:
-            self.series.delete_one({"_id": series_uid, REV: series.get(REV)})
-        study_left = study_uid != now[1]
-        counts = {f"{SOP_CLASS_COUNTS}.{field_key(previous.get('SOPClassUID', ''))}": -1,
-                  f"{MODALITY_COUNTS}.{field_key(previous.get('Modality', ''))}": -1}
-        study = self.studies.find_one_and_update({"_id": study_uid}, {
-            "$inc": {"NumberOfStudyRelatedInstances": -1 if study_left else 0,
+        # gone only if deleted: a store (here or on another node) may have put an
+        # instance into the series since, which the study and patient must keep
+        series_gone = series.get("NumberOfSeriesRelatedInstances", 0) <= 0 and \
+            self.series.delete_one({"_id": series_uid, REV: series.get(REV)}).deleted_count == 1
+        left = -1 if study_uid != now[1] else 0
+        before = self.studies.find_one_and_update({"_id": study_uid}, {
+            "$inc": {"NumberOfStudyRelatedInstances": left,
                      "NumberOfStudyRelatedSeries": -1 if series_gone else 0, REV: 1,
                      **counts},
-            **({"$pull": {"series": series_uid}} if series_gone else {})},
-            return_document=after)
-        if study is None or any(is_mixed(study, lvl) for lvl in (PATIENT, STUDY)):
+            **({"$pull": {"series": series_uid}} if series_gone else {})})
+        if before is None or any(is_mixed(before, lvl) for lvl in (PATIENT, STUDY)) or \
+                not counts_per_value(before):
             self.recompute(hierarchy)
             return
-        study_gone = study.get("NumberOfStudyRelatedInstances", 0) <= 0
-        if study_gone:
-            self.studies.delete_one({"_id": study_uid, REV: study.get(REV)})
-        else:  # Modalities / SOP Classes in Study: what its series still count
-            self.drop_uncounted(study_uid, study, counts, after=True)
+        study_gone = before.get("NumberOfStudyRelatedInstances", 0) + left <= 0 and \
+            self.studies.delete_one({"_id": study_uid, REV: before.get(REV, 0) + 1}
+                                    ).deleted_count == 1
+        if not study_gone:  # Modalities / SOP Classes in Study: what its series still count
+            self.drop_uncounted(study_uid, before, counts)
         patient = self.patients.find_one_and_update({"_id": patient_id}, {
             "$inc": {"NumberOfPatientRelatedSeries": -1 if series_gone else 0,
                      "NumberOfPatientRelatedStudies": -1 if study_gone else 0, REV: 1},
@@ -312,24 +320,23 @@ class Levels:
         raise PyMongoError(f"{collection.name} {uid}: upsert kept colliding")
 
     def drop_uncounted(self, study_uid: str, doc: dict[str, Any] | None,
-                        counts: dict[str, int], after: bool = False) -> None:
+                        counts: dict[str, int]) -> None:
         """Take out of Modalities / SOP Classes in Study the values whose count in the
         study this store's update (``counts``) brought to zero.
 
-        ``doc`` is the study as it was before the update (None: created by it), or
-        after it with ``after``.  Each value is pulled by one update that holds only
-        while its count is still zero or less, and every update counting a value also
-        adds it: stores on any node may interleave, the set stays what the counts say,
-        without rebuilding the study under a compare-and-set that concurrent stores
-        would keep failing.  (A count goes below zero for a moment when a re-send, on
-        another association or node, takes an instance out of its value before the
-        store it replaced has counted it.)
+        ``doc`` is the study as it was before the update (None: created by it).  Each
+        value is pulled by one update that holds only while its count is still zero or
+        less, and every update counting a value also adds it: stores on any node may
+        interleave, the set stays what the counts say, without rebuilding the study
+        under a compare-and-set that concurrent stores would keep failing.  (A count
+        goes below zero for a moment when a re-send, on another association or node,
+        takes an instance out of its value before the store it replaced has counted it.)
         """
         for path, delta in counts.items():
             if not delta:
                 continue
             field, key = path.split(".", 1)
-            count = ((doc or {}).get(field) or {}).get(key, 0) + (0 if after else delta)
+            count = ((doc or {}).get(field) or {}).get(key, 0) + delta
             if count > 0:
                 continue
             self.studies.update_one({"_id": study_uid, path: {"$lte": 0}}, {
@@ -657,7 +664,8 @@ class WriteBehind:
                           **_variants(hashes, PATIENT, STUDY)},
             "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1, **counts}})
         results.append(0 if study is None else 1)
-        if study is not None:
+        legacy = study is not None and not counts_per_value(study)
+        if study is not None and not legacy:
             self.levels.drop_uncounted(study_uid, study, counts)
         results.append(self.levels.patients.update_one({"_id": patient_id}, {
             "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
@@ -666,6 +674,8 @@ class WriteBehind:
             "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}).matched_count)
         if any(matched != 1 for matched in results):
             raise PyMongoError(f"level documents of series {series_uid} gone meanwhile")
+        if legacy:
+            self.levels.recompute(batch.hierarchy)
 
     # -- the writer thread --------------------------------------------------------------
 

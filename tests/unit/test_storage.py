@@ -388,6 +388,37 @@ def test_check_repairs_a_study_without_counts_per_value(archive: Archive, db: An
     assert db.studies.find_one()["modality_counts"] == {"vCT": 1, "vMR": 1}
 
 
+def test_a_study_without_counts_per_value_gets_them_when_a_store_touches_it(
+        archive: Archive, db: Any) -> None:
+    """A study stored by an earlier version counts nothing per value: the first store
+    that changes its counts rebuilds them from its series rather than take a value out
+    of Modalities in Study that other instances still have."""
+    for n in (1, 2):
+        archive.store(instance(sop_uid=f"1.2.3.{n}"))
+    archive.store(instance(sop_uid="1.2.3.3", modality="MR", sop_class=MR_IMAGE,
+                           series_uid=f"{SERIES}.3"))
+    db.studies.update_one({"_id": STUDY}, {"$unset": {"modality_counts": "",
+                                                      "sop_class_counts": ""}})
+    # a re-send moves one CT instance to another series of the study
+    archive.store(instance(sop_uid="1.2.3.1", series_uid=f"{SERIES}.2"))
+    assert check(archive, grace=0).problems == []
+    study = db.studies.find_one()
+    assert sorted(study["ModalitiesInStudy"]) == ["CT", "MR"]
+    assert study["modality_counts"] == {"vCT": 2, "vMR": 1}
+
+
+def test_a_batch_into_a_study_without_counts_per_value_rebuilds_it(db: Any,
+                                                                   tmp_path: Path) -> None:
+    archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
+    archive.store(instance(sop_uid="1.2.3.1"))  # the node now batches this series
+    db.studies.update_one({"_id": STUDY}, {"$unset": {"modality_counts": "",
+                                                      "sop_class_counts": ""}})
+    archive.store(instance(sop_uid="1.2.3.2"))
+    archive.flush()
+    assert check(archive, grace=0).problems == []
+    assert db.studies.find_one()["modality_counts"] == {"vCT": 2}
+
+
 # --- database failures -------------------------------------------------------------
 
 

@@ -134,3 +134,16 @@ def test_a_batch_after_a_rebuild_elsewhere_dropped_its_variants(
     assert a.store(instance("1.3")).ok  # batched
     assert_exact(a, db)
     assert len(db.series.find_one({"_id": SERIES})["variants"]["STUDY"]) == 2
+
+
+def test_a_store_into_a_series_as_its_last_instance_moves_out_elsewhere(
+        nodes: tuple[Archive, Archive], db: Any) -> None:
+    """B's re-send moves the last instance out of the series; A stores a new one into
+    it between B's series update and B's deletion of the (then empty) series.  The
+    series is not deleted (it changed): the study and patient must keep counting it."""
+    a, b = nodes
+    assert b.store(instance("1.1")).ok
+    b.series = Then(b.series, "find_one_and_update", lambda: a.store(instance("1.2")))
+    assert b.store(instance("1.1", series=OTHER_SERIES)).ok
+    assert_exact(a, db)
+    assert db.studies.find_one()["NumberOfStudyRelatedSeries"] == 2
