@@ -91,3 +91,18 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+def alive_elsewhere(pid: Any) -> bool:
+    """Whether ``pid`` is another running process: whose journal entries or received
+    files are not this process's to finish (this one's are a previous process's: pids
+    repeat, and in a container the node is often pid 1 every time)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

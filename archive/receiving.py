@@ -42,6 +42,8 @@ from typing import Any, BinaryIO
 from pynetdicom import _config, dimse_messages
 from pynetdicom.events import Event
 
+from archive.journal import alive_elsewhere
+
 log = logging.getLogger(__name__)
 
 PREFIX = "recv-"
@@ -115,7 +117,7 @@ class Receiver:
         removed = 0
         for path in self.folder.iterdir():
             match = _NAME.fullmatch(path.name)
-            if match is None or _alive_elsewhere(int(match.group(1))):
+            if match is None or alive_elsewhere(int(match.group(1))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -158,18 +160,4 @@ def _remove(name: str) -> bool:
         os.unlink(name)
     except FileNotFoundError:
         return False
-    return True
-
-
-def _alive_elsewhere(pid: int) -> bool:
-    """Whether ``pid`` is another running process (this one's files are a previous
-    process's: pids repeat, in a container the node is often pid 1 every time)."""
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

@@ -69,7 +69,7 @@ from archive import part10 as part10_check
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
 from archive.health import DatabaseHealth
-from archive.journal import Journal
+from archive.journal import Journal, alive_elsewhere
 from archive.levels import (
     HIERARCHY_PROJECTION,
     MODALITY_COUNTS,
@@ -492,7 +492,7 @@ class Archive:
         Raises PyMongoError, keeping the journal, while the database is unreachable.
         """
         entries = [(key, entry) for key, entry in self.journal.entries()
-                   if key not in self._active and not _alive_elsewhere(entry)]
+                   if key not in self._active and not alive_elsewhere(entry.get("pid"))]
         if not entries:
             return 0
         if self.batches is not None:
@@ -615,17 +615,3 @@ def _refuse_if_incomplete(part10: Part10, ds: Dataset | None) -> None:
             part10_check.check(part10, None)
         except part10_check.Incomplete as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)[:64]) from None
-
-
-def _alive_elsewhere(entry: dict[str, Any]) -> bool:
-    """Whether the entry belongs to a store still running in another process."""
-    pid = entry.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
