@@ -292,6 +292,8 @@ class _RawConverter:
             encodings = ds._character_set
         except Exception:  # noqa: BLE001 - an unusable Specific Character Set
             return None
+        if isinstance(encodings, str):  # no Specific Character Set: pydicom's default
+            encodings = [encodings]
         if len(encodings) != 1:
             return None
         return cls(encodings[0], file_id)

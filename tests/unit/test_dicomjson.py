@@ -7,6 +7,7 @@ import json
 import math
 import struct
 import warnings
+from io import BytesIO
 from typing import Any
 
 import bson
@@ -344,6 +345,22 @@ def test_the_fast_path_gives_pydicoms_result_for_every_test_file(
             assert both[0] == both[1], path.name
             compared += 1
     assert compared > 100
+
+
+@pytest.mark.parametrize("charset", ["", "ISO_IR 100", "ISO_IR 192"])
+def test_the_fast_path_serves_the_common_character_sets(charset: str) -> None:
+    """Most modalities send no Specific Character Set, or one term: those datasets
+    must not fall back to pydicom's conversion (several times slower)."""
+    from pydicom import dcmread
+
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = "Doe^John"
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True)
+    parsed = dcmread(BytesIO(buffer.getvalue()), force=True)
+    assert dicomjson._RawConverter.for_dataset(parsed, "FILE") is not None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
