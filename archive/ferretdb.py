@@ -73,6 +73,20 @@ def find_binary(configured: str) -> str:
         "(run ./scripts/setup, which builds it)")
 
 
+#: Go's garbage collector target for the embedded FerretDB: at Go's default (100) it
+#: spent a fifth of FerretDB's CPU collecting the short-lived documents of each
+#: request; at 400 FerretDB's CPU per stored instance drops by ~20% and its peak
+#: memory grows from ~32 to ~55 MB (1,000-odd CT/MR stores).  GOGC set in the node's
+#: environment wins.
+GOGC = "400"
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GOGC", GOGC)
+    return env
+
+
 def command(binary: str, data_dir: Path, port: int) -> list[str]:
     return [
         binary, "--handler=sqlite", f"--sqlite-url=file:{data_dir.resolve()}/",
@@ -352,7 +366,7 @@ class EmbeddedFerretDB:
             process = subprocess.Popen(
                 command(binary, self.data_dir, self.port), stdout=logfile,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent())
+                env=environment(), preexec_fn=_die_with_parent())
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
