@@ -16,8 +16,10 @@ Starts a private FerretDB (SQLite handler, as the node embeds it) and measures:
 - **projected finds**: ``find({SeriesInstanceUID: x}, projection)`` of a series of
   ``--series-size`` (200) instance documents (with ``file_id`` and
   ``TransferSyntaxUID``, as the archive stores them) by its index, with no projection,
-  with a C-MOVE's ``{file_id: 1, SOPClassUID: 1, TransferSyntaxUID: 1}``, and with
-  ``{dataset: 0}``: median ms per find, FerretDB CPU ms and KiB allocated per find;
+  with a C-MOVE's ``{file_id: 1, SOPClassUID: 1, TransferSyntaxUID: 1}``, with
+  ``{dataset: 0}``, and with an IMAGE-level C-FIND answer's (the hierarchy keys and five
+  ``dataset.<tag>`` members): median ms per find, FerretDB CPU ms and KiB allocated per
+  find;
 - **finds on indexed fields** of an instances-like collection (the same documents, with
   normalised top-level fields as the archive keeps them, each field indexed) at each of
   ``--sizes`` documents: ``{StudyDate: {$gte, $lte}}`` (a month), ``{PatientName:
@@ -205,6 +207,12 @@ PROJECTIONS: dict[str, dict[str, Any] | None] = {
     "{file_id, SOPClassUID, TransferSyntaxUID}": {"file_id": 1, "SOPClassUID": 1,
                                                   "TransferSyntaxUID": 1},
     "{dataset: 0}": {"dataset": 0},
+    # an IMAGE-level C-FIND answer's (archive/find.py answer_projection): the hierarchy
+    # keys and a few DICOM JSON members of the dataset
+    "IMAGE answer {keys, dataset.<5 tags>}": {
+        "PatientID": 1, "SOPInstanceUID": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 1,
+        "dataset.00080016": 1, "dataset.00080018": 1, "dataset.00080060": 1,
+        "dataset.00200013": 1, "dataset.00280010": 1},
 }
 
 

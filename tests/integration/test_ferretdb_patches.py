@@ -276,3 +276,32 @@ def test_a_find_copies_no_document(tmp_path: Path) -> None:
         assert allocated["find"] < 1.12 * allocated["count"], allocated
     finally:
         server.close()
+
+
+# --- 09-sjson-single-pass-encoding --------------------------------------------------
+
+
+def test_storing_a_nested_document_allocates_little_per_byte(tmp_path: Path) -> None:
+    """FerretDB encoded each document it stores in two walks, every level's text in a
+    buffer of its own and every key and scalar through encoding/json: storing a 12 KiB
+    DICOM JSON document with nested sequences allocated 89 bytes per byte of its BSON
+    (Go's counter); 45 to 47 with the patch, most of it the decoding of the command's
+    BSON into the nested document. (Compared with storing the same JSON as one string:
+    9.2 to 9.4 times as much without the patch, 4.6 to 7.0 with it; the string's
+    allocations vary with the garbage collector's emptying of the encoder's buffer pool,
+    so the bound is per byte.)"""
+    import bson
+
+    server = DebugFerretDB(tmp_path / "ferretdb").start()
+    try:
+        docs = server.client.t.docs
+        nested = nested_document("nested")
+        size = len(bson.encode(nested))
+        docs.insert_one({**nested, "_id": "warm"})
+        before = allocated_bytes(server)
+        for n in range(30):
+            docs.insert_one({**nested, "_id": f"nested-{n}"})
+        per_byte = (allocated_bytes(server) - before) / 30 / size
+        assert per_byte < 65, f"{per_byte:.1f} bytes allocated per byte of BSON stored"
+    finally:
+        server.close()
