@@ -34,7 +34,7 @@ from pymongo.database import Database
 from archive import answers, dicomjson, matching, model
 from archive.levels import CHILDREN
 from archive.model import IMAGE, LEVELS, UNIQUE_KEY
-from archive.query import Query, evaluate
+from archive.query import QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, Query, evaluate
 
 #: Fields a level document's response never needs: the child lists can be long.
 _LEAN = dict.fromkeys(CHILDREN.values(), 0)
@@ -337,7 +337,9 @@ class Finder:
         if charset not in _FAST_CHARSETS:
             return None
         codecs_ = answers.encodings(charset)
-        ds = Dataset()
+        ds = answers.Answer()
+        plain.append((QUERY_RETRIEVE_LEVEL, "CS", [query.level]))
+        plain.append((SPECIFIC_CHARACTER_SET, "CS", [charset] if charset else []))
         for tag, vr, values in plain:
             value = answers.encode(vr, values, codecs_)
             if value is None:
@@ -345,10 +347,9 @@ class Finder:
             ds[tag] = answers.raw_element(tag, vr, value, plan.syntax)
         for elem in built:
             ds.add(elem)
-        ds.QueryRetrieveLevel = query.level
-        ds.SpecificCharacterSet = charset
         # pydicom's writer copies raw elements as they are only into their own encoding
-        ds.set_original_encoding(plan.syntax[0], plan.syntax[1], ds._character_set)
+        ds.set_original_encoding(plan.syntax[0], plan.syntax[1],
+                                 answers.dataset_charset(charset))
         return ds
 
     def _computed(self, tag: int, doc: dict[str, Any], level: str,

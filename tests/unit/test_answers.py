@@ -142,12 +142,13 @@ def _both(doc: dict[str, Any], identifier: Dataset,
     plan = answer_plan(query, identifier, syntax)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's validation warnings, both paths
-        fast = finder.response(doc, query, identifier, None, plan)
-        fast_bytes = encode(fast, *syntax)
+        fast_bytes = encode(finder.response(doc, query, identifier, None, plan), *syntax)
         reference = finder.reference_response(doc, query, identifier, None,
                                               plan.requested_charset)
         reference_bytes = encode(reference, *syntax)
-    return fast_bytes, reference_bytes, fast
+        # pydicom's writer converts the raw Specific Character Set it reads: a new one
+        fresh = finder.response(doc, query, identifier, None, plan)
+    return fast_bytes, reference_bytes, fresh
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -200,7 +201,8 @@ def test_benchmark_answers_take_the_fast_path(charset: str | None,
     fast, reference, ds = _both(STUDY_DOCUMENT, _benchmark_identifier(charset), syntax)
     assert fast == reference
     raw = [tag for tag, elem in ds._dict.items() if isinstance(elem, RawDataElement)]
-    assert len(raw) == 10  # every requested key
+    assert len(raw) == 12  # every requested key, the level and the character set
+    assert answers.encode_answer(ds, *syntax) == reference
     assert ds.SpecificCharacterSet == "ISO_IR 192"
 
 
@@ -226,3 +228,24 @@ def test_no_syntax_means_the_reference_path() -> None:
 def test_plain_values(vr: str, element: dict[str, Any], values: list[str] | None) -> None:
     """The forms encoded here, as pydicom holds them; the others left to pydicom."""
     assert answers.plain_values(vr, element) == values
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents(), identifiers(), st.sampled_from(SYNTAXES))
+def test_answer_writer_writes_what_pydicom_writes(doc: dict[str, Any], identifier: Dataset,
+                                                   syntax: answers.Syntax) -> None:
+    """encode_answer gives pydicom's bytes for every answer it writes, declines the
+    others (elements built by pydicom, another syntax), and pynetdicom's C-FIND path
+    uses it once installed."""
+    from pynetdicom import service_class
+
+    fast, reference, ds = _both(doc, identifier, syntax)
+    written = answers.encode_answer(ds, *syntax)
+    if written is not None:
+        assert written == reference
+    all_raw = all(isinstance(e, RawDataElement) for e in ds._dict.values())
+    assert (written is not None) == (isinstance(ds, answers.Answer) and all_raw)
+    other = next(s for s in SYNTAXES if s != syntax)
+    assert answers.encode_answer(ds, *other) is None
+    answers.install()
+    assert service_class.encode(ds, *syntax) == reference
