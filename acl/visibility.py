@@ -49,7 +49,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from acl.patterns import Compiled
-from archive.find import Finder, exact_values, server_filter
+from archive.answers import Syntax
+from archive.find import Finder, answer_plan, exact_values, server_filter
 from archive.levels import (
     CHILDREN,
     LATEST,
@@ -383,13 +384,13 @@ def _split_computed(query: Query, identifier: Dataset, model: str,
 
 
 def responses(finder: Finder, query: Query, identifier: Dataset,
-              patterns: Sequence[Compiled], model: str,
+              patterns: Sequence[Compiled], model: str, syntax: Syntax | None = None,
               **options: Any) -> Iterator[Dataset]:
     """C-FIND responses of a principal restricted by ``patterns`` (none of them empty).
 
     ``model`` ("PATIENT" or "STUDY") and ``options`` (those of
     :func:`archive.query.translate`) are needed to re-translate the identifier
-    without its computed keys.
+    without its computed keys; ``syntax`` is as for :meth:`Finder.responses`.
     """
     search_query, computed_filter = _split_computed(query, identifier, model, options)
     computed = tuple(tag for tag in query.keys if tag in COMPUTED_KEYS)
@@ -409,7 +410,7 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
     # Finder.response fills computed keys from the stored counters: ask it for the
     # others only (it then needs no ancestors) and add the visible counts here.
     stored_keys = replace(query, keys=tuple(t for t in query.keys if t not in computed))
-    charset = identifier.get("SpecificCharacterSet")
+    plan = answer_plan(stored_keys, identifier, syntax)
     for doc in _candidates(finder, level, identifier, pre_filter):
         if not visibility.visible(level, doc):  # the restriction first
             continue
@@ -419,7 +420,7 @@ def responses(finder: Finder, query: Query, identifier: Dataset,
         if computed_filter and not evaluate(computed_filter,
                                             visibility.computed_fields(level, doc)):
             continue
-        response = finder.response(view, stored_keys, identifier, None, charset)  # type: ignore[arg-type]
+        response = finder.response(view, stored_keys, identifier, None, plan)
         for tag in computed:  # ancestors as the view names them
             response.add(visibility.element(tag, level, view))
         yield response

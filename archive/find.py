@@ -31,10 +31,10 @@ from pydicom.valuerep import PersonName
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from archive import dicomjson, matching, model
+from archive import answers, dicomjson, matching, model
 from archive.levels import CHILDREN
 from archive.model import IMAGE, LEVELS, UNIQUE_KEY
-from archive.query import Query, evaluate
+from archive.query import QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, Query, evaluate
 
 #: Fields a level document's response never needs: the child lists can be long.
 _LEAN = dict.fromkeys(CHILDREN.values(), 0)
@@ -264,14 +264,31 @@ class Finder:
     # -- responses --------------------------------------------------------------------
 
     def responses(self, query: Query, identifier: Dataset,
-                  restriction: dict[str, Any] | None = None) -> Iterator[Dataset]:
+                  restriction: dict[str, Any] | None = None,
+                  syntax: answers.Syntax | None = None) -> Iterator[Dataset]:
+        """The answers, encoded for ``syntax`` (the presentation context's (implicit VR,
+        little endian)) when it is given: see :meth:`response`."""
         ancestors = _Ancestors(self)
-        charset = identifier.get("SpecificCharacterSet")
+        plan = answer_plan(query, identifier, syntax)
         for doc in self.search(query, identifier, restriction):
-            yield self.response(doc, query, identifier, ancestors, charset)
+            yield self.response(doc, query, identifier, ancestors, plan)
 
     def response(self, doc: dict[str, Any], query: Query, identifier: Dataset,
-                 ancestors: _Ancestors, charset: Any = None) -> Dataset:
+                 ancestors: _Ancestors | None, plan: AnswerPlan) -> Dataset:
+        """The answer of one document.  With a syntax, its values are bytes ready to
+        send (:mod:`archive.answers`), else, or for what that module leaves to pydicom,
+        it is :meth:`reference_response`: the same encoded answer either way."""
+        if plan.fast:
+            ds = self._fast_response(doc, query, identifier, ancestors, plan)
+            if ds is not None:
+                return ds
+        return self.reference_response(doc, query, identifier, ancestors,
+                                       plan.requested_charset)
+
+    def reference_response(self, doc: dict[str, Any], query: Query, identifier: Dataset,
+                           ancestors: _Ancestors | None, charset: Any = None) -> Dataset:
+        """The answer built through pydicom (``from_json`` per stored key): what the
+        fast path falls back to and is tested against."""
         ds = Dataset()
         stored = doc.get("dataset", {})
         for tag in query.keys:
@@ -281,28 +298,109 @@ class Finder:
                 elem = _stored_element(tag, requested, stored)
             ds.add(elem)
         ds.QueryRetrieveLevel = query.level
-        ds.SpecificCharacterSet = _character_set(ds, charset)
+        ds.SpecificCharacterSet = _character_set(_texts(ds), charset)
+        return ds
+
+    def _fast_response(self, doc: dict[str, Any], query: Query, identifier: Dataset,
+                       ancestors: _Ancestors | None, plan: AnswerPlan) -> Dataset | None:
+        """The answer with each plain value encoded once (RawDataElement); None when
+        an element needs what only the reference path does (a sequence, an ambiguous
+        VR, a value pydicom cannot write)."""
+        assert plan.syntax is not None
+        stored = doc.get("dataset", {})
+        plain: list[tuple[int, str, list[str]]] = []
+        built: list[DataElement] = []
+        texts: list[str] = []
+        for tag, json_key in plan.keys:
+            computed = self._computed_value(tag, doc, query.level, ancestors)
+            if computed is not None:
+                vr, value = computed
+                values = [] if value is None else value if isinstance(value, list) \
+                    else [value]
+            else:
+                data = stored.get(json_key)
+                if data is None:  # not stored: empty, with the VR the identifier gave
+                    vr, values = _requested_vr(tag, identifier[tag]), []
+                else:
+                    vr = data.get("vr") if isinstance(data, dict) else None
+                    values = answers.plain_values(vr, data)
+                if values is None or vr == "SQ":
+                    elem = _stored_element(tag, identifier[tag], stored)
+                    if elem.VR == "SQ" or " or " in elem.VR:
+                        return None  # the writer corrects or recurses: reference path
+                    built.append(elem)
+                    texts.extend(_texts_of(elem))
+                    continue
+            plain.append((tag, vr, values))  # type: ignore[arg-type]
+            texts.extend(values)
+        charset = _character_set(texts, plan.requested_charset)
+        if charset not in _FAST_CHARSETS:
+            return None
+        codecs_ = answers.encodings(charset)
+        ds = answers.Answer()
+        plain.append((QUERY_RETRIEVE_LEVEL, "CS", [query.level]))
+        plain.append((SPECIFIC_CHARACTER_SET, "CS", [charset] if charset else []))
+        for tag, vr, values in plain:
+            value = answers.encode(vr, values, codecs_)
+            if value is None:
+                return None
+            ds[tag] = answers.raw_element(tag, vr, value, plan.syntax)
+        for elem in built:
+            ds.add(elem)
+        # pydicom's writer copies raw elements as they are only into their own encoding
+        ds.set_original_encoding(plan.syntax[0], plan.syntax[1],
+                                 answers.dataset_charset(charset))
         return ds
 
     def _computed(self, tag: int, doc: dict[str, Any], level: str,
-                  ancestors: _Ancestors) -> DataElement | None:
-        vr = dictionary_VR(tag) if tag in model.COMPUTED_KEYS or tag in model.CONTROL_KEYS \
-            else None
+                  ancestors: _Ancestors | None) -> DataElement | None:
+        computed = self._computed_value(tag, doc, level, ancestors)
+        return None if computed is None else DataElement(tag, *computed)
+
+    def _computed_value(self, tag: int, doc: dict[str, Any], level: str,
+                        ancestors: _Ancestors | None) -> tuple[str, Any] | None:
+        """The VR and value of a key the archive computes (None: a stored key)."""
         if tag == _RETRIEVE_AE_TITLE:
-            return DataElement(tag, "AE", self.ae_title)
+            return "AE", self.ae_title
         if tag == _INSTANCE_AVAILABILITY:
-            return DataElement(tag, "CS", "ONLINE")
+            return "CS", "ONLINE"
         if tag not in model.COMPUTED_KEYS:
             return None
+        vr = dictionary_VR(tag)
         owner_level = model.level_of(tag)
-        owner = doc if owner_level == level else ancestors.get(owner_level, doc)
+        owner = doc if owner_level == level or ancestors is None \
+            else ancestors.get(owner_level, doc)
         if owner is None:
-            return DataElement(tag, vr, None)
+            return vr, None
         if tag in (model.MODALITIES_IN_STUDY, model.SOP_CLASSES_IN_STUDY):
             values = [v for v in owner.get(model.COMPUTED_KEYS[tag], []) if v]
-            return DataElement(tag, vr, values or None)
+            return vr, values or None
         count = owner.get(model.COMPUTED_KEYS[tag])
-        return DataElement(tag, vr, str(count) if count is not None else None)
+        return vr, str(count) if count is not None else None
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """What every answer of one query shares: its keys (tag, DICOM JSON key), the
+    identifier's Specific Character Set, and whether answers are built by
+    :meth:`Finder._fast_response` (a syntax to encode for, no sequence or ambiguous
+    key, a character set :mod:`archive.answers` encodes as pydicom does)."""
+
+    keys: tuple[tuple[int, str], ...]
+    requested_charset: Any
+    syntax: answers.Syntax | None
+    fast: bool
+
+
+def answer_plan(query: Query, identifier: Dataset,
+                syntax: answers.Syntax | None = None) -> AnswerPlan:
+    charset = identifier.get("SpecificCharacterSet")
+    fast = syntax is not None \
+        and (charset is None or isinstance(charset, str) and charset in _FAST_CHARSETS) \
+        and all(identifier[tag].VR not in ("SQ", None) and " or " not in identifier[tag].VR
+                for tag in query.keys)
+    return AnswerPlan(tuple((tag, f"{tag:08X}") for tag in query.keys), charset, syntax,
+                      fast)
 
 
 class _Ancestors:
@@ -326,7 +424,7 @@ class _Ancestors:
 
 def _stored_element(tag: int, requested: DataElement, stored: dict[str, Any]) -> DataElement:
     """The stored value of a requested key, restricted to the requested sub-keys."""
-    vr = requested.VR if requested.VR not in ("UN", None) else _dictionary_vr(tag)
+    vr = _requested_vr(tag, requested)
     data = stored.get(f"{tag:08X}")
     if data is None:
         return DataElement(tag, vr, [] if vr == "SQ" else None)
@@ -354,6 +452,11 @@ def _restrict(item: Dataset, wanted: Dataset) -> Dataset:
     return out
 
 
+def _requested_vr(tag: int, requested: DataElement) -> str:
+    """The VR of a key's answer when nothing is stored: the identifier's, unless UN."""
+    return requested.VR if requested.VR not in ("UN", None) else _dictionary_vr(tag)
+
+
 def _dictionary_vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)
@@ -364,10 +467,15 @@ def _dictionary_vr(tag: int) -> str:
 
 def _texts(ds: Dataset) -> Iterator[str]:
     for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value or []:
-                yield from _texts(item)
-            continue
+        yield from _texts_of(elem)
+
+
+def _texts_of(elem: DataElement) -> Iterator[str]:
+    """The text values of an element (PN as text), of its items' elements too."""
+    if elem.VR == "SQ":
+        for item in elem.value or []:
+            yield from _texts(item)
+    else:
         values = elem.value if isinstance(elem.value, list | tuple) or (
             elem.VM > 1 and not isinstance(elem.value, str | bytes)) else [elem.value]
         for value in values:
@@ -384,15 +492,18 @@ _SINGLE_BYTE = frozenset({
     "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
     "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203",
 })
+#: Answer character sets whose values :mod:`archive.answers` encodes ("": none).
+_FAST_CHARSETS = _SINGLE_BYTE | {"ISO_IR 192", ""}
 
 
-def _character_set(ds: Dataset, requested: Any) -> Any:
-    """The identifier's character set if it can represent the response, else UTF-8.
+def _character_set(all_texts: Iterable[str], requested: Any) -> Any:
+    """The identifier's character set if it can represent the response's texts, else
+    UTF-8.
 
     ``requested`` is the identifier's Specific Character Set value (absent, one term,
     or several for ISO 2022 code extensions).
     """
-    texts = [t for t in _texts(ds) if t]
+    texts = [t for t in all_texts if t]
     if all(t.isascii() for t in texts):
         return requested if requested is not None else ""
     if isinstance(requested, str) and requested in _SINGLE_BYTE:

@@ -20,7 +20,7 @@ from pynetdicom.transport import AssociationServer
 from acl import auth, identity, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, Rule, RuleStore, allow_all
-from archive import connections, negotiation, retrieve, services
+from archive import answers, connections, find_messages, negotiation, retrieve, services
 from archive.config import Config, display_uri
 from archive.find import Finder
 from archive.health import DatabaseHealth
@@ -125,6 +125,15 @@ class Node:
         for uid in services.MODELS:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
         _config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept.unknown_sop_classes
+        # pynetdicom formats every identifier (C-FIND answers included) and every message
+        # for its log even when its logger drops them: only when it keeps them.
+        pynetdicom_log = logging.getLogger("pynetdicom")
+        verbose = pynetdicom_log.isEnabledFor(logging.INFO)
+        _config.LOG_REQUEST_IDENTIFIERS = verbose
+        _config.LOG_RESPONSE_IDENTIFIERS = pynetdicom_log.isEnabledFor(logging.DEBUG)
+        _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+        answers.install()  # C-FIND answers written without pydicom's writer
+        find_messages.install(not verbose)  # and their command sets
         negotiation.install()
         auth.install()
         self.transfer_syntaxes = syntaxes

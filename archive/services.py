@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pymongo.errors import OperationFailure, PyMongoError
 from pynetdicom import evt
 from pynetdicom.events import Event
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (
 from acl import auth, visibility
 from acl.audit import association_entry, operation_entry, requested_user, summarize
 from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule, admit_store
+from archive.answers import Syntax
 from archive.model import PATIENT, STUDY
 from archive.query import QueryError, translate
 from archive.retrieve import handle_get, handle_move
@@ -167,6 +169,15 @@ def _summary(event: Event) -> str:
         return "?"
 
 
+def _syntax(event: Event) -> Syntax | None:
+    """(implicit VR, little endian) of the request's presentation context."""
+    try:
+        ts = UID(event.context.transfer_syntax)
+        return bool(ts.is_implicit_VR), bool(ts.is_little_endian)
+    except Exception:  # noqa: BLE001 - a private syntax: answers built the plain way
+        return None
+
+
 def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]]:
     started = time.perf_counter()
     who = peer(event)
@@ -202,11 +213,12 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         audit(OUT_OF_RESOURCES, comment=comment)
         yield status(OUT_OF_RESOURCES, comment), None
         return
+    syntax = _syntax(event)  # answers are encoded for it as they are built
     if decision.restricted:  # only what the principal's patterns let it see
         results = visibility.responses(node.finder, query, identifier, decision.patterns,
-                                       model, **options)
+                                       model, syntax, **options)
     else:
-        results = node.finder.responses(query, identifier)
+        results = node.finder.responses(query, identifier, syntax=syntax)
     count, outcome, code = 0, "0x0000", 0x0000
     try:
         for response in results:

@@ -1,0 +1,201 @@
+"""C-FIND answer values encoded straight from DICOM JSON, as pydicom would write them.
+
+Why: an answer built the plain way (:meth:`archive.find.Finder.reference_response`:
+``Dataset.from_json`` per key, then pydicom's writer re-encoding each value in
+pynetdicom) cost 3-5 ms of the node's CPU per answer, ten times the database's share.
+Here each value of a common form is turned once into the bytes pydicom's writer gives
+for it (same padding, same character set encoder), kept as a ``RawDataElement`` that the
+writer copies as it is when the answer is marked with the association's encoding.
+
+An answer made only of such elements (:class:`Answer`) is then written by
+:func:`encode_answer` -- the tag, VR and length headers pydicom's writer puts before each
+value -- instead of pydicom's ``write_dataset`` and its per-element buffers, once
+:func:`install` has put it in pynetdicom's C-FIND path.
+
+Every function answers None for what it is not sure to encode exactly as pydicom does
+(a bulk or inline binary value, nulls among values, a DS, a sequence, ...): the caller
+then builds that element, or the whole answer, the reference way.
+tests/unit/test_answers.py compares both ways byte for byte.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from typing import Any
+
+from pydicom import config
+from pydicom.charset import convert_encodings, default_encoding, encode_string
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, _encode_personname
+from pynetdicom import service_class
+
+#: (implicit VR, little endian) of the presentation context an answer is sent on.
+Syntax = tuple[bool, bool]
+
+#: Written by pydicom with the default character repertoire (``write_string``, padded
+#: with a space), whatever the Specific Character Set.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UR"})
+#: Written with the Specific Character Set (``write_text``), padded with a space.
+_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+#: pydicom parses these as dates and times when ``config.datetime_conversion`` is on:
+#: then they are left to it.
+_DATETIME_VRS = frozenset({"DA", "DT", "TM"})
+#: Every VR :func:`plain_values` handles.
+VRS = _ASCII_VRS | _TEXT_VRS | {"UI", "PN", "IS"}
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def plain_values(vr: str | None, element: Any) -> list[str] | None:
+    """The values of a DICOM JSON element as the strings pydicom holds for them after
+    ``from_json`` (a PN as ``"Alphabetic=Ideographic=Phonetic"``, an IS as its digits,
+    a UI stripped); ``[]`` when empty; None for a form left to pydicom."""
+    if vr not in VRS or not isinstance(element, dict):
+        return None
+    if vr in _DATETIME_VRS and config.datetime_conversion:
+        return None
+    if len(element) > 2 or any(k not in ("vr", "Value") for k in element):
+        return None  # BulkDataURI, InlineBinary, unknown members
+    values = element.get("Value")
+    if values is None or values == []:
+        return []
+    if not isinstance(values, list):
+        return None
+    if vr == "PN":
+        names = [_person_name(v) for v in values]
+        return None if None in names else names  # type: ignore[return-value]
+    if vr == "IS":
+        if not all(type(v) is int for v in values):
+            return None
+        return [str(v) for v in values]
+    if not all(type(v) is str for v in values):
+        return None  # nulls among several values, numbers: pydicom's own rules
+    if vr == "UI":
+        if any("\\" in v for v in values):
+            return None  # pydicom splits such a value before stripping each part
+        return [v.strip() for v in values]
+    return values
+
+
+def _person_name(value: Any) -> str | None:
+    """pydicom's ``get_pn_element_value``: the groups joined by ``=``, up to the last
+    one present (an empty group that is present is kept)."""
+    if not isinstance(value, dict) or any(k not in _PN_GROUPS or type(v) is not str
+                                          for k, v in value.items()):
+        return None
+    if "Phonetic" in value:
+        count = 3
+    elif "Ideographic" in value:
+        count = 2
+    else:
+        count = 1
+    return "=".join(value.get(group, "") for group in _PN_GROUPS[:count])
+
+
+@functools.lru_cache(maxsize=64)
+def encodings(charset: str | None) -> tuple[str, ...]:
+    """Python encodings pydicom's writer uses for an answer's Specific Character Set
+    value (one term; None or "" for none)."""
+    return tuple(convert_encodings([charset] if charset else [default_encoding]))
+
+
+def encode(vr: str, values: list[str], python_encodings: tuple[str, ...]) -> bytes | None:
+    """The value field pydicom writes for ``values`` (from :func:`plain_values`); None
+    when pydicom's writer would fail (a non-Latin-1 character in a CS, ...)."""
+    if not values:
+        return b""
+    try:
+        if vr in _ASCII_VRS or vr == "IS":
+            text = "\\".join(values)
+            return (text + " " if len(text) % 2 else text).encode("latin_1")
+        if vr == "UI":
+            text = "\\".join(values)
+            return (text + "\0" if len(text) % 2 else text).encode("latin_1")
+        codecs = list(python_encodings)
+        if vr == "PN":
+            data = b"\\".join(_encode_personname(v.split("="), codecs) for v in values)
+        else:
+            data = b"\\".join(encode_string(v, codecs) for v in values)
+    except UnicodeError:
+        return None
+    return data + b" " if len(data) % 2 else data
+
+
+def raw_element(tag: int, vr: str, value: bytes, syntax: Syntax) -> RawDataElement:
+    """An element pydicom's writer copies as it is into a dataset of ``syntax``."""
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, syntax[0], syntax[1])
+
+
+class Answer(Dataset):
+    """A C-FIND answer built by ``Finder._fast_response``: :func:`encode_answer` writes
+    it when all its elements are raw ones of the syntax it is sent with."""
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset_charset(charset: str) -> tuple[str, ...] | str:
+    probe = Dataset()
+    probe.SpecificCharacterSet = charset
+    found = probe._character_set
+    return tuple(found) if isinstance(found, list) else found
+
+
+def dataset_charset(charset: str) -> list[str] | str:
+    """``Dataset._character_set`` of an answer whose Specific Character Set is
+    ``charset`` (one term or ""), which its original encoding must equal for pydicom's
+    writer to copy raw elements."""
+    found = _dataset_charset(charset)
+    return list(found) if isinstance(found, tuple) else found
+
+
+def encode_answer(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool) -> bytes | None:
+    """The bytes pydicom's ``write_dataset`` writes for ``ds``, when every element is a
+    raw one of this syntax (None otherwise: pydicom then writes it)."""
+    if ds.original_encoding != (is_implicit_vr, is_little_endian):
+        return None
+    order = "<" if is_little_endian else ">"
+    implicit, short, long_ = (struct.Struct(order + "HHI"), struct.Struct(order + "HH2sH"),
+                              struct.Struct(order + "HH2sHI"))
+    out: list[bytes] = []
+    elements = ds._dict
+    for tag in sorted(elements):
+        elem = elements[tag]
+        if not isinstance(elem, RawDataElement) or elem.is_implicit_VR != is_implicit_vr \
+                or elem.is_little_endian != is_little_endian or elem.value is None:
+            return None
+        group, number = tag >> 16, tag & 0xFFFF
+        if number == 0 and group > 6:
+            continue  # group lengths: pydicom's writer leaves them out
+        length = len(elem.value)
+        if is_implicit_vr:
+            out.append(implicit.pack(group, number, length))
+        elif elem.VR is None or len(elem.VR) != 2:
+            return None
+        elif elem.VR in EXPLICIT_VR_LENGTH_32:
+            out.append(long_.pack(group, number, elem.VR.encode("ascii"), 0, length))
+        elif length > 0xFFFF:
+            return None  # pydicom writes it as UN, with a warning
+        else:
+            out.append(short.pack(group, number, elem.VR.encode("ascii"), length))
+        out.append(elem.value)
+    return b"".join(out)
+
+
+def install() -> None:
+    """Make pynetdicom's service classes encode :class:`Answer` datasets with
+    :func:`encode_answer` (once per process; any other dataset as before)."""
+    current = service_class.encode
+    if hasattr(current, "__wrapped__"):
+        return
+
+    @functools.wraps(current)
+    def encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
+               deflated: bool = False) -> bytes | None:
+        if not deflated and type(ds) is Answer:
+            data = encode_answer(ds, is_implicit_vr, is_little_endian)
+            if data is not None:
+                return data
+        return current(ds, is_implicit_vr, is_little_endian, deflated)
+
+    service_class.encode = encode  # type: ignore[assignment]
