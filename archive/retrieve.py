@@ -295,13 +295,15 @@ class Spooler:
     """Spools each instance's stored file while the one before it is sent.
 
     The database (FerretDB: another process) reads the next file on the second core
-    while pynetdicom sends the current one and waits for its response.  Two files in
-    ``tmp`` take turns; the memory held stays one chunk deep.  Items are taken in
-    order, each once.
+    while pynetdicom sends the current one and waits for its response.  Files are read
+    in batches (:meth:`GridStore.stream_many`: two queries for many small files); two
+    files in ``tmp`` take turns.  Items are taken in order, each once.
     """
 
     def __init__(self, files: Any, items: list[Item], tmp: Path) -> None:
         self.files, self.items, self.tmp = files, items, tmp
+        self.streams: Iterator[tuple[ObjectId, Iterator[bytes]]] | None = None
+        self.position = 0  # index of the item ``streams`` yields next
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self.ahead: Future[tuple[Path, str]] | None = self._submit(0)
 
@@ -309,8 +311,24 @@ class Spooler:
         if index >= len(self.items):
             return None
         item, path = self.items[index], self.tmp / f"instance-{index % 2}.dcm"
-        return self.pool.submit(lambda: (path, spool(self.files.stream(item.file_id),
-                                                     item, path)))
+        return self.pool.submit(lambda: (path, spool(self._stream(index), item, path)))
+
+    def _stream(self, index: int) -> Iterator[bytes]:
+        """Item ``index``'s file, from the batches read (in the spooling thread, in
+        order; skipped items are passed over).  After a database error the next item
+        starts new batches."""
+        if self.streams is None or self.position > index:
+            self.streams = self.files.stream_many(item.file_id for item in self.items[index:])
+            self.position = index
+        try:
+            while True:
+                _, stream = next(self.streams)
+                self.position += 1
+                if self.position > index:
+                    return stream
+        except BaseException:
+            self.streams = None
+            raise
 
     def take(self, index: int) -> tuple[Path, str]:
         """Item ``index`` spooled (its path and stored transfer syntax), or what its

@@ -204,6 +204,9 @@ class FakeFiles:
         data = self.files[file_id]
         return iter([data[:4096], data[4096:]])
 
+    def stream_many(self, file_ids: Any) -> Any:
+        return ((file_id, self.stream(file_id)) for file_id in file_ids)
+
 
 class FakeEvent:
     """What :class:`Retrieve` reads of a pynetdicom C-MOVE/C-GET event."""
