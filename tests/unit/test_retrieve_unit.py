@@ -3,6 +3,7 @@ the stored bytes, conversion, statuses, and memory staying flat over 10,000 inst
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import tracemalloc
@@ -25,19 +26,25 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     RLELossless,
 )
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu_primitives import P_DATA
 
 from acl.rules import allow_all, decide
 from archive.config import Config, Destination
 from archive.retrieve import (
     GET,
     MOVE,
+    Counts,
     Item,
     Retrieve,
     Unsendable,
     choose,
     convert,
+    pending_response,
     proposal,
     spool,
+    store_request,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -163,7 +170,8 @@ def test_convert_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
 
 
 class FakeAssociation:
-    """Enough of a pynetdicom Association for :class:`Retrieve` (requestor or sub)."""
+    """Enough of a pynetdicom Association for :class:`Retrieve` (requestor or sub): the
+    messages sent are read back from the P-DATA PDUs given to its DUL."""
 
     def __init__(self, accepted: dict[str, set[str]] | None = None,
                  store_status: int = 0x0000, keep: bool = True) -> None:
@@ -172,28 +180,59 @@ class FakeAssociation:
         self.responses: list[Any] = []
         self.response_count = 0
         self.keep = keep
-        self.dimse = SimpleNamespace(send_msg=self._send_msg)
+        self.replies: queue.Queue[Any] = queue.Queue()
+        self.dimse = SimpleNamespace(send_msg=self._send_msg, maximum_pdu_size=16_384,
+                                     get_msg=lambda block: (1, self.replies.get_nowait()))
+        self.dul = SimpleNamespace(send_pdu=self._send_pdu, to_provider_queue=queue.Queue())
         self.acse = SimpleNamespace(is_aborted=lambda: False)
         self.accepted_contexts = [
             SimpleNamespace(abstract_syntax=cls, transfer_syntax=[ts], as_scu=True)
             for cls, syntaxes in (accepted or {}).items() for ts in syntaxes]
         self.store_status = store_status
         self.stored: list[tuple[str, int]] = []
+        self.command = b""
+        self.dataset_size = 0
+        self.current: Dataset | None = None
+
+    def _get_valid_context(self, sop_class: str, syntax: str, role: str,
+                           allow_conversion: bool) -> Any:
+        assert syntax in self.accepted.get(sop_class, ()) and not allow_conversion
+        return SimpleNamespace(context_id=3)
+
+    @property
+    def accepted(self) -> dict[str, set[str]]:
+        return {cx.abstract_syntax: {*cx.transfer_syntax} for cx in self.accepted_contexts}
 
     def _send_msg(self, primitive: Any, context_id: int) -> None:
         self.response_count += 1
         if self.keep:
             self.responses.append(primitive)
 
-    def send_c_store(self, path: Path, msg_id: int, **kwargs: Any) -> Dataset:
-        with open(path, "rb") as f:  # read it the way pynetdicom does: by PDU
-            size = sum(len(block) for block in iter(lambda: f.read(16_384), b""))
-        if self.keep:
-            self.stored.append((pydicom.filereader.read_file_meta_info(path)
-                                .MediaStorageSOPInstanceUID, size))
-        status = Dataset()
-        status.Status = self.store_status
-        return status
+    def _send_pdu(self, pdata: P_DATA) -> None:
+        for _, pdv in pdata.presentation_data_value_list:
+            assert len(pdv) <= self.dimse.maximum_pdu_size - 4
+            if pdv[0] & 1:  # command
+                self.command += pdv[1:]
+                if pdv[0] & 2:
+                    command = decode(BytesIO(self.command), True, True)
+                    self.command = b""
+                    if command.CommandDataSetType == 0x0101:
+                        self._send_msg(command, 1)  # a pending response
+                    else:
+                        self.current, self.dataset_size = command, 0
+            else:
+                self.dataset_size += len(pdv) - 1
+                if pdv[0] & 2 and self.current is not None:
+                    if self.keep:
+                        self.stored.append((self.current.AffectedSOPInstanceUID,
+                                            self.dataset_size))
+                    rsp = C_STORE()
+                    rsp.MessageIDBeingRespondedTo = self.current.MessageID
+                    rsp.AffectedSOPClassUID = self.current.AffectedSOPClassUID
+                    rsp.AffectedSOPInstanceUID = self.current.AffectedSOPInstanceUID
+                    rsp.Status = self.store_status
+                    self.replies.put(rsp)
+                    self.current = None
 
 
 class FakeFiles:
@@ -479,3 +518,46 @@ def test_study_root_patient_level_retrieve_is_read_as_patient_root() -> None:
     Retrieve(FakeEvent(assoc, request), node, GET).run()  # FakeEvent: Study Root MOVE
     assert (final(assoc).Status, final(assoc).NumberOfCompletedSuboperations) == (0x0000, 2)
     assert levels == ["PATIENT"]
+
+
+# --- messages encoded without pydicom -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("sop_class", "uid", "msg_id", "aet", "originator"), [
+    (CT_IMAGE, "1.2.3", 5, "SCU", 7),
+    (MR_IMAGE, "1.2.34", 0xFFFF, "ABCDEFGHIJKLMNOP", 1),
+    ("1.2", "1.23", 1, None, None),
+])
+def test_store_request_is_encoded_as_pynetdicom_would(sop_class: str, uid: str, msg_id: int,
+                                                      aet: str | None,
+                                                      originator: int | None) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = msg_id, 2
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = sop_class, uid
+    rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = aet, originator
+    rq.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    assert store_request(sop_class, uid, msg_id, aet, originator) == \
+        encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("kind", [MOVE, GET])
+def test_pending_response_is_encoded_as_pynetdicom_would(kind: str) -> None:
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as SOP_CLASS
+
+    counts = Counts(total=70_000 % 0xFFFF, completed=300, failed=2, warning=1)
+    rsp = C_MOVE() if kind == MOVE else C_GET()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = 9
+    rsp.AffectedSOPClassUID, rsp.Status = SOP_CLASS, 0xFF00
+    rsp.NumberOfRemainingSuboperations = counts.remaining
+    rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations = 300, 2
+    rsp.NumberOfWarningSuboperations = 1
+    message = C_MOVE_RSP() if kind == MOVE else C_GET_RSP()
+    message.primitive_to_message(rsp)
+    assert pending_response(kind, SOP_CLASS, 9, counts) == \
+        encode(message.command_set, True, True)
