@@ -62,6 +62,12 @@ from pydicom.uid import (
 )
 from pymongo.errors import PyMongoError
 from pynetdicom import build_context, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
@@ -294,6 +300,73 @@ def reactor_held(sub: Association) -> Iterator[None]:
         real.set()
 
 
+#: pynetdicom's logging handlers, bound to every association: per PDU and message.
+_STANDARD_HANDLERS = (
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler))
+
+
+@contextlib.contextmanager
+def store_responses_read_here(sub: Association) -> Iterator[None]:
+    """While a Move Destination is sent to, its successful C-STORE-RSPs are read by
+    :func:`store_response` rather than decoded as pydicom Datasets, and pynetdicom's
+    debug logging handlers are unbound unless its debug log is on.
+
+    Either cost as much node CPU as the rest of a sub-operation.  Any other message
+    (a failure status, a response in several fragments) goes the usual way.
+    """
+    dimse = sub.dimse
+    usual = dimse.receive_primitive
+
+    def receive(primitive: P_DATA) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if dimse.message is None and len(pdvs) == 1 and pdvs[0][1][:1] == b"\x03":
+            rsp = store_response(pdvs[0][1][1:])
+            if rsp is not None:
+                dimse.msg_queue.put((pdvs[0][0], rsp))
+                return
+        usual(primitive)
+
+    unbound = [] if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else \
+        [(event, handler) for event, handler in _STANDARD_HANDLERS
+         if any(bound is handler for bound, _ in sub.get_handlers(event))]
+    for event, handler in unbound:
+        sub.unbind(event, handler)
+    dimse.receive_primitive = receive
+    try:
+        yield
+    finally:
+        del dimse.receive_primitive
+        for event, handler in unbound:
+            sub.bind(event, handler)
+
+
+def store_response(command: bytes) -> C_STORE | None:
+    """A C-STORE-RSP command set with status Success, as the primitive pynetdicom would
+    make of it (the Message ID Being Responded To and the Status: what is read of it);
+    None for anything else."""
+    fields: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        if group != 0:
+            return None
+        fields[element] = command[offset + 8:offset + 8 + length]
+        offset += 8 + length
+    if offset != len(command):
+        return None
+    if any(len(fields.get(element, b"")) != 2 for element in (0x0100, 0x0120, 0x0800, 0x0900)):
+        return None
+    (field,), (msg_id,), (dataset,), (status,) = (
+        struct.unpack("<H", fields[element]) for element in (0x0100, 0x0120, 0x0800, 0x0900))
+    if field != _C_STORE_RSP or dataset != _NO_DATASET or status != SUCCESS:
+        return None
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = msg_id, status
+    return rsp
+
+
 class Spooler:
     """Spools each instance's stored file while the one before it is sent.
 
@@ -307,13 +380,14 @@ class Spooler:
         self.files, self.items, self.tmp = files, items, tmp
         self.streams: Iterator[tuple[ObjectId, Iterator[bytes]]] | None = None
         self.position = 0  # index of the item ``streams`` yields next
+        self.paths = (tmp / "instance-0.dcm", tmp / "instance-1.dcm")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self.ahead: Future[tuple[Path, str]] | None = self._submit(0)
 
     def _submit(self, index: int) -> Future[tuple[Path, str]] | None:
         if index >= len(self.items):
             return None
-        item, path = self.items[index], self.tmp / f"instance-{index % 2}.dcm"
+        item, path = self.items[index], self.paths[index % 2]
         return self.pool.submit(lambda: (path, spool(self._stream(index), item, path)))
 
     def _stream(self, index: int) -> Iterator[bytes]:
@@ -487,7 +561,7 @@ def _to_little_endian(ds: Dataset) -> None:
 # response are encoded here instead, as pynetdicom would encode them, byte for byte.
 
 #: Command Field values (PS3.7 E.1).
-_C_STORE_RQ, _C_GET_RSP, _C_MOVE_RSP = 0x0001, 0x8010, 0x8021
+_C_STORE_RQ, _C_STORE_RSP, _C_GET_RSP, _C_MOVE_RSP = 0x0001, 0x8001, 0x8010, 0x8021
 #: Command Data Set Type: a data set follows, or none does.
 _DATASET, _NO_DATASET = 0x0001, 0x0101
 #: Priority of the C-STORE sub-operations: pynetdicom's default (LOW).
@@ -615,6 +689,8 @@ class Retrieve:
         self.principal = ""
         self.decision: Decision | None = None
         self.summary = ""
+        #: Presentation context ID per (SOP class, transfer syntax) sent in.
+        self.context_ids: dict[tuple[str, str], int] = {}
         requestor = self.assoc.requestor
         self.who = f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
 
@@ -765,7 +841,7 @@ class Retrieve:
                 return
             sub = self._associate(destination, items)
             try:
-                with reactor_held(sub):
+                with reactor_held(sub), store_responses_read_here(sub):
                     self._transfer(sub, items, Path(tmp))
             finally:
                 if sub.is_established:
@@ -968,9 +1044,11 @@ class Retrieve:
         originator = (self.assoc.requestor.ae_title, self.request.MessageID) \
             if self.kind == MOVE else (None, None)
         try:
-            context = sub._get_valid_context(item.sop_class, syntax, "scu",
-                                             allow_conversion=False)
-            send_message(sub, int(context.context_id or 0),
+            key = (item.sop_class, syntax)
+            if key not in self.context_ids:  # pynetdicom's lookup: a scan of the contexts
+                self.context_ids[key] = int(sub._get_valid_context(
+                    item.sop_class, syntax, "scu", allow_conversion=False).context_id or 0)
+            send_message(sub, self.context_ids[key],
                          store_request(item.sop_class, item.uid, msg_id, *originator), dataset)
         except (RuntimeError, ValueError, AttributeError, OSError) as exc:
             log.debug("%s %s: C-STORE failed: %s", self.kind, self.who, exc)

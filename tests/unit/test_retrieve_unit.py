@@ -45,6 +45,7 @@ from archive.retrieve import (
     proposal,
     spool,
     store_request,
+    store_response,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -561,3 +562,28 @@ def test_pending_response_is_encoded_as_pynetdicom_would(kind: str) -> None:
     message.primitive_to_message(rsp)
     assert pending_response(kind, SOP_CLASS, 9, counts) == \
         encode(message.command_set, True, True)
+
+
+def _store_rsp_command(status: int, comment: str | None = None) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 12, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CT_IMAGE, "1.2.3"
+    rsp.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    return encode(message.command_set, True, True)
+
+
+def test_a_successful_store_response_is_read_without_pydicom() -> None:
+    rsp = store_response(_store_rsp_command(0x0000))
+    assert rsp is not None and rsp.is_valid_response
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (12, 0x0000)
+
+
+@pytest.mark.parametrize("command", [
+    _store_rsp_command(0xB000), _store_rsp_command(0xA700, "out of space"),
+    _store_rsp_command(0x0000)[:-2], b"", store_request(CT_IMAGE, "1.2.3", 12)])
+def test_any_other_message_is_left_to_pynetdicom(command: bytes) -> None:
+    assert store_response(command) is None
