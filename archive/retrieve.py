@@ -69,6 +69,7 @@ from pynetdicom._handlers import (
     standard_pdu_sent_handler,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
@@ -308,15 +309,21 @@ _STANDARD_HANDLERS = (
 
 
 @contextlib.contextmanager
-def store_responses_read_here(sub: Association) -> Iterator[None]:
-    """While a Move Destination is sent to, its successful C-STORE-RSPs are read by
+def store_responses_read_here(assoc: Association, notify: bool = False) -> Iterator[None]:
+    """While instances are sent on ``assoc``, its successful C-STORE-RSPs are read by
     :func:`store_response` rather than decoded as pydicom Datasets, and pynetdicom's
-    debug logging handlers are unbound unless its debug log is on.
+    logging handlers are unbound -- unless its debug log is on.
 
-    Either cost as much node CPU as the rest of a sub-operation.  Any other message
-    (a failure status, a response in several fragments) goes the usual way.
+    Either costs as much node CPU as the rest of a sub-operation.  Any other message
+    (a failure status, a C-CANCEL, a response in several fragments) goes the usual
+    way.  ``notify``: the responses read here are still told to EVT_DIMSE_RECV's
+    handlers (the connection guard's, on a requestor's association), without a message.
     """
-    dimse = sub.dimse
+    if not isinstance(getattr(assoc, "dimse", None), DIMSEServiceProvider) \
+            or logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        yield  # a test's stand-in, or everything logged
+        return
+    dimse = assoc.dimse
     usual = dimse.receive_primitive
 
     def receive(primitive: P_DATA) -> None:
@@ -325,21 +332,22 @@ def store_responses_read_here(sub: Association) -> Iterator[None]:
             rsp = store_response(pdvs[0][1][1:])
             if rsp is not None:
                 dimse.msg_queue.put((pdvs[0][0], rsp))
+                if notify:
+                    evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": None})
                 return
         usual(primitive)
 
-    unbound = [] if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else \
-        [(event, handler) for event, handler in _STANDARD_HANDLERS
-         if any(bound is handler for bound, _ in sub.get_handlers(event))]
+    unbound = [(event, handler) for event, handler in _STANDARD_HANDLERS
+               if any(bound is handler for bound, _ in assoc.get_handlers(event))]
     for event, handler in unbound:
-        sub.unbind(event, handler)
+        assoc.unbind(event, handler)
     dimse.receive_primitive = receive
     try:
         yield
     finally:
         del dimse.receive_primitive
         for event, handler in unbound:
-            sub.bind(event, handler)
+            assoc.bind(event, handler)
 
 
 def store_response(command: bytes) -> C_STORE | None:
@@ -837,7 +845,8 @@ class Retrieve:
             self.counts.fail(uid, "SOP Instance not found")
         with tempfile.TemporaryDirectory(prefix="archive-retrieve-") as tmp:
             if destination is None:
-                self._transfer(self.assoc, items, Path(tmp))
+                with store_responses_read_here(self.assoc, notify=True):
+                    self._transfer(self.assoc, items, Path(tmp))
                 return
             sub = self._associate(destination, items)
             try:
