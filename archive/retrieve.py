@@ -375,6 +375,31 @@ def store_response(command: bytes) -> C_STORE | None:
     return rsp
 
 
+#: Seconds the requestor's DUL thread sleeps between polls while a C-MOVE runs.
+MOVE_REQUESTOR_POLL = 0.005
+
+
+@contextlib.contextmanager
+def requestor_polled_less(assoc: Association) -> Iterator[None]:
+    """The C-MOVE requestor's DUL thread polls its socket and queue every 5 ms rather
+    than every 1 ms while sub-operations go to the Move Destination.
+
+    Nothing waits on it then: it sends the pending responses queued meanwhile (all of
+    them each turn) and notices a C-CANCEL 4 ms later at most; its polls were a tenth
+    of the node's CPU per sub-operation.
+    """
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if not isinstance(previous, float):  # a test's stand-in
+        yield
+        return
+    dul._run_loop_delay = max(previous, MOVE_REQUESTOR_POLL)
+    try:
+        yield
+    finally:
+        dul._run_loop_delay = previous
+
+
 class Spooler:
     """Spools each instance's stored file while the one before it is sent.
 
@@ -850,7 +875,8 @@ class Retrieve:
                 return
             sub = self._associate(destination, items)
             try:
-                with reactor_held(sub), store_responses_read_here(sub):
+                with reactor_held(sub), store_responses_read_here(sub), \
+                        requestor_polled_less(self.assoc):
                     self._transfer(sub, items, Path(tmp))
             finally:
                 if sub.is_established:
