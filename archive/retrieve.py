@@ -665,9 +665,14 @@ def send_message(assoc: Association, context_id: int, command: bytes,
 
 def _send_fragments(assoc: Association, context_id: int, source: BinaryIO, length: int,
                     size: int, *, command: bool) -> None:
-    """``length`` bytes of ``source`` as PDVs of at most ``size`` bytes (PS3.8 E.2)."""
+    """``length`` bytes of ``source`` as PDVs of at most ``size`` bytes (PS3.8 E.2).
+
+    A dataset's PDUs wait for the DUL thread to have fewer than ``_QUEUED_PDUS`` to
+    send; a peer that reads none of them for the DIMSE timeout raises OSError.
+    """
     more, last = (b"\x01", b"\x03") if command else (b"\x00", b"\x02")
     queue = assoc.dul.to_provider_queue
+    timeout = assoc.dimse_timeout or 60.0
     while True:
         piece = source.read(min(size, length))
         if len(piece) < min(size, length):
@@ -676,8 +681,12 @@ def _send_fragments(assoc: Association, context_id: int, source: BinaryIO, lengt
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, (more if length else last)
                                                    + piece))
-        while queue.qsize() >= _QUEUED_PDUS and assoc.is_established:
-            time.sleep(0.0005)
+        if not command and queue.qsize() >= _QUEUED_PDUS:
+            deadline = time.monotonic() + timeout
+            while queue.qsize() >= _QUEUED_PDUS and assoc.is_established:
+                if time.monotonic() > deadline:
+                    raise OSError(f"peer read no PDU for {timeout:g} s")
+                time.sleep(0.0005)
         assoc.dul.send_pdu(pdata)
         if not length:
             return

@@ -43,6 +43,7 @@ from archive.retrieve import (
     convert,
     pending_response,
     proposal,
+    send_message,
     spool,
     store_request,
     store_response,
@@ -185,6 +186,7 @@ class FakeAssociation:
         self.dimse = SimpleNamespace(send_msg=self._send_msg, maximum_pdu_size=16_384,
                                      get_msg=lambda block: (1, self.replies.get_nowait()))
         self.dul = SimpleNamespace(send_pdu=self._send_pdu, to_provider_queue=queue.Queue())
+        self.dimse_timeout = 30.0
         self.acse = SimpleNamespace(is_aborted=lambda: False)
         self.accepted_contexts = [
             SimpleNamespace(abstract_syntax=cls, transfer_syntax=[ts], as_scu=True)
@@ -587,3 +589,51 @@ def test_a_successful_store_response_is_read_without_pydicom() -> None:
     _store_rsp_command(0x0000)[:-2], b"", store_request(CT_IMAGE, "1.2.3", 12)])
 def test_any_other_message_is_left_to_pynetdicom(command: bytes) -> None:
     assert store_response(command) is None
+
+
+def test_a_large_dataset_is_read_as_its_pdus_are_sent_and_a_stalled_peer_times_out(
+        tmp_path: Path) -> None:
+    """At most a few PDUs wait for the DUL thread (pynetdicom queues a whole dataset);
+    a peer that reads nothing for the DIMSE timeout ends the send."""
+    path = tmp_path / "big.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4096)  # 1 MiB dataset
+    dul_queue: queue.Queue[Any] = queue.Queue()
+    sent: list[bytes] = []
+    deepest = 0
+
+    def dul_thread(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent.append(dul_queue.get(timeout=0.01).presentation_data_value_list[0][1])
+            except queue.Empty:
+                continue
+            time.sleep(0.0005)
+
+    def send_pdu(pdata: P_DATA) -> None:
+        nonlocal deepest
+        dul_queue.put(pdata)
+        deepest = max(deepest, dul_queue.qsize())
+
+    assoc = SimpleNamespace(dimse=SimpleNamespace(maximum_pdu_size=16_384),
+                            dul=SimpleNamespace(send_pdu=send_pdu, to_provider_queue=dul_queue),
+                            dimse_timeout=0.3, is_established=True)
+    stop = threading.Event()
+    reader = threading.Thread(target=dul_thread, args=(stop,))
+    reader.start()
+    try:
+        send_message(assoc, 1, store_request(CT_IMAGE, "1.2.3", 1), (path, 132))
+        while not dul_queue.empty():
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        reader.join()
+    assert deepest <= 9
+    assert sent[0][:1] == b"\x03" and [pdv[:1] for pdv in sent[1:-1]] == [b"\x00"] * 64
+    assert sent[-1][:1] == b"\x02" and all(len(pdv) <= 16_384 - 5 for pdv in sent)
+    assert b"".join(pdv[1:] for pdv in sent[1:]) == path.read_bytes()[132:]
+
+    dul_queue.queue.clear()  # nobody reads any more
+    started = time.monotonic()
+    with pytest.raises(OSError, match="read no PDU"):
+        send_message(assoc, 1, store_request(CT_IMAGE, "1.2.3", 2), (path, 132))
+    assert 0.3 <= time.monotonic() - started < 3 and dul_queue.qsize() <= 9
