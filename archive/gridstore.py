@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,10 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 CHUNK_SIZE = 1024 * 1024
+#: Files looked up per query when many are read in a row (``stream_many``).
+BATCH = 64
+#: Bytes of small files ``stream_many`` holds read ahead at most.
+READ_AHEAD_BYTES = 8 * 1024 * 1024
 
 
 class ChunkWriteFailed(Exception):
@@ -77,9 +81,50 @@ class GridStore:
 
     def stream(self, file_id: ObjectId) -> Iterator[bytes]:
         """The file's chunks in order, one at a time (memory stays one chunk deep)."""
-        info = self.files.find_one({"_id": file_id})
+        info = self.files.find_one({"_id": file_id}, _INFO)
         if info is None:
             raise FileNotFoundError(f"GridFS file {file_id} not found")
+        return self._stream(file_id, info)
+
+    def stream_many(self, file_ids: Iterable[ObjectId],
+                    budget: int = READ_AHEAD_BYTES) -> Iterator[tuple[ObjectId, Iterator[bytes]]]:
+        """Each file's chunk stream, in the order given, read in batches.
+
+        Reading files one by one costs two database round trips each (the files
+        document, then the chunk), most of a retrieve's time on FerretDB.  Here one
+        query finds the files documents of ``BATCH`` files, and one more the only chunk
+        of those that fit in one, up to ``budget`` bytes: larger files are streamed a
+        chunk at a time as by :meth:`stream`.  A file not found raises
+        FileNotFoundError when its stream is read, not before.
+        """
+        ids = iter(file_ids)
+        while batch := [file_id for _, file_id in zip(range(BATCH), ids, strict=False)]:
+            infos = {doc["_id"]: doc for doc in self.files.find({"_id": {"$in": batch}}, _INFO)}
+            whole: dict[ObjectId, bytes | None] = {}
+            held = 0
+            for file_id in batch:
+                info = infos.get(file_id)
+                if info is not None and 0 < info["length"] <= info["chunkSize"] \
+                        and held + info["length"] <= budget:
+                    whole[file_id], held = None, held + info["length"]
+            if whole:
+                wanted = {self.chunk_id(file_id, 0): file_id for file_id in whole}
+                for chunk in self.chunks.find({"_id": {"$in": list(wanted)}},
+                                              {"data": 1}):
+                    whole[wanted[chunk["_id"]]] = bytes(chunk["data"])
+            for file_id in batch:
+                info = infos.get(file_id)
+                if info is None:
+                    yield file_id, _missing(f"GridFS file {file_id} not found")
+                elif file_id not in whole:
+                    yield file_id, self._stream(file_id, info)
+                elif (data := whole.pop(file_id)) is None:
+                    yield file_id, _missing(f"GridFS file {file_id}: chunk 0 missing")
+                else:
+                    yield file_id, iter((data,))
+                    del data
+
+    def _stream(self, file_id: ObjectId, info: dict[str, Any]) -> Iterator[bytes]:
         count = -(-info["length"] // info["chunkSize"]) if info["length"] else 0
         for n in range(count):
             chunk = self.chunks.find_one({"_id": self.chunk_id(file_id, n)})
@@ -111,6 +156,16 @@ class GridStore:
 
     def exists(self, file_id: ObjectId) -> bool:
         return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
+
+
+#: What reading a file needs of its files document.
+_INFO = {"length": 1, "chunkSize": 1}
+
+
+def _missing(message: str) -> Iterator[bytes]:
+    """A stream that raises FileNotFoundError when read."""
+    raise FileNotFoundError(message)
+    yield b""  # a generator: raises when read, not when called
 
 
 @contextmanager

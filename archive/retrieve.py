@@ -62,10 +62,18 @@ from pydicom.uid import (
 )
 from pymongo.errors import PyMongoError
 from pynetdicom import build_context, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
@@ -231,7 +239,8 @@ def _name(uid: str) -> str:
 
 
 def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
-    """Write the stored file to ``path``; return the transfer syntax of its dataset.
+    """Write the stored file to ``path``; return the transfer syntax of its dataset
+    (which starts at :func:`dataset_offset`).
 
     The dataset bytes are copied unchanged, chunk by chunk.  The file meta is rewritten
     from the instance document so that the Media Storage SOP Class/Instance UIDs --
@@ -245,6 +254,7 @@ def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
     with _overwrite(path) as out:
         out.write(_PREAMBLE + b"DICM")
         out.write(file_meta(item.sop_class, item.uid, transfer_syntax))
+        assert out.tell() == dataset_offset(item, transfer_syntax)
         out.write(memoryview(head)[offset:])
         del head
         for chunk in stream:
@@ -291,26 +301,144 @@ def reactor_held(sub: Association) -> Iterator[None]:
         real.set()
 
 
+#: pynetdicom's logging handlers, bound to every association: per PDU and message.
+_STANDARD_HANDLERS = (
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler))
+
+
+@contextlib.contextmanager
+def store_responses_read_here(assoc: Association, notify: bool = False) -> Iterator[None]:
+    """While instances are sent on ``assoc``, its successful C-STORE-RSPs are read by
+    :func:`store_response` rather than decoded as pydicom Datasets, and pynetdicom's
+    logging handlers are unbound -- unless its debug log is on.
+
+    Either costs as much node CPU as the rest of a sub-operation.  Any other message
+    (a failure status, a C-CANCEL, a response in several fragments) goes the usual
+    way.  ``notify``: the responses read here are still told to EVT_DIMSE_RECV's
+    handlers (the connection guard's, on a requestor's association), without a message.
+    """
+    if not isinstance(getattr(assoc, "dimse", None), DIMSEServiceProvider) \
+            or logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        yield  # a test's stand-in, or everything logged
+        return
+    dimse = assoc.dimse
+    usual = dimse.receive_primitive
+
+    def receive(primitive: P_DATA) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if dimse.message is None and len(pdvs) == 1 and pdvs[0][1][:1] == b"\x03":
+            rsp = store_response(pdvs[0][1][1:])
+            if rsp is not None:
+                dimse.msg_queue.put((pdvs[0][0], rsp))
+                if notify:
+                    evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": None})
+                return
+        usual(primitive)
+
+    unbound = [(event, handler) for event, handler in _STANDARD_HANDLERS
+               if any(bound is handler for bound, _ in assoc.get_handlers(event))]
+    for event, handler in unbound:
+        assoc.unbind(event, handler)
+    dimse.receive_primitive = receive
+    try:
+        yield
+    finally:
+        del dimse.receive_primitive
+        for event, handler in unbound:
+            assoc.bind(event, handler)
+
+
+def store_response(command: bytes) -> C_STORE | None:
+    """A C-STORE-RSP command set with status Success, as the primitive pynetdicom would
+    make of it (the Message ID Being Responded To and the Status: what is read of it);
+    None for anything else."""
+    fields: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        if group != 0:
+            return None
+        fields[element] = command[offset + 8:offset + 8 + length]
+        offset += 8 + length
+    if offset != len(command):
+        return None
+    if any(len(fields.get(element, b"")) != 2 for element in (0x0100, 0x0120, 0x0800, 0x0900)):
+        return None
+    (field,), (msg_id,), (dataset,), (status,) = (
+        struct.unpack("<H", fields[element]) for element in (0x0100, 0x0120, 0x0800, 0x0900))
+    if field != _C_STORE_RSP or dataset != _NO_DATASET or status != SUCCESS:
+        return None
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = msg_id, status
+    return rsp
+
+
+#: Seconds the requestor's DUL thread sleeps between polls while a C-MOVE runs.
+MOVE_REQUESTOR_POLL = 0.005
+
+
+@contextlib.contextmanager
+def requestor_polled_less(assoc: Association) -> Iterator[None]:
+    """The C-MOVE requestor's DUL thread polls its socket and queue every 5 ms rather
+    than every 1 ms while sub-operations go to the Move Destination.
+
+    Nothing waits on it then: it sends the pending responses queued meanwhile (all of
+    them each turn) and notices a C-CANCEL 4 ms later at most; its polls were a tenth
+    of the node's CPU per sub-operation.
+    """
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if not isinstance(previous, float):  # a test's stand-in
+        yield
+        return
+    dul._run_loop_delay = max(previous, MOVE_REQUESTOR_POLL)
+    try:
+        yield
+    finally:
+        dul._run_loop_delay = previous
+
+
 class Spooler:
     """Spools each instance's stored file while the one before it is sent.
 
     The database (FerretDB: another process) reads the next file on the second core
-    while pynetdicom sends the current one and waits for its response.  Two files in
-    ``tmp`` take turns; the memory held stays one chunk deep.  Items are taken in
-    order, each once.
+    while pynetdicom sends the current one and waits for its response.  Files are read
+    in batches (:meth:`GridStore.stream_many`: two queries for many small files); two
+    files in ``tmp`` take turns.  Items are taken in order, each once.
     """
 
     def __init__(self, files: Any, items: list[Item], tmp: Path) -> None:
         self.files, self.items, self.tmp = files, items, tmp
+        self.streams: Iterator[tuple[ObjectId, Iterator[bytes]]] | None = None
+        self.position = 0  # index of the item ``streams`` yields next
+        self.paths = (tmp / "instance-0.dcm", tmp / "instance-1.dcm")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self.ahead: Future[tuple[Path, str]] | None = self._submit(0)
 
     def _submit(self, index: int) -> Future[tuple[Path, str]] | None:
         if index >= len(self.items):
             return None
-        item, path = self.items[index], self.tmp / f"instance-{index % 2}.dcm"
-        return self.pool.submit(lambda: (path, spool(self.files.stream(item.file_id),
-                                                     item, path)))
+        item, path = self.items[index], self.paths[index % 2]
+        return self.pool.submit(lambda: (path, spool(self._stream(index), item, path)))
+
+    def _stream(self, index: int) -> Iterator[bytes]:
+        """Item ``index``'s file, from the batches read (in the spooling thread, in
+        order; skipped items are passed over).  After a database error the next item
+        starts new batches."""
+        if self.streams is None or self.position > index:
+            self.streams = self.files.stream_many(item.file_id for item in self.items[index:])
+            self.position = index
+        try:
+            while True:
+                _, stream = next(self.streams)
+                self.position += 1
+                if self.position > index:
+                    return stream
+        except BaseException:
+            self.streams = None
+            raise
 
     def take(self, index: int) -> tuple[Path, str]:
         """Item ``index`` spooled (its path and stored transfer syntax), or what its
@@ -366,6 +494,18 @@ def _stored_meta(head: bytes) -> tuple[int, str]:
     if offset == len(head):  # a file of file meta only: an empty dataset
         return offset, syntax
     raise Unsendable("stored file meta is truncated")
+
+
+def dataset_offset(item: Item, transfer_syntax: str) -> int:
+    """Where the dataset starts in the file :func:`spool` writes for ``item``."""
+    uids = (item.sop_class, item.uid, transfer_syntax, PYDICOM_IMPLEMENTATION_UID)
+    return 132 + 12 + 14 + sum(8 + len(uid) + len(uid) % 2 for uid in uids)
+
+
+def _dataset_offset_in(path: Path) -> int:
+    """Where the dataset starts in a Part-10 file (a converted one: its meta as written)."""
+    with open(path, "rb") as f:
+        return _stored_meta(f.read(64 * 1024))[0]
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -446,6 +586,112 @@ def _to_little_endian(ds: Dataset) -> None:
             elem.value = words.tobytes()
 
 
+# --- DIMSE messages encoded here (PS3.7 9.3.1.1, 9.3.3.2, 9.3.4.2) ----------------------
+#
+# pynetdicom builds each message as a pydicom Dataset and encodes its command set twice
+# (the second time for its group length): with the pending response that follows, most
+# of the node's CPU per sub-operation.  A C-STORE request and a pending C-MOVE/C-GET
+# response are encoded here instead, as pynetdicom would encode them, byte for byte.
+
+#: Command Field values (PS3.7 E.1).
+_C_STORE_RQ, _C_STORE_RSP, _C_GET_RSP, _C_MOVE_RSP = 0x0001, 0x8001, 0x8010, 0x8021
+#: Command Data Set Type: a data set follows, or none does.
+_DATASET, _NO_DATASET = 0x0001, 0x0101
+#: Priority of the C-STORE sub-operations: pynetdicom's default (LOW).
+_PRIORITY = 0x0002
+#: Dataset bytes per P-DATA-TF when the peer sets no maximum PDU length.
+_UNLIMITED_FRAGMENT = 1024 * 1024
+#: P-DATA-TF PDUs queued for the DUL thread at most: the memory a large instance costs.
+_QUEUED_PDUS = 8
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" * (len(raw) % 2)
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    """An implicit VR little endian command set (PS3.7 6.3.1) with its group length."""
+    body = b"".join(struct.pack("<HHI", 0, tag, len(value)) + value for tag, value in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def store_request(sop_class: str, sop_instance: str, msg_id: int,
+                  originator_aet: str | None = None, originator_id: int | None = None) -> bytes:
+    """The command set of a C-STORE-RQ with a data set."""
+    elements = [(0x0002, _ui(sop_class)), (0x0100, _us(_C_STORE_RQ)), (0x0110, _us(msg_id)),
+                (0x0700, _us(_PRIORITY)), (0x0800, _us(_DATASET)),
+                (0x1000, _ui(sop_instance))]
+    if originator_aet is not None:
+        raw = originator_aet.strip().encode("ascii")
+        elements.append((0x1030, raw + b" " * (len(raw) % 2)))
+    if originator_id is not None:
+        elements.append((0x1031, _us(originator_id)))
+    return _command(elements)
+
+
+def pending_response(kind: str, sop_class: str, msg_id: int, counts: Counts) -> bytes:
+    """The command set of a pending C-MOVE-RSP or C-GET-RSP, with the counts."""
+    return _command([
+        (0x0002, _ui(sop_class)), (0x0100, _us(_C_MOVE_RSP if kind == MOVE else _C_GET_RSP)),
+        (0x0120, _us(msg_id)), (0x0800, _us(_NO_DATASET)), (0x0900, _us(PENDING)),
+        (0x1020, _us(counts.remaining)), (0x1021, _us(counts.completed)),
+        (0x1022, _us(counts.failed)), (0x1023, _us(counts.warning))])
+
+
+def send_message(assoc: Association, context_id: int, command: bytes,
+                 dataset: tuple[Path, int] | None = None) -> None:
+    """One DIMSE message: its command set, then the dataset of the file ``dataset``
+    names from its offset on, in P-DATA-TF PDUs within the peer's maximum length.
+
+    The PDUs go to the association's DUL thread, which sends them; the file is read as
+    they are sent, a few PDUs ahead (pynetdicom queues a whole dataset at once).
+    """
+    limit = assoc.dimse.maximum_pdu_size
+    size = limit - 6 if limit else _UNLIMITED_FRAGMENT  # PDV item header, control byte
+    _send_fragments(assoc, context_id, BytesIO(command), len(command), size, command=True)
+    if dataset is None:
+        return
+    path, offset = dataset
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size - offset
+        f.seek(offset)
+        _send_fragments(assoc, context_id, f, length, size, command=False)
+
+
+def _send_fragments(assoc: Association, context_id: int, source: BinaryIO, length: int,
+                    size: int, *, command: bool) -> None:
+    """``length`` bytes of ``source`` as PDVs of at most ``size`` bytes (PS3.8 E.2).
+
+    A dataset's PDUs wait for the DUL thread to have fewer than ``_QUEUED_PDUS`` to
+    send; a peer that reads none of them for the DIMSE timeout raises OSError.
+    """
+    more, last = (b"\x01", b"\x03") if command else (b"\x00", b"\x02")
+    queue = assoc.dul.to_provider_queue
+    timeout = assoc.dimse_timeout or 60.0
+    while True:
+        piece = source.read(min(size, length))
+        if len(piece) < min(size, length):
+            raise OSError(f"{getattr(source, 'name', 'data')}: shorter than expected")
+        length -= len(piece)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, (more if length else last)
+                                                   + piece))
+        if not command and queue.qsize() >= _QUEUED_PDUS:
+            deadline = time.monotonic() + timeout
+            while queue.qsize() >= _QUEUED_PDUS and assoc.is_established:
+                if time.monotonic() > deadline:
+                    raise OSError(f"peer read no PDU for {timeout:g} s")
+                time.sleep(0.0005)
+        assoc.dul.send_pdu(pdata)
+        if not length:
+            return
+
+
 # --- the operation ---------------------------------------------------------------------
 
 
@@ -485,6 +731,8 @@ class Retrieve:
         self.principal = ""
         self.decision: Decision | None = None
         self.summary = ""
+        #: Presentation context ID per (SOP class, transfer syntax) sent in.
+        self.context_ids: dict[tuple[str, str], int] = {}
         requestor = self.assoc.requestor
         self.who = f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
 
@@ -495,6 +743,12 @@ class Retrieve:
         """Send one C-MOVE/C-GET response; False when the requestor is gone."""
         if self._requestor_gone():
             return False
+        if status == PENDING and counts and not (comment or identifier or offending):
+            send_message(self.assoc, self.event.context.context_id, pending_response(
+                self.kind, self.request.AffectedSOPClassUID, self.request.MessageID,
+                self.counts))
+            self._keep_alive()
+            return True
         rsp = C_MOVE() if self.kind == MOVE else C_GET()
         rsp.MessageID = self.request.MessageID
         rsp.MessageIDBeingRespondedTo = self.request.MessageID
@@ -625,11 +879,13 @@ class Retrieve:
             self.counts.fail(uid, "SOP Instance not found")
         with tempfile.TemporaryDirectory(prefix="archive-retrieve-") as tmp:
             if destination is None:
-                self._transfer(self.assoc, items, Path(tmp))
+                with store_responses_read_here(self.assoc, notify=True):
+                    self._transfer(self.assoc, items, Path(tmp))
                 return
             sub = self._associate(destination, items)
             try:
-                with reactor_held(sub):
+                with reactor_held(sub), store_responses_read_here(sub), \
+                        requestor_polled_less(self.assoc):
                     self._transfer(sub, items, Path(tmp))
             finally:
                 if sub.is_established:
@@ -787,6 +1043,7 @@ class Retrieve:
             return
         try:
             path, stored = spooler.take(index)
+            offset = dataset_offset(item, stored)
             if stored != syntax:
                 if item.transfer_syntax != stored:  # the document and the file disagree
                     syntax = choose(Item(item.uid, item.sop_class, stored, item.file_id),
@@ -794,6 +1051,7 @@ class Retrieve:
                 if stored != syntax:
                     convert(path, tmp / "converted.dcm", syntax)
                     path = tmp / "converted.dcm"
+                    offset = _dataset_offset_in(path)
                     c.converted += 1
         except Unsendable as exc:
             c.fail(item, str(exc))
@@ -801,7 +1059,7 @@ class Retrieve:
         except FileNotFoundError as exc:
             c.fail(item, f"stored file missing: {exc}")
             return
-        status = self._send(sub, path, index)
+        status = self._send(sub, item, syntax, (path, offset), index)
         if status is None:
             c.fail(item, "no C-STORE response (association lost or DIMSE timeout)")
             # The exchange is broken whatever pynetdicom's state says yet (it marks a
@@ -817,19 +1075,33 @@ class Retrieve:
         else:
             c.fail(item, f"destination answered 0x{status:04X}")
 
-    def _send(self, sub: Association, path: Path, index: int) -> int | None:
-        """C-STORE one file's dataset as it is on disk; the response status or None."""
+    def _send(self, sub: Association, item: Item, syntax: str, dataset: tuple[Path, int],
+              index: int) -> int | None:
+        """C-STORE one file's dataset as it is on disk; the response status or None.
+
+        Sent as pynetdicom's ``send_c_store`` would, without building the request as a
+        Dataset (:func:`store_request`).  The reactor of a Move Destination association
+        is held (:func:`reactor_held`); a C-GET runs in its association's reactor thread:
+        nothing else takes the response off the queue.
+        """
         msg_id = (self.request.MessageID + index) % 0xFFFF + 1
-        kwargs: dict[str, Any] = {"msg_id": msg_id}
-        if self.kind == MOVE:
-            kwargs.update(originator_aet=self.assoc.requestor.ae_title,
-                          originator_id=self.request.MessageID)
+        originator = (self.assoc.requestor.ae_title, self.request.MessageID) \
+            if self.kind == MOVE else (None, None)
         try:
-            rsp = sub.send_c_store(path, **kwargs)
+            key = (item.sop_class, syntax)
+            if key not in self.context_ids:  # pynetdicom's lookup: a scan of the contexts
+                self.context_ids[key] = int(sub._get_valid_context(
+                    item.sop_class, syntax, "scu", allow_conversion=False).context_id or 0)
+            send_message(sub, self.context_ids[key],
+                         store_request(item.sop_class, item.uid, msg_id, *originator), dataset)
         except (RuntimeError, ValueError, AttributeError, OSError) as exc:
             log.debug("%s %s: C-STORE failed: %s", self.kind, self.who, exc)
             return None
-        return int(rsp.Status) if "Status" in rsp else None
+        _, rsp = sub.dimse.get_msg(block=True)
+        if not isinstance(rsp, C_STORE) or not rsp.is_valid_response or rsp.Status is None:
+            log.debug("%s %s: no valid C-STORE response: %r", self.kind, self.who, rsp)
+            return None
+        return int(rsp.Status)
 
 
 def _error_comment(text: str) -> str:

@@ -3,9 +3,10 @@
 A 200 MiB instance (written once per session) is sent to a node subprocess, its dataset
 bytes verbatim (pynetdicom, as ``raw_sending``): the node's peak resident memory stays
 far below the instance's size (it took 600 MiB more before datasets were received to
-disk), and the GridFS copy is the file it sent.  Refusals still hold for a large file,
-and no received file outlives its store: not after success, refusal, a connection that
-ends in the middle of a dataset, nor the death of the node.
+disk), and the GridFS copy is the file it sent.  Moved to DCMTK's storescp, it costs the
+node as little memory, and storescp receives the dataset bytes stored.  Refusals still
+hold for a large file, and no received file outlives its store: not after success,
+refusal, a connection that ends in the middle of a dataset, nor the death of the node.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import hashlib
 import signal
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,11 +23,22 @@ from typing import Any
 
 import pytest
 from conftest import RunningNode
-from helpers import association, consistency_problems, raw_sending, split_part10, wait_for
+from helpers import (
+    DCMTK_ENV,
+    association,
+    consistency_problems,
+    free_port,
+    port_open,
+    raw_sending,
+    split_part10,
+    wait_for,
+)
 from hostile import SECONDARY_CAPTURE, a_associate_rq, c_store_rq, connect, read_pdu
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE
 
 from archive.gridstore import GridStore
 from benchmarks.bench_large_store import RssPoller, reset_peak, status_kib
@@ -125,6 +138,46 @@ def test_a_200_mib_instance_costs_the_node_far_less_memory_than_its_size(
     assert doc["size"] == large_instance.stat().st_size - len(sent_head) + len(head)
     assert received_files(node) == []
     assert consistency_problems(node.db) == []
+
+
+def test_a_200_mib_instance_moved_costs_the_node_far_less_memory_than_its_size(
+        node_factory: Any, large_instance: Path, tmp_path: Path, record_property: Any) -> None:
+    """The dataset is read from its spooled file as its PDUs are sent, a few ahead: not
+    queued whole for the DUL thread, as pynetdicom's own send does."""
+    port = free_port()
+    node = node_factory({"destinations": {"BIGSCP": {"host": "127.0.0.1", "port": port}}})
+    pid = node.pid
+    assert pid is not None
+    assert send(node, large_instance).Status == 0x0000
+    out = tmp_path / "received"
+    out.mkdir()
+    scp = subprocess.Popen(["storescp", "+B", "+uf", "-aet", "BIGSCP", "-od", str(out),
+                            str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), 10, 0.02, "storescp to listen")
+        time.sleep(0.5)  # the batched level updates written
+        before = status_kib(pid, "VmRSS") * 1024
+        peak_reset = reset_peak(pid)
+        identifier = dcmread(large_instance, stop_before_pixels=True)
+        request = Dataset()
+        request.QueryRetrieveLevel = "STUDY"
+        request.StudyInstanceUID = identifier.StudyInstanceUID
+        with RssPoller(pid) as poller, association(node, [(STUDY_MOVE, ExplicitVRLittleEndian)]) \
+                as assoc:
+            assoc.dimse_timeout = 300
+            statuses = [int(status.Status) for status, _ in
+                        assoc.send_c_move(request, "BIGSCP", STUDY_MOVE)]
+        peak = (status_kib(pid, "VmHWM") if peak_reset else poller.peak_kib) * 1024
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    record_property("node_rss_before_mib", round(before / MIB, 1))
+    record_property("node_peak_mib", round(peak / MIB, 1))
+    assert statuses == [0x0000]
+    assert peak - before < BOUND, f"peak {peak / MIB:.0f} MiB, {before / MIB:.0f} before"
+    (received,) = out.iterdir()
+    assert digest(file_chunks(received))[1] == digest(file_chunks(large_instance))[1]
 
 
 def test_a_large_instance_cut_in_its_pixel_data_is_refused(node_factory: Any,

@@ -3,6 +3,7 @@ the stored bytes, conversion, statuses, and memory staying flat over 10,000 inst
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import tracemalloc
@@ -25,19 +26,27 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     RLELossless,
 )
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu_primitives import P_DATA
 
 from acl.rules import allow_all, decide
 from archive.config import Config, Destination
 from archive.retrieve import (
     GET,
     MOVE,
+    Counts,
     Item,
     Retrieve,
     Unsendable,
     choose,
     convert,
+    pending_response,
     proposal,
+    send_message,
     spool,
+    store_request,
+    store_response,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -163,7 +172,8 @@ def test_convert_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
 
 
 class FakeAssociation:
-    """Enough of a pynetdicom Association for :class:`Retrieve` (requestor or sub)."""
+    """Enough of a pynetdicom Association for :class:`Retrieve` (requestor or sub): the
+    messages sent are read back from the P-DATA PDUs given to its DUL."""
 
     def __init__(self, accepted: dict[str, set[str]] | None = None,
                  store_status: int = 0x0000, keep: bool = True) -> None:
@@ -172,28 +182,60 @@ class FakeAssociation:
         self.responses: list[Any] = []
         self.response_count = 0
         self.keep = keep
-        self.dimse = SimpleNamespace(send_msg=self._send_msg)
+        self.replies: queue.Queue[Any] = queue.Queue()
+        self.dimse = SimpleNamespace(send_msg=self._send_msg, maximum_pdu_size=16_384,
+                                     get_msg=lambda block: (1, self.replies.get_nowait()))
+        self.dul = SimpleNamespace(send_pdu=self._send_pdu, to_provider_queue=queue.Queue())
+        self.dimse_timeout = 30.0
         self.acse = SimpleNamespace(is_aborted=lambda: False)
         self.accepted_contexts = [
             SimpleNamespace(abstract_syntax=cls, transfer_syntax=[ts], as_scu=True)
             for cls, syntaxes in (accepted or {}).items() for ts in syntaxes]
         self.store_status = store_status
         self.stored: list[tuple[str, int]] = []
+        self.command = b""
+        self.dataset_size = 0
+        self.current: Dataset | None = None
+
+    def _get_valid_context(self, sop_class: str, syntax: str, role: str,
+                           allow_conversion: bool) -> Any:
+        assert syntax in self.accepted.get(sop_class, ()) and not allow_conversion
+        return SimpleNamespace(context_id=3)
+
+    @property
+    def accepted(self) -> dict[str, set[str]]:
+        return {cx.abstract_syntax: {*cx.transfer_syntax} for cx in self.accepted_contexts}
 
     def _send_msg(self, primitive: Any, context_id: int) -> None:
         self.response_count += 1
         if self.keep:
             self.responses.append(primitive)
 
-    def send_c_store(self, path: Path, msg_id: int, **kwargs: Any) -> Dataset:
-        with open(path, "rb") as f:  # read it the way pynetdicom does: by PDU
-            size = sum(len(block) for block in iter(lambda: f.read(16_384), b""))
-        if self.keep:
-            self.stored.append((pydicom.filereader.read_file_meta_info(path)
-                                .MediaStorageSOPInstanceUID, size))
-        status = Dataset()
-        status.Status = self.store_status
-        return status
+    def _send_pdu(self, pdata: P_DATA) -> None:
+        for _, pdv in pdata.presentation_data_value_list:
+            assert len(pdv) <= self.dimse.maximum_pdu_size - 4
+            if pdv[0] & 1:  # command
+                self.command += pdv[1:]
+                if pdv[0] & 2:
+                    command = decode(BytesIO(self.command), True, True)
+                    self.command = b""
+                    if command.CommandDataSetType == 0x0101:
+                        self._send_msg(command, 1)  # a pending response
+                    else:
+                        self.current, self.dataset_size = command, 0
+            else:
+                self.dataset_size += len(pdv) - 1
+                if pdv[0] & 2 and self.current is not None:
+                    if self.keep:
+                        self.stored.append((self.current.AffectedSOPInstanceUID,
+                                            self.dataset_size))
+                    rsp = C_STORE()
+                    rsp.MessageIDBeingRespondedTo = self.current.MessageID
+                    rsp.AffectedSOPClassUID = self.current.AffectedSOPClassUID
+                    rsp.AffectedSOPInstanceUID = self.current.AffectedSOPInstanceUID
+                    rsp.Status = self.store_status
+                    self.replies.put(rsp)
+                    self.current = None
 
 
 class FakeFiles:
@@ -203,6 +245,9 @@ class FakeFiles:
     def stream(self, file_id: ObjectId) -> Any:
         data = self.files[file_id]
         return iter([data[:4096], data[4096:]])
+
+    def stream_many(self, file_ids: Any) -> Any:
+        return ((file_id, self.stream(file_id)) for file_id in file_ids)
 
 
 class FakeEvent:
@@ -476,3 +521,119 @@ def test_study_root_patient_level_retrieve_is_read_as_patient_root() -> None:
     Retrieve(FakeEvent(assoc, request), node, GET).run()  # FakeEvent: Study Root MOVE
     assert (final(assoc).Status, final(assoc).NumberOfCompletedSuboperations) == (0x0000, 2)
     assert levels == ["PATIENT"]
+
+
+# --- messages encoded without pydicom -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("sop_class", "uid", "msg_id", "aet", "originator"), [
+    (CT_IMAGE, "1.2.3", 5, "SCU", 7),
+    (MR_IMAGE, "1.2.34", 0xFFFF, "ABCDEFGHIJKLMNOP", 1),
+    ("1.2", "1.23", 1, None, None),
+])
+def test_store_request_is_encoded_as_pynetdicom_would(sop_class: str, uid: str, msg_id: int,
+                                                      aet: str | None,
+                                                      originator: int | None) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = msg_id, 2
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = sop_class, uid
+    rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = aet, originator
+    rq.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    assert store_request(sop_class, uid, msg_id, aet, originator) == \
+        encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("kind", [MOVE, GET])
+def test_pending_response_is_encoded_as_pynetdicom_would(kind: str) -> None:
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as SOP_CLASS
+
+    counts = Counts(total=70_000 % 0xFFFF, completed=300, failed=2, warning=1)
+    rsp = C_MOVE() if kind == MOVE else C_GET()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = 9
+    rsp.AffectedSOPClassUID, rsp.Status = SOP_CLASS, 0xFF00
+    rsp.NumberOfRemainingSuboperations = counts.remaining
+    rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations = 300, 2
+    rsp.NumberOfWarningSuboperations = 1
+    message = C_MOVE_RSP() if kind == MOVE else C_GET_RSP()
+    message.primitive_to_message(rsp)
+    assert pending_response(kind, SOP_CLASS, 9, counts) == \
+        encode(message.command_set, True, True)
+
+
+def _store_rsp_command(status: int, comment: str | None = None) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 12, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CT_IMAGE, "1.2.3"
+    rsp.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    return encode(message.command_set, True, True)
+
+
+def test_a_successful_store_response_is_read_without_pydicom() -> None:
+    rsp = store_response(_store_rsp_command(0x0000))
+    assert rsp is not None and rsp.is_valid_response
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (12, 0x0000)
+
+
+@pytest.mark.parametrize("command", [
+    _store_rsp_command(0xB000), _store_rsp_command(0xA700, "out of space"),
+    _store_rsp_command(0x0000)[:-2], b"", store_request(CT_IMAGE, "1.2.3", 12)])
+def test_any_other_message_is_left_to_pynetdicom(command: bytes) -> None:
+    assert store_response(command) is None
+
+
+def test_a_large_dataset_is_read_as_its_pdus_are_sent_and_a_stalled_peer_times_out(
+        tmp_path: Path) -> None:
+    """At most a few PDUs wait for the DUL thread (pynetdicom queues a whole dataset);
+    a peer that reads nothing for the DIMSE timeout ends the send."""
+    path = tmp_path / "big.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4096)  # 1 MiB dataset
+    dul_queue: queue.Queue[Any] = queue.Queue()
+    sent: list[bytes] = []
+    deepest = 0
+
+    def dul_thread(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent.append(dul_queue.get(timeout=0.01).presentation_data_value_list[0][1])
+            except queue.Empty:
+                continue
+            time.sleep(0.0005)
+
+    def send_pdu(pdata: P_DATA) -> None:
+        nonlocal deepest
+        dul_queue.put(pdata)
+        deepest = max(deepest, dul_queue.qsize())
+
+    assoc = SimpleNamespace(dimse=SimpleNamespace(maximum_pdu_size=16_384),
+                            dul=SimpleNamespace(send_pdu=send_pdu, to_provider_queue=dul_queue),
+                            dimse_timeout=0.3, is_established=True)
+    stop = threading.Event()
+    reader = threading.Thread(target=dul_thread, args=(stop,))
+    reader.start()
+    try:
+        send_message(assoc, 1, store_request(CT_IMAGE, "1.2.3", 1), (path, 132))
+        while not dul_queue.empty():
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        reader.join()
+    assert deepest <= 9
+    assert sent[0][:1] == b"\x03" and [pdv[:1] for pdv in sent[1:-1]] == [b"\x00"] * 64
+    assert sent[-1][:1] == b"\x02" and all(len(pdv) <= 16_384 - 5 for pdv in sent)
+    assert b"".join(pdv[1:] for pdv in sent[1:]) == path.read_bytes()[132:]
+
+    dul_queue.queue.clear()  # nobody reads any more
+    started = time.monotonic()
+    with pytest.raises(OSError, match="read no PDU"):
+        send_message(assoc, 1, store_request(CT_IMAGE, "1.2.3", 2), (path, 132))
+    assert 0.3 <= time.monotonic() - started < 3 and dul_queue.qsize() <= 9
