@@ -358,6 +358,8 @@ class _RawConverter:
 
     @staticmethod
     def _numbers(vr: str, text: str) -> dict[str, Any] | None:
+        if "\x00" in text.rstrip(" \x00"):  # a NUL that is not padding: pydicom decides
+            return None
         items = text.strip(" \x00").split("\\")
         if items == [""]:
             return {"vr": vr}

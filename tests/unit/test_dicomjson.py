@@ -371,6 +371,24 @@ def test_the_fast_path_gives_pydicoms_result_for_generated_datasets(data: bytes)
         assert both[0] == both[1]
 
 
+@pytest.mark.parametrize("body", [b"\x001", b" \x001", b"1\x00\\2", b"1\x00"])
+@pytest.mark.parametrize("vr", ["IS", "DS"])
+def test_a_number_string_with_a_nul_inside_is_converted_as_pydicom_does(vr: str,
+                                                                      body: bytes) -> None:
+    """Found by the generated cases below: the fast path stripped a leading NUL that
+    pydicom keeps (and so refuses the number: kept as bytes)."""
+    ds = Dataset()
+    ds.add_new(0x00091010, vr, None)
+    raw = RawDataElement(Tag(0x00091010), vr, len(body), body, 0, False, True)
+    ds._dict[Tag(0x00091010)] = raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = to_json(ds, "FILE")
+        ds._dict[Tag(0x00091010)] = raw
+        slow = _slow(ds)
+    assert fast == slow
+
+
 @settings(max_examples=400, deadline=None)
 @given(vr=st.sampled_from(["AE", "AS", "CS", "DA", "DT", "TM", "UI", "SH", "LO", "UC", "LT",
                            "ST", "UT", "UR", "PN", "IS", "DS"]),
