@@ -3,8 +3,7 @@
 The instance document is the commit point.  Order of writes:
 
 0. a journal entry naming what is about to be written (:mod:`archive.journal`);
-1. the Part-10 bytes into GridFS (chunks, then the files document), while the DICOM
-   JSON is made; the entry then names the hierarchy too;
+1. the Part-10 bytes into GridFS (chunks, then the files document);
 2. the instance document (insert; a re-send replaces the stored one by SOP Instance UID);
 3. the series, study and patient documents (attributes, child lists, counters);
 4. on replacement, the previous GridFS file is deleted;
@@ -51,7 +50,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -207,8 +205,6 @@ class Archive:
         #: wait; 0: every store updates its level documents itself).
         self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
                                    linger=write_behind) if write_behind > 0 else None
-        #: Writes the files of stores while their DICOM JSON is made.
-        self._uploads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="gridfs-put")
 
     # The collections, one reference each (tests put failing stand-ins in their place).
     instances = property(lambda self: self.levels.instances,
@@ -306,30 +302,17 @@ class Archive:
         file_id = ObjectId()
         key = str(file_id)
         size = part10_size(part10)
-        transfer_syntax = _transfer_syntax(ds)
-        # The entry names the file before its first chunk is written, and the
-        # hierarchy before the instance document is: a crash in between leaves
-        # nothing the entry does not say how to take back.
+        data = dicomjson.to_json(ds, file_id)
+        doc = self.instance_document(data, file_id, _transfer_syntax(ds), size, source)
         entry: dict[str, Any] = {"kind": "store", "pid": os.getpid(), "sop": sop_uid,
-                                 "file_id": key, "length": size}
+                                 "file_id": key, "length": size,
+                                 "hierarchy": list(hierarchy_of(doc))}
         self._active.add(key)
         batched = False
         try:
             self.journal.write(key, entry)
             try:
-                # The file is written while the DICOM JSON is made: the upload mostly
-                # waits for the database, the conversion is the node's CPU.
-                upload = self._uploads.submit(self._put, part10, sop_uid, transfer_syntax,
-                                              file_id, size)
-                try:
-                    data = dicomjson.to_json(ds, file_id)
-                    doc = self.instance_document(data, file_id, transfer_syntax, size, source)
-                finally:
-                    wait([upload])  # an undo must not delete chunks still being written
-                upload.result()
-                entry["hierarchy"] = list(hierarchy_of(doc))
-                self.journal.write(key, entry)
-                outcome, batched = self._write(doc, data, entry)
+                outcome, batched = self._write(part10, doc, data, entry)
                 return outcome
             except BaseException as exc:
                 self._undo(entry, exc)
@@ -338,23 +321,19 @@ class Archive:
             if not batched:  # else the batch's writer finishes the entry
                 self._active.discard(key)
 
-    def _put(self, part10: Part10, sop_uid: str, transfer_syntax: str, file_id: ObjectId,
-             length: int) -> None:
-        try:
-            self.files.put(part10, f"{sop_uid}.dcm", {
-                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": transfer_syntax},
-                file_id=file_id, length=length)
-        except _ChunkWriteFailed as exc:
-            raise exc.cause from None
-
-    def _write(self, doc: dict[str, Any], data: dict[str, Any],
+    def _write(self, part10: Part10, doc: dict[str, Any], data: dict[str, Any],
                entry: dict[str, Any]) -> tuple[StoreOutcome, bool]:
-        """Steps 2 to 5 (the file is written); an exception leaves the undo to the
-        caller (the entry says what).
+        """Steps 1 to 5; an exception leaves the undo to the caller (the entry says what).
 
         Also answers whether the level updates went into a batch (the entry stays until
         the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
+        try:
+            self.files.put(part10, f"{sop_uid}.dcm", {
+                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
+                file_id=file_id, length=entry["length"])
+        except _ChunkWriteFailed as exc:
+            raise exc.cause from None
         try:
             self.instances.insert_one(doc)  # a new instance: one round trip
             previous = None
@@ -419,10 +398,9 @@ class Archive:
             self.batches.start()
 
     def close(self) -> None:
-        """Write what is batched and stop the background writers."""
+        """Write what is batched and stop the background writer."""
         if self.batches is not None:
             self.batches.stop()
-        self._uploads.shutdown(wait=True)
 
     def _batch_written(self, keys: list[str]) -> None:
         for key in keys:
