@@ -342,7 +342,10 @@ class _RawConverter:
         elif vr in _MULTI_TEXT:
             items = [i.rstrip("\0 ") for i in text.split("\\")]
         elif vr == "PN":
-            names = [_person_name(i) for i in text.split("\\")]
+            values = text.split("\\")
+            if any(v.count("=") > 2 for v in values):
+                return None  # more than three component groups: pydicom decides
+            names = [_person_name(v) for v in values]
             if len(names) > 1 and {} in names:
                 return None  # an empty name among several: pydicom fails, let it decide
             return {"vr": vr} if names == [{}] else {"vr": vr, "Value": names}

@@ -397,6 +397,15 @@ def _fast_and_slow(vr: str, body: bytes, charset: str = "") -> tuple[dict, dict]
     return fast, slow
 
 
+@pytest.mark.parametrize("body", [b"===1", b"A=B=C=D ", b"A^B\\==== "])
+def test_a_person_name_with_more_than_three_groups_is_converted_as_pydicom_does(
+        body: bytes) -> None:
+    """Found by the generated cases below: the fast path dropped a fourth group and
+    what follows (pydicom keeps three empty groups for ``===1``)."""
+    fast, slow = _fast_and_slow("PN", body)
+    assert fast == slow
+
+
 @pytest.mark.parametrize("body", [b"\x001", b" \x001", b"1\x00\\2", b"1\x00"])
 @pytest.mark.parametrize("vr", ["IS", "DS"])
 def test_a_number_string_with_a_nul_inside_is_converted_as_pydicom_does(vr: str,
