@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks.bench_ferretdb_reads import Server, dataset_json, instance
+from benchmarks.bench_ferretdb_reads import (
+    Server,
+    dataset_json,
+    instance,
+    pprof_top,
+    profile_while,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             h.RESULTS.mkdir(parents=True, exist_ok=True)
             for i, (server, coll) in enumerate(zip(servers, colls, strict=True)):
                 path = h.RESULTS / f"{args.output}_{i}.pprof"
-                profile(server, coll, insert, args.profile, path)
+                profile_while(server, lambda c=coll: insert(c), args.profile, path)
                 profiles.append(str(path.relative_to(h.REPO)))
-                top = _pprof_top(binaries[i], path)
+                top = pprof_top(binaries[i], path)
                 (h.RESULTS / f"{args.output}_{i}.pprof.txt").write_text(top, encoding="utf-8")
                 print(f"--- profile of {binaries[i]} ---\n{top}")
     finally:
@@ -126,33 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         "environment": h.environment_info()})
     print(f"results: {path.relative_to(h.REPO)}")
     return 0
-
-
-def profile(server: Server, coll: Any, insert: Any, seconds: int, output: Path) -> None:
-    """A CPU profile of FerretDB while a loop inserts instance documents."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            insert(coll)
-
-    worker = threading.Thread(target=loop)
-    worker.start()
-    try:
-        url = f"http://127.0.0.1:{server.debug_port}/debug/pprof/profile?seconds={seconds}"
-        with urllib.request.urlopen(url, timeout=seconds + 30) as response:
-            output.write_bytes(response.read())
-    finally:
-        stop.set()
-        worker.join()
-
-
-def _pprof_top(binary: Path, path: Path) -> str:
-    go = shutil.which("go")
-    if go is None:
-        return "(go not found: run `go tool pprof -top -cum BINARY PROFILE` elsewhere)"
-    return subprocess.run([go, "tool", "pprof", "-top", "-cum", "-nodecount=45", str(binary),
-                           str(path)], capture_output=True, text=True, check=False).stdout
 
 
 if __name__ == "__main__":

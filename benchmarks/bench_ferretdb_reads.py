@@ -255,13 +255,19 @@ def profile(server: Server, db: Any, binary: Path, seconds: int, output: Path) -
     """A CPU profile of FerretDB while a loop reads nested documents by _id."""
     coll = db.reads_nested
     count = coll.count_documents({})
+    reads = iter(range(1 << 62))
+    profile_while(server, lambda: coll.find_one({"_id": f"doc-{(next(reads) * 7) % count}"}),
+                  seconds, output)
+    return pprof_top(binary, output)
+
+
+def profile_while(server: Server, work: Callable[[], Any], seconds: int, output: Path) -> None:
+    """Write to ``output`` a CPU profile of FerretDB taken while ``work`` runs in a loop."""
     stop = threading.Event()
 
     def loop() -> None:
-        i = 0
         while not stop.is_set():
-            coll.find_one({"_id": f"doc-{(i * 7) % count}"})
-            i += 1
+            work()
 
     worker = threading.Thread(target=loop)
     worker.start()
@@ -272,6 +278,10 @@ def profile(server: Server, db: Any, binary: Path, seconds: int, output: Path) -
     finally:
         stop.set()
         worker.join()
+
+
+def pprof_top(binary: Path, output: Path) -> str:
+    """``go tool pprof -top`` of a profile, by own time then by cumulative time."""
     go = shutil.which("go")
     if go is None:
         return "(go not found: run `go tool pprof -top BINARY PROFILE` elsewhere)"
