@@ -38,8 +38,8 @@ from acl.rules import (
     decide,
     instance_document,
 )
-from archive.cli import command, database
 from archive.config import Config
+from archive.opening import database
 from archive.storage import connect
 
 
@@ -63,7 +63,7 @@ def _error(message: str, code: int = 1, prefix: str = "archive acl") -> int:
 # --- archive acl -----------------------------------------------------------------------
 
 
-def _configure_acl(parser: argparse.ArgumentParser) -> None:
+def configure_acl(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
     sub = parser.add_subparsers(dest="acl_command", required=True, metavar="ACTION")
@@ -85,7 +85,6 @@ def _configure_acl(parser: argparse.ArgumentParser) -> None:
                        help="attributes of a dataset to judge (keyword or tag)")
 
 
-@command("acl", _configure_acl)
 def run_acl(args: argparse.Namespace, cfg: Config) -> int:
     """Access rules: apply a YAML file, export them, check a request."""
     actions = {"apply": _apply, "export": _export, "check": _check}
@@ -264,7 +263,7 @@ def _document(args: argparse.Namespace) -> dict[str, Any] | None:
 # --- archive audit ---------------------------------------------------------------------
 
 
-def _configure_audit(parser: argparse.ArgumentParser) -> None:
+def configure_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", help="only the entries of this principal")
     parser.add_argument("--since", metavar="T",
                         help="ISO date/time (UTC unless an offset is given) or 15m, 2h, 7d")
@@ -272,7 +271,6 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
                         help="the newest N entries (default 100, 0 for all)")
 
 
-@command("audit", _configure_audit)
 def run_audit(args: argparse.Namespace, cfg: Config) -> int:
     """List the audit trail (associations and operations), one line each, newest last."""
     try:

@@ -30,7 +30,6 @@ import bcrypt
 import yaml
 
 from archive import yamlfile
-from archive.cli import command
 from archive.config import Config
 
 #: bcrypt cost (2^12 rounds: ~0.25 s per hash or check on a current CPU).
@@ -175,7 +174,7 @@ def remove_user(path: str | Path, name: str) -> bool:
 # --- archive user add | remove | list -------------------------------------------------
 
 
-def _configure(parser: argparse.ArgumentParser) -> None:
+def configure_user(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--file", metavar="PATH",
                         help="users file (default: auth.users_file of the configuration)")
@@ -212,7 +211,6 @@ def _read_password(args: argparse.Namespace) -> bytes:
     return first.encode("utf-8")
 
 
-@command("user", _configure)
 def run_user(args: argparse.Namespace, cfg: Config) -> int:
     """Manage the users of the 'file' authentication backend: add, remove, list."""
     path = Path(args.file or cfg.auth.users_file)

@@ -15,7 +15,6 @@ database that does not exist rather than report an empty archive.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -24,16 +23,17 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pymongo.errors import PyMongoError
 
+from acl import cli as acl_cli
+from acl import users
 from archive import config as config_module
 from archive.config import Config, ConfigError, display_uri
-from archive.ferretdb import DatabaseUnavailable, EmbeddedFerretDB
+from archive.ferretdb import DatabaseUnavailable
+from archive.opening import NoArchive, database
 
 log = logging.getLogger("archive")
 
@@ -46,8 +46,8 @@ EPILOG = """\
 Exit status: 0 done, 1 something failed (a file not stored, a problem found, a request
 denied), 2 the command could not run (usage, configuration, database)."""
 
-#: Registered sub-commands: name -> (configure parser, run).  Other modules (acl,
-#: users, audit) add theirs through :func:`command`.
+#: Registered sub-commands: name -> (configure parser, run), in the order of ``--help``:
+#: the command line's own, then acl's (registered at the end of this module).
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, Config], int]]] = {}
 
@@ -80,78 +80,6 @@ def setup_logging(level: str, one_shot: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
-
-
-class NoArchive(Exception):
-    """A command that reads was pointed at a database that does not exist."""
-
-
-@dataclass(frozen=True)
-class Opened:
-    """Which database a command works on, so that it can say so."""
-
-    name: str
-    uri: str  # as shown: without password
-    data_dir: str | None  # the embedded FerretDB's data folder, None for an external one
-    node_pid: int | None  # the running node whose embedded FerretDB is shared
-
-    def where(self) -> str:
-        if self.data_dir is None:
-            return self.uri
-        owner = f"shared with the running node pid {self.node_pid}" if self.node_pid \
-            else "started for this command: no node is running on it"
-        return f"embedded FerretDB on {self.uri}, data in {self.data_dir}, {owner}"
-
-    def describe(self) -> str:
-        return f"database {self.name} ({self.where()})"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@contextlib.contextmanager
-def database(cfg: Config, on_down: Callable[[str], None] | None = None, *,
-             existing: bool = False) -> Iterator[Opened]:
-    """Start the embedded FerretDB when configured (or share the running node's), and
-    point the config at it.
-
-    With ``on_down`` (the node), FerretDB is also restarted whenever it exits, and
-    ``on_down(reason)`` is told at once; one-shot commands have no need of either.
-    ``existing`` (commands that only read): raise NoArchive rather than create an
-    empty data folder or report on a database nothing was ever stored in.
-    """
-    embedded = EmbeddedFerretDB(cfg.database.embedded) if cfg.database.embedded.enabled else None
-    if embedded is not None:
-        if existing and not embedded.data_dir.is_dir():
-            raise NoArchive(f"no embedded database in {embedded.data_dir} (database.embedded."
-                            "data_dir: the folder does not exist); run from the archive's "
-                            "folder or give its --config")
-        cfg.database.uri = embedded.start()
-        if on_down is not None:
-            embedded.supervise(on_down)
-    try:
-        opened = Opened(cfg.database.name, display_uri(cfg.database.uri),
-                        str(embedded.data_dir) if embedded else None,
-                        embedded.shared_with if embedded else None)
-        if existing:
-            _require_database(cfg, opened)
-        yield opened
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
-def _require_database(cfg: Config, opened: Opened) -> None:
-    from archive.storage import connect
-
-    client = connect(cfg.database.uri, cfg.database.timeout_seconds)
-    try:
-        collections = client[cfg.database.name].list_collection_names()
-    finally:
-        client.close()
-    if not collections:
-        raise NoArchive(f"no {opened.describe()}: nothing was ever stored there (wrong "
-                        "--config, database.name or data folder?)")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -364,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_plugins()
     args = build_parser().parse_args(argv)
     try:
         cfg = config_module.load(args.config)
@@ -436,15 +363,7 @@ def unwritable_folder(cfg: Config, command_name: str) -> str | None:
     return None
 
 
-def _load_plugins() -> None:
-    """Import the modules that register more sub-commands (acl, user, audit)."""
-    import importlib
-    import importlib.util
-
-    for name in ("acl.cli", "acl.users"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except ModuleNotFoundError:  # no acl package at all
-            spec = None
-        if spec is not None:
-            importlib.import_module(name)
+# acl's commands: acl exposes them, the command line registers them (acl never imports it).
+command("acl", acl_cli.configure_acl)(acl_cli.run_acl)
+command("audit", acl_cli.configure_audit)(acl_cli.run_audit)
+command("user", users.configure_user)(users.run_user)
