@@ -69,7 +69,7 @@ from archive.config import Auth, ConfigError
 from archive.config import Throttle as ThrottleConfig
 
 if TYPE_CHECKING:
-    from archive.node import Node
+    from archive.dimse.node import Node
 
 log = logging.getLogger("acl.auth")
 

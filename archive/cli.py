@@ -101,7 +101,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 @command("serve", _configure_serve)
 def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     """Run the node in the foreground until SIGINT/SIGTERM."""
-    from archive.node import Node
+    from archive.dimse.node import Node
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -68,15 +68,22 @@ def install() -> None:
     import pymongo.collection
     from pynetdicom.events import Event
 
-    from archive import dicomjson, gridstore, levels, services, storage
+    from archive import dicomjson, gridstore, levels, storage
 
+    try:
+        from archive.dimse import services
+    except ImportError:  # a source before the DICOM front end moved to archive/dimse
+        from archive import services  # type: ignore[no-redef]
     services.handle_store = _timed("handle_store", services.handle_store)
     Event.encoded_dataset = _timed("encoded_dataset", Event.encoded_dataset)
     try:  # since datasets are received into files
-        from archive import receiving
+        from archive.dimse import receiving
     except ImportError:
-        pass
-    else:
+        try:  # before the DICOM front end moved to archive/dimse
+            from archive import receiving  # type: ignore[no-redef]
+        except ImportError:
+            receiving = None  # type: ignore[assignment]
+    if receiving is not None:
         receiving.Receiver.dataset = _timed("received_dataset", receiving.Receiver.dataset)
     storage.Archive.parse = staticmethod(_timed("parse", storage.Archive.parse))
     dicomjson.to_json = _timed("to_json", dicomjson.to_json)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from archive.config import Connections
-from archive.connections import Connection, ConnectionGuard, Phase, Slots
+from archive.dimse.connections import Connection, ConnectionGuard, Phase, Slots
 
 LIMITS = Connections(associations_per_peer=2, pending_per_peer=2, max_pending=3,
                      request_timeout=10, acse_timeout=30, dimse_timeout=20,

@@ -11,8 +11,8 @@ from pynetdicom import dimse
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 
-from archive import find_messages
-from archive.find_messages import FindResponse
+from archive.dimse import find_messages
+from archive.dimse.find_messages import FindResponse
 
 UIDS = [None, "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.1.1", "1.2.3"]
 

@@ -18,7 +18,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from archive.receiving import Receiver, Spool
+from archive.dimse.receiving import Receiver, Spool
 
 LIMIT = 1000
 

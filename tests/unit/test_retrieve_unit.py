@@ -32,7 +32,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from acl.rules import allow_all, decide
 from archive.config import Config, Destination
-from archive.retrieve import (
+from archive.dimse.retrieve import (
     GET,
     MOVE,
     Counts,
@@ -417,7 +417,7 @@ def test_long_move_keeps_the_requesting_association_alive() -> None:
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE_RQ
 
-    from archive.retrieve import handle_move
+    from archive.dimse.retrieve import handle_move
 
     received: list[str] = []
 

@@ -20,11 +20,12 @@ from pynetdicom.transport import AssociationServer
 from acl import auth, identity, yamlrules
 from acl.audit import AuditLog
 from acl.rules import Decision, Rule, RuleStore, allow_all
-from archive import answers, connections, find_messages, negotiation, retrieve, services
+from archive import answers
 from archive.config import Config, display_uri
+from archive.dimse import connections, find_messages, negotiation, retrieve, services
+from archive.dimse.receiving import Receiver
 from archive.find import Finder
 from archive.health import DatabaseHealth
-from archive.receiving import Receiver
 from archive.storage import Archive, connect, ensure_indexes
 
 log = logging.getLogger("archive.node")

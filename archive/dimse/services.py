@@ -30,13 +30,13 @@ from acl import auth, visibility
 from acl.audit import association_entry, operation_entry, requested_user, summarize
 from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule, admit_store
 from archive.answers import Syntax
+from archive.dimse.retrieve import handle_get, handle_move
 from archive.model import PATIENT, STUDY
 from archive.query import QueryError, translate
-from archive.retrieve import handle_get, handle_move
 from archive.storage import OUT_OF_RESOURCES, StoreOutcome, StoreRefused
 
 if TYPE_CHECKING:
-    from archive.node import Node
+    from archive.dimse.node import Node
 
 log = logging.getLogger("archive.services")
 

@@ -85,7 +85,7 @@ from archive.find import exact_values
 from archive.query import Query, QueryError, translate
 
 if TYPE_CHECKING:
-    from archive.node import Node
+    from archive.dimse.node import Node
 
 log = logging.getLogger("archive.retrieve")
 
@@ -904,7 +904,7 @@ class Retrieve:
 
     def _query(self) -> tuple[Query, Dataset]:
         """The identifier, checked and translated (no database access yet)."""
-        from archive.services import MODELS  # services imports this module
+        from archive.dimse.services import MODELS  # services imports this module
 
         try:
             identifier = self.event.identifier
@@ -965,7 +965,7 @@ class Retrieve:
 
         When it cannot be established every instance is counted failed (0xA702).
         """
-        from archive.services import set_nodelay  # services imports this module
+        from archive.dimse.services import set_nodelay  # services imports this module
 
         ae_title, dest = destination
         ae = self.node.ae
