@@ -1,7 +1,7 @@
 """Access control: who asks (authentication) and what they may see (rules).
 
-- :mod:`acl.auth`, :mod:`acl.users`: User Identity Negotiation checked by a backend;
-  the association's principal (:meth:`archive.node.Node.principal`).
+- :mod:`acl.auth`, :mod:`acl.users`: user names and passcodes checked by a backend
+  (the DICOM node's User Identity Negotiation is :mod:`archive.dimse.user_identity`).
 - :mod:`acl.identity`: who an association acts for and how (user identity, AE title
   bound to address/certificate, anonymous), pure; warnings about broad mappings.
 - :mod:`acl.throttle`: limits on failed authentications per peer and per user, with
@@ -13,5 +13,6 @@
   included.
 - :mod:`acl.yamlrules`: rules files, validated with line numbers, and their export.
 - :mod:`acl.audit`: the ``audit`` collection and its background writer.
-- :mod:`acl.cli`: ``archive acl apply | export | check`` and ``archive audit``.
+- :mod:`acl.cli`: ``archive acl apply | export | check`` and ``archive audit``
+  (the command line registers them; acl imports no front end and not the command line).
 """

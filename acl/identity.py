@@ -12,7 +12,7 @@ An association's principal comes from one of three places, in this order:
 3. else ``anonymous``.
 
 :func:`resolve` decides from plain values (no network, no clock); the node gathers
-them per association (:meth:`archive.node.Node.principal`).  :func:`broad_mappings`
+them per association (:meth:`archive.dimse.node.Node.principal`).  :func:`broad_mappings`
 lists the mappings worth a warning at start: broad rights, wide networks, mappings
 the backend makes inactive.
 """

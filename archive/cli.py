@@ -101,26 +101,30 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 @command("serve", _configure_serve)
 def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     """Run the node in the foreground until SIGINT/SIGTERM."""
+    from archive.context import Context
     from archive.dimse.node import Node
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    node: Node | None = None
+    context: Context | None = None
 
     def database_down(reason: str) -> None:  # the supervisor logs the event itself
-        if node is not None:
-            node.health.mark_down(reason, logged=True)
+        if context is not None:
+            context.health.mark_down(reason, logged=True)
 
     with database(cfg, on_down=database_down):
-        node = Node(cfg)
+        context = Context(cfg)  # what every front end serves
+        node = Node(context)  # the DICOM front end
+        context.start()
         node.start()
         # With a timeout: Python runs signal handlers in the main thread only, and a
         # SIGTERM the kernel hands to another thread (the node has many) would otherwise
         # wait for something to wake the main thread.
         while not stop.wait(1.0):
             pass
-        node.stop()
+        node.stop()  # stores in flight finish, associations close
+        context.stop()  # batched level updates written before the database goes
     return 0
 
 

@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from bson import ObjectId
 from pydicom import dcmread
@@ -81,11 +81,9 @@ from acl.audit import operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, RETRIEVE, Decision
 from archive import model
 from archive.config import Destination
+from archive.dimse.common import MODELS, Serving, set_nodelay
 from archive.find import exact_values
 from archive.query import Query, QueryError, translate
-
-if TYPE_CHECKING:
-    from archive.dimse.node import Node
 
 log = logging.getLogger("archive.retrieve")
 
@@ -718,8 +716,9 @@ class _Mute:
 class Retrieve:
     """One C-MOVE or C-GET request, from matching to the final response."""
 
-    def __init__(self, event: Event, node: Node, kind: str) -> None:
+    def __init__(self, event: Event, node: Serving, kind: str) -> None:
         self.event, self.node, self.kind = event, node, kind
+        self.context = node.context
         self.assoc: Association = event.assoc
         self.request = event.request
         self.counts = Counts()
@@ -847,7 +846,7 @@ class Retrieve:
                 rule=rule.index if rule is not None else None, comment=self.comment,
                 counts={"matched": c.total, "completed": c.completed, "failed": c.failed,
                         "warning": c.warning}, started=started)
-            self.node.audit.record(entry)
+            self.context.audit.record(entry)
         except Exception:  # noqa: BLE001 - auditing never fails the operation
             log.exception("%s %s: audit entry not recorded", self.kind, self.who)
 
@@ -855,7 +854,7 @@ class Retrieve:
         self.principal, self.decision = self.node.authorize(self.assoc, RETRIEVE)
         if not self.decision.allowed:
             raise Refused(NOT_AUTHORIZED, self.decision.comment())
-        if self.node.stopping.is_set():
+        if self.context.stopping.is_set():
             raise Refused(OUT_OF_RESOURCES_SUBOPS, "archive is shutting down")
         query, identifier = self._query()
         destination = self._destination() if self.kind == MOVE else None
@@ -863,7 +862,7 @@ class Retrieve:
             self.decision = self.decision.to_destination(destination[0])
             if not self.decision.allowed:
                 raise Refused(NOT_AUTHORIZED, self.decision.comment(destination=destination[0]))
-        if not self.node.health.up:  # refused at once, not after the driver's timeouts
+        if not self.context.health.up:  # refused at once, not after the driver's timeouts
             raise Refused(OUT_OF_RESOURCES_MATCHES, "database unavailable")
         items = self._match(query, identifier)
         if not items:
@@ -896,7 +895,7 @@ class Retrieve:
         raw = self.event.move_destination
         ae = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw or "").strip()
         self.destination = ae or "''"
-        dest = self.node.cfg.destinations.get(ae) if ae else None
+        dest = self.context.cfg.destinations.get(ae) if ae else None
         if dest is None:
             raise Refused(MOVE_DESTINATION_UNKNOWN, f"Move Destination {ae!r} unknown")
         self.destination = f"{ae}@{dest.host}:{dest.port}"
@@ -904,8 +903,6 @@ class Retrieve:
 
     def _query(self) -> tuple[Query, Dataset]:
         """The identifier, checked and translated (no database access yet)."""
-        from archive.dimse.services import MODELS  # services imports this module
-
         try:
             identifier = self.event.identifier
             identifier.decode()
@@ -915,8 +912,8 @@ class Retrieve:
         try:
             query = translate(identifier, _retrieve_model(
                 MODELS[self.request.AffectedSOPClassUID], identifier),
-                              pn_case_insensitive=self.node.cfg.query.pn_case_insensitive,
-                              combined_datetime=self.node.cfg.query.combined_datetime)
+                              pn_case_insensitive=self.context.cfg.query.pn_case_insensitive,
+                              combined_datetime=self.context.cfg.query.combined_datetime)
         except QueryError as exc:
             raise Refused(exc.status, exc.comment, exc.offending) from None
         self.level = query.level
@@ -927,7 +924,7 @@ class Retrieve:
         """What the identifier selects (and the access rules let through), in order."""
         items: dict[str, Item] = {}
         restriction = self.decision.instance_filter() if self.decision else None
-        found = self.node.finder.instances(query.level, identifier, restriction)
+        found = self.context.finder.instances(query.level, identifier, restriction)
         try:
             for n, doc in enumerate(found):
                 if n % 256 == 255 and self._cancel_requested():
@@ -940,7 +937,7 @@ class Retrieve:
                     raise Refused(OUT_OF_RESOURCES_MATCHES,
                                   f"more than {MAX_SUBOPERATIONS} instances match")
         except PyMongoError as exc:
-            self.node.health.suspect(exc)
+            self.context.health.suspect(exc)
             log.warning("%s %s: database error while matching: %s", self.kind, self.who, exc)
             raise Refused(OUT_OF_RESOURCES_MATCHES,
                           "database unavailable, matches not counted") from None
@@ -965,8 +962,6 @@ class Retrieve:
 
         When it cannot be established every instance is counted failed (0xA702).
         """
-        from archive.dimse.services import set_nodelay  # services imports this module
-
         ae_title, dest = destination
         ae = self.node.ae
         tls_args = (self._client_tls(), dest.host) if dest.tls else None
@@ -993,7 +988,7 @@ class Retrieve:
         raise Refused(OUT_OF_RESOURCES_SUBOPS, f"Move Destination {why}")
 
     def _client_tls(self) -> ssl.SSLContext:
-        tls = self.node.cfg.tls
+        tls = self.context.cfg.tls
         context = ssl.create_default_context(cafile=tls.ca_certificate or None)
         if tls.certificate:
             context.load_cert_chain(tls.certificate, tls.private_key or None)
@@ -1001,7 +996,7 @@ class Retrieve:
 
     def _transfer(self, sub: Association, items: list[Item], tmp: Path) -> None:
         """The C-STORE sub-operations, one pending response after each but the last."""
-        with Spooler(self.node.archive.files, items, tmp) as spooler:
+        with Spooler(self.context.archive.files, items, tmp) as spooler:
             self._sub_operations(sub, items, tmp, spooler)
 
     def _sub_operations(self, sub: Association, items: list[Item], tmp: Path,
@@ -1022,7 +1017,7 @@ class Retrieve:
             try:
                 self._store(sub, item, accepted, tmp, index, spooler)
             except PyMongoError as exc:
-                self.node.health.suspect(exc)
+                self.context.health.suspect(exc)
                 log.warning("%s %s: database error reading %s: %s", self.kind, self.who,
                             item.uid, exc)
                 for rest in items[index:]:
@@ -1148,7 +1143,7 @@ def _retrieve_model(model_name: str, identifier: Dataset) -> str:
 # --- handlers -------------------------------------------------------------------------
 
 
-def _handler(event: Event, node: Node, kind: str) -> Iterator[Any]:
+def _handler(event: Event, node: Serving, kind: str) -> Iterator[Any]:
     Retrieve(event, node, kind).run()
     # The operation has answered in full; let pynetdicom finish quietly.
     mute = _Mute(event.assoc, event.request.MessageID)
@@ -1160,11 +1155,11 @@ def _handler(event: Event, node: Node, kind: str) -> Iterator[Any]:
         mute.remove()
 
 
-def handle_move(event: Event, node: Node) -> Iterator[Any]:
+def handle_move(event: Event, node: Serving) -> Iterator[Any]:
     """EVT_C_MOVE handler."""
     return _handler(event, node, MOVE)
 
 
-def handle_get(event: Event, node: Node) -> Iterator[Any]:
+def handle_get(event: Event, node: Serving) -> Iterator[Any]:
     """EVT_C_GET handler."""
     return _handler(event, node, GET)

@@ -7,89 +7,49 @@ exception escape: pynetdicom would answer a generic failure without an Error Com
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pymongo.errors import OperationFailure, PyMongoError
-from pynetdicom import evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 
-from acl import auth, visibility
+from acl import visibility
 from acl.audit import association_entry, operation_entry, requested_user, summarize
 from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule, admit_store
 from archive.answers import Syntax
-from archive.dimse.retrieve import handle_get, handle_move
-from archive.model import PATIENT, STUDY
+from archive.dimse.common import MODELS, Serving, peer, status
+from archive.dimse.user_identity import principal_of
 from archive.query import QueryError, translate
 from archive.storage import OUT_OF_RESOURCES, StoreOutcome, StoreRefused
-
-if TYPE_CHECKING:
-    from archive.dimse.node import Node
 
 log = logging.getLogger("archive.services")
 
 
-def peer(event: Event) -> str:
-    """``CALLING_AE@host:port`` of the association an event belongs to."""
-    requestor = event.assoc.requestor
-    return f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
-
-
-def status(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
-
-
-def set_nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN handler disabling Nagle on the association's socket.
-
-    pynetdicom leaves Nagle on; a C-STORE round trip then waits ~40-90 ms for delayed
-    ACKs.  Bound on the server and on every association the node requests (C-MOVE).
-    """
-    try:
-        sock = event.assoc.dul.socket.socket
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-def _audit(node: Node, event: Event, operation: str, principal: str, decision: Decision,
+def _audit(node: Serving, event: Event, operation: str, principal: str, decision: Decision,
            code: int, rule: Rule | None = None, **details: Any) -> None:
     """Queue the audit entry of one operation (no database round trip here)."""
     rule = rule or decision.deciding_rule()
-    node.audit.record(operation_entry(
+    node.context.audit.record(operation_entry(
         event.assoc, operation, principal, decision.service, allowed=code != NOT_AUTHORIZED,
         status=code, restricted=decision.restricted,
         rule=rule.index if rule is not None and code != NOT_AUTHORIZED else None, **details))
 
 
-def _deny(node: Node, event: Event, operation: str, principal: str, decision: Decision,
+def _deny(node: Serving, event: Event, operation: str, principal: str, decision: Decision,
           started: float, request: str = "", outside_rules: bool = False) -> Dataset:
     """Refused: Not authorized (0x0124), logged, audited."""
     comment = decision.comment(document_refused=outside_rules)
     log.warning("%s %s denied to %s: 0x%04X %s", operation, peer(event),
-                auth.principal_of(event.assoc, node).describe(), NOT_AUTHORIZED, comment)
+                principal_of(event.assoc, node).describe(), NOT_AUTHORIZED, comment)
     _audit(node, event, operation, principal, decision, NOT_AUTHORIZED, request=request,
            comment=comment, started=started)
     return status(NOT_AUTHORIZED, comment)
 
 
-def handle_echo(event: Event, node: Node) -> Dataset | int:
+def handle_echo(event: Event, node: Serving) -> Dataset | int:
     started = time.perf_counter()
     principal, decision = node.authorize(event.assoc, ECHO)
     if not decision.allowed:
@@ -99,7 +59,7 @@ def handle_echo(event: Event, node: Node) -> Dataset | int:
     return 0x0000
 
 
-def handle_store(event: Event, node: Node) -> Dataset:
+def handle_store(event: Event, node: Serving) -> Dataset:
     started = time.perf_counter()
     principal, decision = node.authorize(event.assoc, STORE)
     sop = str(event.request.AffectedSOPInstanceUID or "")
@@ -111,7 +71,7 @@ def handle_store(event: Event, node: Node) -> Dataset:
 
     if not decision.allowed:
         return _deny(node, event, "C-STORE", principal, decision, started, sop)
-    if not node.begin_store():
+    if not node.context.begin_store():
         log.warning("C-STORE %s refused: node stopping", peer(event))
         return answer(OUT_OF_RESOURCES, "archive is shutting down")
     rule = None
@@ -129,29 +89,18 @@ def handle_store(event: Event, node: Node) -> Dataset:
         else:
             if rule is None:
                 return _deny(node, event, "C-STORE", principal, decision, started, sop, True)
-            outcome = node.archive.store(part10, source=source, ds=ds, admit=admit)
+            outcome = node.context.archive.store(part10, source=source, ds=ds, admit=admit)
     except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
         log.exception("C-STORE %s: unexpected error", peer(event))
         return answer(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
     finally:
-        node.end_store()
+        node.context.end_store()
     elapsed = (time.perf_counter() - started) * 1000
     line = "C-STORE %s sop=%s -> 0x%04X%s (%.1f ms)"
     args = (peer(event), outcome.sop_instance_uid or "?", outcome.status,
             f" {outcome.comment}" if outcome.comment else "", elapsed)
     (log.info if outcome.ok else log.warning)(line, *args)
     return answer(outcome.status, outcome.comment, rule)
-
-
-#: Query/Retrieve information model of each C-FIND/C-MOVE/C-GET SOP class.
-MODELS = {
-    PatientRootQueryRetrieveInformationModelFind: PATIENT,
-    StudyRootQueryRetrieveInformationModelFind: STUDY,
-    PatientRootQueryRetrieveInformationModelMove: PATIENT,
-    StudyRootQueryRetrieveInformationModelMove: STUDY,
-    PatientRootQueryRetrieveInformationModelGet: PATIENT,
-    StudyRootQueryRetrieveInformationModelGet: STUDY,
-}
 
 
 def _identifier(event: Event) -> Dataset:
@@ -178,7 +127,7 @@ def _syntax(event: Event) -> Syntax | None:
         return None
 
 
-def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]]:
+def handle_find(event: Event, node: Serving) -> Iterator[tuple[Any, Dataset | None]]:
     started = time.perf_counter()
     who = peer(event)
     principal, decision = node.authorize(event.assoc, QUERY)
@@ -194,8 +143,8 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
     try:
         identifier = _identifier(event)
         model = MODELS[event.request.AffectedSOPClassUID]
-        options = {"pn_case_insensitive": node.cfg.query.pn_case_insensitive,
-                   "combined_datetime": node.cfg.query.combined_datetime}
+        options = {"pn_case_insensitive": node.context.cfg.query.pn_case_insensitive,
+                   "combined_datetime": node.context.cfg.query.combined_datetime}
         query = translate(identifier, model, **options)
     except QueryError as exc:
         log.warning("C-FIND %s refused: 0x%04X %s", who, exc.status, exc.comment)
@@ -207,7 +156,7 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         audit(0xC000, comment="cannot decode the identifier")
         yield status(0xC000, "cannot decode the identifier"), None
         return
-    if not node.health.up:  # refused at once, not after the driver's timeouts
+    if not node.context.health.up:  # refused at once, not after the driver's timeouts
         comment = "database unavailable, query not completed"  # as when it fails midway
         log.warning("C-FIND %s refused: 0x%04X %s", who, OUT_OF_RESOURCES, comment)
         audit(OUT_OF_RESOURCES, comment=comment)
@@ -215,10 +164,10 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         return
     syntax = _syntax(event)  # answers are encoded for it as they are built
     if decision.restricted:  # only what the principal's patterns let it see
-        results = visibility.responses(node.finder, query, identifier, decision.patterns,
+        results = visibility.responses(node.context.finder, query, identifier, decision.patterns,
                                        model, syntax, **options)
     else:
-        results = node.finder.responses(query, identifier, syntax=syntax)
+        results = node.context.finder.responses(query, identifier, syntax=syntax)
     count, outcome, code = 0, "0x0000", 0x0000
     try:
         for response in results:
@@ -234,7 +183,7 @@ def handle_find(event: Event, node: Node) -> Iterator[tuple[Any, Dataset | None]
         yield status(0xC001, "the database cannot run this query"), None
         return
     except PyMongoError as exc:
-        node.health.suspect(exc)
+        node.context.health.suspect(exc)
         outcome, code = f"0xA700 database error {type(exc).__name__}", OUT_OF_RESOURCES
         yield status(OUT_OF_RESOURCES, "database unavailable, query not completed"), None
         return
@@ -255,31 +204,14 @@ _ASSOCIATION_EVENTS = {"accepted": "A-ASSOCIATE", "released": "A-RELEASE",
                        "aborted": "A-ABORT", "rejected": "A-ASSOCIATE-RJ"}
 
 
-def _assoc_logger(kind: str) -> Any:
-    def handler(event: Event, node: Node) -> None:
+def association_logger(kind: str) -> Any:
+    """A handler logging and auditing one kind of association event (accepted, ...)."""
+    def handler(event: Event, node: Serving) -> None:
         assoc = event.assoc
         contexts = len(assoc.accepted_contexts) if kind == "accepted" else ""
         log.info("association %s %s%s", kind, peer(event),
                  f" ({contexts} contexts)" if contexts else "")
-        node.audit.record(association_entry(
+        node.context.audit.record(association_entry(
             assoc, _ASSOCIATION_EVENTS[kind], node.principal(assoc),
             allowed=kind != "rejected", user=requested_user(assoc)))
     return handler
-
-
-def handlers(node: Node) -> list[tuple[Any, ...]]:
-    """Event bindings for :meth:`pynetdicom.AE.start_server`."""
-    return [
-        (evt.EVT_C_ECHO, handle_echo, [node]),
-        (evt.EVT_C_STORE, handle_store, [node]),
-        (evt.EVT_C_FIND, handle_find, [node]),
-        (evt.EVT_C_MOVE, handle_move, [node]),
-        (evt.EVT_C_GET, handle_get, [node]),
-        (evt.EVT_CONN_OPEN, set_nodelay),
-        (evt.EVT_CONN_CLOSE, node.receiver.discard_partial),
-        (evt.EVT_ACCEPTED, _assoc_logger("accepted"), [node]),
-        (evt.EVT_RELEASED, _assoc_logger("released"), [node]),
-        (evt.EVT_ABORTED, _assoc_logger("aborted"), [node]),
-        (evt.EVT_REJECTED, _assoc_logger("rejected"), [node]),
-        *auth.handlers(node),  # EVT_USER_ID, and forgetting identities at the end
-    ]

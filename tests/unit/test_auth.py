@@ -28,6 +28,7 @@ from acl.auth import (
 )
 from archive import cli
 from archive.config import Auth, ConfigError
+from archive.dimse import user_identity
 
 FAST = 4  # bcrypt cost for the tests (the hash embeds it; checks are as fast)
 SECRET = "s3cret-Passcode-äö"
@@ -251,18 +252,23 @@ def fake_event(kind: int, primary: bytes, secondary: bytes | None = None,
 
 @pytest.fixture
 def file_node(users_file: Path) -> Any:
-    return SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
-                           guard=None)
+    return fake_node(FileAuthenticator(users_file))
+
+
+def fake_node(authenticator: Any, guard: Any = None, **context: Any) -> Any:
+    """The node as the handlers see it: its identities, and the core context."""
+    return SimpleNamespace(identities={}, context=SimpleNamespace(
+        authenticator=authenticator, guard=guard, **context))
 
 
 def test_handler_accepts_and_remembers_the_principal(file_node: Any) -> None:
     event = fake_event(2, b"alice", SECRET.encode(), positive=True)
-    assert auth.handle_user_id(event, file_node) == (True, b"")  # positive response
+    assert user_identity.handle_user_id(event, file_node) == (True, b"")  # positive response
     assert file_node.identities == {id(event.assoc): "alice"}
     quiet = fake_event(2, b"bob", b"bob-passcode")
-    assert auth.handle_user_id(quiet, file_node) == (True, None)
-    auth.forget_identity(SimpleNamespace(assoc=event.assoc), file_node)
-    auth.forget_identity(SimpleNamespace(assoc=event.assoc), file_node)  # idempotent
+    assert user_identity.handle_user_id(quiet, file_node) == (True, None)
+    user_identity.forget_identity(SimpleNamespace(assoc=event.assoc), file_node)
+    user_identity.forget_identity(SimpleNamespace(assoc=event.assoc), file_node)  # idempotent
     assert file_node.identities == {id(quiet.assoc): "bob"}
 
 
@@ -278,9 +284,9 @@ def test_handler_accepts_and_remembers_the_principal(file_node: Any) -> None:
 def test_handler_refuses_on_one_line_without_the_passcode(
         file_node: Any, event: Any, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="acl.auth"):
-        assert auth.handle_user_id(event, file_node) == (False, None)
+        assert user_identity.handle_user_id(event, file_node) == (False, None)
     assert file_node.identities == {}
-    assert getattr(event.assoc, auth.REFUSAL_ATTRIBUTE) is False  # rejected-permanent
+    assert getattr(event.assoc, user_identity.REFUSAL_ATTRIBUTE) is False  # rejected-permanent
     [record] = caplog.records
     line = record.getMessage()
     assert "\n" not in line
@@ -290,12 +296,11 @@ def test_handler_refuses_on_one_line_without_the_passcode(
 
 def test_handler_marks_backend_trouble_transient(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    node = SimpleNamespace(authenticator=FileAuthenticator(tmp_path / "absent.yaml"),
-                           identities={}, guard=None)
+    node = fake_node(FileAuthenticator(tmp_path / "absent.yaml"))
     event = fake_event(2, b"alice", b"pw")
     with caplog.at_level(logging.INFO, logger="acl.auth"):
-        assert auth.handle_user_id(event, node) == (False, None)
-    assert getattr(event.assoc, auth.REFUSAL_ATTRIBUTE) is True
+        assert user_identity.handle_user_id(event, node) == (False, None)
+    assert getattr(event.assoc, user_identity.REFUSAL_ATTRIBUTE) is True
     assert "[transient]" in caplog.text
 
 
@@ -304,10 +309,9 @@ def test_handler_survives_a_backend_bug(caplog: pytest.LogCaptureFixture) -> Non
         def authenticate(self, username: str, passcode: bytes | None) -> str:
             raise RuntimeError(f"boom {passcode!r}")
 
-    node = SimpleNamespace(authenticator=Broken(), identities={},
-                           guard=None)
+    node = fake_node(Broken())
     with caplog.at_level(logging.INFO, logger="acl.auth"):
-        assert auth.handle_user_id(fake_event(2, b"alice", b"hidden-pw"), node) == (False,
+        assert user_identity.handle_user_id(fake_event(2, b"alice", b"hidden-pw"), node) == (False,
                                                                                      None)
     assert "internal error builtins.RuntimeError" in caplog.text and "hidden-pw" not in caplog.text
 
@@ -318,9 +322,9 @@ def test_handler_survives_a_backend_bug(caplog: pytest.LogCaptureFixture) -> Non
 def test_install_is_idempotent_and_patches_both_methods() -> None:
     from pynetdicom.acse import ACSE
 
-    auth.install()
+    user_identity.install()
     first = (ACSE._check_user_identity, ACSE.send_reject)
-    auth.install()
+    user_identity.install()
     assert (ACSE._check_user_identity, ACSE.send_reject) == first
     assert hasattr(first[0], "__wrapped__") and hasattr(first[1], "__wrapped__")
 
@@ -331,19 +335,19 @@ def test_positive_response_for_username_identities(kind: int, positive: bool,
                                                    expected: bytes | None) -> None:
     acse_like = SimpleNamespace(requestor=SimpleNamespace(user_identity=SimpleNamespace(
         positive_response_requested=positive, user_identity_type=kind)))
-    check = auth._positive_response(lambda self: (True, None))
+    check = user_identity._positive_response(lambda self: (True, None))
     verified, response = check(acse_like)
     assert verified
     assert (None if response is None else response.server_response) == expected
-    assert auth._positive_response(lambda self: (False, None))(acse_like) == (False, None)
+    assert user_identity._positive_response(lambda self: (False, None))(acse_like) == (False, None)
 
 
 def test_rejection_result_follows_the_refusal() -> None:
     sent: list[tuple[int, int, int]] = []
-    send = auth._refusal_result(lambda self, *rsd: sent.append(rsd))
+    send = user_identity._refusal_result(lambda self, *rsd: sent.append(rsd))
     plain = SimpleNamespace(assoc=SimpleNamespace())
-    permanent = SimpleNamespace(assoc=SimpleNamespace(**{auth.REFUSAL_ATTRIBUTE: False}))
-    transient = SimpleNamespace(assoc=SimpleNamespace(**{auth.REFUSAL_ATTRIBUTE: True}))
+    permanent = SimpleNamespace(assoc=SimpleNamespace(**{user_identity.REFUSAL_ATTRIBUTE: False}))
+    transient = SimpleNamespace(assoc=SimpleNamespace(**{user_identity.REFUSAL_ATTRIBUTE: True}))
     send(plain, 2, 2, 1)
     send(permanent, 2, 2, 1)
     send(transient, 2, 2, 1)
@@ -451,9 +455,8 @@ def test_identity_lives_exactly_as_long_as_its_association(users_file: Path) -> 
     from pynetdicom.pdu_primitives import UserIdentityNegotiation
     from pynetdicom.sop_class import Verification
 
-    auth.install()
-    node = SimpleNamespace(authenticator=FileAuthenticator(users_file), identities={},
-                           guard=None)
+    user_identity.install()
+    node = fake_node(FileAuthenticator(users_file))
     seen: list[str | None] = []
 
     def on_echo(event: Any) -> int:
@@ -464,7 +467,7 @@ def test_identity_lives_exactly_as_long_as_its_association(users_file: Path) -> 
     server_ae.add_supported_context(Verification)
     server = server_ae.start_server(("127.0.0.1", 0), block=False,
                                     evt_handlers=[(evt.EVT_C_ECHO, on_echo),
-                                                  *auth.handlers(node)])
+                                                  *user_identity.handlers(node)])
     try:
         def connect(passcode: str) -> Any:
             ae = AE("CLIENT")
@@ -512,13 +515,13 @@ def test_handler_refuses_throttled_attempts_transient_without_checking(
             checks.append(username)
             return super().authenticate(username, passcode)
 
-    node = SimpleNamespace(authenticator=Counting(users_file), identities={},
-                           guard=Guard(Throttle(peer_failures=1, user_failures=10)))
+    node = fake_node(Counting(users_file), Guard(Throttle(peer_failures=1, user_failures=10)))
     events = [fake_event(2, b"alice", b"wrong-passcode-123") for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="acl.auth"):
-        assert [auth.handle_user_id(e, node) for e in events] == [(False, None)] * 3
+        assert [user_identity.handle_user_id(e, node) for e in events] == [(False, None)] * 3
     assert checks == ["alice", "alice"]  # the third was never checked
-    assert [getattr(e.assoc, auth.REFUSAL_ATTRIBUTE) for e in events] == [False, False, True]
+    refused = user_identity.REFUSAL_ATTRIBUTE
+    assert [getattr(e.assoc, refused) for e in events] == [False, False, True]
     last = caplog.records[-1].getMessage()
     assert "throttled: address 127.0.0.1 has 2 recent failures" in last
     assert last.endswith("[transient]") and "wrong-passcode-123" not in caplog.text
@@ -531,19 +534,19 @@ def test_principal_is_decided_once_per_association_and_says_how(
 
     cfg = Auth(backend="file", ae_principals_without_password=True,
                ae_principals={"MODALITY": AePrincipal("ct", ["127.0.0.1"])})
-    node = SimpleNamespace(authenticator=SimpleNamespace(name="file"), identities={},
-                           ae_bindings=identity.bindings(cfg),
-                           cfg=SimpleNamespace(auth=cfg))
+    node = fake_node(SimpleNamespace(name="file"), ae_bindings=identity.bindings(cfg),
+                     cfg=SimpleNamespace(auth=cfg))
     here, there, refused, verified = FakeAssoc(), FakeAssoc(), FakeAssoc(), FakeAssoc()
     there.requestor.address = "127.0.0.9"
-    setattr(refused, auth.REFUSAL_ATTRIBUTE, False)
+    setattr(refused, user_identity.REFUSAL_ATTRIBUTE, False)
     node.identities[id(verified)] = "alice"
     with caplog.at_level(logging.INFO, logger="acl.auth"):
         for assoc in (here, here, there, there, refused, verified):
-            auth.principal_of(assoc, node)
-    assert [auth.principal_of(a, node).name for a in (here, there, refused, verified)] == \
+            user_identity.principal_of(assoc, node)
+    principal_of = user_identity.principal_of
+    assert [principal_of(a, node).name for a in (here, there, refused, verified)] == \
         ["ct", "anonymous", "anonymous", "alice"]
-    assert [auth.principal_of(a, node).established for a in (here, there, refused, verified)
+    assert [principal_of(a, node).established for a in (here, there, refused, verified)
             ] == [identity.AE_TITLE, identity.NONE, identity.REFUSED, identity.VERIFIED]
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4  # one per association

@@ -272,15 +272,18 @@ class FakeEvent:
 def fake_node(docs: list[dict[str, Any]], files: dict[ObjectId, bytes],
               decision: Any = None, **cfg: Any) -> Any:
     config = Config(**cfg)
-    return SimpleNamespace(
+    context = SimpleNamespace(
         cfg=config, stopping=threading.Event(),
         archive=SimpleNamespace(files=FakeFiles(files)),
         finder=SimpleNamespace(instances=lambda level, identifier, restriction=None,
                                projection=None: iter(docs)),
-        authorize=lambda assoc, service: ("anonymous", decision
-                                          or allow_all("anonymous", service)),
         audit=SimpleNamespace(record=lambda entry: None),
         health=SimpleNamespace(up=True, suspect=lambda exc: None),
+    )
+    return SimpleNamespace(
+        context=context,
+        authorize=lambda assoc, service: ("anonymous", decision
+                                          or allow_all("anonymous", service)),
     )
 
 
@@ -298,7 +301,8 @@ def final(assoc: FakeAssociation) -> Any:
 def test_unknown_destination_refused_with_comment_before_matching() -> None:
     assoc = FakeAssociation()
     node = fake_node([], {})
-    node.finder.instances = lambda *a, **k: pytest.fail("matched for an unknown destination")
+    node.context.finder.instances = \
+        lambda *a, **k: pytest.fail("matched for an unknown destination")
     Retrieve(FakeEvent(assoc, study_request(), "NOWHERE"), node, MOVE).run()
     assert len(assoc.responses) == 1
     assert final(assoc).Status == 0xA801
@@ -309,8 +313,9 @@ def test_unknown_destination_refused_with_comment_before_matching() -> None:
 def test_database_known_down_is_answered_a701_without_matching(kind: str) -> None:
     assoc = FakeAssociation()
     node = fake_node([], {}, destinations={"DEST": Destination("127.0.0.1", 104)})
-    node.health.up = False
-    node.finder.instances = lambda *a, **k: pytest.fail("matched while the database is down")
+    node.context.health.up = False
+    node.context.finder.instances = \
+        lambda *a, **k: pytest.fail("matched while the database is down")
     Retrieve(FakeEvent(assoc, study_request(), "DEST"), node, kind).run()
     assert len(assoc.responses) == 1
     assert (final(assoc).Status, final(assoc).ErrorComment) == (0xA701, "database unavailable")
@@ -501,7 +506,7 @@ def test_media_storage_sop_instance_uid_names_the_instance() -> None:
     assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
     seen: list[Dataset] = []
     node = fake_node(docs, files)
-    node.finder.instances = lambda level, ident, *a, **k: seen.append(ident) or iter(docs)
+    node.context.finder.instances = lambda level, ident, *a, **k: seen.append(ident) or iter(docs)
     Retrieve(FakeEvent(assoc, image_request(alias="1.2.3.0")), node, GET).run()
     assert final(assoc).Status == 0x0000
     assert final(assoc).NumberOfCompletedSuboperations == 1
@@ -514,7 +519,7 @@ def test_study_root_patient_level_retrieve_is_read_as_patient_root() -> None:
     assoc = FakeAssociation({CT_IMAGE: {ExplicitVRLittleEndian}})
     levels: list[str] = []
     node = fake_node(docs, files)
-    node.finder.instances = lambda level, *a, **k: levels.append(level) or iter(docs)
+    node.context.finder.instances = lambda level, *a, **k: levels.append(level) or iter(docs)
     request = Dataset()
     request.QueryRetrieveLevel = "PATIENT"
     request.PatientID = "P1"
