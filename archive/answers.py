@@ -7,10 +7,10 @@ Here each value of a common form is turned once into the bytes pydicom's writer 
 for it (same padding, same character set encoder), kept as a ``RawDataElement`` that the
 writer copies as it is when the answer is marked with the association's encoding.
 
-An answer made only of such elements (:class:`Answer`) is then written by
-:func:`encode_answer` -- the tag, VR and length headers pydicom's writer puts before each
-value -- instead of pydicom's ``write_dataset`` and its per-element buffers, once
-:func:`install` has put it in pynetdicom's C-FIND path.
+An answer made only of such elements (:class:`Answer`) is then written by the DICOM
+front end (:mod:`archive.dimse.answer_writer`) -- the tag, VR and length headers
+pydicom's writer puts before each value -- instead of pydicom's ``write_dataset`` and
+its per-element buffers.
 
 Every function answers None for what it is not sure to encode exactly as pydicom does
 (a bulk or inline binary value, nulls among values, a DS, a sequence, ...): the caller
@@ -21,7 +21,6 @@ tests/unit/test_answers.py compares both ways byte for byte.
 from __future__ import annotations
 
 import functools
-import struct
 from typing import Any
 
 from pydicom import config
@@ -29,8 +28,7 @@ from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, _encode_personname
-from pynetdicom import service_class
+from pydicom.valuerep import _encode_personname
 
 #: (implicit VR, little endian) of the presentation context an answer is sent on.
 Syntax = tuple[bool, bool]
@@ -129,8 +127,8 @@ def raw_element(tag: int, vr: str, value: bytes, syntax: Syntax) -> RawDataEleme
 
 
 class Answer(Dataset):
-    """A C-FIND answer built by ``Finder._fast_response``: :func:`encode_answer` writes
-    it when all its elements are raw ones of the syntax it is sent with."""
+    """A C-FIND answer built by ``Finder._fast_response``: the DICOM front end writes it
+    itself when all its elements are raw ones of the syntax it is sent with."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,55 +145,3 @@ def dataset_charset(charset: str) -> list[str] | str:
     writer to copy raw elements."""
     found = _dataset_charset(charset)
     return list(found) if isinstance(found, tuple) else found
-
-
-def encode_answer(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool) -> bytes | None:
-    """The bytes pydicom's ``write_dataset`` writes for ``ds``, when every element is a
-    raw one of this syntax (None otherwise: pydicom then writes it)."""
-    if ds.original_encoding != (is_implicit_vr, is_little_endian):
-        return None
-    order = "<" if is_little_endian else ">"
-    implicit, short, long_ = (struct.Struct(order + "HHI"), struct.Struct(order + "HH2sH"),
-                              struct.Struct(order + "HH2sHI"))
-    out: list[bytes] = []
-    elements = ds._dict
-    for tag in sorted(elements):
-        elem = elements[tag]
-        if not isinstance(elem, RawDataElement) or elem.is_implicit_VR != is_implicit_vr \
-                or elem.is_little_endian != is_little_endian or elem.value is None:
-            return None
-        group, number = tag >> 16, tag & 0xFFFF
-        if number == 0 and group > 6:
-            continue  # group lengths: pydicom's writer leaves them out
-        length = len(elem.value)
-        if is_implicit_vr:
-            out.append(implicit.pack(group, number, length))
-        elif elem.VR is None or len(elem.VR) != 2:
-            return None
-        elif elem.VR in EXPLICIT_VR_LENGTH_32:
-            out.append(long_.pack(group, number, elem.VR.encode("ascii"), 0, length))
-        elif length > 0xFFFF:
-            return None  # pydicom writes it as UN, with a warning
-        else:
-            out.append(short.pack(group, number, elem.VR.encode("ascii"), length))
-        out.append(elem.value)
-    return b"".join(out)
-
-
-def install() -> None:
-    """Make pynetdicom's service classes encode :class:`Answer` datasets with
-    :func:`encode_answer` (once per process; any other dataset as before)."""
-    current = service_class.encode
-    if hasattr(current, "__wrapped__"):
-        return
-
-    @functools.wraps(current)
-    def encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
-               deflated: bool = False) -> bytes | None:
-        if not deflated and type(ds) is Answer:
-            data = encode_answer(ds, is_implicit_vr, is_little_endian)
-            if data is not None:
-                return data
-        return current(ds, is_implicit_vr, is_little_endian, deflated)
-
-    service_class.encode = encode  # type: ignore[assignment]

@@ -20,10 +20,10 @@ from pynetdicom.transport import AssociationServer
 
 from acl import identity
 from acl.rules import Decision
-from archive import answers
 from archive.config import Config, display_uri
 from archive.context import Context
 from archive.dimse import (
+    answer_writer,
     connections,
     find_messages,
     negotiation,
@@ -118,7 +118,7 @@ class Node:
         _config.LOG_REQUEST_IDENTIFIERS = verbose
         _config.LOG_RESPONSE_IDENTIFIERS = pynetdicom_log.isEnabledFor(logging.DEBUG)
         _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
-        answers.install()  # C-FIND answers written without pydicom's writer
+        answer_writer.install()  # C-FIND answers written without pydicom's writer
         find_messages.install(not verbose)  # and their command sets
         negotiation.install()
         user_identity.install()

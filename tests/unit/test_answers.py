@@ -17,6 +17,7 @@ from pydicom.sequence import Sequence
 from pynetdicom.dsutils import decode, encode
 
 from archive import answers
+from archive.dimse import answer_writer
 from archive.find import Finder, answer_plan
 from archive.query import Query
 
@@ -202,7 +203,7 @@ def test_benchmark_answers_take_the_fast_path(charset: str | None,
     assert fast == reference
     raw = [tag for tag, elem in ds._dict.items() if isinstance(elem, RawDataElement)]
     assert len(raw) == 12  # every requested key, the level and the character set
-    assert answers.encode_answer(ds, *syntax) == reference
+    assert answer_writer.encode_answer(ds, *syntax) == reference
     assert ds.SpecificCharacterSet == "ISO_IR 192"
 
 
@@ -240,12 +241,12 @@ def test_answer_writer_writes_what_pydicom_writes(doc: dict[str, Any], identifie
     from pynetdicom import service_class
 
     fast, reference, ds = _both(doc, identifier, syntax)
-    written = answers.encode_answer(ds, *syntax)
+    written = answer_writer.encode_answer(ds, *syntax)
     if written is not None:
         assert written == reference
     all_raw = all(isinstance(e, RawDataElement) for e in ds._dict.values())
     assert (written is not None) == (isinstance(ds, answers.Answer) and all_raw)
     other = next(s for s in SYNTAXES if s != syntax)
-    assert answers.encode_answer(ds, *other) is None
-    answers.install()
+    assert answer_writer.encode_answer(ds, *other) is None
+    answer_writer.install()
     assert service_class.encode(ds, *syntax) == reference

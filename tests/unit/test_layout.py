@@ -34,8 +34,8 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _imports(path: Path) -> set[str]:
-    """The modules of this project that ``path`` imports, anywhere in it."""
+def _all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -44,10 +44,12 @@ def _imports(path: Path) -> set[str]:
             for alias in node.names:  # ``from archive import answers``: the module
                 full = f"{node.module}.{alias.name}"
                 names.add(full if full in MODULES else node.module)
-    return {name for name in names if name in MODULES}
+    return names
 
 
-GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+IMPORTS = {name: _all_imports(path) for name, path in MODULES.items()}
+#: module -> the modules of this project it imports
+GRAPH = {name: {t for t in targets if t in MODULES} for name, targets in IMPORTS.items()}
 
 
 def _within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -78,6 +80,14 @@ def test_only_the_context_builds_on_acl_in_the_core() -> None:
     users = {name for name, targets in GRAPH.items()
              if _core(name) and any(t.startswith("acl") for t in targets)}
     assert users <= {"archive.context"}
+
+
+def test_the_core_and_acl_need_no_pynetdicom() -> None:
+    """DIMSE is the DICOM front end's business: the core and acl run without it."""
+    wrong = {(name, target) for name, targets in IMPORTS.items()
+             if _core(name) or name.startswith("acl")
+             for target in targets if _within(target, ("pynetdicom",))}
+    assert wrong == set()
 
 
 def test_no_import_cycle() -> None:
