@@ -148,7 +148,7 @@ class Acl:
 
 @dataclass
 class Connections:
-    """What one peer (IP address) may hold, and for how long (``archive.connections``).
+    """What one peer (IP address) may hold, and for how long (``archive.dimse.connections``).
 
     ``*_per_peer`` count connections from one IP address: those still waiting for their
     A-ASSOCIATE-RQ (pending) and associations.  Timeouts are seconds: ``request_timeout``
@@ -169,7 +169,7 @@ class Connections:
 
 @dataclass
 class Receive:
-    """How C-STORE datasets arrive (``archive.receiving``): large ones into a file.
+    """How C-STORE datasets arrive (``archive.dimse.receiving``): large ones into a file.
 
     Datasets up to ``in_memory_max_mb`` MiB (as Part-10 files) are received and stored
     in memory, as before; so are files ``archive import`` reads.  A larger one goes to a

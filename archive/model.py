@@ -106,7 +106,7 @@ CONTROL_KEYS: frozenset[int] = frozenset(
 
 #: File Meta Information keys that stand for a dataset attribute.  The archive sends
 #: every instance with Media Storage SOP Class / Instance UID equal to its SOP Class /
-#: Instance UID (archive.retrieve writes the meta group), so an identifier naming them
+#: Instance UID (archive.dimse.retrieve writes the meta group), so an identifier naming them
 #: (Orthanc 1.10 puts (0002,0003) in every IMAGE-level C-FIND and C-MOVE) asks for those.
 FILE_META_ALIASES: dict[int, int] = {0x00020002: 0x00080016, 0x00020003: 0x00080018}
 

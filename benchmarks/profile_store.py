@@ -174,7 +174,7 @@ def classify(frames: list[str]) -> str:
         return "pydicom parse (dcmread)"
     if _has(frames, "encoded_dataset"):
         return "Part-10 encoding (encoded_dataset)"
-    if _has(frames, "archive/receiving"):
+    if _has(frames, "archive/receiving", "archive/dimse/receiving"):
         return "received file read back (receiving)"
     if _has(frames, "logging"):
         return "logging"

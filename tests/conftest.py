@@ -229,7 +229,7 @@ class RunningNode:
         self.ae_title: str = self.config["ae_title"]
         self.database: str = self.config["database"]["name"]
         self.journal = Path(self.config["journal"])
-        #: where the node receives C-STORE datasets (archive.receiving)
+        #: where the node receives C-STORE datasets (archive.dimse.receiving)
         self.incoming = ROOT / self.config.get("receive", {}).get("folder", "data/incoming")
         self.log_path = directory / "node.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -420,7 +420,7 @@ def test_brute_force_is_throttled_without_starving_others(throttled_node: Any,
     checked = [x for x in log.splitlines() if "authentication refused EVIL@" in x
                and "throttled:" not in x]
     # (four guessers from one address also meet its share of association slots:
-    # archive.connections refuses those before any authentication)
+    # archive.dimse.connections refuses those before any authentication)
     limited = [x for x in log.splitlines() if " refused in phase " in x and attacker in x]
     assert len(checked) <= 6 and len(throttled) + len(limited) >= 64, \
         (len(checked), len(throttled), len(limited))

@@ -367,7 +367,7 @@ def test_bad_auth_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert_config_error(status, err, *fragments)
 
 
-# --- connections (archive.connections) -------------------------------------------------
+# --- connections (archive.dimse.connections) -------------------------------------------
 
 
 def test_connection_limits_default_below_max_associations(tmp_path: Path) -> None:

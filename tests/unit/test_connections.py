@@ -1,4 +1,4 @@
-"""archive.connections without a node: slot counting, deadlines per phase, the watchdog
+"""archive.dimse.connections without a node: slot counting, deadlines per phase, the watchdog
 on real sockets, and what reaches the log.  The network behaviour is in
 tests/e2e/test_slots.py."""
 

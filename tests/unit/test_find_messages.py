@@ -1,4 +1,4 @@
-"""C-FIND-RSP messages written by archive.find_messages against pynetdicom's own: the
+"""C-FIND-RSP messages written by archive.dimse.find_messages against pynetdicom's own: the
 same P-DATA fragments for every response the C-FIND SCP sends."""
 
 from __future__ import annotations

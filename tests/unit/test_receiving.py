@@ -1,4 +1,4 @@
-"""``archive.receiving``: where C-STORE datasets arrive, and that none is left behind."""
+"""``archive.dimse.receiving``: where C-STORE datasets arrive, and that none is left behind."""
 
 from __future__ import annotations
 
