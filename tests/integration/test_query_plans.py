@@ -95,3 +95,18 @@ def test_retrieve_searches_an_index_and_reads_no_dataset(db: Any, level: str,
     wanted = SOPS[:1] if level == IMAGE else SOPS
     assert sorted(d["_id"] for d in found) == wanted
     assert all("dataset" not in d and d["file_id"] and d["SOPClassUID"] for d in found)
+
+
+@pytest.mark.parametrize("kind", ["C-FIND IMAGE", "retrieve SERIES"])
+def test_a_series_is_searched_in_its_own_index(db: Any, kind: str) -> None:
+    """Not in its study's: SQLite, given both UIDs, took the first index and read every
+    instance of the study, testing the series on each one's stored text."""
+    if kind == "C-FIND IMAGE":
+        ident = identifier(IMAGE, StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                           SOPInstanceUID="")
+        pre_filter = search_plan(translate(ident, "STUDY"), ident).pre_filter
+    else:
+        pre_filter = retrieve_plan("SERIES", identifier(
+            "SERIES", StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES)).pre_filter
+    details = searched(db, IMAGE, pre_filter)
+    assert "_SeriesInstanceUID_" in details and "_StudyInstanceUID_" not in details, details
