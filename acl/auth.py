@@ -83,6 +83,23 @@ class Refused(Exception):
         self.transient = transient
 
 
+def valid_username(raw: bytes | None) -> str:
+    """A user name as credentials carry it (DICOM User Identity, HTTP Basic): UTF-8,
+    not empty, at most MAX_USERNAME_LENGTH characters, no control character; else
+    Refused."""
+    if not raw:
+        raise Refused("empty username")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused("username is not valid UTF-8") from None
+    if len(name) > MAX_USERNAME_LENGTH:
+        raise Refused(f"username longer than {MAX_USERNAME_LENGTH} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise Refused("username contains control characters")
+    return name
+
+
 # --- backends -----------------------------------------------------------------------
 
 

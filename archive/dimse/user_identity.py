@@ -32,12 +32,12 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from acl import identity
 from acl.auth import (
     IDENTITY_TYPES,
-    MAX_USERNAME_LENGTH,
     USERNAME,
     USERNAME_PASSCODE,
     Authenticator,
     Guard,
     Refused,
+    valid_username,
 )
 
 if TYPE_CHECKING:
@@ -52,20 +52,6 @@ log = logging.getLogger("acl.auth")  # the name these lines were always logged u
 def _peer(assoc: Any) -> str:
     requestor = assoc.requestor
     return f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
-
-
-def _username(raw: bytes | None) -> str:
-    if not raw:
-        raise Refused("empty username")
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Refused("username is not valid UTF-8") from None
-    if len(name) > MAX_USERNAME_LENGTH:
-        raise Refused(f"username longer than {MAX_USERNAME_LENGTH} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise Refused("username contains control characters")
-    return name
 
 
 #: Attribute set on a pynetdicom Association whose user identity was refused:
@@ -85,7 +71,7 @@ def handle_user_id(event: Event, node: Serving) -> tuple[bool, bytes | None]:
         shown = repr(raw[:64].decode("utf-8", "backslashreplace"))
         if kind not in (USERNAME, USERNAME_PASSCODE):
             raise Refused(f"{label} identities are not supported")
-        username = _username(raw)
+        username = valid_username(raw)
         passcode = (event.secondary_field or b"") if kind == USERNAME_PASSCODE else None
         guard: Guard | None = node.context.guard
         if guard is None:
