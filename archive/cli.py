@@ -25,6 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
@@ -118,14 +119,40 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         node = Node(context)  # the DICOM front end
         context.start()
         node.start()
+        web = None
+        if cfg.http.enabled:  # the second front end, over the same core
+            from archive.web.server import WebServer, WebServerError
+
+            web = WebServer(_NodeCore(node), cfg.bind_address, cfg.http.port)
+            try:
+                web.start()
+            except WebServerError as exc:
+                node.stop()
+                context.stop()
+                print(f"archive: {exc}", file=sys.stderr)
+                return 2
         # With a timeout: Python runs signal handlers in the main thread only, and a
         # SIGTERM the kernel hands to another thread (the node has many) would otherwise
         # wait for something to wake the main thread.
         while not stop.wait(1.0):
             pass
+        if web is not None:
+            web.stop()  # before the core: its stores in flight finish first
         node.stop()  # stores in flight finish, associations close
         context.stop()  # batched level updates written before the database goes
     return 0
+
+
+class _NodeCore:
+    """The node seen as the web front end's ``Core`` (archive.web.core): the attributes
+    of the node's core context (archive.context), which has ``authorize`` for a
+    principal too."""
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node.context, name)
 
 
 # --- import ------------------------------------------------------------------------

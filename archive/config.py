@@ -188,6 +188,17 @@ class Receive:
         return int(self.in_memory_max_mb * 1024 * 1024)
 
 
+@dataclass
+class Http:
+    """DICOMweb (``archive.web``): served by ``archive serve`` beside the DICOM port, on
+    the same address, under ``/dicom-web``."""
+
+    enabled: bool = True
+    port: int = 8080
+    #: Most answers a QIDO-RS request gets, whatever its ``limit``.
+    max_results: int = 10_000
+
+
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
 #: several times its size (the issue this setting answers).
 MAX_IN_MEMORY_MB = 1024.0
@@ -221,6 +232,7 @@ class Config:
     acl: Acl = field(default_factory=Acl)
     tls: TLS = field(default_factory=TLS)
     connections: Connections = field(default_factory=Connections)
+    http: Http = field(default_factory=Http)
 
 
 #: Environment variable -> dotted key it overrides.
@@ -232,6 +244,7 @@ ENVIRONMENT = {
     "ARCHIVE_BIND_ADDRESS": "bind_address",
     "ARCHIVE_EMBEDDED_DATABASE": "database.embedded.enabled",
     "ARCHIVE_LOG_LEVEL": "log_level",
+    "ARCHIVE_HTTP_PORT": "http.port",
 }
 
 _CHOICES = {
@@ -319,7 +332,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}: {obj!r} is not one of {', '.join(choices)}")
     if not 0 < len(cfg.ae_title.strip()) <= 16:
         raise ConfigError(f"ae_title: {cfg.ae_title!r} must have 1 to 16 characters")
-    ports = {"port": cfg.port, "database.embedded.port": cfg.database.embedded.port}
+    ports = {"port": cfg.port, "database.embedded.port": cfg.database.embedded.port,
+             "http.port": cfg.http.port}
     ports.update({f"destinations.{ae}.port": d.port for ae, d in cfg.destinations.items()})
     for key, port in ports.items():
         if not 0 < port < 65536:
@@ -327,6 +341,10 @@ def _validate(cfg: Config) -> None:
     for ae in cfg.destinations:
         if not 0 < len(ae) <= 16:
             raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
+    if cfg.http.enabled and cfg.http.port == cfg.port:
+        raise ConfigError(f"http.port: {cfg.http.port} is the DICOM port too")
+    if cfg.http.max_results < 1:
+        raise ConfigError("http.max_results: must be at least 1")
     if not 0 <= cfg.write_behind_seconds <= 60:
         raise ConfigError("write_behind_seconds: must be between 0 and 60")
     if not cfg.receive.folder.strip():

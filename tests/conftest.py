@@ -203,6 +203,7 @@ def write_config(directory: Path, ferret: FerretDB, database: str,
         "journal": str(directory / "journal"),
         "receive": {"folder": str(directory / "incoming")},
         "database": {"uri": ferret.uri, "name": database, "embedded": {"enabled": False}},
+        "http": {"port": free_port()},  # DICOMweb (archive.web), never the default 8080
     }
     data["acl"] = {"enabled": False, "initial_rules": ""}
     deep_merge(data, overrides)
@@ -226,6 +227,9 @@ class RunningNode:
         self.ferret = ferret
         self.config: dict[str, Any] = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         self.port: int = self.config["port"]
+        http = self.config.get("http") or {}
+        #: DICOMweb port (None: switched off)
+        self.http_port: int | None = http.get("port") if http.get("enabled", True) else None
         self.ae_title: str = self.config["ae_title"]
         self.database: str = self.config["database"]["name"]
         self.journal = Path(self.config["journal"])
@@ -234,6 +238,11 @@ class RunningNode:
         self.log_path = directory / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
         ferret.nodes.append(self)
+
+    @property
+    def http_url(self) -> str:
+        """The DICOMweb base URL (archive.web)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     @property
     def db(self) -> pymongo.database.Database:
@@ -269,7 +278,8 @@ class RunningNode:
             # The port accepting is not proof enough: another process may hold it (the
             # node then dies binding); the node says when it listens.
             if opened is not None and (" listening on " in self.log()[seen:]
-                                       or time.monotonic() - opened > 2):
+                                       or time.monotonic() - opened > 2) \
+                    and (self.http_port is None or port_open(self.http_port)):
                 return self
             if time.monotonic() > deadline:
                 self.kill()

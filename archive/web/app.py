@@ -1,0 +1,481 @@
+"""The DICOMweb application (Starlette): routes, who asks, refusals, audit.
+
+Every request is answered in the same steps: who asks (HTTP Basic through
+``auth.backend``, else ``anonymous``; 401 / 503 when refused), what the rules say
+about the service (QIDO-RS = Query, WADO-RS = Retrieve, STOW-RS = Store; 403 when no
+rule allows it), the database's health (503 while it is away), the request itself.
+A restricted principal is never told that something exists: a study, series or
+instance she may not see is answered 404 exactly as one that does not exist, by the
+same code path (the selection simply finds nothing).
+
+pymongo is synchronous: QIDO-RS and WADO-RS are plain functions, which Starlette runs
+in its thread pool, and their streamed bodies are iterated there too; STOW-RS reads the
+body on the event loop and stores each part in the pool.  One log line and one audit
+entry per request (per stored instance for STOW-RS, as C-STORE writes them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from pymongo.errors import OperationFailure, PyMongoError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from acl import identity
+from acl.audit import association_entry, operation_entry, summarize
+from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
+from archive.query import QueryError
+from archive.web import multipart, negotiation, qido, stow, wado
+from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated
+from archive.web.core import Core
+
+log = logging.getLogger("archive.web")
+
+BASE_PATH = "/dicom-web"
+#: A UID in a path: what the archive stores as UIDs (letters allowed, see
+#: archive.identifiers), never a wild card, a list, a slash or a dot segment.
+_UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
+#: Audit status of each HTTP answer (the DIMSE status C-FIND / C-MOVE / C-STORE would
+#: answer), beside the HTTP status itself.
+_AUDIT_STATUS = {200: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED, 404: 0xC000,
+                 406: 0xC000, 409: 0xC000, 415: 0xC000, 503: 0xA700}
+
+
+class HttpError(Exception):
+    """An answer other than success: status, the message the client reads, headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def check_uid(value: str, name: str) -> str:
+    if not _UID.fullmatch(value):
+        raise HttpError(400, f"{name}: {value[:70]!r} is not a UID")
+    return value
+
+
+class Caller:
+    """Who asks and what the rules say, for one request."""
+
+    def __init__(self, request: Request, principal: identity.Principal,
+                 decision: Decision) -> None:
+        client = request.client
+        self.address = client.host if client else ""
+        self.port = client.port if client else 0
+        self.principal = principal
+        self.decision = decision
+        # what acl.audit reads of an association
+        self.peer = SimpleNamespace(
+            requestor=SimpleNamespace(address=self.address, port=self.port, ae_title=""),
+            acceptor=SimpleNamespace(ae_title=""),
+            **{identity.ATTRIBUTE: principal})
+
+    def describe(self) -> str:
+        return f"{self.principal.name}@{self.address}:{self.port}"
+
+
+class Service:
+    """The endpoints, over one :class:`Core`."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.http_auth = HttpAuthenticator(core.authenticator, core.guard)
+        self.options = {"pn_case_insensitive": core.cfg.query.pn_case_insensitive,
+                        "combined_datetime": core.cfg.query.combined_datetime}
+        http = getattr(core.cfg, "http", None)
+        self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
+
+    # -- who asks ---------------------------------------------------------------------
+
+    def caller(self, request: Request, service: str, event: str, started: float) -> Caller:
+        """Authenticate and authorize; raises HttpError 401 / 403 / 503."""
+        address = request.client.host if request.client else ""
+        try:
+            principal = self.http_auth.principal(request.headers.get("authorization"),
+                                                 address)
+        except Unauthenticated as exc:
+            log.warning("%s %s from %s: authentication refused: %s%s", event,
+                        request.url.path, address, exc.reason,
+                        " [transient]" if exc.transient else "")
+            peer = SimpleNamespace(requestor=SimpleNamespace(
+                address=address, port=request.client.port if request.client else 0,
+                ae_title=""), acceptor=SimpleNamespace(ae_title=""))
+            self.core.audit.record(association_entry(
+                peer, "HTTP-AUTH-RJ", identity.ANONYMOUS, allowed=False,
+                established=identity.REFUSED, comment=exc.reason[:200]))
+            if exc.transient:
+                raise HttpError(503, "authentication not available now, retry later",
+                                {"Retry-After": "5"}) from None
+            raise HttpError(401, "authentication failed", {"WWW-Authenticate": CHALLENGE}
+                            ) from None
+        decision = self.core.authorize(principal.name, service)
+        caller = Caller(request, principal, decision)
+        if not decision.allowed:
+            comment = decision.comment()
+            self.audit(caller, event, 403, started, _request_text(request), comment)
+            raise HttpError(403, comment, {} if principal.name != identity.ANONYMOUS
+                            else {"WWW-Authenticate": CHALLENGE})
+        return caller
+
+    def audit(self, caller: Caller, event: str, http_status: int, started: float,
+              request_text: str, comment: str = "", status: int | None = None,
+              counts: dict[str, int] | None = None) -> None:
+        decision = caller.decision
+        code = _AUDIT_STATUS.get(http_status, 0xC000) if status is None else status
+        rule = decision.deciding_rule() if code != NOT_AUTHORIZED else None
+        entry = operation_entry(
+            caller.peer, event, caller.principal.name, decision.service,
+            allowed=code != NOT_AUTHORIZED, status=code, request=request_text,
+            rule=rule.index if rule is not None else None, restricted=decision.restricted,
+            comment=comment, counts=counts, started=started)
+        entry["http_status"] = http_status
+        self.core.audit.record(entry)
+
+    def _available(self) -> None:
+        if not self.core.health.up:
+            raise HttpError(503, "database unavailable, retry later", {"Retry-After": "5"})
+
+    @staticmethod
+    def base_url(request: Request) -> str:
+        return f"{request.url.scheme}://{request.url.netloc}{BASE_PATH}"
+
+    # -- QIDO-RS ----------------------------------------------------------------------
+
+    def search(self, request: Request, level: str) -> Response:
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "QIDO-RS", started)
+        try:
+            negotiation.json_accepted(request.headers.get("accept"))
+            path_keys = {}
+            params = request.path_params
+            if "study" in params:
+                path_keys["StudyInstanceUID"] = check_uid(params["study"], "study")
+            if "series" in params:
+                path_keys["SeriesInstanceUID"] = check_uid(params["series"], "series")
+            found = qido.search(level, request.query_params.multi_items(), path_keys,
+                                self.max_results)
+            text = summarize(found.identifier)[:200]
+            self._available()
+            answers, more = self._answers(caller, found)
+        except HttpError as exc:
+            self.audit(caller, "QIDO-RS", exc.status, started, text, exc.message)
+            raise
+        base = self.base_url(request)
+        body = json.dumps([qido.to_json(a, level, base) for a in answers],
+                          ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = {}
+        if more:  # PS3.18 8.3.4.4: more results than the limit let through
+            headers["Warning"] = '299 dicom-archive: "There are additional results that ' \
+                                 'can be requested"'
+        self.audit(caller, "QIDO-RS", 200, started, text, counts={"matches": len(answers)})
+        log.info("QIDO-RS %s %s -> 200, %d matches (%.1f ms)", caller.describe(),
+                 request.url.path, len(answers), (time.perf_counter() - started) * 1000)
+        return Response(body, 200, headers, media_type=negotiation.DICOM_JSON)
+
+    def _answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
+        """Up to ``limit`` answers, and whether there were more."""
+        try:
+            results = qido.run(self.core.finder, caller.decision, found, self.options)
+            answers = []
+            for answer in results:
+                if len(answers) == found.limit:
+                    return answers, True
+                answers.append(answer)
+            return answers, False
+        except qido.BadQuery as exc:
+            raise HttpError(400, str(exc)) from None
+        except QueryError as exc:
+            raise HttpError(400, exc.comment) from None
+        except OperationFailure as exc:
+            log.error("QIDO-RS: the database refused the query: %s", exc)
+            raise HttpError(500, "the database cannot run this query") from None
+        except PyMongoError as exc:
+            self.core.health.suspect(exc)
+            raise HttpError(503, "database unavailable, retry later",
+                            {"Retry-After": "5"}) from None
+
+    # -- WADO-RS ----------------------------------------------------------------------
+
+    def _target(self, request: Request) -> tuple[str, Any]:
+        params = request.path_params
+        study = check_uid(params["study"], "study")
+        series = check_uid(params["series"], "series") if "series" in params else None
+        sop = check_uid(params["instance"], "instance") if "instance" in params else None
+        return wado.identifier(study, series, sop)
+
+    def retrieve(self, request: Request) -> Response:
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, RETRIEVE, "WADO-RS", started)
+        try:
+            level, ident = self._target(request)
+            try:
+                accepted = negotiation.dicom_syntaxes(request.headers.get("accept"))
+            except negotiation.NotAcceptable as exc:
+                raise HttpError(406, str(exc)) from None
+            self._available()
+            selected = self._database(lambda: wado.items(
+                self.core.finder, level, ident, caller.decision.instance_filter()))
+            if not selected:
+                raise HttpError(404, f"no such {_NAMES[level]}")
+            try:
+                wado.check_syntaxes(selected, accepted)
+            except negotiation.NotAcceptable as exc:
+                raise HttpError(406, str(exc)) from None
+        except HttpError as exc:
+            self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "WADO-RS", 200, started, text,
+                   counts={"instances": len(selected)})
+        log.info("WADO-RS %s %s -> 200, %d instances", caller.describe(), request.url.path,
+                 len(selected))
+        boundary = multipart.new_boundary()
+        return StreamingResponse(
+            wado.multipart_body(self.core.archive.files, selected, boundary),
+            media_type=f'multipart/related; type="{negotiation.DICOM}"; boundary={boundary}')
+
+    def metadata(self, request: Request) -> Response:
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, RETRIEVE, "WADO-RS", started)
+        try:
+            level, ident = self._target(request)
+            try:
+                negotiation.json_accepted(request.headers.get("accept"))
+            except negotiation.NotAcceptable as exc:
+                raise HttpError(406, str(exc)) from None
+            self._available()
+            docs = wado.instances(self.core.finder, level, ident,
+                                  caller.decision.instance_filter(), ("dataset",))
+            first = self._database(lambda: next(docs, None))
+            if first is None:
+                raise HttpError(404, f"no such {_NAMES[level]}")
+        except HttpError as exc:
+            self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "WADO-RS", 200, started, text)
+        log.info("WADO-RS %s %s -> 200", caller.describe(), request.url.path)
+        return StreamingResponse(wado.metadata_body(first, docs),
+                                 media_type=negotiation.DICOM_JSON)
+
+    def _database(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except PyMongoError as exc:
+            self.core.health.suspect(exc)
+            raise HttpError(503, "database unavailable, retry later",
+                            {"Retry-After": "5"}) from None
+
+    # -- STOW-RS ----------------------------------------------------------------------
+
+    async def store(self, request: Request) -> Response:
+        started = time.perf_counter()
+        caller = await run_in_threadpool(self.caller, request, STORE, "STOW-RS", started)
+        try:
+            study = request.path_params.get("study")
+            if study is not None:
+                check_uid(study, "study")
+            boundary = _stow_boundary(request.headers.get("content-type", ""))
+            try:
+                negotiation.json_accepted(request.headers.get("accept"))
+            except negotiation.NotAcceptable as exc:
+                raise HttpError(406, str(exc)) from None
+            self._available()
+            results = await self._receive(request, caller, boundary, study)
+        except HttpError as exc:
+            self.audit(caller, "STOW-RS", exc.status, started, _request_text(request),
+                       exc.message)
+            raise
+        status = stow.status_code(results)
+        body = stow.response(results, self.base_url(request), study)
+        stored = sum(r.ok for r in results)
+        log.info("STOW-RS %s %s -> %d, %d of %d instances stored (%.1f ms)",
+                 caller.describe(), request.url.path, status, stored, len(results),
+                 (time.perf_counter() - started) * 1000)
+        return Response(json.dumps(body, separators=(",", ":")).encode(), status,
+                        media_type=negotiation.DICOM_JSON)
+
+    async def _receive(self, request: Request, caller: Caller, boundary: str,
+                       study: str | None) -> list[stow.Result]:
+        """Parse the body as it arrives; store each part when it is whole."""
+        cfg = self.core.cfg
+        folder, limit = Path(cfg.receive.folder), cfg.receive.in_memory_max_bytes
+        parser = multipart.Parser(boundary)
+        results: list[stow.Result] = []
+        state: dict[str, Any] = {"spool": None, "refused": None}
+
+        async def handle(event: multipart.Event) -> None:
+            if isinstance(event, multipart.PartStart):
+                kind = multipart.MediaType.parse(
+                    event.headers.get("content-type", negotiation.DICOM))
+                if kind.type == negotiation.DICOM:
+                    state["spool"] = stow.Spool(folder, limit)
+                else:
+                    state["refused"] = stow.not_dicom(kind.type)
+            elif isinstance(event, multipart.PartData):
+                spool = state["spool"]
+                if spool is None:
+                    return
+                if spool.size + len(event.data) > limit:  # to the file: off the loop
+                    await run_in_threadpool(spool.write, event.data)
+                else:
+                    spool.write(event.data)
+            else:
+                spool, refused = state["spool"], state["refused"]
+                state["spool"] = state["refused"] = None
+                part_started = time.perf_counter()
+                if spool is not None:
+                    try:
+                        result = await run_in_threadpool(
+                            stow.store, self.core, caller.decision, spool.part10(), study)
+                    finally:
+                        await run_in_threadpool(spool.discard)
+                else:
+                    result = refused
+                results.append(result)
+                self._audit_part(caller, result, part_started)
+
+        try:
+            async for chunk in request.stream():
+                for event in parser.feed(chunk):
+                    await handle(event)
+            for event in parser.close():
+                await handle(event)
+        except multipart.MultipartError as exc:
+            raise HttpError(400, f"malformed multipart body: {exc}" + (
+                f" ({len(results)} parts before it were processed)" if results else "")
+                            ) from None
+        except ClientDisconnect:
+            raise HttpError(400, "the client went away before the end of the body") from None
+        finally:
+            spool = state["spool"]
+            if spool is not None:
+                await run_in_threadpool(spool.discard)
+        if not results:
+            raise HttpError(400, "the multipart body has no part")
+        return results
+
+    def _audit_part(self, caller: Caller, result: stow.Result, started: float) -> None:
+        """One entry per instance, as C-STORE writes them."""
+        level = logging.INFO if result.ok else logging.WARNING
+        log.log(level, "STOW-RS %s sop=%s -> 0x%04X%s", caller.describe(),
+                result.sop_instance or "?", result.status,
+                f" {result.comment}" if result.comment else "")
+        decision = caller.decision
+        rule = result.rule if result.status != NOT_AUTHORIZED else None
+        entry = operation_entry(
+            caller.peer, "STOW-RS", caller.principal.name, decision.service,
+            allowed=result.status != NOT_AUTHORIZED, status=result.status,
+            request=result.sop_instance, rule=rule.index if rule is not None else None,
+            restricted=decision.restricted, comment=result.comment, started=started)
+        self.core.audit.record(entry)
+
+
+_NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+
+
+def _request_text(request: Request) -> str:
+    query = f"?{request.url.query}" if request.url.query else ""
+    return f"{request.method} {request.url.path}{query}"[:256]
+
+
+def _stow_boundary(content_type: str) -> str:
+    """The boundary of a STOW-RS body; 415 for another media type, 400 if malformed."""
+    media = multipart.MediaType.parse(content_type)
+    if media.type != "multipart/related":
+        raise HttpError(415, 'STOW-RS takes multipart/related; type="application/dicom" '
+                        f"(got {media.type or 'no Content-Type'!r})")
+    kind = media.params.get("type", "").lower()
+    if kind != negotiation.DICOM:
+        raise HttpError(415, 'STOW-RS takes parts of type "application/dicom" only (got '
+                        f"type={kind or 'none'!r}; metadata and bulk data parts are not "
+                        "supported yet)")
+    try:
+        return multipart.boundary_of(content_type)
+    except multipart.MultipartError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+class RejectPathTricks:
+    """ASGI middleware: a path with an encoded slash or backslash, or a dot segment, is
+    refused (400) before routing; decoded, it would name another resource."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope.get("path", "").encode()
+            lowered = raw.lower()
+            segments = raw.split(b"?", 1)[0].split(b"/")
+            if b"%2f" in lowered or b"%5c" in lowered or b"%00" in lowered or any(
+                    s in (b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e.")
+                    for s in (seg.lower() for seg in segments)):
+                response = Response("path with an encoded slash, backslash or NUL, or a dot "
+                                    "segment: not a DICOMweb resource", 400,
+                                    media_type="text/plain")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpError)
+    return Response(exc.message + "\n", exc.status, exc.headers,
+                    media_type="text/plain; charset=utf-8")
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("%s %s: unexpected error", request.method, request.url.path,
+                  exc_info=exc)
+    return Response(f"internal error: {type(exc).__name__}\n", 500,
+                    media_type="text/plain; charset=utf-8")
+
+
+def create_app(core: Core) -> Starlette:
+    """The ASGI application serving DICOMweb under :data:`BASE_PATH`."""
+    service = Service(core)
+
+    def qido_route(path: str, level: str) -> Route:
+        def endpoint(request: Request) -> Response:
+            return service.search(request, level)
+        return Route(path, endpoint, methods=["GET"])
+
+    routes = [
+        qido_route("/studies", "STUDY"),
+        qido_route("/series", "SERIES"),
+        qido_route("/instances", "IMAGE"),
+        qido_route("/studies/{study}/series", "SERIES"),
+        qido_route("/studies/{study}/instances", "IMAGE"),
+        qido_route("/studies/{study}/series/{series}/instances", "IMAGE"),
+        Route("/studies", service.store, methods=["POST"]),
+        Route("/studies/{study}", service.retrieve, methods=["GET"]),
+        Route("/studies/{study}", service.store, methods=["POST"]),
+        Route("/studies/{study}/metadata", service.metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}", service.retrieve, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/metadata", service.metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", service.retrieve,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/metadata",
+              service.metadata, methods=["GET"]),
+    ]
+    app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
+                    exception_handlers={HttpError: _error_response, Exception: _unexpected})
+    app.add_middleware(RejectPathTricks)
+    app.state.service = service
+    return app

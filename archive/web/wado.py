@@ -1,0 +1,129 @@
+"""WADO-RS (PS3.18 10.4): instances and their metadata, streamed.
+
+A request names a study, a series or an instance; the instances it selects are those
+a C-MOVE / C-GET of the same unique keys selects (:func:`archive.find.retrieve_plan`,
+the access rules' instance filter included), so a hidden instance is not found, as one
+that does not exist.  Files are sent as stored, chunk by chunk from GridFS
+(:meth:`archive.gridstore.GridStore.stream_many`), never a whole study in memory;
+metadata is each instance document's stored DICOM JSON, one at a time.
+
+Bulk data: the stored DICOM JSON gives large binary values (Pixel Data, any binary
+value over 1 KiB) as ``BulkDataURI`` ``gridfs:<file id>#<tag>``: the metadata carries
+them unchanged; resolving them over HTTP (and frames) is a later slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId
+from pydicom.dataset import Dataset
+
+from archive.find import FIND_BATCH, Finder, projection, retrieve_plan
+from archive.gridstore import GridStore
+from archive.model import IMAGE, SERIES, STUDY
+from archive.query import evaluate
+from archive.web import multipart
+from archive.web.negotiation import ANY_SYNTAX, DICOM, NotAcceptable
+
+log = logging.getLogger("archive.web.wado")
+
+
+def identifier(study: str, series: str | None = None, sop: str | None = None
+               ) -> tuple[str, Dataset]:
+    """The level and retrieve identifier of a WADO-RS path (UIDs checked already)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study
+    level = STUDY
+    if series is not None:
+        ds.SeriesInstanceUID = series
+        level = SERIES
+    if sop is not None:
+        ds.SOPInstanceUID = sop
+        level = IMAGE
+    ds.QueryRetrieveLevel = level
+    return level, ds
+
+
+def instances(finder: Finder, level: str, ident: Dataset,
+              restriction: dict[str, Any] | None, fields: tuple[str, ...]
+              ) -> Iterator[dict[str, Any]]:
+    """Instance documents the identifier selects, as :meth:`Finder.instances` finds
+    them, with ``fields`` read too (``dataset`` for metadata)."""
+    plan = retrieve_plan(level, ident, restriction)
+    wanted = projection({*plan.fields, *fields})
+    for doc in finder.collection(IMAGE).find(plan.pre_filter, wanted, batch_size=FIND_BATCH):
+        if evaluate(plan.exact, doc):
+            yield doc
+
+
+@dataclass(frozen=True)
+class Item:
+    sop: str
+    transfer_syntax: str
+    file_id: ObjectId
+
+
+def items(finder: Finder, level: str, ident: Dataset,
+          restriction: dict[str, Any] | None) -> list[Item]:
+    """What a retrieve sends: one small record per instance, in the database's order."""
+    found: dict[str, Item] = {}
+    for doc in instances(finder, level, ident, restriction, ()):
+        found.setdefault(doc["_id"], Item(doc["_id"], str(doc.get("TransferSyntaxUID", "")),
+                                          doc["file_id"]))
+    return list(found.values())
+
+
+def check_syntaxes(selected: list[Item], accepted: set[str]) -> None:
+    """Raise NotAcceptable when an instance is stored in a syntax the client refuses:
+    the archive sends what it stored and converts nothing (yet)."""
+    if ANY_SYNTAX in accepted:
+        return
+    refused = sorted({i.transfer_syntax for i in selected} - accepted)
+    if refused:
+        raise NotAcceptable(f"stored in {', '.join(refused)}, which the request does not "
+                            "accept; the archive sends instances as stored (ask for "
+                            "transfer-syntax=*)")
+
+
+def multipart_body(files: GridStore, selected: list[Item], boundary: str) -> Iterator[bytes]:
+    """The response body: one part per instance, its stored bytes a chunk at a time.
+
+    A file that vanished meanwhile (a concurrent replacement) ends the body early; the
+    client sees a multipart body without its closing delimiter, never a wrong file.
+    """
+    streams = files.stream_many(item.file_id for item in selected)
+    for item, (_, chunks) in zip(selected, streams, strict=True):
+        content_type = f"{DICOM}; transfer-syntax={item.transfer_syntax}" \
+            if item.transfer_syntax else DICOM
+        header = multipart.part_header(boundary, content_type)
+        try:
+            first = next(chunks, b"")
+        except FileNotFoundError as exc:
+            log.error("WADO-RS: %s: %s; response cut short", item.sop, exc)
+            return
+        yield header + first
+        try:
+            yield from chunks
+        except FileNotFoundError as exc:
+            log.error("WADO-RS: %s: %s; response cut short", item.sop, exc)
+            return
+        yield multipart.CRLF
+    yield multipart.closing(boundary)
+
+
+def metadata_body(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    """A JSON array of the instances' stored DICOM JSON, one document at a time."""
+    yield b"[" + _json(first)
+    for doc in rest:
+        yield b"," + _json(doc)
+    yield b"]"
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc.get("dataset", {}), ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,362 @@
+"""DICOMweb (archive.web) over the network: the node started as ``archive serve`` with
+the real FerretDB, ``dicomweb-client`` as the client, C-FIND (pynetdicom) as the
+reference for QIDO-RS answers, the stored documents and files for WADO-RS.
+
+One node for the module: users in a file (bcrypt), access rules applied in-process:
+``admin`` may do everything, ``alice`` query and retrieve patient ``ALICE-*`` only and
+store only ``ALICE-*``, ``bob`` nothing; anonymous may query nothing either.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import requests
+from acl_clients import use_rules
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session_from_user_pass
+from helpers import identifier, image_dataset, to_part10
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+from acl.users import write_users
+from archive.web.multipart import new_boundary, parse
+
+pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
+
+PASSWORDS = {"admin": "admin-secret", "alice": "alice-secret", "bob": "bob-secret"}
+RULES = """
+rules:
+  - {principal: "*", service: Echo}
+  - {principal: admin, service: "*"}
+  - {principal: alice, service: Query, pattern: {PatientID: "ALICE-*"}}
+  - {principal: alice, service: Retrieve, pattern: {PatientID: "ALICE-*"}}
+  - {principal: alice, service: Store, pattern: {PatientID: "ALICE-*"}}
+"""
+ANY_SYNTAX = (("application/dicom", "*"),)
+DICOM_IN = 'multipart/related; type="application/dicom"; transfer-syntax='
+
+
+
+@pytest.fixture(scope="module")
+def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    users = tmp_path_factory.mktemp("web-users") / "users.yaml"
+    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
+                        for name, p in PASSWORDS.items()})
+    running = module_node_factory({
+        "acl": {"enabled": True, "refresh_seconds": 0.2},
+        "auth": {"backend": "file", "users_file": str(users),
+                 "throttle": {"user_failures": 1000, "peer_failures": 1000}},
+    })
+    use_rules(running, RULES)
+    return running
+
+
+def client(node: Any, user: str | None = "admin", password: str | None = None
+           ) -> DICOMwebClient:
+    session = None
+    if user is not None:
+        session = create_session_from_user_pass(user, password or PASSWORDS[user])
+    return DICOMwebClient(node.http_url, session=session)
+
+
+def auth(user: str) -> tuple[str, str]:
+    return (user, PASSWORDS[user])
+
+
+def stow_body(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = new_boundary()
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def c_find(node: Any, level: str, user: str = "admin", **keys: Any) -> list[Dataset]:
+    """C-FIND (Study Root) answers as pynetdicom decodes them, acting for ``user``."""
+    ae = AE(ae_title="WEBTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(FIND)
+    item = UserIdentityNegotiation()
+    item.user_identity_type = 2
+    item.primary_field = user.encode()
+    item.secondary_field = PASSWORDS[user].encode()
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
+    assert assoc.is_established
+    found = []
+    try:
+        for status, answer in assoc.send_c_find(identifier(level, **keys), FIND):
+            assert status.Status in (0xFF00, 0x0000), hex(status.Status)
+            if status.Status == 0xFF00:
+                found.append(answer)
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return found
+
+
+def as_json(ds: Dataset) -> dict[str, Any]:
+    """A C-FIND answer as QIDO-RS gives it: DICOM JSON without Query/Retrieve Level,
+    Specific Character Set and Retrieve URL (which C-FIND does not have)."""
+    data = ds.to_json_dict()
+    for tag in ("00080052", "00080005", "00081190"):
+        data.pop(tag, None)
+    return {k: _plain(v) for k, v in sorted(data.items())}
+
+
+def _plain(element: dict[str, Any]) -> dict[str, Any]:
+    """Empty values and empty sequences written alike (pydicom omits "Value")."""
+    element = dict(element)
+    if element.get("Value") in ([], [None], None):
+        element.pop("Value", None)
+    return element
+
+
+def qido_json(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: _plain(v) for k, v in sorted(a.items()) if k != "00081190"}
+            for a in answers]
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(node: Any) -> dict[str, Any]:
+    """Two patients' studies stored by STOW-RS as admin: ALICE-1 (two series, three
+    instances) and BOB-1 (one series, two instances)."""
+    alice_study, bob_study = generate_uid(), generate_uid()
+    alice_series = [generate_uid(), generate_uid()]
+    files: dict[str, bytes] = {}
+    for n, series in enumerate([alice_series[0], alice_series[0], alice_series[1]]):
+        ds = image_dataset(patient_id="ALICE-1", patient_name="ALICE^A", study_uid=alice_study,
+                           series_uid=series, InstanceNumber=n + 1,
+                           StudyDescription="Alice study", SeriesDescription=f"S{n}")
+        files[str(ds.SOPInstanceUID)] = to_part10(ds)
+    bob_series = generate_uid()
+    for n in range(2):
+        ds = image_dataset(patient_id="BOB-1", patient_name="BOB^B", study_uid=bob_study,
+                           series_uid=bob_series, InstanceNumber=n + 1, modality="MR",
+                           StudyDescription="Bob study")
+        files[str(ds.SOPInstanceUID)] = to_part10(ds)
+    body, content_type = stow_body(list(files.values()))
+    answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("admin"),
+                           headers={"Content-Type": content_type,
+                                    "Accept": "application/dicom+json"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return {"files": files, "alice_study": alice_study, "bob_study": bob_study,
+            "alice_series": alice_series, "bob_series": bob_series}
+
+
+# --- QIDO-RS --------------------------------------------------------------------------
+
+
+def test_qido_studies_equal_c_find(node: Any, corpus: dict[str, Any]) -> None:
+    web = client(node).search_for_studies(search_filters={"PatientID": "ALICE-1"})
+    assert len(web) == 1
+    keys = {k: v for k, v in web[0].items() if k != "00081190"}
+    dimse = c_find(node, "STUDY", **{kw: "ALICE-1" if kw == "PatientID" else ""
+                                     for kw in _keywords(keys)})
+    assert qido_json(web) == [as_json(d) for d in dimse]
+    # dicomweb-client sends "Host: 127.0.0.1" without the port: the URL follows the Host
+    [url] = web[0]["00081190"]["Value"]
+    assert url == f"http://127.0.0.1/dicom-web/studies/{corpus['alice_study']}"
+    assert web[0]["00201208"]["Value"] == [3]  # NumberOfStudyRelatedInstances
+
+
+def _keywords(data: dict[str, Any]) -> list[str]:
+    from pydicom.datadict import keyword_for_tag
+
+    return [keyword_for_tag(int(tag, 16)) for tag in data]
+
+
+@pytest.mark.parametrize("level,path,keys", [
+    ("SERIES", "/series", {"Modality": "MR"}),
+    ("SERIES", "/series", {"StudyDescription": "Alice*"}),
+    ("IMAGE", "/instances", {"PatientName": "bob^*"}),
+    ("STUDY", "/studies", {"StudyDate": "20240101-20240131"}),
+])
+def test_qido_answers_equal_c_find_for_the_same_keys(node: Any, corpus: dict[str, Any],
+                                                     level: str, path: str,
+                                                     keys: dict[str, str]) -> None:
+    answer = requests.get(node.http_url + path, params=keys, auth=auth("admin"), timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/dicom+json")
+    web = answer.json()
+    assert web, "the corpus matches"
+    returned = sorted({tag for a in web for tag in a} - {"00081190"})
+    dimse = c_find(node, level, **{kw: keys.get(kw, "") for kw in _keywords(
+        {t: None for t in returned})})
+    by_uid = "0020000D" if level == "STUDY" else "0020000E" if level == "SERIES" else "00080018"
+    assert sorted(qido_json(web), key=lambda a: a[by_uid]["Value"]) == \
+        sorted([as_json(d) for d in dimse], key=lambda a: a[by_uid]["Value"])
+
+
+def test_qido_series_and_instances_of_a_study(node: Any, corpus: dict[str, Any]) -> None:
+    web = client(node)
+    series = web.search_for_series(corpus["alice_study"])
+    assert sorted(s["0020000E"]["Value"][0] for s in series) == sorted(corpus["alice_series"])
+    instances = web.search_for_instances(corpus["alice_study"], corpus["alice_series"][0])
+    assert len(instances) == 2
+    assert all(f"/dicom-web/studies/{corpus['alice_study']}/series/" in
+               i["00081190"]["Value"][0] for i in instances)
+    assert len(web.search_for_instances(corpus["alice_study"])) == 3
+
+
+def test_qido_includefield_limit_offset(node: Any, corpus: dict[str, Any]) -> None:
+    web = client(node)
+    found = web.search_for_studies(search_filters={"PatientID": "*-1"},
+                                   fields=["StudyDescription", "00100010"])
+    assert len(found) == 2
+    assert {f["00081030"]["Value"][0] for f in found} == {"Alice study", "Bob study"}
+    everything = requests.get(f"{node.http_url}/studies", auth=auth("admin"), timeout=30,
+                              params=[("includefield", "all"), ("PatientID", "ALICE-1")]).json()
+    assert everything[0]["00081030"]["Value"] == ["Alice study"]
+    first = web.search_for_instances(corpus["alice_study"], limit=2)
+    rest = web.search_for_instances(corpus["alice_study"], offset=2)
+    assert len(first) == 2 and len(rest) == 1
+    uids = {i["00080018"]["Value"][0] for i in first + rest}
+    assert len(uids) == 3
+    more = requests.get(f"{node.http_url}/studies/{corpus['alice_study']}/instances",
+                        params={"limit": "1"}, auth=auth("admin"), timeout=30)
+    assert len(more.json()) == 1 and "additional results" in more.headers["warning"]
+    huge = requests.get(f"{node.http_url}/instances", auth=auth("admin"), timeout=30,
+                        params={"limit": str(10**11), "PatientID": "ALICE-1"})
+    assert huge.status_code == 200 and len(huge.json()) == 3
+    fuzzy = web.search_for_studies(search_filters={"PatientName": "ALICE^A"},
+                                   fuzzymatching=True)
+    assert len(fuzzy) == 1
+
+
+def test_qido_no_match_is_an_empty_array(node: Any, corpus: dict[str, Any]) -> None:
+    answer = requests.get(f"{node.http_url}/studies", params={"PatientID": "NOBODY"},
+                          auth=auth("admin"), timeout=30)
+    assert (answer.status_code, answer.json()) == (200, [])
+
+
+# --- WADO-RS --------------------------------------------------------------------------
+
+
+def test_wado_retrieves_the_stored_bytes(node: Any, corpus: dict[str, Any]) -> None:
+    web = client(node)
+    study = web.retrieve_study(corpus["alice_study"], media_types=ANY_SYNTAX)
+    assert len(study) == 3
+    files = corpus["files"]
+    for ds in study:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        assert dcmread(BytesIO(files[ds.SOPInstanceUID])) == ds
+    # the bytes themselves, unchanged, through the raw multipart body
+    answer = requests.get(f"{node.http_url}/studies/{corpus['bob_study']}",
+                          auth=auth("admin"), timeout=30,
+                          headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                             "transfer-syntax=*"})
+    assert answer.status_code == 200
+    boundary = answer.headers["content-type"].split("boundary=")[1]
+    parts = parse(boundary, answer.content)
+    assert sorted(data for _, data in parts) == sorted(
+        data for uid, data in files.items() if dcmread(BytesIO(data)).PatientID == "BOB-1")
+    assert all(h["content-type"].startswith("application/dicom; transfer-syntax=")
+               for h, _ in parts)
+    sop = next(iter(files))
+    series = corpus["alice_series"][0]
+    one = web.retrieve_instance(corpus["alice_study"], series, sop, media_types=ANY_SYNTAX)
+    assert one.SOPInstanceUID == sop
+    assert len(web.retrieve_series(corpus["alice_study"], series, media_types=ANY_SYNTAX)) == 2
+
+
+def test_wado_metadata_is_the_stored_dicom_json(node: Any, corpus: dict[str, Any]) -> None:
+    web = client(node)
+    metadata = web.retrieve_study_metadata(corpus["alice_study"])
+    stored = {doc["_id"]: doc["dataset"] for doc in node.db.instances.find(
+        {"StudyInstanceUID": corpus["alice_study"]}, {"dataset": 1})}
+    assert {m["00080018"]["Value"][0]: m for m in metadata} == stored
+    series = corpus["alice_series"][1]
+    assert len(web.retrieve_series_metadata(corpus["alice_study"], series)) == 1
+    sop = next(uid for uid, d in stored.items() if d["0020000E"]["Value"] == [series])
+    assert web.retrieve_instance_metadata(corpus["alice_study"], series, sop) == stored[sop]
+
+
+def test_wado_accept_negotiation(node: Any, corpus: dict[str, Any]) -> None:
+    url = f"{node.http_url}/studies/{corpus['alice_study']}"
+    for accept in ("image/jpeg", 'multipart/related; type="image/jp2"', "application/dicom"):
+        answer = requests.get(url, headers={"Accept": accept}, auth=auth("admin"), timeout=30)
+        assert answer.status_code == 406, (accept, answer.text)
+        assert "multipart/related" in answer.text
+    answer = requests.get(url, auth=auth("admin"), timeout=30,
+                          headers={"Accept": DICOM_IN + "1.2.840.10008.1.2.4.50"})
+    assert answer.status_code == 406 and "transfer-syntax=*" in answer.text
+    answer = requests.get(url + "/metadata", headers={"Accept": "application/dicom+xml"},
+                          auth=auth("admin"), timeout=30)
+    assert answer.status_code == 406
+    answer = requests.get(url, timeout=30, auth=auth("admin"),
+                          headers={"Accept": DICOM_IN + "1.2.840.10008.1.2.1"})
+    assert answer.status_code == 200  # stored explicit VR little endian
+
+
+# --- STOW-RS --------------------------------------------------------------------------
+
+
+def test_stow_of_pydicom_test_files_then_wado_back(node: Any, testdata_files: list[Path]
+                                                   ) -> None:
+    files = [p.read_bytes() for p in testdata_files]
+    by_sop: dict[str, bytes] = {}
+    for data in files:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        by_sop[str(ds.SOPInstanceUID).strip()] = data  # a re-sent UID: the last copy
+    web = client(node)
+    stored = 0
+    for start in range(0, len(files), 20):
+        datasets = [dcmread(BytesIO(d)) for d in files[start:start + 20]]
+        body, content_type = stow_body(files[start:start + 20])
+        answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("admin"),
+                               headers={"Content-Type": content_type}, timeout=120)
+        assert answer.status_code in (200, 202), answer.text
+        result = answer.json()
+        assert "00081198" not in result, (result, [d.filename for d in datasets])
+        stored += len(result["00081199"]["Value"])
+    assert stored == len(files)
+    for sop, data in by_sop.items():
+        doc = node.db.instances.find_one({"_id": sop}, {"StudyInstanceUID": 1,
+                                                         "SeriesInstanceUID": 1})
+        answer = requests.get(
+            f"{node.http_url}/studies/{doc['StudyInstanceUID']}/series/"
+            f"{doc['SeriesInstanceUID']}/instances/{sop}", auth=auth("admin"), timeout=60)
+        assert answer.status_code == 200, answer.text
+        boundary = answer.headers["content-type"].split("boundary=")[1]
+        [(_, back)] = parse(boundary, answer.content)
+        assert back == data, sop
+    assert web.search_for_studies(limit=1)
+
+
+def test_stow_with_dicomweb_client_and_study_path(node: Any) -> None:
+    study = generate_uid()
+    datasets = [dcmread(BytesIO(to_part10(image_dataset(patient_id="WEB-1", study_uid=study))))
+                for _ in range(2)]
+    result = client(node).store_instances(datasets, study_instance_uid=study)
+    assert len(result.ReferencedSOPSequence) == 2
+    other = image_dataset(patient_id="WEB-1")  # of another study
+    body, content_type = stow_body([to_part10(other)])
+    answer = requests.post(f"{node.http_url}/studies/{study}", data=body, auth=auth("admin"),
+                           headers={"Content-Type": content_type}, timeout=30)
+    assert answer.status_code == 409, answer.text
+    failed = answer.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert failed["00081155"]["Value"] == [other.SOPInstanceUID]
+
+
+def test_stow_partial_failure_is_202(node: Any) -> None:
+    good = image_dataset(patient_id="WEB-2")
+    body, content_type = stow_body([to_part10(good), b"not DICOM at all" * 10])
+    answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("admin"),
+                           headers={"Content-Type": content_type}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    result = answer.json()
+    assert result["00081199"]["Value"][0]["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert result["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
