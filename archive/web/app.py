@@ -160,15 +160,21 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, QUERY, "QIDO-RS", started)
         try:
-            negotiation.json_accepted(request.headers.get("accept"))
+            try:
+                negotiation.json_accepted(request.headers.get("accept"))
+            except negotiation.NotAcceptable as exc:
+                raise HttpError(406, str(exc)) from None
             path_keys = {}
             params = request.path_params
             if "study" in params:
                 path_keys["StudyInstanceUID"] = check_uid(params["study"], "study")
             if "series" in params:
                 path_keys["SeriesInstanceUID"] = check_uid(params["series"], "series")
-            found = qido.search(level, request.query_params.multi_items(), path_keys,
-                                self.max_results)
+            try:
+                found = qido.search(level, request.query_params.multi_items(), path_keys,
+                                    self.max_results)
+            except qido.BadQuery as exc:
+                raise HttpError(400, str(exc)) from None
             text = summarize(found.identifier)[:200]
             self._available()
             answers, more = self._answers(caller, found)

@@ -9,6 +9,9 @@ store only ``ALICE-*``, ``bob`` nothing; anonymous may query nothing either.
 
 from __future__ import annotations
 
+import base64
+import socket
+import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import requests
 from acl_clients import use_rules
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from helpers import identifier, image_dataset, to_part10
+from helpers import echoscu, identifier, image_dataset, to_part10
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -360,3 +363,219 @@ def test_stow_partial_failure_is_202(node: Any) -> None:
     result = answer.json()
     assert result["00081199"]["Value"][0]["00081155"]["Value"] == [good.SOPInstanceUID]
     assert result["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+
+
+# --- access rules over HTTP -----------------------------------------------------------
+
+
+def _uids(answers: list[dict[str, Any]], tag: str) -> set[str]:
+    return {a[tag]["Value"][0] for a in answers}
+
+
+def test_restricted_user_sees_only_her_data_at_every_level(node: Any,
+                                                           corpus: dict[str, Any]) -> None:
+    alice = client(node, "alice")
+    studies = alice.search_for_studies()
+    assert _uids(studies, "0020000D") == {corpus["alice_study"]}
+    assert studies[0]["00201208"]["Value"] == [3]
+    assert studies[0]["00201206"]["Value"] == [2]
+    assert studies[0]["00080061"]["Value"] == ["CT"]
+    assert _uids(alice.search_for_series(), "0020000E") == set(corpus["alice_series"])
+    assert len(alice.search_for_instances()) == 3
+    assert alice.search_for_series(corpus["bob_study"]) == []
+    assert alice.search_for_instances(corpus["bob_study"]) == []
+    assert alice.search_for_studies(search_filters={"PatientID": "BOB-1"}) == []
+    # her answers are C-FIND's answers to her
+    web = requests.get(f"{node.http_url}/studies", auth=auth("alice"), timeout=30).json()
+    keys = {tag for a in web for tag in a} - {"00081190"}
+    dimse = c_find(node, "STUDY", "alice", **{kw: "" for kw in _keywords(
+        {t: None for t in keys})})
+    assert qido_json(web) == [as_json(d) for d in dimse]
+    # and she retrieves what she sees
+    assert len(alice.retrieve_study(corpus["alice_study"], media_types=ANY_SYNTAX)) == 3
+    assert len(alice.retrieve_study_metadata(corpus["alice_study"])) == 3
+
+
+def test_hidden_is_answered_as_nonexistent(node: Any, corpus: dict[str, Any]) -> None:
+    bob_study, bob_series = corpus["bob_study"], corpus["bob_series"]
+    bob_sop = next(uid for uid, data in corpus["files"].items()
+                   if dcmread(BytesIO(data)).PatientID == "BOB-1")
+    hidden = [f"/studies/{bob_study}", f"/studies/{bob_study}/series/{bob_series}",
+              f"/studies/{bob_study}/series/{bob_series}/instances/{bob_sop}"]
+    missing = ["/studies/1.2.3.999", "/studies/1.2.3.999/series/1.2.3.998",
+               "/studies/1.2.3.999/series/1.2.3.998/instances/1.2.3.997"]
+    for suffix in ("", "/metadata"):
+        for seen, absent in zip(hidden, missing, strict=True):
+            a = requests.get(node.http_url + seen + suffix, auth=auth("alice"), timeout=30)
+            b = requests.get(node.http_url + absent + suffix, auth=auth("alice"), timeout=30)
+            assert (a.status_code, a.text, sorted(a.headers)) == \
+                (b.status_code, b.text, sorted(b.headers)) == (404, b.text, sorted(b.headers))
+            # admin does see it
+            assert requests.get(node.http_url + seen + suffix, auth=auth("admin"),
+                                timeout=30).status_code == 200
+
+    def median(path: str) -> float:
+        times = []
+        for _ in range(15):
+            started = time.perf_counter()
+            requests.get(node.http_url + path, auth=auth("alice"), timeout=30)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    assert abs(median(hidden[0]) - median(missing[0])) < 0.05
+
+
+def test_wrong_password_401_no_rule_403(node: Any, corpus: dict[str, Any]) -> None:
+    url = f"{node.http_url}/studies"
+    wrong = requests.get(url, auth=("alice", "wrong"), timeout=30)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Basic")
+    unknown = requests.get(url, auth=("nobody", "x"), timeout=30)
+    assert unknown.status_code == 401
+    assert requests.get(url, headers={"Authorization": "Bearer abc"},
+                        timeout=30).status_code == 401
+    assert requests.get(url, headers={"Authorization": "Basic !!!"},
+                        timeout=30).status_code == 401
+    for method, path in (("GET", "/studies"), ("GET", f"/studies/{corpus['alice_study']}"),
+                         ("GET", f"/studies/{corpus['alice_study']}/metadata"),
+                         ("POST", "/studies")):
+        denied = requests.request(method, node.http_url + path, auth=auth("bob"), timeout=30)
+        assert denied.status_code == 403, (path, denied.text)
+        assert "no " in denied.text and " rule for bob" in denied.text
+    anonymous = requests.get(url, timeout=30)
+    assert anonymous.status_code == 403 and "anonymous" in anonymous.text
+    assert anonymous.headers["www-authenticate"].startswith("Basic")
+
+
+def test_restricted_store_follows_the_store_rules(node: Any) -> None:
+    mine, theirs = image_dataset(patient_id="ALICE-2"), image_dataset(patient_id="BOB-2")
+    body, content_type = stow_body([to_part10(mine), to_part10(theirs)])
+    answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("alice"),
+                           headers={"Content-Type": content_type}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    result = answer.json()
+    assert result["00081199"]["Value"][0]["00081155"]["Value"] == [mine.SOPInstanceUID]
+    failed = result["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0x0124]
+    assert node.db.instances.find_one({"_id": theirs.SOPInstanceUID}) is None
+
+
+def test_audit_entries(node: Any, corpus: dict[str, Any]) -> None:
+    requests.get(f"{node.http_url}/studies", auth=auth("alice"), timeout=30)
+    requests.get(f"{node.http_url}/studies", auth=auth("bob"), timeout=30)
+
+    def found() -> list[dict[str, Any]]:
+        return list(node.db.audit.find({"event": {"$in": ["QIDO-RS", "WADO-RS",
+                                                           "STOW-RS"]}}))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entries = found()
+        if any(e["principal"] == "bob" for e in entries):
+            break
+        time.sleep(0.2)
+    events = {(e["event"], e["principal"], e["allowed"]) for e in entries}
+    assert ("QIDO-RS", "alice", True) in events and ("QIDO-RS", "bob", False) in events
+    assert ("STOW-RS", "admin", True) in events and ("WADO-RS", "admin", True) in events
+    alice = next(e for e in entries if e["principal"] == "alice" and e["event"] == "QIDO-RS")
+    assert alice["restricted"] and alice["established"] == "verified-user"
+    assert alice["service"] == "Query" and alice["address"] == "127.0.0.1"
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def raw_get(node: Any, path: str) -> tuple[int, str]:
+    """A request sent as written (clients normalise dot segments away)."""
+    credentials = base64.b64encode(b"admin:" + PASSWORDS["admin"].encode()).decode()
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {credentials}"
+                     "\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+@pytest.mark.parametrize("path", [
+    "/dicom-web/studies/..", "/dicom-web/studies/../series",
+    "/dicom-web/studies/1.2.3%2F4.5", "/dicom-web/studies/1.2.3%2f..%2f..%2fseries",
+    "/dicom-web/studies/%2e%2e/metadata", "/dicom-web/studies/*",
+    "/dicom-web/studies/1.2.3%5C1.2.4", "/dicom-web/studies/1.2*/series/1.2/metadata",
+    "/dicom-web/studies/" + "1" * 65,
+])
+def test_uid_path_tricks_are_refused(node: Any, corpus: dict[str, Any], path: str) -> None:
+    status, body = raw_get(node, path)
+    assert 400 <= status < 500, (status, body)
+    assert status != 500 and body.strip(), body
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"limit": "-1"}, "limit: expected a non-negative integer"),
+    ({"offset": "x"}, "offset: expected a non-negative integer"),
+    ({"Foo": "1"}, "unknown attribute 'Foo'"),
+    ({"SOPInstanceUID": "1.2"}, "not allowed at STUDY level"),
+    ({"StudyDate": "20241301"}, "StudyDate"),
+    ({"fuzzymatching": "maybe"}, "fuzzymatching"),
+    ({"includefield": "NoSuchKeyword"}, "unknown attribute"),
+])
+def test_bad_queries_are_400_with_a_message(node: Any, params: dict[str, str],
+                                            message: str) -> None:
+    answer = requests.get(f"{node.http_url}/studies", params=params, auth=auth("admin"),
+                          timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert message in answer.text
+
+
+def test_bad_stow_bodies(node: Any) -> None:
+    url = f"{node.http_url}/studies"
+    good = to_part10(image_dataset(patient_id="WEB-3"))
+    body, content_type = stow_body([good])
+    boundary = content_type.split("boundary=")[1]
+
+    def post(data: bytes, ctype: str) -> requests.Response:
+        return requests.post(url, data=data, auth=auth("admin"), timeout=30,
+                             headers={"Content-Type": ctype})
+
+    answer = post(good, "application/dicom")
+    assert answer.status_code == 415 and "multipart/related" in answer.text
+    answer = post(body, content_type.replace("application/dicom", "application/dicom+json"))
+    assert answer.status_code == 415
+    answer = post(body, 'multipart/related; type="application/dicom"')
+    assert answer.status_code == 400 and "boundary" in answer.text
+    answer = post(body[:-len(boundary) - 10], content_type)  # cut before the end
+    assert answer.status_code == 400 and "cut short" in answer.text
+    answer = post(b"garbage without any delimiter", content_type)
+    assert answer.status_code == 400 and "no multipart delimiter" in answer.text
+    answer = post(f"--{boundary}--\r\n".encode(), content_type)
+    assert answer.status_code == 400 and "no part" in answer.text
+    bad_header = f"--{boundary}\r\nno colon here\r\n\r\nxx\r\n--{boundary}--\r\n".encode()
+    answer = post(bad_header, content_type)
+    assert answer.status_code == 400 and "header" in answer.text
+    not_dicom, ctype = stow_body([b"\0" * 128 + b"DICM" + b"junk" * 100])
+    answer = post(not_dicom, ctype)
+    assert answer.status_code == 409
+    assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    other_type = body.replace(b"Content-Type: application/dicom", b"Content-Type: text/plain")
+    answer = post(other_type, content_type)
+    assert answer.status_code == 409
+    # and both ports keep serving
+    assert echoscu(node).returncode == 0
+    assert requests.get(url, auth=auth("admin"), timeout=30).status_code == 200
+
+
+def test_a_large_instance_goes_through_a_file(node: Any) -> None:
+    """Above receive.in_memory_max_mb (1 MiB) a part is spooled to receive.folder, stored
+    from there, and the file deleted."""
+    ds = image_dataset(pixels=bytes(range(256)) * (3 * 4096), patient_id="WEB-4")
+    ds.Rows, ds.Columns = 1024, 1536
+    data = to_part10(ds)
+    assert len(data) > 2 * 1024 * 1024
+    body, content_type = stow_body([data])
+    answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("admin"),
+                           headers={"Content-Type": content_type}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert not list(node.incoming.glob("recv-*")) if node.incoming.is_dir() else True
+    back = requests.get(f"{node.http_url}/studies/{ds.StudyInstanceUID}", auth=auth("admin"),
+                        timeout=60)
+    boundary = back.headers["content-type"].split("boundary=")[1]
+    assert parse(boundary, back.content)[0][1] == data
