@@ -48,7 +48,7 @@ class MediaType:
             main = text.split(";", 1)[0].strip().lower()
         values = {}
         for name, value in params[1:]:
-            values[name.strip().lower()] = str(value).strip()
+            values[name.strip().lower()] = str(value)
         return cls(main, values)
 
 

@@ -72,7 +72,7 @@ ALL: dict[str, tuple[int, ...]] = {
                         - _PATIENT_COUNTERS - {model.SOP_CLASSES_IN_STUDY})),
 }
 ALL[SERIES] = tuple(sorted(set(ALL[STUDY]) | model.LEVEL_TAGS[SERIES]))
-ALL[IMAGE] = tuple(sorted(set(ALL[SERIES]) | set(DEFAULTS[IMAGE])))
+ALL[IMAGE] = tuple(sorted((set(ALL[SERIES]) | set(DEFAULTS[IMAGE])) - {RETRIEVE_URL}))
 
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 _HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
