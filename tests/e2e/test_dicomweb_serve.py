@@ -1,0 +1,68 @@
+"""``archive serve`` and its DICOMweb port: switched off, a port already taken, and a
+SIGTERM while a STOW-RS request is being received (it finishes, then the node stops)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import node_environment, write_config
+from helpers import ROOT, echoscu, free_port, image_dataset, port_open, to_part10
+
+pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
+
+
+def test_http_disabled(node_factory: Any) -> None:
+    node = node_factory({"http": {"enabled": False, "port": free_port()}})
+    assert echoscu(node).returncode == 0
+    assert not port_open(node.config["http"]["port"])
+    assert "DICOMweb" not in node.log()
+
+
+def test_http_port_taken_is_one_line_and_status_2(ferretdb: Any, tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        config = write_config(tmp_path / "node", ferretdb, "webtaken",
+                              {"http": {"port": port}})
+        done = subprocess.run([sys.executable, "-m", "archive", "serve", "--config",
+                               str(config)], capture_output=True, text=True, cwd=ROOT,
+                              env=node_environment(), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"archive: http.port {port}: cannot listen on 127.0.0.1:{port}"
+
+
+def test_sigterm_lets_a_stow_in_flight_finish(node_factory: Any) -> None:
+    node = node_factory()
+    ds = image_dataset(patient_id="TERM-1")
+    data = to_part10(ds)
+    boundary = "termboundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
+            + f"\r\n--{boundary}--\r\n".encode())
+    half = len(body) // 2
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=30) as sock:
+        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+                      f'Content-Type: multipart/related; type="application/dicom"; '
+                      f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
+                      "Connection: close\r\n\r\n").encode() + body[:half])
+        time.sleep(0.3)
+        node.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert node.running  # waiting for the request
+        sock.sendall(body[half:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert node.process.wait(30) == 0
+    assert node.db.instances.find_one({"_id": ds.SOPInstanceUID}) is not None
+    log = node.log()
+    assert log.index("DICOMweb stopped") < log.index("stopping: waiting for stores")

@@ -1,0 +1,46 @@
+"""The ``http:`` section (DICOMweb): defaults, the environment override, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archive import config
+from archive.config import ConfigError
+
+BASE = {"database": {"embedded": {"enabled": False}}}
+
+
+def load(tmp_path: Path, data: dict, environ: dict[str, str] | None = None) -> config.Config:
+    path = tmp_path / "archive.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **data}), encoding="utf-8")
+    return config.load(path, environ or {})
+
+
+def test_defaults_and_shipped_file(tmp_path: Path) -> None:
+    cfg = load(tmp_path, {})
+    assert (cfg.http.enabled, cfg.http.port, cfg.http.max_results) == (True, 8080, 10000)
+    shipped = config.load(Path(__file__).resolve().parents[2] / "config" / "archive.yaml", {})
+    assert shipped.http == cfg.http
+
+
+def test_environment_port(tmp_path: Path) -> None:
+    assert load(tmp_path, {}, {"ARCHIVE_HTTP_PORT": "9090"}).http.port == 9090
+
+
+@pytest.mark.parametrize("http,message", [
+    ({"port": 0}, "http.port"),
+    ({"port": 11112}, "http.port: 11112 is the DICOM port too"),
+    ({"max_results": 0}, "http.max_results"),
+    ({"enabled": "yes"}, "http.enabled"),
+    ({"base_path": "/x"}, "http.base_path: unknown key"),
+])
+def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, {"http": http})
+
+
+def test_disabled_may_share_nothing(tmp_path: Path) -> None:
+    assert load(tmp_path, {"http": {"enabled": False, "port": 11112}}).http.enabled is False
