@@ -311,6 +311,8 @@ class ArchiveNode(Service):
         }
         if self.receives_into_files():  # never the checkout's own data/ folder
             config["receive"] = {"folder": str(self.workdir / "incoming")}
+        if "class Http" in (self.cwd / "archive" / "config.py").read_text("utf-8"):
+            config["http"] = {"enabled": False}  # DICOMweb: never the shared port 8080
         self.config = _deep_merge(config, extra_config or {})
         self.config_path = self.workdir / "archive.yaml"
         self.write_config()
