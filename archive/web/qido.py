@@ -148,9 +148,27 @@ def _put(ds: Dataset, path: tuple[int, ...], value: str | None, name: str) -> No
     if vr == "SQ":
         raise BadQuery(f"{name[:80]}: a sequence is matched through its items "
                        "(Sequence.Attribute=value)")
-    if vr in ("UI",):  # PS3.18 8.3.4.1: a UID list is comma- or backslash-separated
+    if vr in _BINARY_NUMBERS:  # encoded as numbers, not text: converted here
+        ds[tag] = _numbers(tag, vr, value, name)
+        return
+    if vr == "UI":  # PS3.18 8.3.4.1: a UID list is comma- or backslash-separated
         value = "\\".join(v.strip() for v in value.replace(",", "\\").split("\\"))
     ds[tag] = _raw(tag, vr, value)
+
+
+#: VRs whose values are binary numbers: a text value is converted, or refused.
+_BINARY_NUMBERS: dict[str, Any] = {
+    "US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float,
+    "FD": float, "AT": lambda text: int(text, 16)}
+
+
+def _numbers(tag: int, vr: str, text: str, name: str) -> DataElement:
+    convert = _BINARY_NUMBERS[vr]
+    try:
+        values = [convert(v) for v in text.split("\\") if v.strip()]
+    except ValueError:
+        raise BadQuery(f"{name[:80]}: {text[:20]!r} is not a number ({vr})") from None
+    return DataElement(tag, vr, values[0] if len(values) == 1 else values or None)
 
 
 def search(level: str, params: Iterable[tuple[str, str]], path_keys: dict[str, str],

@@ -183,6 +183,7 @@ def _keywords(data: dict[str, Any]) -> list[str]:
     ("SERIES", "/series", {"Modality": "MR"}),
     ("SERIES", "/series", {"StudyDescription": "Alice*"}),
     ("IMAGE", "/instances", {"PatientName": "bob^*"}),
+    ("IMAGE", "/instances", {"Rows": "64", "PatientID": "ALICE-1"}),
     ("STUDY", "/studies", {"StudyDate": "20240101-20240131"}),
 ])
 def test_qido_answers_equal_c_find_for_the_same_keys(node: Any, corpus: dict[str, Any],
@@ -194,11 +195,16 @@ def test_qido_answers_equal_c_find_for_the_same_keys(node: Any, corpus: dict[str
     web = answer.json()
     assert web, "the corpus matches"
     returned = sorted({tag for a in web for tag in a} - {"00081190"})
-    dimse = c_find(node, level, **{kw: keys.get(kw, "") for kw in _keywords(
+    dimse = c_find(node, level, **{kw: _number(kw, keys.get(kw, "")) for kw in _keywords(
         {t: None for t in returned})})
     by_uid = "0020000D" if level == "STUDY" else "0020000E" if level == "SERIES" else "00080018"
     assert sorted(qido_json(web), key=lambda a: a[by_uid]["Value"]) == \
         sorted([as_json(d) for d in dimse], key=lambda a: a[by_uid]["Value"])
+
+
+def _number(keyword: str, value: str) -> Any:
+    """A key value as pydicom encodes it in a C-FIND identifier (US: a number)."""
+    return int(value) if value and keyword in ("Rows", "Columns") else value
 
 
 def test_qido_series_and_instances_of_a_study(node: Any, corpus: dict[str, Any]) -> None:

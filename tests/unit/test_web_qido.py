@@ -52,6 +52,14 @@ def test_matching_keys_are_c_find_keys() -> None:
     assert query.level == SERIES and query.filter
 
 
+def test_binary_numbers_are_numbers() -> None:
+    found = qido.search(IMAGE, [("Rows", "512"), ("00280011", "256\\512")], {})
+    assert found.identifier.Rows == 512 and list(found.identifier.Columns) == [256, 512]
+    assert translate(found.identifier, "STUDY").filter
+    with pytest.raises(qido.BadQuery, match="is not a number"):
+        qido.search(IMAGE, [("Rows", "many")], {})
+
+
 def test_includefield_forms() -> None:
     found = qido.search(STUDY, [("includefield", "StudyDescription,00081030"),
                                 ("includefield", "PatientAge")], {})
