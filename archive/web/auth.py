@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from acl import identity
@@ -75,10 +76,10 @@ class HttpAuthenticator:
     """Principal of a request, from its Authorization header and peer address."""
 
     def __init__(self, authenticator: Authenticator, guard: Guard | None,
-                 clock: type[time.monotonic] | None = None) -> None:  # type: ignore[valid-type]
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.authenticator = authenticator
         self.guard = guard
-        self.clock = clock or time.monotonic
+        self.clock = clock
         self._salt = os.urandom(16)
         self._lock = threading.Lock()
         self._verified: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
