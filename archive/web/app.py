@@ -304,8 +304,8 @@ class Service:
             self._available()
             results = await self._receive(request, caller, boundary, study)
         except HttpError as exc:
-            self.audit(caller, "STOW-RS", exc.status, started, _request_text(request),
-                       exc.message)
+            await run_in_threadpool(self.audit, caller, "STOW-RS", exc.status, started,
+                                    _request_text(request), exc.message)
             raise
         status = stow.status_code(results)
         body = stow.response(results, self.base_url(request), study)
@@ -344,17 +344,13 @@ class Service:
             else:
                 spool, refused = state["spool"], state["refused"]
                 state["spool"] = state["refused"] = None
-                part_started = time.perf_counter()
                 if spool is not None:
-                    try:
-                        result = await run_in_threadpool(
-                            stow.store, self.core, caller.decision, spool.part10(), study)
-                    finally:
-                        await run_in_threadpool(spool.discard)
+                    result = await run_in_threadpool(self._store_part, caller, spool, study)
                 else:
                     result = refused
+                    await run_in_threadpool(self._audit_part, caller, result,
+                                            time.perf_counter())
                 results.append(result)
-                self._audit_part(caller, result, part_started)
 
         try:
             async for chunk in request.stream():
@@ -375,6 +371,18 @@ class Service:
         if not results:
             raise HttpError(400, "the multipart body has no part")
         return results
+
+    def _store_part(self, caller: Caller, spool: stow.Spool, study: str | None
+                    ) -> stow.Result:
+        """Store one received part, delete its spool, audit (in a worker thread: the
+        store and the audit queue may block)."""
+        started = time.perf_counter()
+        try:
+            result = stow.store(self.core, caller.decision, spool.part10(), study)
+        finally:
+            spool.discard()
+        self._audit_part(caller, result, started)
+        return result
 
     def _audit_part(self, caller: Caller, result: stow.Result, started: float) -> None:
         """One entry per instance, as C-STORE writes them."""
