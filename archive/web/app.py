@@ -38,7 +38,7 @@ from acl.audit import association_entry, operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
-from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated
+from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, parse_basic
 from archive.web.core import Core
 
 log = logging.getLogger("archive.web")
@@ -116,7 +116,8 @@ class Service:
                 ae_title=""), acceptor=SimpleNamespace(ae_title=""))
             self.core.audit.record(association_entry(
                 peer, "HTTP-AUTH-RJ", identity.ANONYMOUS, allowed=False,
-                established=identity.REFUSED, comment=exc.reason[:200]))
+                established=identity.REFUSED, comment=exc.reason[:200],
+                user=_claimed_user(request.headers.get("authorization"))))
             if exc.transient:
                 raise HttpError(503, "authentication not available now, retry later",
                                 {"Retry-After": "5"}) from None
@@ -401,6 +402,15 @@ class Service:
 
 
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+
+
+def _claimed_user(header: str | None) -> str | None:
+    """The user name refused credentials claimed, for the audit trail (None: none)."""
+    try:
+        credentials = parse_basic(header)
+    except Unauthenticated:
+        return None
+    return credentials.username[:64] if credentials else None
 
 
 def _request_text(request: Request) -> str:

@@ -466,6 +466,7 @@ def test_restricted_store_follows_the_store_rules(node: Any) -> None:
 
 
 def test_audit_entries(node: Any, corpus: dict[str, Any]) -> None:
+    requests.get(f"{node.http_url}/studies", auth=("alice", "wrong"), timeout=30)
     requests.get(f"{node.http_url}/studies", auth=auth("alice"), timeout=30)
     requests.get(f"{node.http_url}/studies", auth=auth("bob"), timeout=30)
 
@@ -481,6 +482,8 @@ def test_audit_entries(node: Any, corpus: dict[str, Any]) -> None:
     events = {(e["event"], e["principal"], e["allowed"]) for e in entries}
     assert ("QIDO-RS", "alice", True) in events and ("QIDO-RS", "bob", False) in events
     assert ("STOW-RS", "admin", True) in events and ("WADO-RS", "admin", True) in events
+    refused = node.db.audit.find_one({"event": "HTTP-AUTH-RJ", "user": "alice"})
+    assert refused is not None and refused["established"] == "refused"
     alice = next(e for e in entries if e["principal"] == "alice" and e["event"] == "QIDO-RS")
     assert alice["restricted"] and alice["established"] == "verified-user"
     assert alice["service"] == "Query" and alice["address"] == "127.0.0.1"
