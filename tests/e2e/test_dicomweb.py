@@ -402,6 +402,21 @@ def test_restricted_user_sees_only_her_data_at_every_level(node: Any,
     assert len(alice.retrieve_study_metadata(corpus["alice_study"])) == 3
 
 
+@pytest.mark.parametrize("level,path", [("STUDY", "/studies"), ("SERIES", "/series"),
+                                        ("IMAGE", "/instances")])
+def test_restricted_answers_equal_her_c_find_at_every_level(node: Any, corpus: dict[str, Any],
+                                                            level: str, path: str) -> None:
+    web = requests.get(node.http_url + path, auth=auth("alice"), timeout=30).json()
+    assert web
+    returned = sorted({tag for a in web for tag in a} - {"00081190"})
+    dimse = c_find(node, level, "alice", **{kw: "" for kw in _keywords(
+        {t: None for t in returned})})
+    by_uid = {"STUDY": "0020000D", "SERIES": "0020000E", "IMAGE": "00080018"}[level]
+    assert sorted(qido_json(web), key=lambda a: a[by_uid]["Value"]) == \
+        sorted([as_json(d) for d in dimse], key=lambda a: a[by_uid]["Value"])
+    assert all(a["00100020"]["Value"][0].startswith("ALICE-") for a in web)
+
+
 def test_hidden_is_answered_as_nonexistent(node: Any, corpus: dict[str, Any]) -> None:
     bob_study, bob_series = corpus["bob_study"], corpus["bob_series"]
     bob_sop = next(uid for uid, data in corpus["files"].items()
