@@ -25,7 +25,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pymongo.errors import PyMongoError
 
@@ -101,7 +100,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 @command("serve", _configure_serve)
 def run_serve(args: argparse.Namespace, cfg: Config) -> int:
-    """Run the node in the foreground until SIGINT/SIGTERM."""
+    """Run the node in the foreground until SIGINT/SIGTERM: one core context, and the
+    DICOM front end and DICOMweb (``http:``) over that same object."""
     from archive.context import Context
     from archive.dimse.node import Node
 
@@ -120,10 +120,10 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         context.start()
         node.start()
         web = None
-        if cfg.http.enabled:  # the second front end, over the same core
+        if cfg.http.enabled:  # the HTTP front end, over the same context
             from archive.web.server import WebServer, WebServerError
 
-            web = WebServer(_NodeCore(node), cfg.bind_address, cfg.http.port)
+            web = WebServer(context, cfg.bind_address, cfg.http.port)
             try:
                 web.start()
             except WebServerError as exc:
@@ -137,22 +137,10 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         while not stop.wait(1.0):
             pass
         if web is not None:
-            web.stop()  # before the core: its stores in flight finish first
+            web.stop()  # stops accepting; its requests in flight (STOW-RS parts) finish
         node.stop()  # stores in flight finish, associations close
         context.stop()  # batched level updates written before the database goes
     return 0
-
-
-class _NodeCore:
-    """The node seen as the web front end's ``Core`` (archive.web.core): the attributes
-    of the node's core context (archive.context), which has ``authorize`` for a
-    principal too."""
-
-    def __init__(self, node: Any) -> None:
-        self._node = node
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._node.context, name)
 
 
 # --- import ------------------------------------------------------------------------

@@ -36,10 +36,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from acl import identity
 from acl.audit import association_entry, operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
+from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, parse_basic
-from archive.web.core import Core
 
 log = logging.getLogger("archive.web")
 
@@ -89,14 +89,14 @@ class Caller:
 
 
 class Service:
-    """The endpoints, over one :class:`Core`."""
+    """The endpoints, over the archive's :class:`~archive.context.Context`."""
 
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.http_auth = HttpAuthenticator(core.authenticator, core.guard)
-        self.options = {"pn_case_insensitive": core.cfg.query.pn_case_insensitive,
-                        "combined_datetime": core.cfg.query.combined_datetime}
-        http = getattr(core.cfg, "http", None)
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.http_auth = HttpAuthenticator(context.authenticator, context.guard)
+        self.options = {"pn_case_insensitive": context.cfg.query.pn_case_insensitive,
+                        "combined_datetime": context.cfg.query.combined_datetime}
+        http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
 
     # -- who asks ---------------------------------------------------------------------
@@ -114,7 +114,7 @@ class Service:
             peer = SimpleNamespace(requestor=SimpleNamespace(
                 address=address, port=request.client.port if request.client else 0,
                 ae_title=""), acceptor=SimpleNamespace(ae_title=""))
-            self.core.audit.record(association_entry(
+            self.context.audit.record(association_entry(
                 peer, "HTTP-AUTH-RJ", identity.ANONYMOUS, allowed=False,
                 established=identity.REFUSED, comment=exc.reason[:200],
                 user=_claimed_user(request.headers.get("authorization"))))
@@ -123,7 +123,7 @@ class Service:
                                 {"Retry-After": "5"}) from None
             raise HttpError(401, "authentication failed", {"WWW-Authenticate": CHALLENGE}
                             ) from None
-        decision = self.core.authorize(principal.name, service)
+        decision = self.context.authorize(principal.name, service)
         caller = Caller(request, principal, decision)
         if not decision.allowed:
             comment = decision.comment()
@@ -144,10 +144,10 @@ class Service:
             rule=rule.index if rule is not None else None, restricted=decision.restricted,
             comment=comment, counts=counts, started=started)
         entry["http_status"] = http_status
-        self.core.audit.record(entry)
+        self.context.audit.record(entry)
 
     def _available(self) -> None:
-        if not self.core.health.up:
+        if not self.context.health.up:
             raise HttpError(503, "database unavailable, retry later", {"Retry-After": "5"})
 
     @staticmethod
@@ -197,7 +197,7 @@ class Service:
     def _answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
         """Up to ``limit`` answers, and whether there were more."""
         try:
-            results = qido.run(self.core.finder, caller.decision, found, self.options)
+            results = qido.run(self.context.finder, caller.decision, found, self.options)
             answers = []
             for answer in results:
                 if len(answers) == found.limit:
@@ -212,7 +212,7 @@ class Service:
             log.error("QIDO-RS: the database refused the query: %s", exc)
             raise HttpError(500, "the database cannot run this query") from None
         except PyMongoError as exc:
-            self.core.health.suspect(exc)
+            self.context.health.suspect(exc)
             raise HttpError(503, "database unavailable, retry later",
                             {"Retry-After": "5"}) from None
 
@@ -237,7 +237,7 @@ class Service:
                 raise HttpError(406, str(exc)) from None
             self._available()
             selected = self._database(lambda: wado.items(
-                self.core.finder, level, ident, caller.decision.instance_filter()))
+                self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, f"no such {_NAMES[level]}")
             try:
@@ -253,7 +253,7 @@ class Service:
                  len(selected))
         boundary = multipart.new_boundary()
         return StreamingResponse(
-            wado.multipart_body(self.core.archive.files, selected, boundary),
+            wado.multipart_body(self.context.archive.files, selected, boundary),
             media_type=f'multipart/related; type="{negotiation.DICOM}"; boundary={boundary}')
 
     def metadata(self, request: Request) -> Response:
@@ -267,7 +267,7 @@ class Service:
             except negotiation.NotAcceptable as exc:
                 raise HttpError(406, str(exc)) from None
             self._available()
-            docs = wado.instances(self.core.finder, level, ident,
+            docs = wado.instances(self.context.finder, level, ident,
                                   caller.decision.instance_filter(), ("dataset",))
             first = self._database(lambda: next(docs, None))
             if first is None:
@@ -284,7 +284,7 @@ class Service:
         try:
             return call()
         except PyMongoError as exc:
-            self.core.health.suspect(exc)
+            self.context.health.suspect(exc)
             raise HttpError(503, "database unavailable, retry later",
                             {"Retry-After": "5"}) from None
 
@@ -320,7 +320,7 @@ class Service:
     async def _receive(self, request: Request, caller: Caller, boundary: str,
                        study: str | None) -> list[stow.Result]:
         """Parse the body as it arrives; store each part when it is whole."""
-        cfg = self.core.cfg
+        cfg = self.context.cfg
         folder, limit = Path(cfg.receive.folder), cfg.receive.in_memory_max_bytes
         parser = multipart.Parser(boundary)
         results: list[stow.Result] = []
@@ -379,7 +379,7 @@ class Service:
         store and the audit queue may block)."""
         started = time.perf_counter()
         try:
-            result = stow.store(self.core, caller.decision, spool.part10(), study)
+            result = stow.store(self.context, caller.decision, spool.part10(), study)
         finally:
             spool.discard()
         self._audit_part(caller, result, started)
@@ -398,7 +398,7 @@ class Service:
             allowed=result.status != NOT_AUTHORIZED, status=result.status,
             request=result.sop_instance, rule=rule.index if rule is not None else None,
             restricted=decision.restricted, comment=result.comment, started=started)
-        self.core.audit.record(entry)
+        self.context.audit.record(entry)
 
 
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
@@ -471,9 +471,9 @@ def _unexpected(request: Request, exc: Exception) -> Response:
                     media_type="text/plain; charset=utf-8")
 
 
-def create_app(core: Core) -> Starlette:
+def create_app(context: Context) -> Starlette:
     """The ASGI application serving DICOMweb under :data:`BASE_PATH`."""
-    service = Service(core)
+    service = Service(context)
 
     def qido_route(path: str, level: str) -> Route:
         def endpoint(request: Request) -> Response:

@@ -1,8 +1,10 @@
 """The HTTP server: uvicorn in a thread of the ``archive serve`` process.
 
-Started after the core and stopped before it: :meth:`WebServer.stop` stops accepting,
-lets requests in flight finish (a STOW-RS part being stored is also counted by the
-core's ``begin_store``, which the core's own stop waits for), then returns.
+It serves the archive's :class:`~archive.context.Context`, the object the DICOM node
+serves too.  Started after the context and the node, stopped before them:
+:meth:`WebServer.stop` stops accepting, lets requests in flight finish (a STOW-RS part
+being stored is also counted by the context's ``begin_store``, which the node's and the
+context's stops wait for), then returns.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import time
 
 import uvicorn
 
+from archive.context import Context
 from archive.web.app import BASE_PATH, create_app
-from archive.web.core import Core
 
 log = logging.getLogger("archive.web")
 
@@ -25,10 +27,10 @@ class WebServerError(Exception):
 
 
 class WebServer:
-    def __init__(self, core: Core, host: str, port: int, grace_seconds: float = 30.0) -> None:
+    def __init__(self, context: Context, host: str, port: int, grace_seconds: float = 30.0) -> None:
         self.host, self.port = host, port
         self.config = uvicorn.Config(
-            create_app(core), host=host, port=port, log_config=None, access_log=False,
+            create_app(context), host=host, port=port, log_config=None, access_log=False,
             lifespan="off", server_header=False, timeout_graceful_shutdown=int(grace_seconds),
             timeout_keep_alive=5)
         self.server = uvicorn.Server(self.config)

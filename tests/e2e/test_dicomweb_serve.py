@@ -66,3 +66,5 @@ def test_sigterm_lets_a_stow_in_flight_finish(node_factory: Any) -> None:
     assert node.db.instances.find_one({"_id": ds.SOPInstanceUID}) is not None
     log = node.log()
     assert log.index("DICOMweb stopped") < log.index("stopping: waiting for stores")
+    # one core context for both front ends: built (and its backend announced) once
+    assert log.count(" authentication: ") == 1
