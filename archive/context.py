@@ -12,16 +12,52 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from acl import auth, identity, yamlrules
+from pydicom.dataset import Dataset
+
+from acl import auth, identity, visibility, yamlrules
 from acl.audit import AuditLog
-from acl.rules import Decision, Rule, RuleStore, allow_all
+from acl.rules import NOT_AUTHORIZED, Decision, Rule, RuleStore, admit_store, allow_all
+from archive.answers import Syntax
 from archive.config import Config
 from archive.find import Finder
 from archive.health import DatabaseHealth
-from archive.storage import Archive, connect, ensure_indexes
+from archive.query import Query
+from archive.storage import (
+    OUT_OF_RESOURCES,
+    Archive,
+    Part10,
+    StoreOutcome,
+    StoreRefused,
+    connect,
+    ensure_indexes,
+)
 
 log = logging.getLogger("archive.node")  # what the node logged when it built these
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What storing one Part-10 file for a principal came to (:meth:`Context.store_as`)."""
+
+    #: the status the front end answers (C-STORE status, STOW-RS Failure Reason)
+    outcome: StoreOutcome
+    #: the Store rule that let it through (None: refused before, or an error)
+    rule: Rule | None = None
+    #: the dataset as parsed (None: it could not be)
+    ds: Dataset | None = None
+    #: refused because the archive is stopping (nothing was read)
+    stopping: bool = False
+    #: an unexpected failure, for the front end to log (the outcome says 0xA700)
+    error: Exception | None = None
+
+    @property
+    def outside_rules(self) -> bool:
+        """Refused by the principal's Store patterns: the dataset matches none."""
+        return self.rule is None and self.outcome.status == NOT_AUTHORIZED
 
 
 class Context:
@@ -54,6 +90,10 @@ class Context:
         #: auth.ae_principals, bound to addresses / certificates (acl.identity).
         self.ae_bindings = identity.bindings(cfg.auth)
         self._mappings_checked: object = ()
+        #: the options of archive.query.translate, the same for every front end
+        self.query_options: dict[str, Any] = {
+            "pn_case_insensitive": cfg.query.pn_case_insensitive,
+            "combined_datetime": cfg.query.combined_datetime}
 
     # -- who may do what --------------------------------------------------------------
 
@@ -82,6 +122,54 @@ class Context:
         for line in identity.broad_mappings(self.ae_bindings, rules, self.authenticator.name,
                                             self.cfg.auth.ae_principals_without_password):
             log.warning("%s", line)
+
+    # -- what a front end asks for ---------------------------------------------------
+
+    def store_as(self, decision: Decision, part10: Part10, source: str,
+                 check: Callable[[Dataset], StoreOutcome | None] | None = None) -> Stored:
+        """Store one Part-10 file (bytes, or the path of its file) for the principal
+        ``decision`` is about, allowed to store: counted in flight, parsed, judged by its
+        Store patterns when restricted (:func:`acl.rules.admit_store`), then ``check``
+        (the front end's own condition: an outcome refuses), then stored.  Never raises.
+        """
+        if not self.begin_store():
+            return Stored(StoreOutcome(OUT_OF_RESOURCES, "archive is shutting down"),
+                          stopping=True)
+        ds: Dataset | None = None
+        try:
+            try:
+                if decision.restricted:  # the dataset must match a Store rule's pattern
+                    ds, rule, admit = admit_store(decision, part10, source)
+                else:
+                    ds, rule, admit = Archive.parse(part10), decision.deciding_rule(), None
+            except StoreRefused as exc:
+                return Stored(StoreOutcome(exc.status, exc.comment))
+            assert ds is not None
+            sop_uid = str(ds.SOPInstanceUID).strip()
+            if rule is None:
+                return Stored(StoreOutcome(NOT_AUTHORIZED, decision.comment(
+                    document_refused=True), sop_uid), None, ds)
+            refused = check(ds) if check is not None else None
+            if refused is not None:
+                return Stored(refused, rule, ds)
+            return Stored(self.archive.store(part10, source=source, ds=ds, admit=admit),
+                          rule, ds)
+        except Exception as exc:  # noqa: BLE001 - the front end keeps serving
+            return Stored(StoreOutcome(OUT_OF_RESOURCES,
+                                       f"internal error: {type(exc).__name__}"),
+                          ds=ds, error=exc)
+        finally:
+            self.end_store()
+
+    def answers(self, decision: Decision, query: Query, identifier: Dataset, model: str,
+                syntax: Syntax | None = None) -> Iterator[Dataset]:
+        """The C-FIND answers to ``query`` (``identifier`` translated for ``model`` with
+        :attr:`query_options`) that the principal of ``decision`` may see: all of them,
+        or, when restricted, those of her patterns (:func:`acl.visibility.responses`)."""
+        if decision.restricted:
+            return visibility.responses(self.finder, query, identifier, decision.patterns,
+                                        model, syntax, **self.query_options)
+        return self.finder.responses(query, identifier, syntax=syntax)
 
     # -- stores in flight -------------------------------------------------------------
 

@@ -16,14 +16,13 @@ from pydicom.uid import UID
 from pymongo.errors import OperationFailure, PyMongoError
 from pynetdicom.events import Event
 
-from acl import visibility
 from acl.audit import association_entry, operation_entry, requested_user, summarize
-from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule, admit_store
+from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule
 from archive.answers import Syntax
 from archive.dimse.common import MODELS, Serving, peer, status
 from archive.dimse.user_identity import principal_of
 from archive.query import QueryError, translate
-from archive.storage import OUT_OF_RESOURCES, StoreOutcome, StoreRefused
+from archive.storage import OUT_OF_RESOURCES
 
 log = logging.getLogger("archive.services")
 
@@ -71,36 +70,27 @@ def handle_store(event: Event, node: Serving) -> Dataset:
 
     if not decision.allowed:
         return _deny(node, event, "C-STORE", principal, decision, started, sop)
-    if not node.context.begin_store():
+    try:  # as received: its bytes, or the path of its file when it is large
+        part10 = node.receiver.dataset(event)
+    except Exception as exc:  # noqa: BLE001 - a malformed request
+        log.warning("C-STORE %s: cannot read the dataset: %s", peer(event), exc)
+        return answer(0xC000, "cannot read the dataset")
+    stored = node.context.store_as(decision, part10, event.assoc.requestor.ae_title)
+    outcome = stored.outcome
+    if stored.stopping:
         log.warning("C-STORE %s refused: node stopping", peer(event))
-        return answer(OUT_OF_RESOURCES, "archive is shutting down")
-    rule = None
-    try:
-        try:  # as received: its bytes, or the path of its file when it is large
-            part10 = node.receiver.dataset(event)
-        except Exception as exc:  # noqa: BLE001 - a malformed request
-            log.warning("C-STORE %s: cannot read the dataset: %s", peer(event), exc)
-            return answer(0xC000, "cannot read the dataset")
-        source = event.assoc.requestor.ae_title
-        try:  # a restricted principal's dataset must match a Store rule's pattern
-            ds, rule, admit = admit_store(decision, part10, source)
-        except StoreRefused as exc:
-            outcome = StoreOutcome(exc.status, exc.comment)
-        else:
-            if rule is None:
-                return _deny(node, event, "C-STORE", principal, decision, started, sop, True)
-            outcome = node.context.archive.store(part10, source=source, ds=ds, admit=admit)
-    except Exception as exc:  # noqa: BLE001 - the node keeps serving whatever happens
-        log.exception("C-STORE %s: unexpected error", peer(event))
-        return answer(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
-    finally:
-        node.context.end_store()
+        return answer(outcome.status, outcome.comment)
+    if stored.outside_rules:
+        return _deny(node, event, "C-STORE", principal, decision, started, sop, True)
+    if stored.error is not None:
+        log.error("C-STORE %s: unexpected error", peer(event), exc_info=stored.error)
+        return answer(outcome.status, outcome.comment)
     elapsed = (time.perf_counter() - started) * 1000
     line = "C-STORE %s sop=%s -> 0x%04X%s (%.1f ms)"
     args = (peer(event), outcome.sop_instance_uid or "?", outcome.status,
             f" {outcome.comment}" if outcome.comment else "", elapsed)
     (log.info if outcome.ok else log.warning)(line, *args)
-    return answer(outcome.status, outcome.comment, rule)
+    return answer(outcome.status, outcome.comment, stored.rule)
 
 
 def _identifier(event: Event) -> Dataset:
@@ -143,9 +133,7 @@ def handle_find(event: Event, node: Serving) -> Iterator[tuple[Any, Dataset | No
     try:
         identifier = _identifier(event)
         model = MODELS[event.request.AffectedSOPClassUID]
-        options = {"pn_case_insensitive": node.context.cfg.query.pn_case_insensitive,
-                   "combined_datetime": node.context.cfg.query.combined_datetime}
-        query = translate(identifier, model, **options)
+        query = translate(identifier, model, **node.context.query_options)
     except QueryError as exc:
         log.warning("C-FIND %s refused: 0x%04X %s", who, exc.status, exc.comment)
         audit(exc.status, comment=exc.comment)
@@ -163,11 +151,8 @@ def handle_find(event: Event, node: Serving) -> Iterator[tuple[Any, Dataset | No
         yield status(OUT_OF_RESOURCES, comment), None
         return
     syntax = _syntax(event)  # answers are encoded for it as they are built
-    if decision.restricted:  # only what the principal's patterns let it see
-        results = visibility.responses(node.context.finder, query, identifier, decision.patterns,
-                                       model, syntax, **options)
-    else:
-        results = node.context.finder.responses(query, identifier, syntax=syntax)
+    # only what the principal's patterns let it see, when restricted
+    results = node.context.answers(decision, query, identifier, model, syntax)
     count, outcome, code = 0, "0x0000", 0x0000
     try:
         for response in results:

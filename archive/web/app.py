@@ -94,8 +94,6 @@ class Service:
     def __init__(self, context: Context) -> None:
         self.context = context
         self.http_auth = HttpAuthenticator(context.authenticator, context.guard)
-        self.options = {"pn_case_insensitive": context.cfg.query.pn_case_insensitive,
-                        "combined_datetime": context.cfg.query.combined_datetime}
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
 
@@ -197,7 +195,7 @@ class Service:
     def _answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
         """Up to ``limit`` answers, and whether there were more."""
         try:
-            results = qido.run(self.context.finder, caller.decision, found, self.options)
+            results = qido.run(self.context, caller.decision, found)
             answers = []
             for answer in results:
                 if len(answers) == found.limit:

@@ -2,11 +2,11 @@
 
 The identifier is built as the network would deliver it -- each value as UTF-8 bytes
 in a raw element, decoded by pydicom on access -- and then goes through exactly what
-a C-FIND goes through: :func:`archive.query.translate` (Study Root), and
-:meth:`archive.find.Finder.responses` or, for a principal restricted by patterns,
-:func:`acl.visibility.responses`.  So every matching rule (wild cards, ranges, UID
-lists, PN case, sequence items) and every refusal is C-FIND's; the answers are its
-datasets written as DICOM JSON.
+a C-FIND goes through: :func:`archive.query.translate` (Study Root), then
+:meth:`archive.context.Context.answers` (every answer, or, for a principal restricted
+by patterns, those :func:`acl.visibility.responses` lets her see).  So every matching
+rule (wild cards, ranges, UID lists, PN case, sequence items) and every refusal is
+C-FIND's; the answers are its datasets written as DICOM JSON.
 
 Parameters (PS3.18 8.3.4): ``{attribute}={value}`` with the attribute a keyword, a tag
 (``0020000D``) or a dotted path into sequence items (``RequestAttributesSequence.
@@ -29,10 +29,9 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from acl import visibility
 from acl.rules import Decision
 from archive import dicomjson, model
-from archive.find import Finder
+from archive.context import Context
 from archive.model import IMAGE, SERIES, STUDY
 from archive.query import QueryError, translate
 
@@ -230,16 +229,11 @@ def _count(name: str, value: str) -> int:
     return int(text)
 
 
-def run(finder: Finder, decision: Decision, found: Search,
-        options: dict[str, Any]) -> Iterator[Dataset]:
+def run(context: Context, decision: Decision, found: Search) -> Iterator[Dataset]:
     """C-FIND's answers to the identifier (raises QueryError as C-FIND refuses it)."""
-    query = translate(found.identifier, model.STUDY, **options)
-    if decision.restricted:
-        results = visibility.responses(finder, query, found.identifier, decision.patterns,
-                                       model.STUDY, None, **options)
-    else:
-        results = finder.responses(query, found.identifier)
-    return itertools.islice(results, found.offset, None)
+    query = translate(found.identifier, model.STUDY, **context.query_options)
+    answers = context.answers(decision, query, found.identifier, model.STUDY)
+    return itertools.islice(answers, found.offset, None)
 
 
 def to_json(answer: Dataset, level: str, base_url: str) -> dict[str, Any]:

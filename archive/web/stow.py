@@ -1,11 +1,13 @@
 """STOW-RS (PS3.18 10.5): each part of a ``multipart/related; type="application/dicom"``
 request stored through the path of C-STORE.
 
-Every part is judged and stored as a C-STORE dataset is: the Store rule
-(:func:`acl.rules.admit_store` for a restricted principal: the dataset, and what it
-would replace or join, must match a Store pattern), :meth:`archive.storage.Archive.store`
-(parse checks, journal, GridFS, duplicate policy, hierarchy conflicts), counted in
-flight (``begin_store`` / ``end_store``) so that a stop lets it finish.  Each part's
+Every part is judged and stored as a C-STORE dataset is, by the same core function
+(:meth:`archive.context.Context.store_as`): the Store rule (:func:`acl.rules.admit_store`
+for a restricted principal: the dataset, and what it would replace or join, must match
+a Store pattern), :meth:`archive.storage.Archive.store` (parse checks, journal, GridFS,
+duplicate policy, hierarchy conflicts), counted in flight (``begin_store`` /
+``end_store``) so that a stop lets it finish; a part of another study than the
+request's path is refused before it is stored.  Each part's
 outcome is its C-STORE status: success goes to ReferencedSOPSequence, anything else to
 FailedSOPSequence with that status as Failure Reason (0xC000 cannot understand, 0xA700
 out of resources, 0x0124 not authorized, 0xC409 hierarchy conflict, 0x0111 duplicate).
@@ -29,15 +31,9 @@ from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 
-from acl.rules import NOT_AUTHORIZED, Decision, Rule, admit_store
-from archive.storage import (
-    CANNOT_UNDERSTAND,
-    OUT_OF_RESOURCES,
-    Archive,
-    Part10,
-    StoreOutcome,
-    StoreRefused,
-)
+from acl.rules import Decision, Rule
+from archive.context import Context
+from archive.storage import CANNOT_UNDERSTAND, Part10, StoreOutcome
 
 log = logging.getLogger("archive.web.stow")
 
@@ -131,40 +127,23 @@ def _uid(ds: Dataset | None, keyword: str) -> str:
         return ""
 
 
-def store(core: Any, decision: Decision, part10: Part10, study: str | None) -> Result:
+def store(context: Context, decision: Decision, part10: Part10, study: str | None
+          ) -> Result:
     """Store one part as C-STORE would (runs in a worker thread: it blocks)."""
-    if not core.begin_store():
-        return Result(OUT_OF_RESOURCES, "archive is shutting down")
-    ds: Dataset | None = None
-    try:
-        try:
-            if decision.restricted:
-                ds, rule, admit = admit_store(decision, part10, SOURCE)
-            else:
-                ds, rule, admit = Archive.parse(part10), decision.deciding_rule(), None
-        except StoreRefused as exc:
-            return Result(exc.status, exc.comment, _uid(ds, "SOPClassUID"),
-                          _uid(ds, "SOPInstanceUID"))
-        result = Result(0, "", _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID"),
-                        _uid(ds, "StudyInstanceUID"), _uid(ds, "SeriesInstanceUID"), rule)
-        if rule is None:
-            result.status, result.comment = NOT_AUTHORIZED, decision.comment(
-                document_refused=True)
-            return result
-        if study is not None and result.study != study:
-            result.status = STUDY_MISMATCH
-            result.comment = "Study Instance UID is not the study of the request"
-            return result
-        outcome: StoreOutcome = core.archive.store(part10, source=SOURCE, ds=ds,
-                                                   admit=admit)
-        result.status, result.comment = outcome.status, outcome.comment
-        return result
-    except Exception as exc:  # noqa: BLE001 - one part never takes the service down
-        log.exception("STOW-RS: unexpected error storing a part")
-        return Result(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}",
-                      _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID"))
-    finally:
-        core.end_store()
+
+    def same_study(ds: Dataset) -> StoreOutcome | None:
+        if study is not None and _uid(ds, "StudyInstanceUID") != study:
+            return StoreOutcome(STUDY_MISMATCH,
+                                "Study Instance UID is not the study of the request")
+        return None
+
+    stored = context.store_as(decision, part10, SOURCE, same_study)
+    if stored.error is not None:
+        log.error("STOW-RS: unexpected error storing a part", exc_info=stored.error)
+    ds, outcome = stored.ds, stored.outcome
+    return Result(outcome.status, outcome.comment, _uid(ds, "SOPClassUID"),
+                  _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID"),
+                  _uid(ds, "SeriesInstanceUID"), stored.rule)
 
 
 def not_dicom(content_type: str) -> Result:
