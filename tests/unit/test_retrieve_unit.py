@@ -41,6 +41,7 @@ from archive.dimse.retrieve import (
     Unsendable,
     choose,
     convert,
+    dul_polled_every,
     pending_response,
     proposal,
     send_message,
@@ -642,3 +643,15 @@ def test_a_large_dataset_is_read_as_its_pdus_are_sent_and_a_stalled_peer_times_o
     with pytest.raises(OSError, match="read no PDU"):
         send_message(assoc, 1, store_request(CT_IMAGE, "1.2.3", 2), (path, 132))
     assert 0.3 <= time.monotonic() - started < 3 and dul_queue.qsize() <= 9
+
+
+def test_an_association_polls_at_its_own_pace_again_after_a_retrieve() -> None:
+    """The fast polls last while instances are sent: an association left open (a
+    viewer's) must not keep a thread waking every 0.2 ms, even after a failure."""
+    assoc = SimpleNamespace(dul=SimpleNamespace(_run_loop_delay=0.001))
+    with dul_polled_every(assoc, 0.0002):  # type: ignore[arg-type]
+        assert assoc.dul._run_loop_delay == 0.0002
+    assert assoc.dul._run_loop_delay == 0.001
+    with pytest.raises(RuntimeError), dul_polled_every(assoc, 0.0002):  # type: ignore[arg-type]
+        raise RuntimeError("destination lost")
+    assert assoc.dul._run_loop_delay == 0.001
