@@ -6,6 +6,10 @@ to decompress, or fail if it cannot (DCMTK storescu cannot): an archive stores w
 is sent, so the requestor's order of preference decides, as the standard intends
 (PS3.8 9.3.2.2).  The wrapper reorders the acceptor's list per proposed context and
 delegates the rest (roles, rejections) to pynetdicom unchanged.
+
+The UIDs of an association request are checked once per UID and process rather than on
+every association (:func:`_remembered_uids`): a C-GET requestor proposes every storage
+SOP class, and checking them cost more than the retrieve of a small study.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ def _remembered_uids() -> None:
 
 
 def install() -> None:
-    """Patch pynetdicom's acceptor negotiation once per process."""
+    """Patch pynetdicom's acceptor negotiation and its UID checks of association
+    requests, once per process."""
     if not hasattr(pdu_items.set_uid, "__wrapped__"):
         _remembered_uids()
     for name in ("negotiate_as_acceptor", "negotiate_unrestricted"):
