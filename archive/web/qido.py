@@ -215,11 +215,21 @@ def search(level: str, params: Iterable[tuple[str, str]], path_keys: dict[str, s
             wanted += ALL[level]
         else:
             path = attribute_path(field_name)
-            if path[-1] != RETRIEVE_URL:
+            if path[-1] != RETRIEVE_URL and not _below(path[0], level):
                 _put(identifier, path, None, field_name)
     for tag in wanted:
         _put(identifier, (tag,), None, keyword_for_tag(tag))
     return Search(level, identifier, limit, offset, fuzzy)
+
+
+def _below(tag: int, level: str) -> bool:
+    """Whether ``tag`` is an attribute of a level below ``level``: asked for with
+    ``includefield`` it has no value to return, and is left out (as dcm4chee and Orthanc
+    do) -- OHIF asks for Modality (0008,0060) in every study search.  As a matching key
+    it is still refused, as C-FIND refuses it."""
+    attribute = model.identifier_key(tag)
+    return attribute is not None and attribute not in model.CONTROL_KEYS and \
+        model.LEVELS.index(model.level_of(attribute)) > model.LEVELS.index(level)
 
 
 def _count(name: str, value: str) -> int:

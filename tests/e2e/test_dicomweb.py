@@ -243,6 +243,22 @@ def test_qido_includefield_limit_offset(node: Any, corpus: dict[str, Any]) -> No
     assert len(fuzzy) == 1
 
 
+def test_ohif_study_search_is_answered(node: Any, corpus: dict[str, Any]) -> None:
+    """OHIF 3.13's study list asks for Modality, a SERIES attribute, in every search:
+    the studies come back (without it) rather than a 400 and an empty list."""
+    params = [("limit", "101"), ("offset", "0"), ("fuzzymatching", "false"),
+              ("includefield", "00081030,00080060,00080090,00100030"),
+              ("PatientID", "ALICE-1")]
+    found = requests.get(f"{node.http_url}/studies", params=params, auth=auth("admin"),
+                         timeout=30)
+    assert found.status_code == 200, found.text
+    (study,) = found.json()
+    assert study["00081030"]["Value"] == ["Alice study"] and "00080060" not in study
+    by_modality = requests.get(f"{node.http_url}/studies", params={"Modality": "CT"},
+                               auth=auth("admin"), timeout=30)
+    assert by_modality.status_code == 400 and "SERIES" in by_modality.text
+
+
 def test_qido_no_match_is_an_empty_array(node: Any, corpus: dict[str, Any]) -> None:
     answer = requests.get(f"{node.http_url}/studies", params={"PatientID": "NOBODY"},
                           auth=auth("admin"), timeout=30)

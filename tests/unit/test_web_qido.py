@@ -67,6 +67,18 @@ def test_includefield_forms() -> None:
     assert found.identifier.StudyDescription in (None, "")
 
 
+def test_includefield_of_a_lower_level_is_left_out_but_a_matching_key_is_refused() -> None:
+    """OHIF 3.13 asks for Modality (a SERIES attribute) in every study search: the
+    search is answered without it, as a C-FIND would refuse only its matching."""
+    found = qido.search(STUDY, [("includefield", "00081030,00080060,00080090,00100030")], {})
+    assert "Modality" not in keys(found)
+    assert {"StudyDescription", "ReferringPhysicianName", "PatientBirthDate"} <= keys(found)
+    translate(found.identifier, "STUDY")  # a valid C-FIND identifier
+    matching = qido.search(STUDY, [("Modality", "CT")], {})
+    with pytest.raises(QueryError, match="SERIES key"):
+        translate(matching.identifier, "STUDY")
+
+
 @pytest.mark.parametrize("params,message", [
     ([("limit", "-1")], "limit: expected a non-negative integer"),
     ([("limit", "1.5")], "limit"),
