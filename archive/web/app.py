@@ -40,6 +40,7 @@ from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, parse_basic
+from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web")
 
@@ -51,15 +52,6 @@ _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
 #: answer), beside the HTTP status itself.
 _AUDIT_STATUS = {200: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED, 404: 0xC000,
                  406: 0xC000, 409: 0xC000, 415: 0xC000, 503: 0xA700}
-
-
-class HttpError(Exception):
-    """An answer other than success: status, the message the client reads, headers."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None
-                 ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def check_uid(value: str, name: str) -> str:
@@ -159,10 +151,7 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, QUERY, "QIDO-RS", started)
         try:
-            try:
-                negotiation.json_accepted(request.headers.get("accept"))
-            except negotiation.NotAcceptable as exc:
-                raise HttpError(406, str(exc)) from None
+            negotiation.json_accepted(request.headers.get("accept"))
             path_keys = {}
             params = request.path_params
             if "study" in params:
@@ -229,19 +218,13 @@ class Service:
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
             level, ident = self._target(request)
-            try:
-                accepted = negotiation.dicom_syntaxes(request.headers.get("accept"))
-            except negotiation.NotAcceptable as exc:
-                raise HttpError(406, str(exc)) from None
+            accepted = negotiation.dicom_syntaxes(request.headers.get("accept"))
             self._available()
             selected = self._database(lambda: wado.items(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, f"no such {_NAMES[level]}")
-            try:
-                wado.check_syntaxes(selected, accepted)
-            except negotiation.NotAcceptable as exc:
-                raise HttpError(406, str(exc)) from None
+            wado.check_syntaxes(selected, accepted)
         except HttpError as exc:
             self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
             raise
@@ -260,10 +243,7 @@ class Service:
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
             level, ident = self._target(request)
-            try:
-                negotiation.json_accepted(request.headers.get("accept"))
-            except negotiation.NotAcceptable as exc:
-                raise HttpError(406, str(exc)) from None
+            negotiation.json_accepted(request.headers.get("accept"))
             self._available()
             docs = wado.instances(self.context.finder, level, ident,
                                   caller.decision.instance_filter(), ("dataset",))
@@ -296,10 +276,7 @@ class Service:
             if study is not None:
                 check_uid(study, "study")
             boundary = _stow_boundary(request.headers.get("content-type", ""))
-            try:
-                negotiation.json_accepted(request.headers.get("accept"))
-            except negotiation.NotAcceptable as exc:
-                raise HttpError(406, str(exc)) from None
+            negotiation.json_accepted(request.headers.get("accept"))
             self._available()
             results = await self._receive(request, caller, boundary, study)
         except HttpError as exc:

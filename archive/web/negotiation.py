@@ -8,6 +8,7 @@ not ranked (each resource has one representation to offer).
 
 from __future__ import annotations
 
+from archive.web.errors import HttpError
 from archive.web.multipart import MediaType
 
 DICOM = "application/dicom"
@@ -16,8 +17,11 @@ DICOM_JSON = "application/dicom+json"
 ANY_SYNTAX = "*"
 
 
-class NotAcceptable(Exception):
+class NotAcceptable(HttpError):
     """No representation the client accepts (406), with the message it reads."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(406, message)
 
 
 def ranges(header: str | None) -> list[MediaType]:
