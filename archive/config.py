@@ -197,6 +197,10 @@ class Http:
     port: int = 8080
     #: Most answers a QIDO-RS request gets, whatever its ``limit``.
     max_results: int = 10_000
+    #: The service's root as clients reach it (behind a reverse proxy:
+    #: ``https://pacs.example.org/dicom-web``): the base of the URLs in answers
+    #: (RetrieveURL, BulkDataURI).  Empty: taken from each request.
+    public_url: str = ""
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -345,6 +349,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"http.port: {cfg.http.port} is the DICOM port too")
     if cfg.http.max_results < 1:
         raise ConfigError("http.max_results: must be at least 1")
+    if cfg.http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
+                                                cfg.http.public_url):
+        raise ConfigError(f"http.public_url: {cfg.http.public_url!r} is not an http(s) URL")
     if not 0 <= cfg.write_behind_seconds <= 60:
         raise ConfigError("write_behind_seconds: must be between 0 and 60")
     if not cfg.receive.folder.strip():

@@ -14,6 +14,7 @@ chunk at a time: a file of gigabytes costs the node one chunk of memory.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -135,6 +136,13 @@ class GridStore:
     def read(self, file_id: ObjectId) -> bytes:
         return b"".join(self.stream(file_id))
 
+    def open(self, file_id: ObjectId) -> GridFile:
+        """The file as a seekable binary stream (FileNotFoundError if it is gone)."""
+        info = self.files.find_one({"_id": file_id}, _INFO)
+        if info is None:
+            raise FileNotFoundError(f"GridFS file {file_id} not found")
+        return GridFile(self, file_id, info["length"], info["chunkSize"])
+
     def delete(self, file_id: ObjectId, length: int | None = None) -> None:
         """Remove the files document first (the file disappears), then its chunks.
 
@@ -156,6 +164,61 @@ class GridStore:
 
     def exists(self, file_id: ObjectId) -> bool:
         return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
+
+
+class GridFile(io.RawIOBase):
+    """A stored file read where it is wanted: one frame of a multi-frame image costs
+    the chunks holding it, not the file.  One chunk is kept between reads (a parser's
+    many small reads fetch it once).  It has no ``name``: pydicom then reads deferred
+    values from this object, not from a path."""
+
+    def __init__(self, store: GridStore, file_id: ObjectId, length: int,
+                 chunk_size: int) -> None:
+        super().__init__()
+        self.store, self.file_id = store, file_id
+        self.length, self.chunk_size = length, chunk_size
+        self.position = 0
+        self._chunk: tuple[int, bytes] = (-1, b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        if base + offset < 0:
+            raise OSError(f"GridFS file {self.file_id}: seek before the start")
+        self.position = base + offset
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self.position < self.length:
+            n, start = divmod(self.position, self.chunk_size)
+            data = self._read_chunk(n)
+            piece = data[start:start + len(view) - done]
+            if not piece:
+                raise OSError(f"GridFS file {self.file_id}: chunk {n} shorter than "
+                              "its file says")
+            view[done:done + len(piece)] = piece
+            done += len(piece)
+            self.position += len(piece)
+        return done
+
+    def _read_chunk(self, n: int) -> bytes:
+        if self._chunk[0] != n:
+            chunk = self.store.chunks.find_one({"_id": self.store.chunk_id(self.file_id, n)},
+                                               {"data": 1})
+            if chunk is None:
+                raise FileNotFoundError(f"GridFS file {self.file_id}: chunk {n} missing")
+            self._chunk = (n, bytes(chunk["data"]))
+        return self._chunk[1]
 
 
 #: What reading a file needs of its files document.

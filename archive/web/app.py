@@ -16,15 +16,18 @@ entry per request (per stored instance for STOW-RS, as C-STORE writes them).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
+from pydicom.uid import ExplicitVRLittleEndian
 from pymongo.errors import OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from acl import identity
 from acl.audit import association_entry, operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
+from archive import bulkdata
 from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
@@ -88,6 +92,7 @@ class Service:
         self.http_auth = HttpAuthenticator(context.authenticator, context.guard)
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
+        self.public_url = getattr(http, "public_url", "").rstrip("/")
 
     # -- who asks ---------------------------------------------------------------------
 
@@ -140,9 +145,22 @@ class Service:
         if not self.context.health.up:
             raise HttpError(503, "database unavailable, retry later", {"Retry-After": "5"})
 
-    @staticmethod
-    def base_url(request: Request) -> str:
-        return f"{request.url.scheme}://{request.url.netloc}{BASE_PATH}"
+    def base_url(self, request: Request) -> str:
+        """The root of the URLs in answers: ``http.public_url``, else the request's.
+
+        A Host header without a port means the scheme's default port (RFC 9110 7.2);
+        some clients (dicomweb-client) leave out a port they were given, so the port
+        this service listens on is put back unless it is the default one.
+        """
+        if self.public_url:
+            return self.public_url
+        url = request.url
+        netloc = url.netloc
+        server = request.scope.get("server")
+        if url.port is None and server and server[1] != {"http": 80, "https": 443}.get(
+                url.scheme):
+            netloc = f"{netloc}:{server[1]}"
+        return f"{url.scheme}://{netloc}{BASE_PATH}"
 
     # -- QIDO-RS ----------------------------------------------------------------------
 
@@ -255,8 +273,81 @@ class Service:
             raise
         self.audit(caller, "WADO-RS", 200, started, text)
         log.info("WADO-RS %s %s -> 200", caller.describe(), request.url.path)
-        return StreamingResponse(wado.metadata_body(first, docs),
+        return StreamingResponse(wado.metadata_body(first, docs, self.base_url(request)),
                                  media_type=negotiation.DICOM_JSON)
+
+    def frames(self, request: Request) -> Response:
+        """WADO-RS frames: ``.../instances/{sop}/frames/1,2,...``, as stored."""
+        def reader(params: dict[str, str]) -> Reader:
+            numbers = wado.parse_frame_list(params["frames"])
+
+            def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
+                frames = bulkdata.Frames(fp)
+                frames.check(numbers)
+                return frames.transfer_syntax, (frames.read(n) for n in numbers)
+            return read
+        return self._pixels(request, reader)
+
+    def bulkdata(self, request: Request) -> Response:
+        """WADO-RS bulk data: the values the metadata's BulkDataURIs name."""
+        def reader(params: dict[str, str]) -> Reader:
+            path = bulkdata.parse_path(params["path"])
+
+            def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
+                found = bulkdata.read_bulk(fp, path)
+                return found.transfer_syntax or ExplicitVRLittleEndian, iter(found.parts)
+            return read
+        return self._pixels(request, reader)
+
+    def _pixels(self, request: Request, reader: Callable[[dict[str, str]], Reader]
+                ) -> Response:
+        """Frames or a bulk value of one instance the caller may retrieve: 400 for a
+        malformed request, 404 for what is hidden or absent, 406 when the Accept header
+        refuses what is stored."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, RETRIEVE, "WADO-RS", started)
+        try:
+            level, ident = self._target(request)
+            try:
+                read = reader(request.path_params)
+            except ValueError as exc:
+                raise HttpError(400, str(exc)) from None
+            self._available()
+            selected = self._database(lambda: wado.items(
+                self.context.finder, level, ident, caller.decision.instance_filter()))
+            if not selected:
+                raise HttpError(404, "no such instance")
+            item = selected[0]
+            syntax, parts = self._database(lambda: self._read(item, read))
+            media = negotiation.frame_media(request.headers.get("accept"), syntax)
+        except HttpError as exc:
+            self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "WADO-RS", 200, started, text, counts={"instances": 1})
+        log.info("WADO-RS %s %s -> 200", caller.describe(), request.url.path)
+        boundary = multipart.new_boundary()
+        return StreamingResponse(
+            wado.parts_body(parts, media, syntax, boundary),
+            media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
+    def _read(self, item: wado.Item, read: Reader) -> tuple[str, Iterator[bytes]]:
+        """Open the stored file and read the first part of the answer: 404 for what the
+        file lacks, 500 for a file that is not what its header says (one log line, not
+        a traceback), both before the response starts."""
+        try:
+            syntax, parts = read(self.context.archive.files.open(item.file_id))
+            first = next(parts, None)
+        except bulkdata.NotFound as exc:
+            raise HttpError(404, str(exc)) from None
+        except FileNotFoundError as exc:
+            log.error("WADO-RS: %s: %s", item.sop, exc)
+            raise HttpError(500, "the stored file of this instance is missing") from None
+        except (ValueError, EOFError, struct.error) as exc:
+            log.error("WADO-RS: %s: cannot read: %s", item.sop, exc)
+            raise HttpError(500, f"the stored instance cannot be read: {exc}"[:300]
+                            ) from None
+        return syntax, itertools.chain(() if first is None else (first,), parts)
 
     def _database(self, call: Callable[[], Any]) -> Any:
         try:
@@ -376,6 +467,9 @@ class Service:
         self.context.audit.record(entry)
 
 
+#: Reads an answer out of a stored file: its transfer syntax and its parts.
+Reader = Callable[[IO[bytes]], tuple[str, Iterator[bytes]]]
+
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
 
 
@@ -472,6 +566,10 @@ def create_app(context: Context) -> Starlette:
               methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata",
               service.metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+              service.frames, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
+              service.bulkdata, methods=["GET"]),
     ]
     app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
                     exception_handlers={HttpError: _error_response, Exception: _unexpected})

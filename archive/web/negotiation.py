@@ -1,20 +1,48 @@
 """``Accept`` headers: which representation a client takes, or 406.
 
-Only what this slice serves is offered: DICOM JSON (``application/dicom+json``, also
-taken as ``application/json``) and ``multipart/related; type="application/dicom"``
-holding the stored Part-10 files.  ``q=0`` excludes a range; other quality values are
-not ranked (each resource has one representation to offer).
+What is offered: DICOM JSON (``application/dicom+json``, also taken as
+``application/json``); ``multipart/related; type="application/dicom"`` holding the
+stored Part-10 files; frames and bulk data as ``multipart/related`` of
+``application/octet-stream`` (native) or of the compressed image's media type (PS3.18
+Table 8.7.3-5).  ``q=0`` excludes a range; other quality values are not ranked (each
+resource has one representation to offer).
 """
 
 from __future__ import annotations
+
+from pydicom import uid
 
 from archive.web.errors import HttpError
 from archive.web.multipart import MediaType
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+OCTET_STREAM = "application/octet-stream"
 #: A transfer-syntax parameter meaning "as stored" (also what no parameter means here).
 ANY_SYNTAX = "*"
+
+#: PS3.18 Table 8.7.3-5: the media type of the frames of each compressed syntax.
+COMPRESSED_MEDIA = {
+    uid.JPEGBaseline8Bit: "image/jpeg", uid.JPEGExtended12Bit: "image/jpeg",
+    uid.JPEGLossless: "image/jpeg", uid.JPEGLosslessSV1: "image/jpeg",
+    uid.JPEGLSLossless: "image/jls", uid.JPEGLSNearLossless: "image/jls",
+    uid.JPEG2000Lossless: "image/jp2", uid.JPEG2000: "image/jp2",
+    uid.JPEG2000MCLossless: "image/jpx", uid.JPEG2000MC: "image/jpx",
+    uid.HTJ2KLossless: "image/jphc", uid.HTJ2KLosslessRPCL: "image/jphc",
+    uid.HTJ2K: "image/jphc", uid.RLELossless: "image/dicom-rle",
+    uid.MPEG2MPML: "video/mpeg", uid.MPEG2MPHL: "video/mpeg",
+    uid.MPEG4HP41: "video/mp4", uid.MPEG4HP41BD: "video/mp4", uid.MPEG4HP422D: "video/mp4",
+    uid.MPEG4HP423D: "video/mp4", uid.MPEG4HP42STEREO: "video/mp4",
+    uid.HEVCMP51: "video/h265", uid.HEVCM10P51: "video/h265",
+}
+#: The transfer syntax a media type means when the request names none (Table 8.7.3-5).
+DEFAULT_SYNTAX = {
+    OCTET_STREAM: uid.ExplicitVRLittleEndian, "image/jpeg": uid.JPEGBaseline8Bit,
+    "image/jls": uid.JPEGLSLossless, "image/jp2": uid.JPEG2000Lossless,
+    "image/jpx": uid.JPEG2000MCLossless, "image/jphc": uid.HTJ2KLossless,
+    "image/dicom-rle": uid.RLELossless, "video/mpeg": uid.MPEG2MPML,
+    "video/mp4": uid.MPEG4HP41, "video/h265": uid.HEVCMP51,
+}
 
 
 class NotAcceptable(HttpError):
@@ -82,3 +110,32 @@ def dicom_syntaxes(header: str | None) -> set[str]:
                             "only (frames, bulk data and rendered images are not "
                             "served yet)")
     return syntaxes
+
+
+def media_of(syntax: str) -> str:
+    """The media type frames in ``syntax`` travel as (native: octet-stream)."""
+    return COMPRESSED_MEDIA.get(uid.UID(syntax), OCTET_STREAM)
+
+
+def frame_media(header: str | None, syntax: str) -> str:
+    """The media type to send frames or bulk data held in ``syntax`` as (a native
+    syntax stands for uncompressed little endian); NotAcceptable when the client takes
+    neither that media type nor the syntax."""
+    media = media_of(syntax)
+    for item in ranges(header):
+        if item.type in ("*/*", "multipart/*"):
+            return media
+        if item.type != "multipart/related":
+            continue
+        kind = item.params.get("type", media).lower()
+        if kind in ("*/*", "application/*" if media == OCTET_STREAM else "image/*"):
+            return media
+        wanted = item.params.get("transfer-syntax", "").strip()
+        if wanted == ANY_SYNTAX and kind in (media, OCTET_STREAM):
+            return media
+        if kind == media.lower() and (wanted or DEFAULT_SYNTAX.get(media)) == syntax:
+            return media
+    stored = "uncompressed" if media == OCTET_STREAM else f"{media} ({syntax})"
+    raise NotAcceptable(f"stored {stored}, which the request does not accept; the archive "
+                        "sends frames and bulk data as stored (ask for "
+                        f'multipart/related; type="{media}" or transfer-syntax=*)')

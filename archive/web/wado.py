@@ -8,8 +8,10 @@ that does not exist.  Files are sent as stored, chunk by chunk from GridFS
 metadata is each instance document's stored DICOM JSON, one at a time.
 
 Bulk data: the stored DICOM JSON gives large binary values (Pixel Data, any binary
-value over 1 KiB) as ``BulkDataURI`` ``gridfs:<file id>#<tag>``: the metadata carries
-them unchanged; resolving them over HTTP (and frames) is a later slice.
+value over 1 KiB) as ``BulkDataURI`` ``gridfs:<file id>#<tag>``; the metadata served
+names them by this service's URL instead, ``.../instances/{sop}/bulkdata/{path}``
+(``path``: the tag, or for a value inside a sequence ``SEQTAG/ITEM/TAG``), which
+:mod:`archive.bulkdata` answers from the stored file, as it answers ``/frames``.
 """
 
 from __future__ import annotations
@@ -116,14 +118,72 @@ def multipart_body(files: GridStore, selected: list[Item], boundary: str) -> Ite
     yield multipart.closing(boundary)
 
 
-def metadata_body(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[bytes]:
-    """A JSON array of the instances' stored DICOM JSON, one document at a time."""
-    yield b"[" + _json(first)
+def metadata_body(first: dict[str, Any], rest: Iterator[dict[str, Any]], base: str
+                  ) -> Iterator[bytes]:
+    """A JSON array of the instances' stored DICOM JSON, one document at a time, their
+    bulk data named by URLs under ``base`` (the service's root)."""
+    yield b"[" + _json(first, base)
     for doc in rest:
-        yield b"," + _json(doc)
+        yield b"," + _json(doc, base)
     yield b"]"
 
 
-def _json(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc.get("dataset", {}), ensure_ascii=False,
-                      separators=(",", ":")).encode("utf-8")
+def _json(doc: dict[str, Any], base: str) -> bytes:
+    dataset = doc.get("dataset", {})
+    dataset = with_bulk_uris(dataset, instance_url(base, dataset) + "/bulkdata")
+    return json.dumps(dataset, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _uid(dataset: dict[str, Any], tag: str) -> str:
+    value = dataset.get(tag, {}).get("Value") or [""]
+    return str(value[0])
+
+
+def instance_url(base: str, dataset: dict[str, Any]) -> str:
+    return (f"{base}/studies/{_uid(dataset, STUDY_UID)}/series/{_uid(dataset, SERIES_UID)}"
+            f"/instances/{_uid(dataset, SOP_UID)}")
+
+
+def with_bulk_uris(dataset: dict[str, Any], prefix: str, path: str = "") -> dict[str, Any]:
+    """The dataset with each stored ``gridfs:`` BulkDataURI replaced by ``prefix/path``
+    (the dataset itself when it has none; changed elements are copies)."""
+    changed: dict[str, Any] = {}
+    for key, elem in dataset.items():
+        uri = elem.get("BulkDataURI")
+        if uri is not None and uri.startswith("gridfs:"):
+            changed[key] = {**elem, "BulkDataURI": f"{prefix}/{path}{key}"}
+        elif elem.get("vr") == "SQ" and elem.get("Value"):
+            items = elem["Value"]
+            new = [with_bulk_uris(item, prefix, f"{path}{key}/{i}/")
+                   for i, item in enumerate(items)]
+            if any(a is not b for a, b in zip(new, items, strict=True)):
+                changed[key] = {**elem, "Value": new}
+    return {**dataset, **changed} if changed else dataset
+
+
+STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``"1,3,5"`` -> [1, 3, 5]; ValueError unless positive integers, commas between."""
+    parts = text.split(",")
+    if len(parts) > MAX_FRAMES_ASKED or not all(p.isdigit() and len(p) <= 9 for p in parts):
+        raise ValueError(f"{text[:40]!r}: frame numbers are positive integers separated by "
+                         f"commas (at most {MAX_FRAMES_ASKED})")
+    numbers = [int(p) for p in parts]
+    if min(numbers) < 1:
+        raise ValueError("frame numbers start at 1")
+    return numbers
+
+
+#: Frame numbers one request may list.
+MAX_FRAMES_ASKED = 10000
+
+
+def parts_body(parts: Iterator[bytes], media: str, syntax: str, boundary: str
+               ) -> Iterator[bytes]:
+    """A multipart body of ``parts`` (frames or bulk values), each read when sent."""
+    content_type = f"{media}; transfer-syntax={syntax}"
+    for data in parts:
+        yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
+    yield multipart.closing(boundary)

@@ -167,9 +167,10 @@ def test_qido_studies_equal_c_find(node: Any, corpus: dict[str, Any]) -> None:
     dimse = c_find(node, "STUDY", **{kw: "ALICE-1" if kw == "PatientID" else ""
                                      for kw in _keywords(keys)})
     assert qido_json(web) == [as_json(d) for d in dimse]
-    # dicomweb-client sends "Host: 127.0.0.1" without the port: the URL follows the Host
+    # dicomweb-client sends "Host: 127.0.0.1" without the port: the URL gets the port
+    # the service listens on back, so that the client can follow it
     [url] = web[0]["00081190"]["Value"]
-    assert url == f"http://127.0.0.1/dicom-web/studies/{corpus['alice_study']}"
+    assert url == f"{node.http_url}/studies/{corpus['alice_study']}"
     assert web[0]["00201208"]["Value"] == [3]  # NumberOfStudyRelatedInstances
 
 
@@ -301,6 +302,12 @@ def test_wado_metadata_is_the_stored_dicom_json(node: Any, corpus: dict[str, Any
     metadata = web.retrieve_study_metadata(corpus["alice_study"])
     stored = {doc["_id"]: doc["dataset"] for doc in node.db.instances.find(
         {"StudyInstanceUID": corpus["alice_study"]}, {"dataset": 1})}
+    for sop, dataset in stored.items():  # bulk data: named by this service's URLs
+        uri = dataset["7FE00010"]["BulkDataURI"]
+        assert uri.startswith("gridfs:")
+        dataset["7FE00010"]["BulkDataURI"] = (
+            f"{node.http_url}/studies/{corpus['alice_study']}/series/"
+            f"{dataset['0020000E']['Value'][0]}/instances/{sop}/bulkdata/7FE00010")
     assert {m["00080018"]["Value"][0]: m for m in metadata} == stored
     series = corpus["alice_series"][1]
     assert len(web.retrieve_series_metadata(corpus["alice_study"], series)) == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import node_environment, write_config
 from helpers import ROOT, echoscu, free_port, image_dataset, port_open, to_part10
 
@@ -68,3 +69,26 @@ def test_sigterm_lets_a_stow_in_flight_finish(node_factory: Any) -> None:
     assert log.index("DICOMweb stopped") < log.index("stopping: waiting for stores")
     # one core context for both front ends: built (and its backend announced) once
     assert log.count(" authentication: ") == 1
+
+
+def test_public_url_is_the_base_of_every_url_in_answers(node_factory: Any) -> None:
+    """Behind a reverse proxy the URLs in answers are the proxy's, not the node's."""
+    public = "https://pacs.example.org/dicom-web"
+    node = node_factory({"http": {"public_url": public + "/"}})
+    ds = image_dataset(patient_id="PROXY-1")
+    boundary = "proxyboundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + to_part10(ds) + f"\r\n--{boundary}--\r\n".encode())
+    stored = requests.post(f"{node.http_url}/studies", data=body, timeout=30, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert stored.status_code == 200, stored.text
+    study = f"{public}/studies/{ds.StudyInstanceUID}"
+    assert stored.json()["00081190"]["Value"] == [study]
+    [found] = requests.get(f"{node.http_url}/studies", timeout=30,
+                           params={"PatientID": "PROXY-1"}).json()
+    assert found["00081190"]["Value"] == [study]
+    [metadata] = requests.get(f"{node.http_url}/studies/{ds.StudyInstanceUID}/metadata",
+                              timeout=30).json()
+    assert metadata["7FE00010"]["BulkDataURI"] == (
+        f"{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        "/bulkdata/7FE00010")

@@ -36,6 +36,8 @@ def test_environment_port(tmp_path: Path) -> None:
     ({"max_results": 0}, "http.max_results"),
     ({"enabled": "yes"}, "http.enabled"),
     ({"base_path": "/x"}, "http.base_path: unknown key"),
+    ({"public_url": "pacs.example.org/dicom-web"}, "http.public_url: .* is not an http"),
+    ({"public_url": "https://pacs.example.org/dicom-web?x=1"}, "http.public_url"),
 ])
 def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
