@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from acl import identity
 from acl.audit import association_entry, operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
-from archive import bulkdata
+from archive import bulkdata, rendering
 from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
@@ -299,6 +299,61 @@ class Service:
             return read
         return self._pixels(request, reader)
 
+    def rendered(self, request: Request) -> Response:
+        """WADO-RS rendered: an instance's frames (or those listed) as JPEG / PNG, one
+        image alone, several as multipart/related."""
+        return self._render(request, thumbnail=False)
+
+    def thumbnail(self, request: Request) -> Response:
+        """WADO-RS thumbnail: one small image of a study, series, instance or frame
+        (of a study or series: its middle instance's first frame)."""
+        return self._render(request, thumbnail=True)
+
+    def _render(self, request: Request, thumbnail: bool) -> Response:
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, RETRIEVE, "WADO-RS", started)
+        try:
+            level, ident = self._target(request)
+            media = negotiation.rendered_media(request.headers.get("accept"),
+                                               rendering.MEDIA_TYPES)
+            try:
+                numbers = wado.parse_frame_list(request.path_params["frames"]) \
+                    if "frames" in request.path_params else None
+                options = rendering.parse_options(dict(request.query_params), media,
+                                                  thumbnail)
+            except ValueError as exc:
+                raise HttpError(400, str(exc)) from None
+            if thumbnail and numbers is not None and len(numbers) > 1:
+                raise HttpError(400, "a thumbnail is of one frame")
+            self._available()
+            selected = self._database(lambda: wado.items(
+                self.context.finder, level, ident, caller.decision.instance_filter()))
+            if not selected:
+                raise HttpError(404, f"no such {_NAMES[level]}")
+
+            def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
+                frames = bulkdata.Frames(fp)
+                wanted = numbers or ([1] if thumbnail else list(range(1, frames.count + 1)))
+                frames.check(wanted)
+                return "", (rendering.render(frames.header, n, frames.read(n),
+                                             frames.transfer_syntax, options) for n in wanted)
+            _, images = self._database(
+                lambda: self._read(selected[len(selected) // 2], read))
+        except HttpError as exc:
+            self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "WADO-RS", 200, started, text, counts={"instances": 1})
+        log.info("WADO-RS %s %s -> 200", caller.describe(), request.url.path)
+        first = next(images)
+        rest = list(itertools.islice(images, 1)) if not thumbnail else []
+        if not rest:
+            return Response(first, 200, media_type=media)
+        boundary = multipart.new_boundary()
+        return StreamingResponse(
+            wado.parts_body(itertools.chain((first,), rest, images), media, None, boundary),
+            media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
     def _pixels(self, request: Request, reader: Callable[[dict[str, str]], Reader]
                 ) -> Response:
         """Frames or a bulk value of one instance the caller may retrieve: 400 for a
@@ -343,6 +398,9 @@ class Service:
         except FileNotFoundError as exc:
             log.error("WADO-RS: %s: %s", item.sop, exc)
             raise HttpError(500, "the stored file of this instance is missing") from None
+        except rendering.CannotRender as exc:
+            log.error("WADO-RS: %s: %s", item.sop, exc)
+            raise HttpError(500, str(exc)) from None
         except (ValueError, EOFError, struct.error) as exc:
             log.error("WADO-RS: %s: cannot read: %s", item.sop, exc)
             raise HttpError(500, f"the stored instance cannot be read: {exc}"[:300]
@@ -570,6 +628,17 @@ def create_app(context: Context) -> Starlette:
               service.frames, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
               service.bulkdata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/rendered",
+              service.rendered, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}"
+              "/rendered", service.rendered, methods=["GET"]),
+        Route("/studies/{study}/thumbnail", service.thumbnail, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/thumbnail", service.thumbnail,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+              service.thumbnail, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}"
+              "/thumbnail", service.thumbnail, methods=["GET"]),
     ]
     app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
                     exception_handlers={HttpError: _error_response, Exception: _unexpected})

@@ -139,3 +139,17 @@ def frame_media(header: str | None, syntax: str) -> str:
     raise NotAcceptable(f"stored {stored}, which the request does not accept; the archive "
                         "sends frames and bulk data as stored (ask for "
                         f'multipart/related; type="{media}" or transfer-syntax=*)')
+
+
+def rendered_media(header: str | None, media_types: tuple[str, ...]) -> str:
+    """The image type to render to: the first of ``media_types`` (JPEG first) the
+    client takes, alone or in ``multipart/related``; NotAcceptable if none."""
+    for item in ranges(header):
+        kind = item.type
+        if kind == "multipart/related":
+            kind = item.params.get("type", "*/*").lower()
+        if kind in ("*/*", "image/*", "multipart/*"):
+            return media_types[0]
+        if kind in media_types:
+            return kind
+    raise NotAcceptable(f"rendered images are served as {' or '.join(media_types)}")

@@ -180,10 +180,11 @@ def parse_frame_list(text: str) -> list[int]:
 MAX_FRAMES_ASKED = 10000
 
 
-def parts_body(parts: Iterator[bytes], media: str, syntax: str, boundary: str
+def parts_body(parts: Iterator[bytes], media: str, syntax: str | None, boundary: str
                ) -> Iterator[bytes]:
-    """A multipart body of ``parts`` (frames or bulk values), each read when sent."""
-    content_type = f"{media}; transfer-syntax={syntax}"
+    """A multipart body of ``parts`` (frames, bulk values, rendered images), each read
+    when sent; ``syntax``: the transfer syntax of DICOM pixel data (None: an image)."""
+    content_type = f"{media}; transfer-syntax={syntax}" if syntax else media
     for data in parts:
         yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
     yield multipart.closing(boundary)

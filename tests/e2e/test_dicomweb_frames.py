@@ -4,8 +4,8 @@ real FerretDB, pydicom's test files of every transfer syntax stored by STOW-RS,
 
 What a viewer needs: each frame, alone, in the transfer syntax it was stored in, that
 decodes to the pixels pydicom reads from the original file; every BulkDataURI of the
-metadata resolvable to the value it stands for; what a restricted user may not see
-answered as what does not exist.
+metadata resolvable to the value it stands for; rendered images and thumbnails that
+show the frame; what a restricted user may not see answered as what does not exist.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from acl_clients import use_rules
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from helpers import image_dataset, to_part10
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
 from acl.users import write_users
@@ -267,7 +268,8 @@ def test_restricted_user_gets_no_frame_or_bulk_data_of_hidden_instances(
     mine = requests.get(f"{url(node, ds)}/frames/1", auth=alice, timeout=30)
     assert mine.status_code == 200
     absent = "1.2.3.999"
-    for suffix in ("/frames/1", "/bulkdata/7FE00010"):
+    for suffix in ("/frames/1", "/bulkdata/7FE00010", "/rendered", "/thumbnail",
+                   "/frames/1/rendered"):
         a = requests.get(url(node, hidden) + suffix, auth=alice, timeout=30)
         b = requests.get(url(node, hidden).rsplit("/", 1)[0] + f"/{absent}{suffix}",
                          auth=alice, timeout=30)
@@ -298,3 +300,90 @@ def test_bad_frame_and_bulk_data_requests(node: Any, suffix: str, status: int, s
     assert requests.get(f"{url(node, ds)}/frames/1", auth=("admin", PASSWORDS["admin"]),
                         timeout=30).status_code == 200
 
+
+
+def decodable(images: dict[str, Dataset]) -> list[Dataset]:
+    found = []
+    for ds in images.values():
+        try:
+            pixel_array(ds, index=0)
+        except Exception:  # noqa: BLE001 - no decoder here for this syntax
+            continue
+        found.append(ds)
+    return found
+
+
+def correlation(image: Image.Image, ds: Dataset) -> float:
+    """Of the rendered grey levels with pydicom's first frame after the Modality LUT."""
+    expected = np.asarray(apply_modality_lut(pixel_array(ds, index=0), ds), np.float64)
+    got = np.asarray(image.convert("L"), np.float64)
+    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+        got = 255 - got
+    if expected.std() == 0 or got.std() == 0:
+        return 1.0 if expected.std() == got.std() else 0.0
+    return float(np.corrcoef(expected.ravel(), got.ravel())[0, 1])
+
+
+def test_rendered_frames_show_the_image(node: Any, images: dict[str, Dataset]) -> None:
+    admin = ("admin", PASSWORDS["admin"])
+    shown = 0
+    for ds in decodable(images):
+        answer = requests.get(f"{url(node, ds)}/frames/1/rendered", auth=admin, timeout=30,
+                              headers={"Accept": "image/png"})
+        assert answer.status_code == 200, (ds.filename, answer.text)
+        assert answer.headers["content-type"] == "image/png"
+        image = Image.open(BytesIO(answer.content))
+        assert image.size == (ds.Columns, ds.Rows)
+        if ds.SamplesPerPixel == 1 and ds.PhotometricInterpretation != "PALETTE COLOR" \
+                and "WindowCenter" not in ds:
+            # scaled to the frame's own range: the same picture, grey level for level
+            assert correlation(image, ds) > 0.99, ds.filename
+        shown += 1
+    assert shown >= 10
+
+
+def test_window_viewport_quality_and_thumbnails(node: Any, images: dict[str, Dataset]
+                                                ) -> None:
+    admin = ("admin", PASSWORDS["admin"])
+    ct = next(ds for ds in images.values() if ds.get("Modality") == "CT"
+              and ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian)
+    base = f"{url(node, ct)}/rendered"
+
+    def get(suffix: str, **params: str) -> requests.Response:
+        return requests.get(suffix, params=params, auth=admin, timeout=30)
+
+    default = get(base)
+    assert default.status_code == 200 and default.headers["content-type"] == "image/jpeg"
+    bone = get(base, window="300,1500,LINEAR")
+    narrow = get(base, window="40,80,LINEAR")
+    levels = [np.asarray(Image.open(BytesIO(a.content)).convert("L")).std()
+              for a in (bone, narrow)]
+    assert levels[0] != levels[1]  # the window changes what is shown
+    small = Image.open(BytesIO(get(base, viewport="64,32").content))
+    assert max(small.size) <= 64 and small.size[1] <= 32
+    assert len(get(base, quality="10").content) < len(get(base, quality="100").content)
+    thumbnail = Image.open(BytesIO(get(f"{url(node, ct)}/thumbnail").content))
+    assert max(thumbnail.size) == 128
+    for level_url in (f"{node.http_url}/studies/{ct.StudyInstanceUID}",
+                      f"{node.http_url}/studies/{ct.StudyInstanceUID}/series/"
+                      f"{ct.SeriesInstanceUID}"):
+        answer = get(f"{level_url}/thumbnail")
+        assert answer.status_code == 200 and Image.open(BytesIO(answer.content)).size
+
+
+@pytest.mark.parametrize(("params", "accept", "status", "says"), [
+    ({"window": "40,80"}, None, 400, "center,width,function"),
+    ({"window": "40,-1,LINEAR"}, None, 400, "positive"),
+    ({"window": "x,80,LINEAR"}, None, 400, "not a number"),
+    ({"viewport": "0,10"}, None, 400, "viewport"),
+    ({"viewport": "99999,10"}, None, 400, "viewport"),
+    ({"quality": "0"}, None, 400, "quality"),
+    ({}, "image/gif", 406, "image/jpeg or image/png"),
+])
+def test_bad_rendering_requests(node: Any, images: dict[str, Dataset], params: dict[str, str],
+                                accept: str | None, status: int, says: str) -> None:
+    ds = decodable(images)[0]
+    headers = {"Accept": accept} if accept else {}
+    answer = requests.get(f"{url(node, ds)}/rendered", params=params, headers=headers,
+                          auth=("admin", PASSWORDS["admin"]), timeout=30)
+    assert answer.status_code == status and says in answer.text, answer.text
