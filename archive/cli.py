@@ -386,3 +386,4 @@ def unwritable_folder(cfg: Config, command_name: str) -> str | None:
 command("acl", acl_cli.configure_acl)(acl_cli.run_acl)
 command("audit", acl_cli.configure_audit)(acl_cli.run_audit)
 command("user", users.configure_user)(users.run_user)
+command("token", acl_cli.configure_token)(acl_cli.run_token)

@@ -1,7 +1,8 @@
 """The DICOMweb application (Starlette): routes, who asks, refusals, audit.
 
 Every request is answered in the same steps: who asks (HTTP Basic through
-``auth.backend``, else ``anonymous``; 401 / 503 when refused), what the rules say
+``auth.backend``, or a bearer token, else ``anonymous``; 401 / 503 when refused;
+:mod:`archive.web.auth`), what the rules say
 about the service (QIDO-RS = Query, WADO-RS = Retrieve, STOW-RS = Store; 403 when no
 rule allows it), the database's health (503 while it is away), the request itself.
 A restricted principal is never told that something exists: a study, series or
@@ -39,7 +40,7 @@ from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
-from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, parse_basic
+from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web")
@@ -85,7 +86,9 @@ class Service:
 
     def __init__(self, context: Context) -> None:
         self.context = context
-        self.http_auth = HttpAuthenticator(context.authenticator, context.guard)
+        self.http_auth = HttpAuthenticator(
+            context.authenticator, context.guard, tokens=context.tokens,
+            available=lambda: context.health.up, database_error=context.health.suspect)
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
 
@@ -107,12 +110,12 @@ class Service:
             self.context.audit.record(association_entry(
                 peer, "HTTP-AUTH-RJ", identity.ANONYMOUS, allowed=False,
                 established=identity.REFUSED, comment=exc.reason[:200],
-                user=_claimed_user(request.headers.get("authorization"))))
+                **claimed(request.headers.get("authorization"))))
             if exc.transient:
                 raise HttpError(503, "authentication not available now, retry later",
                                 {"Retry-After": "5"}) from None
-            raise HttpError(401, "authentication failed", {"WWW-Authenticate": CHALLENGE}
-                            ) from None
+            raise HttpError(401, "authentication failed",
+                            {"WWW-Authenticate": exc.challenge}) from None
         decision = self.context.authorize(principal.name, service)
         caller = Caller(request, principal, decision)
         if not decision.allowed:
@@ -377,15 +380,6 @@ class Service:
 
 
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
-
-
-def _claimed_user(header: str | None) -> str | None:
-    """The user name refused credentials claimed, for the audit trail (None: none)."""
-    try:
-        credentials = parse_basic(header)
-    except Unauthenticated:
-        return None
-    return credentials.username[:64] if credentials else None
 
 
 def _request_text(request: Request) -> str:
