@@ -123,8 +123,8 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         if cfg.http.enabled:  # the HTTP front end, over the same context
             from archive.web.server import WebServer, WebServerError
 
-            web = WebServer(context, cfg.bind_address, cfg.http.port)
             try:
+                web = WebServer(context, cfg.bind_address, cfg.http.port, tls=cfg.http.tls)
                 web.start()
             except WebServerError as exc:
                 node.stop()

@@ -189,6 +189,15 @@ class Receive:
 
 
 @dataclass
+class HttpTls:
+    """HTTPS for DICOMweb: the PEM certificate (chain) and its private key, named as
+    the DICOM port's ``tls:``; no certificate: plain HTTP."""
+
+    certificate: str = ""
+    private_key: str = ""
+
+
+@dataclass
 class Http:
     """DICOMweb (``archive.web``): served by ``archive serve`` beside the DICOM port, on
     the same address, under ``/dicom-web``."""
@@ -197,6 +206,7 @@ class Http:
     port: int = 8080
     #: Most answers a QIDO-RS request gets, whatever its ``limit``.
     max_results: int = 10_000
+    tls: HttpTls = field(default_factory=HttpTls)
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -345,6 +355,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"http.port: {cfg.http.port} is the DICOM port too")
     if cfg.http.max_results < 1:
         raise ConfigError("http.max_results: must be at least 1")
+    _validate_http(cfg.http)
     if not 0 <= cfg.write_behind_seconds <= 60:
         raise ConfigError("write_behind_seconds: must be between 0 and 60")
     if not cfg.receive.folder.strip():
@@ -376,6 +387,12 @@ def _validate(cfg: Config) -> None:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _validate_http(http: Http) -> None:
+    """A key needs its certificate."""
+    if http.tls.private_key and not http.tls.certificate:
+        raise ConfigError("http.tls.private_key: given without http.tls.certificate")
 
 
 def _validate_auth(cfg: Config) -> None:

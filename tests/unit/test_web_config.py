@@ -44,3 +44,24 @@ def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
 
 def test_disabled_may_share_nothing(tmp_path: Path) -> None:
     assert load(tmp_path, {"http": {"enabled": False, "port": 11112}}).http.enabled is False
+
+
+def test_tls_is_off_by_default(tmp_path: Path) -> None:
+    http = load(tmp_path, {}).http
+    assert (http.tls.certificate, http.tls.private_key) == ("", "")
+
+
+def test_tls_as_written(tmp_path: Path) -> None:
+    http = load(tmp_path, {"http": {
+        "tls": {"certificate": "c.pem", "private_key": "k.pem"}}}).http
+    assert (http.tls.certificate, http.tls.private_key) == ("c.pem", "k.pem")
+
+
+@pytest.mark.parametrize("http,message", [
+    ({"tls": {"private_key": "k.pem"}}, "http.tls.private_key: given without"),
+    ({"tls": {"certificate": "c.pem", "ca_certificate": "ca.pem"}},
+     "http.tls.ca_certificate: unknown key"),
+])
+def test_tls_refusals(tmp_path: Path, http: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, {"http": http})
