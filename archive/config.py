@@ -198,6 +198,17 @@ class HttpTls:
 
 
 @dataclass
+class Cors:
+    """CORS for viewers served from another origin (OHIF elsewhere): the origins a
+    browser may let read the answers; none (the default): no CORS header at all."""
+
+    allow_origins: list[str] = field(default_factory=list)
+    #: Whether a browser may send its own credentials (a Basic login it remembers) on
+    #: cross-origin requests; a bearer token set by the viewer needs no such thing.
+    allow_credentials: bool = False
+
+
+@dataclass
 class Http:
     """DICOMweb (``archive.web``): served by ``archive serve`` beside the DICOM port, on
     the same address, under ``/dicom-web``."""
@@ -207,6 +218,7 @@ class Http:
     #: Most answers a QIDO-RS request gets, whatever its ``limit``.
     max_results: int = 10_000
     tls: HttpTls = field(default_factory=HttpTls)
+    cors: Cors = field(default_factory=Cors)
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -387,12 +399,22 @@ def _validate(cfg: Config) -> None:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: An origin as a browser sends it: scheme, host, optional port; nothing else.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
 
 def _validate_http(http: Http) -> None:
-    """A key needs its certificate."""
+    """A key needs its certificate; origins are origins; credentials need named ones."""
     if http.tls.private_key and not http.tls.certificate:
         raise ConfigError("http.tls.private_key: given without http.tls.certificate")
+    for origin in http.cors.allow_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"http.cors.allow_origins: {origin!r} is not an origin "
+                              "(scheme://host[:port], no path, no trailing slash; or '*')")
+    if http.cors.allow_credentials and "*" in http.cors.allow_origins:
+        raise ConfigError("http.cors.allow_credentials: not with allow_origins '*' (any web "
+                          "site could then act with the browser's credentials): list the "
+                          "viewers' origins")
 
 
 def _validate_auth(cfg: Config) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from pymongo.errors import OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -49,6 +50,12 @@ BASE_PATH = "/dicom-web"
 #: A UID in a path: what the archive stores as UIDs (letters allowed, see
 #: archive.identifiers), never a wild card, a list, a slash or a dot segment.
 _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
+#: CORS (``http.cors``): what a viewer of another origin may send and read.  A
+#: preflight (OPTIONS) is answered by the middleware, before authentication.
+CORS_METHODS = ("GET", "POST")
+CORS_REQUEST_HEADERS = ("Authorization", "Accept", "Content-Type")
+CORS_EXPOSED_HEADERS = ("Content-Type", "Content-Location", "Warning", "Retry-After",
+                        "WWW-Authenticate")
 #: Audit status of each HTTP answer (the DIMSE status C-FIND / C-MOVE / C-STORE would
 #: answer), beside the HTTP status itself.
 _AUDIT_STATUS = {200: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED, 404: 0xC000,
@@ -470,5 +477,12 @@ def create_app(context: Context) -> Starlette:
     app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
                     exception_handlers={HttpError: _error_response, Exception: _unexpected})
     app.add_middleware(RejectPathTricks)
+    cors = getattr(getattr(context.cfg, "http", None), "cors", None)
+    if cors is not None and cors.allow_origins:  # outermost: preflights never reach auth
+        app.add_middleware(CORSMiddleware,  # browsers send scheme and host in lower case
+                           allow_origins=[origin.lower() for origin in cors.allow_origins],
+                           allow_credentials=cors.allow_credentials,
+                           allow_methods=CORS_METHODS, allow_headers=CORS_REQUEST_HEADERS,
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.state.service = service
     return app
