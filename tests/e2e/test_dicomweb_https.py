@@ -61,7 +61,7 @@ def _serve(ferretdb: Any, tmp_path: Path, tls: dict[str, str]
     config = write_config(tmp_path / "node", ferretdb, "webtls", {"http": {"tls": tls}})
     return subprocess.run([sys.executable, "-m", "archive", "serve", "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, env=node_environment(),
-                          timeout=60)
+                          timeout=60, stdin=subprocess.DEVNULL)
 
 
 def test_a_missing_certificate_stops_the_node_with_one_line(
@@ -81,9 +81,14 @@ def test_a_certificate_that_is_not_one_stops_the_node(
     other_key = tmp_path / "other.pem"
     subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout",
                     "-out", str(other_key)], check=True, capture_output=True, timeout=60)
+    encrypted = tmp_path / "encrypted.pem"  # must fail, not prompt for a pass phrase
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:pw",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
     for tls, expected in (({"certificate": str(key), "private_key": str(key)}, str(key)),
                           ({"certificate": str(cert), "private_key": str(other_key)},
-                           "KEY_VALUES_MISMATCH")):
+                           "KEY_VALUES_MISMATCH"),
+                          ({"certificate": str(cert), "private_key": str(encrypted)},
+                           "(unencrypted) private key")):
         done = _serve(ferretdb, tmp_path, tls)
         assert done.returncode == 2, done.stderr
         last = done.stderr.strip().splitlines()[-1]
