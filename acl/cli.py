@@ -35,6 +35,7 @@ from pymongo.errors import PyMongoError
 from acl import audit, tokens, yamlrules
 from acl.auth import Refused
 from acl.auth import from_config as authenticator_from_config
+from acl.identity import ANONYMOUS
 from acl.patterns import PatternError, check_stored, describe, matches_everything, parse_key
 from acl.rules import (
     SERVICES,
@@ -45,6 +46,7 @@ from acl.rules import (
     decide,
     instance_document,
 )
+from acl.users import check_name
 from archive.config import Config
 from archive.opening import database
 from archive.storage import connect
@@ -335,9 +337,12 @@ def _issue(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         return _error(f"--expires: {exc}", 2, "archive token")
     user = args.user
-    if not user.strip() or user != user.strip() or user == "*" or any(
-            ord(c) < 0x20 or ord(c) == 0x7F for c in user):
-        return _error(f"{user!r} is not a user name", 2, "archive token")
+    try:
+        check_name(user)
+    except ValueError as exc:
+        return _error(str(exc), 2, "archive token")
+    if user in ("*", ANONYMOUS):
+        return _error(f"{user!r} is not a user a token could stand for", 2, "archive token")
     if len(args.label) > 200 or any(ord(c) < 0x20 for c in args.label):
         return _error("--label: at most 200 characters, no control character", 2,
                       "archive token")

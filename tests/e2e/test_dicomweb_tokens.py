@@ -223,6 +223,8 @@ def test_issue_refuses_bad_options(node: Any) -> None:
         done = archive_cli(node, "token", "issue", "alice", *options)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert done.stdout == ""
+    done = archive_cli(node, "token", "issue", "anonymous")
+    assert done.returncode == 2 and "not a user a token could stand for" in done.stderr
 
 
 def test_the_database_away_is_503(node_factory: Any, private_ferretdb: Any,
