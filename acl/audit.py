@@ -37,6 +37,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from acl.identity import ATTRIBUTE as PRINCIPAL_ATTRIBUTE
+from acl.identity import TOKEN
 
 log = logging.getLogger("acl.audit")
 
@@ -270,7 +271,10 @@ def format_entry(entry: Mapping[str, Any]) -> str:
         parts.append(f"user={entry['user']!r}")
     if entry.get("established"):
         parts.append(f"established={entry['established']}")
-    if entry.get("kind") == "association" and entry.get("basis"):
+    if entry.get("token"):  # refused bearer credentials: the token id they named
+        parts.append(f"token={entry['token']}")
+    if entry.get("basis") and (entry.get("kind") == "association"
+                               or entry.get("established") == TOKEN):  # which token
         parts.append(f"basis={entry['basis']!r}")
     if entry.get("ms") is not None:
         parts.append(f"{entry['ms']}ms")

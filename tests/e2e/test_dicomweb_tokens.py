@@ -118,6 +118,9 @@ def test_a_token_acts_for_its_user_under_her_rules(node: Any, corpus: dict[str, 
     entry = wait_for(audited, 10)
     assert token_id in entry["basis"] and "viewer on ward 3" in entry["basis"]
     assert entry["restricted"] and secret not in repr(entry)
+    trail = archive_cli(node, "audit", "--user", "alice")
+    assert any("QIDO-RS" in line and "established=bearer-token" in line and token_id in line
+               for line in trail.stdout.splitlines()), trail.stdout
 
 
 def test_list_shows_tokens_never_secrets(node: Any, corpus: dict[str, str]) -> None:
@@ -191,9 +194,13 @@ def test_a_wrong_token_says_nothing_about_why(node: Any, corpus: dict[str, str])
         return sorted(times)[len(times) // 2]
 
     assert abs(median(wrong_secret) - median(unknown_id)) < 0.05
-    # the administrator's log tells them apart
+    # the administrator's log and audit trail tell them apart
     log = node.log()
     assert f"wrong secret for token {real.id}" in log and "unknown token id" in log
+    refused = wait_for(lambda: node.db.audit.find_one({"event": "HTTP-AUTH-RJ",
+                                                       "token": real.id}), 10)
+    assert refused["established"] == "refused" and refused["principal"] == "anonymous"
+    assert "wrong secret" in refused["comment"] and other.secret not in repr(refused)
 
 
 def test_a_removed_users_token_is_refused(node: Any, corpus: dict[str, str]) -> None:
