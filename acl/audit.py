@@ -10,9 +10,10 @@ can absorb costs entries, each loss counted and logged.
 
 Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
 (A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
-C-GET), ``principal``, ``established`` (how the principal was established:
-verified-user, claimed-user, ae-title, anonymous, refused) and ``basis`` (on what:
-backend, AE title and address, certificate), ``address``/``port`` of the peer,
+C-GET; QIDO-RS, WADO-RS, STOW-RS, HTTP-AUTH-RJ), ``principal``, ``established`` (how
+the principal was established: verified-user, claimed-user, ae-title, bearer-token,
+anonymous, refused) and ``basis`` (on what: backend, token id, AE title and address,
+certificate), ``address``/``port`` of the peer,
 ``calling_ae``, ``called_ae``, ``service``, ``request`` (identifier summary or SOP Instance UID),
 ``allowed``, ``rule`` (index of the deciding rule), ``restricted``, ``status``,
 ``comment``, ``counts``, ``ms``.
@@ -36,6 +37,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from acl.identity import ATTRIBUTE as PRINCIPAL_ATTRIBUTE
+from acl.identity import TOKEN
 
 log = logging.getLogger("acl.audit")
 
@@ -269,7 +271,10 @@ def format_entry(entry: Mapping[str, Any]) -> str:
         parts.append(f"user={entry['user']!r}")
     if entry.get("established"):
         parts.append(f"established={entry['established']}")
-    if entry.get("kind") == "association" and entry.get("basis"):
+    if entry.get("token"):  # refused bearer credentials: the token id they named
+        parts.append(f"token={entry['token']}")
+    if entry.get("basis") and (entry.get("kind") == "association"
+                               or entry.get("established") == TOKEN):  # which token
         parts.append(f"basis={entry['basis']!r}")
     if entry.get("ms") is not None:
         parts.append(f"{entry['ms']}ms")

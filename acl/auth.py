@@ -111,6 +111,12 @@ class Authenticator:
     def authenticate(self, username: str, passcode: bytes | None) -> str:
         raise NotImplementedError
 
+    def knows(self, username: str) -> bool | None:
+        """Whether ``username`` is (still) a user; None when the backend cannot tell
+        without her password (LDAP).  A bearer token of a user the backend no longer
+        knows is refused."""
+        return None
+
     def describe(self) -> str:
         return self.name
 
@@ -122,6 +128,9 @@ class NoneAuthenticator(Authenticator):
 
     def authenticate(self, username: str, passcode: bytes | None) -> str:
         return username
+
+    def knows(self, username: str) -> bool | None:
+        return True
 
     def describe(self) -> str:
         return "none (usernames taken as given, passcodes ignored: trusted networks only)"
@@ -175,6 +184,9 @@ class FileAuthenticator(Authenticator):
         if not _checkpw(passcode, stored.encode("ascii")):
             raise Refused("wrong passcode")
         return username
+
+    def knows(self, username: str) -> bool | None:
+        return username in self.users()
 
     def describe(self) -> str:
         try:
@@ -339,23 +351,30 @@ class Guard:
             raise Refused(refusal.describe(self.clock()), transient=True)
 
     def authenticate(self, address: str, username: str,
-                     check: Callable[[], str]) -> str:
-        """``check()`` (the backend) unless throttled; its outcome counted."""
+                     check: Callable[[], str], cheap: bool = False) -> str:
+        """``check()`` (the backend) unless throttled; its outcome counted.  A
+        ``cheap`` check (a bearer token's hash and look-up) takes no check slot: the
+        slots bound the CPU of bcrypt checks and the waits on LDAP."""
         self._admit(address, username)
+        if cheap:
+            return self._counted(address, username, check)
         trusted = self.throttle is not None and self.throttle.known(address, username)
         if not self.slots.acquire(trusted, self.wait):
             raise Refused(f"busy: {self.slots.size} credential checks running for over "
                           f"{self.wait:g} s", transient=True)
         try:
             self._admit(address, username)  # failures recorded while this one waited
-            try:
-                principal = check()
-            except Refused as exc:
-                if self.throttle is not None and not exc.transient:
-                    self.throttle.record(address, username, False)
-                raise
+            return self._counted(address, username, check)
         finally:
             self.slots.release()
+
+    def _counted(self, address: str, username: str, check: Callable[[], str]) -> str:
+        try:
+            principal = check()
+        except Refused as exc:
+            if self.throttle is not None and not exc.transient:
+                self.throttle.record(address, username, False)
+            raise
         if self.throttle is not None:
             self.throttle.record(address, username, True)
         return principal

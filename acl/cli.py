@@ -8,12 +8,17 @@
                                 allowed (exit 0) or denied (exit 1), and which rule decided.
 ``audit [--user U] [--since T] [--limit N]``
                                 the audit trail, one line per entry, newest last.
+``token issue USER [--expires D] [--label T] | list | revoke ID``
+                                DICOMweb bearer tokens (:mod:`acl.tokens`): the token is
+                                printed once, at issue; the database keeps its hash.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import sys
 import warnings
 from collections.abc import Iterator
@@ -27,7 +32,10 @@ from pydicom.dataset import Dataset
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from acl import audit, yamlrules
+from acl import audit, tokens, yamlrules
+from acl.auth import Refused
+from acl.auth import from_config as authenticator_from_config
+from acl.identity import ANONYMOUS
 from acl.patterns import PatternError, check_stored, describe, matches_everything, parse_key
 from acl.rules import (
     SERVICES,
@@ -38,6 +46,7 @@ from acl.rules import (
     decide,
     instance_document,
 )
+from acl.users import check_name
 from archive.config import Config
 from archive.opening import database
 from archive.storage import connect
@@ -288,3 +297,117 @@ def run_audit(args: argparse.Namespace, cfg: Config) -> int:
         print(line)
     return 0
 
+
+
+# --- archive token ---------------------------------------------------------------------
+
+
+def configure_token(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+    sub = parser.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    issue = sub.add_parser("issue", parents=[common],
+                           help="issue a token for a user (printed once)")
+    issue.add_argument("user", metavar="USER", help="the principal the token acts for")
+    issue.add_argument("--expires", default="90d", metavar="DURATION",
+                       help="lifetime: 90d (default), 12h, 1w, 30m, 1w2d, or never")
+    issue.add_argument("--label", default="", metavar="TEXT",
+                       help="what the token is for (a viewer, a script), shown by list")
+    issue.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = sub.add_parser("list", parents=[common],
+                             help="list the tokens (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    revoke = sub.add_parser("revoke", parents=[common],
+                            help="revoke a token: refused from now on")
+    revoke.add_argument("token_id", metavar="ID", help="the token's id (see list)")
+
+
+def run_token(args: argparse.Namespace, cfg: Config) -> int:
+    """DICOMweb bearer tokens: issue one for a user, list them, revoke one."""
+    actions = {"issue": _issue, "list": _list_tokens, "revoke": _revoke}
+    try:
+        return actions[args.token_command](args, cfg)
+    except PyMongoError as exc:
+        return _error(f"database error, nothing changed: {exc}", 1, "archive token")
+
+
+def _issue(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        lifetime = tokens.parse_duration(args.expires)
+    except ValueError as exc:
+        return _error(f"--expires: {exc}", 2, "archive token")
+    user = args.user
+    try:
+        check_name(user)
+    except ValueError as exc:
+        return _error(str(exc), 2, "archive token")
+    if user in ("*", ANONYMOUS):
+        return _error(f"{user!r} is not a user a token could stand for", 2, "archive token")
+    if len(args.label) > 200 or any(ord(c) < 0x20 for c in args.label):
+        return _error("--label: at most 200 characters, no control character", 2,
+                      "archive token")
+    try:
+        known = authenticator_from_config(cfg.auth).knows(user)
+    except Refused as exc:
+        return _error(f"cannot tell whether {user} is a user: {exc.reason}", 2,
+                      "archive token")
+    if known is False:
+        return _error(f"no user {user!r} in {cfg.auth.users_file} (auth.backend "
+                      f"{cfg.auth.backend}): add her first (archive user add {user})", 2,
+                      "archive token")
+    with _database(cfg) as db:
+        issued, record = tokens.TokenStore(db).issue(user, lifetime, args.label)
+    if args.json:
+        print(json.dumps({"token": issued.token, **_token_row(record)}, indent=2))
+    else:
+        print(issued.token)
+        expiry = _when(record.expires) if record.expires else "never"
+        print(f"archive token: issued token {record.id} for {user}, expires {expiry}; "
+              "it is shown only now: keep it secret", file=sys.stderr)
+    return 0
+
+
+def _when(value: datetime.datetime | None) -> str:
+    return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ") \
+        if value else "-"
+
+
+def _token_row(record: tokens.Record) -> dict[str, Any]:
+    return {"id": record.id, "user": record.user, "label": record.label,
+            "state": record.state(tokens.now()),
+            "created": record.created.isoformat(timespec="seconds"),
+            "expires": record.expires.isoformat(timespec="seconds") if record.expires
+            else None,
+            "revoked": record.revoked.isoformat(timespec="seconds") if record.revoked
+            else None,
+            "last_used": record.last_used.isoformat(timespec="seconds")
+            if record.last_used else None}
+
+
+def _list_tokens(args: argparse.Namespace, cfg: Config) -> int:
+    with _database(cfg, existing=True) as db:
+        records = tokens.TokenStore(db).records()
+    if args.json:
+        print(json.dumps([_token_row(r) for r in records], indent=2))
+        return 0
+    now = tokens.now()
+    print(f"{'ID':<16}  {'USER':<16} {'STATE':<7}  {'CREATED':<17}  {'EXPIRES':<17}  "
+          f"{'REVOKED':<17}  {'LAST USE':<17}  LABEL")
+    for r in records:
+        print(f"{r.id:<16}  {r.user:<16} {r.state(now):<7}  {_when(r.created):<17}  "
+              f"{_when(r.expires) if r.expires else 'never':<17}  {_when(r.revoked):<17}  "
+              f"{_when(r.last_used):<17}  {r.label}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace, cfg: Config) -> int:
+    with _database(cfg, existing=True) as db:
+        before = tokens.TokenStore(db).revoke(args.token_id.strip())
+    if before is None:
+        return _error(f"no token {args.token_id!r}", 1, "archive token")
+    if before.revoked is not None:
+        print(f"token {before.id} of {before.user} was already revoked "
+              f"({_when(before.revoked)})")
+    else:
+        print(f"revoked token {before.id} of {before.user}: refused from now on")
+    return 0

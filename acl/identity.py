@@ -29,9 +29,10 @@ from archive.config import AePrincipal, Auth
 
 ANONYMOUS = "anonymous"
 
-#: How a principal was established (the ``established`` field of audit entries).
-VERIFIED, CLAIMED, AE_TITLE, NONE, REFUSED = (
-    "verified-user", "claimed-user", "ae-title", "anonymous", "refused")
+#: How a principal was established (the ``established`` field of audit entries);
+#: ``bearer-token``: by a DICOMweb bearer token (acl.tokens).
+VERIFIED, CLAIMED, AE_TITLE, NONE, REFUSED, TOKEN = (
+    "verified-user", "claimed-user", "ae-title", "anonymous", "refused", "bearer-token")
 
 #: Backends that verify a passcode: a mapped AE title must not stand in for one.
 PASSWORD_BACKENDS = frozenset({"file", "ldap"})

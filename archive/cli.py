@@ -123,8 +123,8 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         if cfg.http.enabled:  # the HTTP front end, over the same context
             from archive.web.server import WebServer, WebServerError
 
-            web = WebServer(context, cfg.bind_address, cfg.http.port)
             try:
+                web = WebServer(context, cfg.bind_address, cfg.http.port, tls=cfg.http.tls)
                 web.start()
             except WebServerError as exc:
                 node.stop()
@@ -386,3 +386,4 @@ def unwritable_folder(cfg: Config, command_name: str) -> str | None:
 command("acl", acl_cli.configure_acl)(acl_cli.run_acl)
 command("audit", acl_cli.configure_audit)(acl_cli.run_audit)
 command("user", users.configure_user)(users.run_user)
+command("token", acl_cli.configure_token)(acl_cli.run_token)

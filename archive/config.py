@@ -189,6 +189,26 @@ class Receive:
 
 
 @dataclass
+class HttpTls:
+    """HTTPS for DICOMweb: the PEM certificate (chain) and its private key, named as
+    the DICOM port's ``tls:``; no certificate: plain HTTP."""
+
+    certificate: str = ""
+    private_key: str = ""
+
+
+@dataclass
+class Cors:
+    """CORS for viewers served from another origin (OHIF elsewhere): the origins a
+    browser may let read the answers; none (the default): no CORS header at all."""
+
+    allow_origins: list[str] = field(default_factory=list)
+    #: Whether a browser may send its own credentials (a Basic login it remembers) on
+    #: cross-origin requests; a bearer token set by the viewer needs no such thing.
+    allow_credentials: bool = False
+
+
+@dataclass
 class Http:
     """DICOMweb (``archive.web``): served by ``archive serve`` beside the DICOM port, on
     the same address, under ``/dicom-web``."""
@@ -201,6 +221,8 @@ class Http:
     #: ``https://pacs.example.org/dicom-web``): the base of the URLs in answers
     #: (RetrieveURL, BulkDataURI).  Empty: taken from each request.
     public_url: str = ""
+    tls: HttpTls = field(default_factory=HttpTls)
+    cors: Cors = field(default_factory=Cors)
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -349,9 +371,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"http.port: {cfg.http.port} is the DICOM port too")
     if cfg.http.max_results < 1:
         raise ConfigError("http.max_results: must be at least 1")
-    if cfg.http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
-                                                cfg.http.public_url):
-        raise ConfigError(f"http.public_url: {cfg.http.public_url!r} is not an http(s) URL")
+    _validate_http(cfg.http)
     if not 0 <= cfg.write_behind_seconds <= 60:
         raise ConfigError("write_behind_seconds: must be between 0 and 60")
     if not cfg.receive.folder.strip():
@@ -383,6 +403,26 @@ def _validate(cfg: Config) -> None:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: An origin as a browser sends it: scheme, host, optional port; nothing else.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def _validate_http(http: Http) -> None:
+    """A key needs its certificate; origins are origins; credentials need named ones;
+    the public URL is an http(s) URL."""
+    if http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
+                                            http.public_url):
+        raise ConfigError(f"http.public_url: {http.public_url!r} is not an http(s) URL")
+    if http.tls.private_key and not http.tls.certificate:
+        raise ConfigError("http.tls.private_key: given without http.tls.certificate")
+    for origin in http.cors.allow_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"http.cors.allow_origins: {origin!r} is not an origin "
+                              "(scheme://host[:port], no path, no trailing slash; or '*')")
+    if http.cors.allow_credentials and "*" in http.cors.allow_origins:
+        raise ConfigError("http.cors.allow_credentials: not with allow_origins '*' (any web "
+                          "site could then act with the browser's credentials): list the "
+                          "viewers' origins")
 
 
 def _validate_auth(cfg: Config) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from acl import auth, identity, visibility, yamlrules
+from acl import auth, identity, tokens, visibility, yamlrules
 from acl.audit import AuditLog
 from acl.rules import NOT_AUTHORIZED, Decision, Rule, RuleStore, admit_store, allow_all
 from archive.answers import Syntax
@@ -61,8 +61,8 @@ class Stored:
 
 
 class Context:
-    """Database, storage, finder, access rules, audit trail and authentication of one
-    archive process, and its bookkeeping of stores in flight."""
+    """Database, storage, finder, access rules, audit trail, authentication and bearer
+    tokens of one archive process, and its bookkeeping of stores in flight."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -87,6 +87,8 @@ class Context:
         log.info("authentication: %s", self.authenticator.describe())
         #: Wrong-passcode limits and check slots around the backend (acl.throttle).
         self.guard = auth.Guard(cfg.auth.throttle)
+        #: Bearer tokens ``archive token`` issued, for DICOMweb (acl.tokens).
+        self.tokens = tokens.TokenStore(self.db)
         #: auth.ae_principals, bound to addresses / certificates (acl.identity).
         self.ae_bindings = identity.bindings(cfg.auth)
         self._mappings_checked: object = ()

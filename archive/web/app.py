@@ -1,7 +1,8 @@
 """The DICOMweb application (Starlette): routes, who asks, refusals, audit.
 
 Every request is answered in the same steps: who asks (HTTP Basic through
-``auth.backend``, else ``anonymous``; 401 / 503 when refused), what the rules say
+``auth.backend``, or a bearer token, else ``anonymous``; 401 / 503 when refused;
+:mod:`archive.web.auth`), what the rules say
 about the service (QIDO-RS = Query, WADO-RS = Retrieve, STOW-RS = Store; 403 when no
 rule allows it), the database's health (503 while it is away), the request itself.
 A restricted principal is never told that something exists: a study, series or
@@ -31,6 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pymongo.errors import OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -43,7 +45,7 @@ from archive import bulkdata, rendering
 from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
-from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, parse_basic
+from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web")
@@ -52,6 +54,12 @@ BASE_PATH = "/dicom-web"
 #: A UID in a path: what the archive stores as UIDs (letters allowed, see
 #: archive.identifiers), never a wild card, a list, a slash or a dot segment.
 _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
+#: CORS (``http.cors``): what a viewer of another origin may send and read.  A
+#: preflight (OPTIONS) is answered by the middleware, before authentication.
+CORS_METHODS = ("GET", "POST")
+CORS_REQUEST_HEADERS = ("Authorization", "Accept", "Content-Type")
+CORS_EXPOSED_HEADERS = ("Content-Type", "Content-Location", "Warning", "Retry-After",
+                        "WWW-Authenticate")
 #: Audit status of each HTTP answer (the DIMSE status C-FIND / C-MOVE / C-STORE would
 #: answer), beside the HTTP status itself.
 _AUDIT_STATUS = {200: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED, 404: 0xC000,
@@ -89,7 +97,9 @@ class Service:
 
     def __init__(self, context: Context) -> None:
         self.context = context
-        self.http_auth = HttpAuthenticator(context.authenticator, context.guard)
+        self.http_auth = HttpAuthenticator(
+            context.authenticator, context.guard, tokens=context.tokens,
+            available=lambda: context.health.up, database_error=context.health.suspect)
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
         self.public_url = getattr(http, "public_url", "").rstrip("/")
@@ -112,12 +122,12 @@ class Service:
             self.context.audit.record(association_entry(
                 peer, "HTTP-AUTH-RJ", identity.ANONYMOUS, allowed=False,
                 established=identity.REFUSED, comment=exc.reason[:200],
-                user=_claimed_user(request.headers.get("authorization"))))
+                **claimed(request.headers.get("authorization"))))
             if exc.transient:
                 raise HttpError(503, "authentication not available now, retry later",
                                 {"Retry-After": "5"}) from None
-            raise HttpError(401, "authentication failed", {"WWW-Authenticate": CHALLENGE}
-                            ) from None
+            raise HttpError(401, "authentication failed",
+                            {"WWW-Authenticate": exc.challenge}) from None
         decision = self.context.authorize(principal.name, service)
         caller = Caller(request, principal, decision)
         if not decision.allowed:
@@ -531,15 +541,6 @@ Reader = Callable[[IO[bytes]], tuple[str, Iterator[bytes]]]
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
 
 
-def _claimed_user(header: str | None) -> str | None:
-    """The user name refused credentials claimed, for the audit trail (None: none)."""
-    try:
-        credentials = parse_basic(header)
-    except Unauthenticated:
-        return None
-    return credentials.username[:64] if credentials else None
-
-
 def _request_text(request: Request) -> str:
     query = f"?{request.url.query}" if request.url.query else ""
     return f"{request.method} {request.url.path}{query}"[:256]
@@ -643,5 +644,12 @@ def create_app(context: Context) -> Starlette:
     app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
                     exception_handlers={HttpError: _error_response, Exception: _unexpected})
     app.add_middleware(RejectPathTricks)
+    cors = getattr(getattr(context.cfg, "http", None), "cors", None)
+    if cors is not None and cors.allow_origins:  # outermost: preflights never reach auth
+        app.add_middleware(CORSMiddleware,  # browsers send scheme and host in lower case
+                           allow_origins=[origin.lower() for origin in cors.allow_origins],
+                           allow_credentials=cors.allow_credentials,
+                           allow_methods=CORS_METHODS, allow_headers=CORS_REQUEST_HEADERS,
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.state.service = service
     return app

@@ -5,17 +5,24 @@ serves too.  Started after the context and the node, stopped before them:
 :meth:`WebServer.stop` stops accepting, lets requests in flight finish (a STOW-RS part
 being stored is also counted by the context's ``begin_store``, which the node's and the
 context's stops wait for), then returns.
+
+With ``http.tls`` it serves HTTPS only (TLS 1.2 or later): the certificate and key are
+loaded before anything listens, and a file that is missing, unreadable or not a
+certificate (key) stops ``archive serve`` with one line naming the key at fault.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
+from archive.config import HttpTls
 from archive.context import Context
 from archive.web.app import BASE_PATH, create_app
 
@@ -26,13 +33,45 @@ class WebServerError(Exception):
     """The server could not start (the port is taken, the address is not ours)."""
 
 
+def ssl_context(tls: HttpTls) -> ssl.SSLContext | None:
+    """The server side of ``http.tls`` (None: plain HTTP); WebServerError naming the
+    key at fault when its files cannot be used."""
+    if not tls.certificate:
+        return None
+    for key, path in (("certificate", tls.certificate), ("private_key", tls.private_key)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise WebServerError(f"http.tls.{key}: {path}: cannot read "
+                                 f"({exc.strerror or type(exc).__name__})") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:  # an encrypted key must fail here, not prompt for a pass phrase
+        context.load_cert_chain(tls.certificate, tls.private_key or None, password=b"")
+    except (ssl.SSLError, ValueError) as exc:
+        key = f" with key {tls.private_key}" if tls.private_key else ""
+        raise WebServerError(f"http.tls: {tls.certificate}{key}: not a usable PEM "
+                             f"certificate and (unencrypted) private key "
+                             f"({getattr(exc, 'reason', None) or exc})") from None
+    return context
+
+
 class WebServer:
-    def __init__(self, context: Context, host: str, port: int, grace_seconds: float = 30.0) -> None:
+    def __init__(self, context: Context, host: str, port: int, grace_seconds: float = 30.0,
+                 tls: HttpTls | None = None) -> None:
         self.host, self.port = host, port
+        tls = tls or HttpTls()
+        self.ssl = ssl_context(tls)
+        options: dict[str, Any] = {}
+        if self.ssl is not None:  # uvicorn loads the files checked above once more
+            options = {"ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key or None}
         self.config = uvicorn.Config(
             create_app(context), host=host, port=port, log_config=None, access_log=False,
             lifespan="off", server_header=False, timeout_graceful_shutdown=int(grace_seconds),
-            timeout_keep_alive=5)
+            timeout_keep_alive=5, **options)
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None
 
@@ -46,7 +85,8 @@ class WebServer:
                 raise WebServerError(f"http.port {self.port}: cannot listen on "
                                      f"{self.host}:{self.port}")
             time.sleep(0.02)
-        log.info("DICOMweb listening on http://%s:%d%s", self.host, self.port, BASE_PATH)
+        log.info("DICOMweb listening on %s://%s:%d%s", "https" if self.ssl else "http",
+                 self.host, self.port, BASE_PATH)
 
     def _run(self) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind:

@@ -1,11 +1,13 @@
 """A real web viewer on the archive: OHIF 3 (npm ``@ohif/app``'s prebuilt ``dist/``,
 fetched by ``scripts/setup`` into ``.tools/ohif``) served by ``scripts/ohif_serve.py``,
 driven in Debian's headless Chromium through Playwright, against the node started as
-``archive serve`` with the real FerretDB.
+``archive serve`` with the real FerretDB and access rules.
 
-What a radiologist sees: the study list shows the stored studies; opening one shows
-its image (the middle of the viewport has many grey levels, not a blank canvas), whose
-pixels came through WADO-RS frames -- a native CT and a JPEG 2000 MR.
+What a radiologist sees: opening a study shows its image (the middle of the viewport
+has many grey levels, not a blank canvas), whose pixels came through WADO-RS frames --
+a native CT and a JPEG 2000 MR -- with OHIF served from another origin (the archive's
+CORS setting lets it call); the study list, through the same-origin proxy acting for a
+restricted user, shows her study and not the other.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import requests
+from acl_clients import use_rules
 from helpers import ROOT, free_port, port_open
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from acl.users import write_users
 from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
@@ -33,9 +38,32 @@ CHROMIUM = "/usr/bin/chromium"
 FILES = ("CT_small.dcm", "MR_small_jp2klossless.dcm")
 
 
+def patient(name: str) -> str:
+    return str(dcmread(get_testdata_file(name), stop_before_pixels=True).PatientID)
+
+
 @pytest.fixture(scope="module")
-def node(module_node_factory: Any) -> Any:
-    running = module_node_factory()
+def viewer_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def node(module_node_factory: Any, viewer_port: int,
+         tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The node: CORS for the viewer's origin; anonymous may query and retrieve all,
+    ``alice`` only the CT's patient."""
+    users = tmp_path_factory.mktemp("ohif-users") / "users.yaml"
+    write_users(users, {"alice": bcrypt.hashpw(b"alice-secret", bcrypt.gensalt(4)).decode()})
+    running = module_node_factory({
+        "acl": {"enabled": True, "refresh_seconds": 0.2},
+        "auth": {"backend": "file", "users_file": str(users)},
+        "http": {"cors": {"allow_origins": [f"http://127.0.0.1:{viewer_port}"]}},
+    })
+    use_rules(running, f"""
+rules:
+  - {{principal: anonymous, service: "*"}}
+  - {{principal: alice, service: Query, pattern: {{PatientID: "{patient(FILES[0])}"}}}}
+""")
     boundary = new_boundary()
     body = b"".join(
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
@@ -47,26 +75,29 @@ def node(module_node_factory: Any) -> Any:
     return running
 
 
-@pytest.fixture(scope="module")
-def viewer(node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """OHIF served on its own port, proxying /dicom-web to the node."""
-    assert (DIST / "index.html").is_file(), "no OHIF dist: run scripts/setup"
-    port = free_port()
-    log = tmp_path_factory.mktemp("ohif") / "ohif.log"
+def serve_ohif(port: int, archive_port: int, log: Path, *options: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "ohif_serve.py"), str(DIST),
-             "--port", str(port), "--archive", f"http://127.0.0.1:{node.http_port}"],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while not port_open(port):
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+             "--port", str(port), "--archive", f"http://127.0.0.1:{archive_port}",
+             *options], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not port_open(port):
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return server
+
+
+@pytest.fixture(scope="module")
+def viewer(node: Any, viewer_port: int, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[str]:
+    """OHIF on its own origin, calling the archive directly (CORS)."""
+    assert (DIST / "index.html").is_file(), "no OHIF dist: run scripts/setup"
+    server = serve_ohif(viewer_port, node.http_port,
+                        tmp_path_factory.mktemp("ohif") / "ohif.log", "--direct")
+    yield f"http://127.0.0.1:{viewer_port}"
+    server.terminate()
+    server.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +112,24 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def test_study_list_shows_the_stored_studies(viewer: str, browser: Any) -> None:
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(f"{viewer}/", wait_until="networkidle")
-    for name in FILES:
-        ds = dcmread(get_testdata_file(name), stop_before_pixels=True)
-        page.get_by_text(str(ds.PatientID), exact=True).first.wait_for(timeout=30_000)
-    page.close()
+def test_study_list_through_the_proxy_shows_what_the_user_may_see(
+        node: Any, browser: Any, tmp_path: Path) -> None:
+    port = free_port()
+    server = serve_ohif(port, node.http_port, tmp_path / "proxy.log",
+                        "--user", "alice:alice-secret")
+    try:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        page.get_by_text(patient(FILES[0]), exact=True).first.wait_for(timeout=30_000)
+        assert page.get_by_text(patient(FILES[1]), exact=True).count() == 0
+        page.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    # anonymous, from the viewer's origin, sees both
+    answer = requests.get(f"{node.http_url}/studies", timeout=30,
+                          headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert len(answer.json()) == 2
 
 
 def grey_levels(page: Any, path: Path) -> int:

@@ -46,3 +46,33 @@ def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
 
 def test_disabled_may_share_nothing(tmp_path: Path) -> None:
     assert load(tmp_path, {"http": {"enabled": False, "port": 11112}}).http.enabled is False
+
+
+def test_tls_and_cors_are_off_by_default(tmp_path: Path) -> None:
+    http = load(tmp_path, {}).http
+    assert (http.tls.certificate, http.tls.private_key) == ("", "")
+    assert (http.cors.allow_origins, http.cors.allow_credentials) == ([], False)
+
+
+def test_tls_and_cors_as_written(tmp_path: Path) -> None:
+    http = load(tmp_path, {"http": {
+        "tls": {"certificate": "c.pem", "private_key": "k.pem"},
+        "cors": {"allow_origins": ["https://viewer.example.org", "http://[::1]:3000",
+                                   "http://localhost:3000"], "allow_credentials": True}}}).http
+    assert (http.tls.certificate, http.tls.private_key) == ("c.pem", "k.pem")
+    assert http.cors.allow_origins[1] == "http://[::1]:3000" and http.cors.allow_credentials
+
+
+@pytest.mark.parametrize("http,message", [
+    ({"tls": {"private_key": "k.pem"}}, "http.tls.private_key: given without"),
+    ({"tls": {"certificate": "c.pem", "ca_certificate": "ca.pem"}},
+     "http.tls.ca_certificate: unknown key"),
+    ({"cors": {"allow_origins": ["https://viewer.example.org/"]}}, "is not an origin"),
+    ({"cors": {"allow_origins": ["viewer.example.org"]}}, "is not an origin"),
+    ({"cors": {"allow_origins": "https://viewer.example.org"}}, "expected a list"),
+    ({"cors": {"allow_origins": ["*"], "allow_credentials": True}},
+     "allow_credentials: not with allow_origins '\\*'"),
+])
+def test_tls_and_cors_refusals(tmp_path: Path, http: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, {"http": http})
