@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
 from acl.audit import operation_entry
 from acl.rules import NOT_AUTHORIZED, STORE, Decision, error_comment
+from archive import identifiers
 from archive.commitment import Reference, Verdict, verify
 from archive.dimse.common import Serving, client_tls, peer, reactor_held, set_nodelay, status
 
@@ -75,8 +76,11 @@ class Invalid(Exception):
 
 
 def _uid(value: Any, what: str) -> str:
-    text = str(value or "").strip()
-    if not text or len(text) > 64 or not UID(text).is_valid:
+    """A UID of the request, checked as the archive checks the UIDs it stores
+    (:mod:`archive.identifiers`: unusual ones are fine, control characters and more
+    than 64 characters are not).  It is only ever compared, as data."""
+    text = value.strip("\x00 ") if isinstance(value, str) else ""
+    if not text or identifiers.problem("UID", "", text) is not None:
         raise Invalid(INVALID_ARGUMENT_VALUE, f"{what} missing or not a UID")
     return text
 
