@@ -33,6 +33,8 @@ NO_SUCH_OBJECT_INSTANCE = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
+#: Instance documents looked up per query (a request may name tens of thousands).
+LOOKUP_BATCH = 500
 #: What a check reads of an instance document (besides what a restriction reads).
 _FIELDS = ("SOPClassUID", "file_id", "size")
 
@@ -142,9 +144,13 @@ def verify(archive: Archive, references: Sequence[Reference],
     """
     references = unique(references)
     fields = set(_FIELDS) | (fields_read(restriction) if restriction else set())
+    uids = list(dict.fromkeys(r.sop_instance for r in references))
     try:
-        documents = {doc["_id"]: doc for doc in archive.instances.find(
-            {"_id": {"$in": [r.sop_instance for r in references]}}, projection(fields))}
+        documents = {doc["_id"]: doc
+                     for start in range(0, len(uids), LOOKUP_BATCH)
+                     for doc in archive.instances.find(
+                         {"_id": {"$in": uids[start:start + LOOKUP_BATCH]}},
+                         projection(fields))}
 
         def visible(doc: Mapping[str, Any]) -> bool:
             return restriction is None or evaluate(restriction, doc)

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,8 @@ class Request:
     event_type: int = 0
     report: Dataset | None = None
     attempts: int = 0
+    #: the worker's task (its check, or an attempt), to know one the node never ran
+    task: Future[None] | None = None
 
     @property
     def summary(self) -> str:
@@ -215,7 +217,7 @@ class Committer:
             return status(RESOURCE_LIMITATION, comment)
         log.info("N-ACTION %s storage commitment transaction=%s references=%d -> 0x0000",
                  job.who, transaction, len(references))
-        self._workers.submit(self._check, job)
+        job.task = self._workers.submit(self._check, job)
         return status(SUCCESS)
 
     # -- the check and the report -----------------------------------------------------
@@ -276,7 +278,10 @@ class Committer:
             return
         job.attempts += 1
         where = f"{job.calling_ae}@{dest.host}:{dest.port}"
-        failure = self._associate_and_send(job, dest, where)
+        try:
+            failure = self._associate_and_send(job, dest, where)
+        except Exception as exc:  # noqa: BLE001 - a network or TLS error: retried
+            failure = f"{type(exc).__name__}: {exc}"
         if failure is None:
             return
         if job.attempts >= self.settings.attempts:
@@ -300,7 +305,10 @@ class Committer:
         if self.stopping.is_set():
             self._finish(job, "report not sent: node stopping")
             return
-        self._workers.submit(self._attempt, job)
+        try:
+            job.task = self._workers.submit(self._attempt, job)
+        except RuntimeError:  # the workers have stopped
+            self._finish(job, "report not sent: node stopping")
 
     def _associate_and_send(self, job: Request, dest: Any, where: str) -> str | None:
         """Open an association to ``dest`` and send; None when done, else why not."""
@@ -361,19 +369,21 @@ class Committer:
     # -- stopping ---------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Refuse new requests, give up the retries waiting (logged and audited)."""
+        """Refuse new requests; give up the reports waiting for a retry or for a worker
+        (logged and audited); those being checked or sent finish on their own."""
         self.stopping.set()
         with self._lock:
-            timers = list(self._timers.items())
-        for _, timer in timers:
+            timers = list(self._timers.values())
+        for timer in timers:
             timer.cancel()
-        with self._lock:
-            waiting = [self._requests[key] for key, _ in timers if key in self._requests]
-        for job in waiting:
-            log.error("storage commitment %s transaction=%s (%s): report not sent: node "
-                      "stopping", job.who, job.transaction, job.summary)
-            self._finish(job, "report not sent: node stopping")
         self._workers.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            waiting = [job for key, job in self._requests.items()
+                       if key in self._timers or job.task is None or job.task.cancelled()]
+        for job in waiting:
+            log.error("storage commitment %s transaction=%s: report not sent: node "
+                      "stopping", job.who, job.transaction)
+            self._finish(job, "report not sent: node stopping")
 
 
 def _closing(assoc: Any) -> bool:

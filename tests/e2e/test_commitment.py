@@ -357,3 +357,27 @@ def test_a_malformed_request_is_refused_and_the_node_keeps_serving(
         assert n_action(assoc, request(pairs)).Status == 0x0000
         [(event_type, _, _)] = reports.wait()
     assert event_type == 1
+
+
+def test_a_report_waiting_for_a_retry_when_the_node_stops_is_logged_and_audited(
+        node_factory: Any) -> None:
+    silent = free_port()  # nothing listens there
+    stopping = node_factory({
+        "acl": {"enabled": False},
+        "destinations": {MODALITY: {"host": "127.0.0.1", "port": silent}},
+        "storage_commitment": {"attempts": 5, "retry_seconds": 600},
+    })
+    with modality(stopping, Reports()) as assoc:
+        ask = request(stored(assoc, 1))
+        assert n_action(assoc, ask).Status == 0x0000
+    wait_for(lambda: "attempt 2 of 5 in 600 s" in stopping.log(), 10,
+             message="the first attempt to fail")
+    db = stopping.db
+    started = time.monotonic()
+    assert stopping.stop() == 0
+    assert time.monotonic() - started < 15  # not the 600 s of the retry
+    assert f"transaction={ask.TransactionUID}: report not sent: node stopping" in \
+        stopping.log()
+    [entry] = list(db.audit.find({"event": "N-ACTION"}))
+    assert entry["comment"] == "report not sent: node stopping"
+    assert entry["counts"] == {"requested": 1, "committed": 1, "failed": 0}
