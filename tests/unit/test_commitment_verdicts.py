@@ -143,7 +143,7 @@ def _request(**changes: Any) -> Dataset:
     return ds
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_request_is_read_and_malformed_ones_are_refused_with_a_reason() -> None:
     assert parse(_request()) == ("1.2.3.4", [Reference(CT, "1.2.3.5")])
     for changes, comment in (({"TransactionUID": ""}, "Transaction UID"),
