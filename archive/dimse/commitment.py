@@ -28,11 +28,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts, build_context, build_role, evt
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
@@ -65,6 +68,10 @@ MAX_PENDING = 256
 #: Seconds a report waits for the requesting association's reactor to finish what it
 #: serves (the N-ACTION response first) before going on a new association.
 SAME_ASSOCIATION_WAIT = 10.0
+#: Message ID of a report (the archive invokes one N-EVENT-REPORT at a time per
+#: association), and how often its answer is looked for.
+REPORT_MESSAGE_ID = 1
+REPORT_POLL = 0.005
 
 
 class Invalid(Exception):
@@ -240,12 +247,37 @@ class Committer:
             self._finish(job, "report not sent: internal error")
 
     def _send(self, assoc: Any, job: Request) -> int | None:
-        """Send the report; the peer's status, None without an answer."""
+        """Send the report; the peer's status, None without an answer.
+
+        As pynetdicom's ``send_n_event_report``, but the answer is awaited a few
+        milliseconds at a time: a peer that asks to release or aborts meanwhile will
+        never answer, and the report then goes on a new association at once rather
+        than after the DIMSE timeout.  Called with the reactor held.
+        """
         assert job.report is not None
-        answer, _ = assoc.send_n_event_report(job.report, job.event_type, PUSH_MODEL,
-                                              PUSH_MODEL_INSTANCE)
-        code = answer.get("Status") if answer is not None else None
-        return int(code) if code is not None else None
+        context = assoc._get_valid_context(PUSH_MODEL, "", None)
+        syntax = context.transfer_syntax[0]
+        req = N_EVENT_REPORT()
+        req.MessageID = REPORT_MESSAGE_ID
+        req.AffectedSOPClassUID = PUSH_MODEL
+        req.AffectedSOPInstanceUID = PUSH_MODEL_INSTANCE
+        req.EventTypeID = job.event_type
+        req.EventInformation = BytesIO(encode(job.report, syntax.is_implicit_VR,
+                                              syntax.is_little_endian, syntax.is_deflated))
+        assoc.dimse.send_msg(req, context.context_id)
+        deadline = time.monotonic() + float(assoc.dimse_timeout or 60)
+        while time.monotonic() < deadline:
+            _, rsp = assoc.dimse.peek_msg()
+            if rsp is not None:
+                if not isinstance(rsp, N_EVENT_REPORT) or \
+                        rsp.MessageIDBeingRespondedTo != REPORT_MESSAGE_ID:
+                    return None  # a request of the peer's: not the answer
+                assoc.dimse.get_msg(block=False)
+                return int(rsp.Status) if rsp.Status is not None else None
+            if not assoc.is_established or _closing(assoc):
+                return None
+            time.sleep(REPORT_POLL)
+        return None
 
     def _on_same_association(self, job: Request) -> bool:
         """Report on the requesting association if it is still open; whether it was."""
@@ -257,8 +289,9 @@ class Committer:
                 return False
             code = self._send(assoc, job)
         if code is None:
-            log.warning("storage commitment %s transaction=%s: no answer to the report on "
-                        "the requesting association", job.who, job.transaction)
+            log.warning("storage commitment %s transaction=%s: the requesting association "
+                        "did not take the report (released, aborted or no answer)", job.who,
+                        job.transaction)
             return False
         self._delivered(job, code, "the requesting association")
         return True
@@ -325,7 +358,8 @@ class Committer:
         try:
             if not any(str(cx.abstract_syntax) == PUSH_MODEL for cx in assoc.accepted_contexts):
                 return "Storage Commitment Push Model not accepted"
-            code = self._send(assoc, job)
+            with reactor_held(assoc):  # or it takes the answer off the queue
+                code = self._send(assoc, job)
             if code is None:
                 return "no answer to the report"
             self._delivered(job, code, f"a new association to {where}")
