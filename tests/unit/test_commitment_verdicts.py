@@ -160,3 +160,26 @@ def test_a_request_is_read_and_malformed_ones_are_refused_with_a_reason() -> Non
     odd = _request()
     odd.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = "$where"
     assert parse(odd)[1] == [Reference(CT, "$where")]
+
+
+def test_a_database_failure_during_the_check_is_a_processing_failure_for_each() -> None:
+    """The modality may ask again: nothing is committed, nothing is said to be absent."""
+    from types import SimpleNamespace
+
+    from pymongo.errors import AutoReconnect
+
+    from archive.commitment import verify
+
+    suspected: list[BaseException] = []
+
+    def find(*args: Any, **kwargs: Any) -> Any:
+        raise AutoReconnect("connection lost")
+
+    archive = SimpleNamespace(instances=SimpleNamespace(find=find),
+                              health=SimpleNamespace(suspect=suspected.append))
+    refs = [Reference(CT, "1.2.3.1"), Reference(MR, "1.2.3.2"), Reference(CT, "1.2.3.1")]
+    verdicts = verify(archive, refs, None, supported)  # type: ignore[arg-type]
+    assert [(v.reference, v.reason) for v in verdicts] == [
+        (Reference(CT, "1.2.3.1"), PROCESSING_FAILURE), (Reference(MR, "1.2.3.2"),
+                                                         PROCESSING_FAILURE)]
+    assert len(suspected) == 1
