@@ -209,6 +209,20 @@ class Cors:
 
 
 @dataclass
+class StorageCommitment:
+    """Storage Commitment Push Model (``archive.dimse.commitment``): how the report of a
+    request reaches a modality that released the association it asked on.
+
+    The report then goes on a new association to the requester's AE title in
+    ``destinations:``; a failed attempt is retried ``retry_seconds`` later, ``attempts``
+    times in all, then given up (logged, and kept in the audit trail).
+    """
+
+    attempts: int = 4
+    retry_seconds: float = 30.0
+
+
+@dataclass
 class Http:
     """DICOMweb (``archive.web``): served by ``archive serve`` beside the DICOM port, on
     the same address, under ``/dicom-web``."""
@@ -254,6 +268,7 @@ class Config:
     accept: Accept = field(default_factory=Accept)
     query: Query = field(default_factory=Query)
     destinations: dict[str, Destination] = field(default_factory=dict)
+    storage_commitment: StorageCommitment = field(default_factory=StorageCommitment)
     auth: Auth = field(default_factory=Auth)
     acl: Acl = field(default_factory=Acl)
     tls: TLS = field(default_factory=TLS)
@@ -367,6 +382,10 @@ def _validate(cfg: Config) -> None:
     for ae in cfg.destinations:
         if not 0 < len(ae) <= 16:
             raise ConfigError(f"destinations.{ae}: an AE title has 1 to 16 characters")
+    if not 1 <= cfg.storage_commitment.attempts <= 100:
+        raise ConfigError("storage_commitment.attempts: must be between 1 and 100")
+    if not 0 < cfg.storage_commitment.retry_seconds <= 3600:
+        raise ConfigError("storage_commitment.retry_seconds: must be above 0 and at most 3600")
     if cfg.http.enabled and cfg.http.port == cfg.port:
         raise ConfigError(f"http.port: {cfg.http.port} is the DICOM port too")
     if cfg.http.max_results < 1:

@@ -1,5 +1,6 @@
 """What the DIMSE handlers share, below them all: how a peer and a status are written,
-TCP_NODELAY, the Query/Retrieve models, and :class:`Serving`, the node as they see it.
+TCP_NODELAY, the Query/Retrieve models, the client side of associations the node opens
+(TLS, a paused reactor), and :class:`Serving`, the node as they see it.
 
 The node binds the handlers (:meth:`archive.dimse.node.Node.handlers`); they take it as
 a :class:`Serving` so that none of them imports the node, nor one another.
@@ -7,7 +8,12 @@ a :class:`Serving` so that none of them imports the node, nor one another.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom.dataset import Dataset
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
     from pynetdicom import AE
 
     from acl.rules import Decision
+    from archive.config import Config
     from archive.context import Context
     from archive.dimse.receiving import Receiver
 
@@ -80,3 +87,59 @@ MODELS = {
     PatientRootQueryRetrieveInformationModelGet: PATIENT,
     StudyRootQueryRetrieveInformationModelGet: STUDY,
 }
+
+
+def client_tls(cfg: Config) -> ssl.SSLContext:
+    """The TLS context of an association the node opens (``tls: true`` destinations):
+    the node's certificate, peers checked against ``tls.ca_certificate``."""
+    tls = cfg.tls
+    context = ssl.create_default_context(cafile=tls.ca_certificate or None)
+    if tls.certificate:
+        context.load_cert_chain(tls.certificate, tls.private_key or None)
+    return context
+
+
+class _HeldCheckpoint(threading.Event):
+    """A reactor checkpoint that pynetdicom's ``send_*`` cannot reopen."""
+
+    def set(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def reactor_held(assoc: Any, wait: float = 1.0) -> Iterator[bool]:
+    """Keep an association's reactor thread paused while the node sends on it from
+    another thread; yields whether the reactor was seen paused within ``wait`` seconds.
+
+    pynetdicom pauses the reactor for each request it sends by clearing an event and
+    polling a flag the reactor sets just *before* waiting on it, and reopens it after
+    the response: a request that follows its predecessor at once can find the flag
+    stale, and the reactor then takes the response off the queue ("Received unexpected
+    C-STORE service message") while the send waits out the DIMSE timeout.  A Move
+    Destination sends no requests, so its reactor has nothing to do until release; a
+    reactor paused at its checkpoint has answered the request it was serving (a storage
+    commitment report goes after the N-ACTION response).
+    """
+    real = getattr(assoc, "_reactor_checkpoint", None)
+    if not isinstance(real, threading.Event):  # not pynetdicom's (a test's stand-in)
+        yield True
+        return
+    held = _HeldCheckpoint()
+    assoc._reactor_checkpoint = held
+    paused = False
+    try:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:  # until it blocks on the held checkpoint
+            if not getattr(assoc, "is_established", True):
+                break  # its reactor has ended
+            if assoc._is_paused:
+                time.sleep(0.005)  # several of its 1 ms turns: waiting, not passing by
+                if assoc._is_paused:
+                    paused = True
+                    break
+            time.sleep(0.0005)
+        yield paused
+    finally:
+        assoc._reactor_checkpoint = real
+        threading.Event.set(held)  # it may be waiting on the held one
+        real.set()

@@ -24,6 +24,7 @@ from archive.config import Config, display_uri
 from archive.context import Context
 from archive.dimse import (
     answer_writer,
+    commitment,
     connections,
     find_messages,
     negotiation,
@@ -81,6 +82,8 @@ class Node:
         #: (archive.dimse.connections).
         self.connections = connections.ConnectionGuard(cfg.connections, cfg.max_associations)
         self.ae = self._make_ae()
+        #: Storage commitment requests being checked or reported (archive.dimse.commitment)
+        self.commitments = commitment.Committer(self)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Node:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
         for uid in MODELS:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
+        ae.add_supported_context(commitment.PUSH_MODEL, ALL_TRANSFER_SYNTAXES[:4])
         _config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept.unknown_sop_classes
         # pynetdicom formats every identifier (C-FIND answers included) and every message
         # for its log even when its logger drops them: only when it keeps them.
@@ -134,6 +138,7 @@ class Node:
             (evt.EVT_C_FIND, services.handle_find, [self]),
             (evt.EVT_C_MOVE, retrieve.handle_move, [self]),
             (evt.EVT_C_GET, retrieve.handle_get, [self]),
+            (evt.EVT_N_ACTION, commitment.handle_action, [self.commitments]),
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_CONN_CLOSE, self.receiver.discard_partial),
             (evt.EVT_ACCEPTED, services.association_logger("accepted"), [self]),
@@ -180,6 +185,7 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
         self.context.drain(grace_seconds)
+        self.commitments.stop()  # reports waiting to be retried are given up, logged
         self.connections.close_unassociated()  # nothing for an abort to wait on
         assocs = list(self.server.active_associations) if self.server else []
         for assoc in assocs:

@@ -34,10 +34,8 @@ import array
 import contextlib
 import logging
 import os
-import ssl
 import struct
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -81,7 +79,7 @@ from acl.audit import operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, RETRIEVE, Decision
 from archive import model
 from archive.config import Destination
-from archive.dimse.common import MODELS, Serving, set_nodelay
+from archive.dimse.common import MODELS, Serving, client_tls, reactor_held, set_nodelay
 from archive.find import exact_values
 from archive.query import Query, QueryError, translate
 
@@ -258,45 +256,6 @@ def spool(stream: Iterator[bytes], item: Item, path: Path) -> str:
         for chunk in stream:
             out.write(chunk)
     return transfer_syntax
-
-
-class _HeldCheckpoint(threading.Event):
-    """A reactor checkpoint that pynetdicom's ``send_*`` cannot reopen."""
-
-    def set(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def reactor_held(sub: Association) -> Iterator[None]:
-    """Keep the Move Destination association's reactor thread paused while it is sent to.
-
-    pynetdicom pauses the reactor for each C-STORE by clearing an event and polling a
-    flag the reactor sets just *before* waiting on it, and reopens it after the
-    response: a C-STORE that follows its predecessor at once can find the flag stale,
-    and the reactor then takes the C-STORE-RSP off the queue ("Received unexpected
-    C-STORE service message") while the send waits out the DIMSE timeout.  A Move
-    Destination sends no requests, so its reactor has nothing to do until release.
-    """
-    real = getattr(sub, "_reactor_checkpoint", None)
-    if not isinstance(real, threading.Event):  # not pynetdicom's (a test's stand-in)
-        yield
-        return
-    held = _HeldCheckpoint()
-    sub._reactor_checkpoint = held
-    try:
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:  # until it blocks on the held checkpoint
-            if sub._is_paused:
-                time.sleep(0.005)  # several of its 1 ms turns: waiting, not passing by
-                if sub._is_paused:
-                    break
-            time.sleep(0.0005)
-        yield
-    finally:
-        sub._reactor_checkpoint = real
-        threading.Event.set(held)  # it may be waiting on the held one
-        real.set()
 
 
 #: pynetdicom's logging handlers, bound to every association: per PDU and message.
@@ -969,7 +928,7 @@ class Retrieve:
         """
         ae_title, dest = destination
         ae = self.node.ae
-        tls_args = (self._client_tls(), dest.host) if dest.tls else None
+        tls_args = (client_tls(self.context.cfg), dest.host) if dest.tls else None
         sub = ae.associate(dest.host, dest.port, contexts=proposal(items), ae_title=ae_title,
                            tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
         if sub.is_established:
@@ -991,13 +950,6 @@ class Retrieve:
                     reason = str(exc)
             self.counts.fail(item, reason)
         raise Refused(OUT_OF_RESOURCES_SUBOPS, f"Move Destination {why}")
-
-    def _client_tls(self) -> ssl.SSLContext:
-        tls = self.context.cfg.tls
-        context = ssl.create_default_context(cafile=tls.ca_certificate or None)
-        if tls.certificate:
-            context.load_cert_chain(tls.certificate, tls.private_key or None)
-        return context
 
     def _transfer(self, sub: Association, items: list[Item], tmp: Path) -> None:
         """The C-STORE sub-operations, one pending response after each but the last."""

@@ -4,7 +4,8 @@
   driven through its REST API: C-ECHO, C-FIND (``/modalities/ARCHIVE/query``; Patient
   Root at the Patient level, Study Root below), C-MOVE to itself
   (``/queries/{id}/answers/{n}/retrieve``, ``/modalities/ARCHIVE/move``: always Study
-  Root, the Patient level included), C-STORE to the node (``/modalities/ARCHIVE/store``);
+  Root, the Patient level included), C-STORE to the node (``/modalities/ARCHIVE/store``),
+  with storage commitment too (the report on a new association to Orthanc);
 - **pynetdicom's apps** as subprocesses (``python -m pynetdicom findscu | movescu |
   getscu | storescu``) at every level of both information models, movescu sending to
   Orthanc and to its own storage SCP;
@@ -44,6 +45,7 @@ from helpers import (
     raw_sending,
     settled_counters,
     to_part10,
+    wait_for,
 )
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -350,6 +352,34 @@ def test_orthanc_stores_into_the_node(empty_orthanc: Peer, node: RunningNode,
         assert dataset_bytes(files.read(doc["file_id"])) == dataset_bytes(as_orthanc_has_it)
     assert settled_counters(node.db) == []  # level documents are written behind
     assert node.db.series.find_one({"_id": series})["NumberOfSeriesRelatedInstances"] == 3
+
+
+def test_orthanc_asks_the_node_for_storage_commitment(empty_orthanc: Peer,
+                                                     node: RunningNode) -> None:
+    """Orthanc's store job with ``StorageCommitment``: an N-ACTION after the C-STOREs,
+    the report on Orthanc's own DICOM port (``destinations: ORTHANC``), read back through
+    ``/storage-commitment/{transaction}``."""
+    study = generate_uid()
+    for n in range(2):
+        empty_orthanc.rest("POST", "/instances", to_part10(_image(
+            patient_id="COMMIT", study_uid=study, InstanceNumber=n + 1)))
+    studies = empty_orthanc.rest("GET", "/studies")
+
+    job = empty_orthanc.rest("POST", "/modalities/ARCHIVE/store", {
+        "Resources": studies, "Synchronous": True, "StorageCommitment": True})
+
+    transaction = job["StorageCommitmentTransactionUID"]
+    report: dict[str, Any] = {}
+
+    def answered() -> bool:
+        report.update(empty_orthanc.rest("GET", f"/storage-commitment/{transaction}"))
+        return report["Status"] != "Pending"
+
+    wait_for(answered, 30, message="Orthanc to receive the report")
+    assert report["Status"] == "Success", report
+    assert report["RemoteAET"] == node.ae_title
+    assert f"transaction={transaction}: event type 1 (2 committed, 0 failed) reported on " \
+        "a new association to ORTHANC@" in node.log()  # Orthanc releases after N-ACTION
 
 
 # --- pynetdicom's apps ------------------------------------------------------------------
