@@ -4,8 +4,9 @@ An instance is stored as it was received; a C-MOVE/C-GET destination or a DICOMw
 client that does not accept its transfer syntax gets it in Explicit or Implicit VR
 Little Endian instead.  What changes is only what PS3.5 8.2 and decoding require:
 
-* The Pixel Data of a compressed instance is decoded by pydicom's decoders (the
-  pylibjpeg plugins for JPEG, JPEG-LS and JPEG 2000, pydicom's own for RLE): the values
+* The Pixel Data of a compressed instance is decoded by pydicom's decoders (pylibjpeg's
+  libjpeg and openjpeg plugins for JPEG and JPEG 2000, CharLS through pyjpegls for
+  JPEG-LS, pydicom's own for RLE): the values
   are exactly those pydicom decodes from the original, YCbCr converted to RGB as pydicom
   does (Photometric Interpretation, Planar Configuration and Number of Frames follow).
   The encapsulation-only elements (Extended Offset Table and its lengths) go.
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 import array
 import functools
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -45,11 +47,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLSLossless,
     JPEGLSNearLossless,
 )
 
 if TYPE_CHECKING:
     import numpy as np
+
+T = TypeVar("T")
 
 #: The syntaxes instances are transcoded to, in order of preference.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -63,6 +68,9 @@ LOSSY_METHODS = {
     JPEGLSNearLossless: "ISO_14495_1", JPEG2000: "ISO_15444_1",
     JPEG2000MC: "ISO_15444_2", HTJ2K: "ISO_15444_15",
 }
+#: Decoding plugins preferred to pydicom's first choice: CharLS (pyjpegls) decodes
+#: JPEG-LS three times as fast as libjpeg (25 against 82 ms for 512 x 512 x 16 bits).
+PREFERRED_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 #: Elements that only describe encapsulated Pixel Data (PS3.3 C.7.6.3, PS3.5 A.4).
 _ENCAPSULATION_ONLY = (0x7FE00001, 0x7FE00002, 0x7FE00003)
 #: Byte-swap unit of the binary VRs a big endian dataset holds as raw bytes.
@@ -200,7 +208,8 @@ def frame_pixels(source: Source, index: int) -> np.ndarray:
     if not 0 <= index < number_of_frames(ds):
         raise IndexError(f"no frame {index + 1}: the instance has {number_of_frames(ds)}")
     try:
-        return pixel_array(ds, index=index)
+        return _with_plugins(syntax, lambda plugin: pixel_array(
+            ds, index=index, decoding_plugin=plugin))
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds
         raise Undecodable(_one_line(f"cannot decode {name(syntax)}: "
                                     f"{type(exc).__name__}: {exc}")) from None
@@ -248,12 +257,27 @@ def _decompress(ds: Dataset, syntax: str) -> None:
     from pydicom.pixels import decompress
 
     compressed = sum(len(f) for f in _fragments(ds))
-    decompress(ds, as_rgb=True, generate_instance_uid=False)
+    _with_plugins(syntax, lambda plugin: decompress(
+        ds, as_rgb=True, generate_instance_uid=False, decoding_plugin=plugin))
     for tag in _ENCAPSULATION_ONLY:
         if tag in ds:
             del ds[tag]
     if is_lossy(syntax):
         _mark_lossy(ds, LOSSY_METHODS[syntax], len(ds.PixelData), compressed)
+
+
+def _with_plugins(syntax: str, decode: Callable[[str], T]) -> T:
+    """``decode(plugin)`` with the preferred plugin for ``syntax`` if it is installed,
+    then with pydicom's own order (which tries them all) if that one fails."""
+    from pydicom.pixels import get_decoder
+
+    preferred = PREFERRED_PLUGINS.get(syntax, "")
+    if preferred and preferred in get_decoder(UID(syntax)).available_plugins:
+        try:
+            return decode(preferred)
+        except Exception:  # noqa: BLE001 - the others may decode it
+            pass
+    return decode("")
 
 
 def _fragments(ds: Dataset) -> list[bytes]:
