@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import functools
+import logging
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -77,6 +79,17 @@ _ENCAPSULATION_ONLY = (0x7FE00001, 0x7FE00002, 0x7FE00003)
 _SWAP = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
 #: A dataset, a Part-10 file's bytes, its path, or a binary file positioned at its start.
 Source = Dataset | bytes | Path | BinaryIO
+
+
+class _PluginTracebacks(logging.Filter):
+    """pydicom logs each decoding plugin that fails with its traceback, at ERROR; the
+    reasons are in :class:`Undecodable`'s message, which the caller logs in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginTracebacks())
 
 
 class Undecodable(ValueError):
@@ -294,8 +307,8 @@ def _mark_lossy(ds: Dataset, method: str, uncompressed: int, compressed: int) ->
     if ds.get("LossyImageCompression") == "01":
         return  # already said, with whatever method and ratio were recorded
     ds.LossyImageCompression = "01"
-    methods = list(_values(ds.get("LossyImageCompressionMethod")))
-    ratios = list(_values(ds.get("LossyImageCompressionRatio")))
+    methods = _values(ds, "LossyImageCompressionMethod")
+    ratios = _values(ds, "LossyImageCompressionRatio")
     if len(ratios) == len(methods) and compressed:
         ratios.append(f"{uncompressed / compressed:.4g}")
         ds.LossyImageCompressionRatio = ratios
@@ -303,11 +316,11 @@ def _mark_lossy(ds: Dataset, method: str, uncompressed: int, compressed: int) ->
     ds.LossyImageCompressionMethod = methods
 
 
-def _values(value: object) -> list[object]:
+def _values(ds: Dataset, keyword: str) -> list[object]:
+    value = ds.get(keyword)
     if value is None or value == "":
         return []
-    return list(value) if isinstance(value, list | tuple) or hasattr(value, "__iter__") \
-        and not isinstance(value, str) else [value]
+    return list(value) if isinstance(value, MultiValue) else [value]
 
 
 def _to_little_endian(ds: Dataset) -> None:

@@ -134,12 +134,14 @@ def test_ycbcr_jpeg_becomes_rgb_as_pydicom_decodes_it() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(UNDECODABLE))
-def test_what_cannot_be_decoded_fails_with_its_reason(name: str) -> None:
+def test_what_cannot_be_decoded_fails_with_its_reason(name: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     path, syntax = IMAGES[name]
     with pytest.raises(Undecodable, match=re.escape(
             f"cannot decode {transcode.name(syntax)}: ")) as exc:
         transcode.to_uncompressed(Path(path).read_bytes())
     assert "\n" not in str(exc.value) and len(str(exc.value)) <= 200
+    assert not [r for r in caplog.records if r.exc_info], "a traceback per plugin logged"
 
 
 def test_a_syntax_without_decoder_is_refused_before_reading_pixels() -> None:
