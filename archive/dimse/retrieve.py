@@ -5,10 +5,12 @@ byte: its Part-10 file is streamed from GridFS into a temporary file (one instan
 a time, one GridFS chunk in memory) and pynetdicom sends that file's dataset in
 PDU-sized pieces without decoding it (``_config.STORE_SEND_CHUNKED_DATASET``), over a
 presentation context whose transfer syntax is the stored one.  Only when the peer
-accepted no such context is the instance converted, and only between uncompressed
-syntaxes: Implicit <-> Explicit VR Little Endian, and from Deflated or Explicit VR Big
-Endian to either of them.  Compressed data is never decompressed: without a context
-for its transfer syntax the instance is counted failed, with the reason logged.
+accepted no such context is the instance transcoded (:mod:`archive.transcode`), to
+Explicit or Implicit VR Little Endian if the peer accepted one for its SOP class:
+re-encoded (Implicit <-> Explicit, Deflated, Explicit VR Big Endian) or decompressed
+(JPEG, JPEG-LS, JPEG 2000, RLE; lossy ones stay flagged lossy), one instance in memory
+at a time.  What has no decoder here, or whose stream does not decode, is counted
+failed, with the reason logged and in the Error Comment.
 
 pynetdicom's own C-MOVE/C-GET loop cannot do that -- it only sends ``Dataset``
 objects, which it re-encodes -- and it cannot put an Error Comment on a refusal nor
@@ -21,7 +23,7 @@ the real final response having been sent already.
 
 Sub-operations: C-MOVE opens one association to the Move Destination proposing only
 the contexts needed (SOP class x stored transfer syntax, plus Explicit/Implicit VR
-Little Endian for SOP classes with uncompressed instances); C-GET sends on the
+Little Endian for SOP classes with instances that can be transcoded); C-GET sends on the
 requesting association, over the storage contexts the requestor accepted in the SCP
 role.  Every wait is bounded by the AE's ACSE/DIMSE/network timeouts and a connection
 timeout, so a destination that vanishes ends the operation with its instances counted
@@ -30,7 +32,6 @@ failed, never with a hung association.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -46,18 +47,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bson import ObjectId
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pymongo.errors import PyMongoError
 from pynetdicom import build_context, evt
 from pynetdicom._handlers import (
@@ -77,7 +69,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from acl.audit import operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, RETRIEVE, Decision
-from archive import model
+from archive import model, transcode
 from archive.config import Destination
 from archive.dimse.common import MODELS, Serving, client_tls, reactor_held, set_nodelay
 from archive.find import exact_values
@@ -111,15 +103,11 @@ MAX_CONTEXTS = 128
 #: Seconds to wait for the TCP connection to a Move Destination.
 CONNECT_TIMEOUT = 10.0
 
-#: Transfer syntaxes whose instances can be re-encoded without decompressing.
-CONVERTIBLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian})
-#: What a convertible instance is re-encoded to, in order of preference.
-TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: What an instance the peer does not take as stored is transcoded to, in order of
+#: preference.
+TARGETS = transcode.UNCOMPRESSED
 
 _PREAMBLE = b"\x00" * 128
-#: Byte-swap unit of the binary VRs a big endian dataset holds as raw bytes.
-_SWAP = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
 
 
 class Refused(Exception):
@@ -182,18 +170,19 @@ def proposal(items: list[Item]) -> list[PresentationContext]:
 
     One context per (SOP class, stored transfer syntax), so the destination can accept
     each original as it is, plus one per SOP class and fallback syntax for the classes
-    with uncompressed instances.  Past 128 contexts the fallbacks are folded into the
+    with instances that can be transcoded.  Past 128 contexts the fallbacks are folded into the
     exact contexts, then the rarest pairs are left out (their instances fail).
     """
     pairs = Counter((item.sop_class, item.transfer_syntax) for item in items)
     exact = [pair for pair, _ in pairs.most_common()]
-    classes = dict.fromkeys(cls for cls, ts in exact if ts in CONVERTIBLE)
+    classes = dict.fromkeys(cls for cls, ts in exact if transcode.decodable(ts))
     fallback = [(cls, ts) for cls in classes for ts in TARGETS if (cls, ts) not in pairs]
     if len(exact) + len(fallback) <= MAX_CONTEXTS:
         return [build_context(cls, [ts]) for cls, ts in exact + fallback]
     contexts = []
     for cls, ts in exact[:MAX_CONTEXTS]:
-        syntaxes = [ts] + ([t for t in TARGETS if t != ts] if ts in CONVERTIBLE else [])
+        syntaxes = [ts] + ([t for t in TARGETS if t != ts] if transcode.decodable(ts)
+                           else [])
         contexts.append(build_context(cls, syntaxes))
     return contexts
 
@@ -208,27 +197,31 @@ def accepted_syntaxes(assoc: Association) -> dict[str, set[str]]:
 
 
 def choose(item: Item, accepted: dict[str, set[str]]) -> str:
-    """The transfer syntax to send ``item`` in; raises Unsendable with the reason."""
+    """The transfer syntax to send ``item`` in; raises Unsendable with the reason.
+
+    The stored one if accepted (sent as is), else an uncompressed one it can be
+    transcoded to.
+    """
     syntaxes = accepted.get(item.sop_class, set())
     if item.transfer_syntax in syntaxes:
         return item.transfer_syntax
-    if item.transfer_syntax in CONVERTIBLE:
+    if not item.transfer_syntax:
+        raise Unsendable("stored file has no transfer syntax")
+    decodable = transcode.decodable(item.transfer_syntax)
+    if decodable:
         for target in TARGETS:
             if target in syntaxes:
                 return target
-    if not item.transfer_syntax:
-        raise Unsendable("stored file has no transfer syntax")
     syntax, sop_class = _name(item.transfer_syntax), _name(item.sop_class)
-    if item.transfer_syntax not in CONVERTIBLE:
-        raise Unsendable(f"{syntax} not accepted, not decompressed: {sop_class}")
     if not syntaxes:
         raise Unsendable(f"SOP class not accepted: {sop_class}")
-    raise Unsendable(f"{syntax} not accepted, nor a syntax it converts to: {sop_class}")
+    if not decodable:
+        raise Unsendable(f"{syntax} not accepted, no decoder for it: {sop_class}")
+    raise Unsendable(f"{syntax} not accepted, nor an uncompressed syntax: {sop_class}")
 
 
 def _name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name and name != uid else uid
+    return transcode.name(uid)
 
 
 # --- the bytes -------------------------------------------------------------------------
@@ -500,50 +493,14 @@ def _overwrite(path: Path) -> Iterator[BinaryIO]:
 
 
 def convert(source: Path, target: Path, transfer_syntax: str) -> None:
-    """Re-encode an uncompressed Part-10 file in Explicit or Implicit VR Little Endian.
-
-    Big endian data is converted only when unambiguous: the raw bytes of OW/OF/OL/OD/OV
-    values are swapped by their word size, which is not defined for 32/64-bit pixel
-    data in OW, nor for UN values (their structure is unknown).
-    """
-    tsyntax = UID(transfer_syntax)
+    """Transcode a Part-10 file to Explicit or Implicit VR Little Endian
+    (:func:`archive.transcode.write_uncompressed`: decompressed if need be); the reason
+    it cannot be is Unsendable's message."""
     try:
-        ds = dcmread(source)
-        stored = ds.file_meta.TransferSyntaxUID
-        if stored not in CONVERTIBLE:
-            raise Unsendable(f"{_name(stored)} cannot be converted without decompressing")
-        if not stored.is_little_endian:
-            _to_little_endian(ds)
-        ds.file_meta.TransferSyntaxUID = tsyntax
-        with _overwrite(target) as out:
-            dcmwrite(out, ds, implicit_vr=tsyntax.is_implicit_VR, little_endian=True,
-                     force_encoding=True)
-    except Unsendable:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
-        raise Unsendable(f"conversion to {_name(tsyntax)} failed: "
-                         f"{type(exc).__name__}: {exc}"[:200]) from None
-
-
-def _to_little_endian(ds: Dataset) -> None:
-    for elem in ds:
-        if elem.VR == "SQ":
-            for child in elem.value or []:
-                _to_little_endian(child)
-        elif elem.VR == "UN" and elem.value:
-            raise Unsendable(f"big endian element {elem.tag} has VR UN: cannot be swapped")
-        elif elem.tag == 0x7FE00010 and elem.value and (
-                (elem.VR == "OW" and ds.get("BitsAllocated", 16) > 16)
-                or (elem.VR == "OB" and ds.get("BitsAllocated", 8) > 8)):
-            raise Unsendable(f"big endian {elem.VR} pixel data of "
-                             f"{ds.get('BitsAllocated')} bits is ambiguous")
-        elif elem.VR in _SWAP and elem.value:
-            words = array.array(_SWAP[elem.VR])
-            if len(elem.value) % words.itemsize:
-                raise Unsendable(f"big endian element {elem.tag} has an odd length")
-            words.frombytes(elem.value)
-            words.byteswap()
-            elem.value = words.tobytes()
+        with open(source, "rb") as f, _overwrite(target) as out:
+            transcode.write_uncompressed(f, out, transfer_syntax)
+    except transcode.Undecodable as exc:
+        raise Unsendable(str(exc)) from None
 
 
 # --- DIMSE messages encoded here (PS3.7 9.3.1.1, 9.3.3.2, 9.3.4.2) ----------------------

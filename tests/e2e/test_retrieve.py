@@ -4,10 +4,13 @@ storage SCP receiving).
 
 One node (module scope) holds a small corpus stored byte-exactly through pynetdicom:
 patient RETR-A (two studies, explicit and implicit VR little endian), RETR-C (JPEG 2000,
-JPEG-LS, RLE, deflated and big endian instances) and RETR-N (twelve small instances for
-the cancel and kill tests).  Its Move Destinations are fixed ports on which each test
-starts the receiver it needs.  What a destination receives is compared with the
-archive's GridFS copy: the dataset part must be byte-identical.
+JPEG-LS, RLE, deflated and big endian instances), RETR-N (twelve small instances for
+the cancel and kill tests) and RETR-T (every image pydicom ships in a compressed, deflated
+or big endian syntax, one that no decoder can read among them, for transcoding).  Its
+Move Destinations are fixed ports on which each test starts the receiver it needs.  What
+a destination receives as stored is compared with the archive's GridFS copy (the dataset
+part must be byte-identical); what it receives transcoded, with the pixels pydicom
+decodes from the original.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from helpers import (
     CT_IMAGE,
     DCMTK_ENV,
     MR_IMAGE,
+    TS_FLAGS,
     association,
     dataset_bytes,
     echoscu,
@@ -58,6 +62,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from archive import transcode
+from archive.dimse import retrieve
 from archive.gridstore import GridStore
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb,
@@ -170,7 +176,40 @@ def build_corpus(folder: Path) -> Corpus:
     for n in range(12):
         add(_pixel_image(patient_id="RETR-N", study_uid=study_n, series_uid=series_n,
                          InstanceNumber=n + 1), ExplicitVRLittleEndian)
+
+    study_t, series_t = generate_uid(), generate_uid()
+    for name in TRANSCODED:
+        add(_relabel(TESTDATA / name, "RETR-T", study_t, series_t), name=name)
     return corpus
+
+
+#: A pydicom test file whose JPEG stream no decoder here reads.
+UNDECODABLE = "JPEG-lossy.dcm"
+
+
+def _transcoded() -> list[str]:
+    """pydicom's test images in a syntax other than explicit/implicit VR little endian,
+    those pydicom re-encodes unchanged (a dataset encoded otherwise than its transfer
+    syntax says is left out) and decodes, plus :data:`UNDECODABLE`."""
+    names = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(TESTDATA.glob("*.dcm")):
+            try:
+                ds = pydicom.dcmread(path)
+                syntax = ds.file_meta.TransferSyntaxUID
+                if "PixelData" not in ds or syntax in (ExplicitVRLittleEndian,
+                                                       ImplicitVRLittleEndian):
+                    continue
+                ds.save_as(BytesIO())  # re-encoded unchanged, or left out
+                ds.pixel_array  # noqa: B018 - decodable, or left out
+            except Exception:  # noqa: BLE001 - not an image pydicom reads
+                continue
+            names.append(path.name)
+    return [*names, UNDECODABLE]
+
+
+TRANSCODED = _transcoded()
 
 
 def store_corpus(node: RunningNode, corpus: Corpus) -> None:
@@ -626,7 +665,7 @@ def test_destination_refusing_the_association_fails_every_instance(
 # --- transfer syntaxes -----------------------------------------------------------------
 
 
-def test_compressed_to_uncompressed_only_destination_fails(
+def test_compressed_to_uncompressed_only_destination_decompressed(
         node: RunningNode, corpus: Corpus, storescp: Any) -> None:
     scp = storescp("UNCOMPRESSED")  # storescp's default: uncompressed syntaxes only
     compressed = corpus.one(name="JPEG2000.dcm")
@@ -634,11 +673,136 @@ def test_compressed_to_uncompressed_only_destination_fails(
                          SeriesInstanceUID=compressed.series)
     outcome = pynetdicom_move(node, request, "UNCOMPRESSED")
     uids = corpus.uids(series=compressed.series)
-    assert outcome.status == 0xA702
-    assert_counts(outcome, completed=0, failed=len(uids))
-    assert outcome.failed_uids == uids
-    assert scp.received() == {}
-    assert "not decompressed" in node.log()
+    assert outcome.status == 0x0000, outcome.final
+    assert_counts(outcome, completed=len(uids))
+    received = {uid: pydicom.dcmread(BytesIO(data)) for uid, data in scp.received().items()}
+    assert set(received) == uids
+    for uid, got in received.items():
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert_same_pixels(got, corpus.one(uid=uid))
+
+
+# --- transcoding every syntax pydicom's test files come in --------------------------------
+
+
+def _part10(uid: str, sop_class: str, syntax: str, data: bytes) -> Dataset:
+    """A received dataset's bytes, read in the transfer syntax they came in."""
+    meta = b"\0" * 128 + b"DICM" + retrieve.file_meta(sop_class, uid, syntax)
+    return pydicom.dcmread(BytesIO(meta + data))
+
+
+def assert_same_pixels(got: Dataset, original: Instance) -> None:
+    """``got`` is ``original`` transcoded: same instance, the pixels pydicom decodes from
+    the original file, flagged lossy if its syntax may have been."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = pydicom.dcmread(TESTDATA / original.name if original.name else original.path)
+        expected = source.pixel_array
+    assert got.SOPInstanceUID == original.uid
+    assert (got.Rows, got.Columns) == (source.Rows, source.Columns)
+    assert (got.pixel_array == expected).all(), original.name
+    if transcode.is_lossy(original.transfer_syntax):
+        assert got.LossyImageCompression == "01", original.name
+
+
+def _retr_t(corpus: Corpus) -> tuple[Dataset, set[str], str]:
+    """The RETR-T study's request, the UIDs that can be transcoded and the one that
+    cannot."""
+    bad = corpus.one(patient="RETR-T", name=UNDECODABLE).uid
+    request = identifier("STUDY", StudyInstanceUID=corpus.studies("RETR-T")[0])
+    return request, corpus.uids(patient="RETR-T") - {bad}, bad
+
+
+def test_every_syntax_moved_to_a_destination_taking_only_little_endian(
+        node: RunningNode, corpus: Corpus, ports: dict[str, int]) -> None:
+    """pydicom's JPEG, JPEG-LS, JPEG 2000, RLE, deflated and big endian images arrive in
+    Explicit/Implicit VR Little Endian, their pixels those pydicom decodes; the one no
+    decoder reads fails with its reason and the others still arrive."""
+    request, good, bad = _retr_t(corpus)
+    assert {corpus.one(uid=u).transfer_syntax for u in good} >= set(TS_FLAGS) - {
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+    with PyStoreSCP("PYSCP", ports["PYSCP"],
+                    syntaxes=[ExplicitVRLittleEndian, ImplicitVRLittleEndian]) as scp:
+        outcome = pynetdicom_move(node, request, "PYSCP")
+    assert outcome.status == 0xB000, outcome.final
+    assert_counts(outcome, completed=len(good), failed=1)
+    assert outcome.failed_uids == {bad}
+    assert outcome.final.ErrorComment.startswith("cannot decode JPEG Extended")
+    assert set(scp.received) == good
+    for uid, (syntax, data) in scp.received.items():
+        original = corpus.one(uid=uid)
+        assert syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        assert_same_pixels(_part10(uid, original.sop_class, syntax, data), original)
+    assert re.search(rf"C-MOVE MOVESCU\S+ level=STUDY dest=PYSCP\S+ -> 0xB000 cannot decode "
+                     rf"JPEG Extended.*matched={len(good) + 1} completed={len(good)} failed=1 "
+                     rf"warning=0 converted={len(good)}", node.log())
+
+
+def test_every_syntax_moved_to_an_implicit_only_storescp(
+        node: RunningNode, corpus: Corpus, storescp: Any) -> None:
+    scp = storescp("IMPLICIT", "+xi")
+    request, good, bad = _retr_t(corpus)
+    outcome = pynetdicom_move(node, request, "IMPLICIT")
+    assert outcome.status == 0xB000, outcome.final
+    assert outcome.failed_uids == {bad}
+    received = {uid: pydicom.dcmread(BytesIO(data)) for uid, data in scp.received().items()}
+    assert set(received) == good
+    for uid, got in received.items():
+        assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert_same_pixels(got, corpus.one(uid=uid))
+
+
+def test_every_syntax_got_by_getscu_taking_uncompressed_only(
+        node: RunningNode, corpus: Corpus, tmp_path: Path) -> None:
+    """getscu proposes the uncompressed syntaxes only (its default)."""
+    _, good, bad = _retr_t(corpus)
+    proc = dcmtk_retrieve("getscu", node, "STUDY",
+                          {"StudyInstanceUID": corpus.studies("RETR-T")[0]},
+                          "+B", "-od", str(tmp_path))
+    output = proc.stdout + proc.stderr
+    assert "C-GET Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in output
+    assert re.search(rf"Completed Suboperations +: {len(good)}\s.*Failed Suboperations +: 1\s",
+                     output, re.DOTALL), output
+    received = {str(p_ds.SOPInstanceUID): p_ds for p_ds in
+                (pydicom.dcmread(p) for p in tmp_path.iterdir())}
+    assert set(received) == good, output
+    for uid, got in received.items():
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert_same_pixels(got, corpus.one(uid=uid))
+    assert bad not in received
+
+
+def test_every_syntax_got_by_pynetdicom_taking_uncompressed_only(
+        node: RunningNode, corpus: Corpus) -> None:
+    request, good, bad = _retr_t(corpus)
+    classes = tuple({corpus.one(uid=u).sop_class for u in good | {bad}})
+    outcome, received = pynetdicom_get(node, request, classes=classes,
+                                       syntaxes=(ImplicitVRLittleEndian,))
+    assert outcome.status == 0xB000, outcome.final
+    assert_counts(outcome, completed=len(good), failed=1)
+    assert outcome.failed_uids == {bad}
+    assert set(received) == good
+    for uid, (syntax, data) in received.items():
+        original = corpus.one(uid=uid)
+        assert syntax == ImplicitVRLittleEndian
+        assert_same_pixels(_part10(uid, original.sop_class, syntax, data), original)
+
+
+def test_compressed_sent_as_stored_when_accepted_even_with_uncompressed_offered(
+        node: RunningNode, corpus: Corpus) -> None:
+    """Transcoding is the fallback only: a requestor accepting every syntax gets the
+    stored bytes (the one that cannot be decoded too)."""
+    request, _, _ = _retr_t(corpus)
+    uids = corpus.uids(patient="RETR-T")
+    classes = tuple({corpus.one(uid=u).sop_class for u in uids})
+    outcome, received = pynetdicom_get(node, request, classes=classes, syntaxes=(
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian, *sorted(
+            {corpus.one(uid=u).transfer_syntax for u in uids})))
+    assert outcome.status == 0x0000
+    assert set(received) == uids
+    for uid, (syntax, data) in received.items():
+        assert syntax == corpus.one(uid=uid).transfer_syntax
+        assert data == corpus.stored[uid]
 
 
 def test_explicit_vr_converted_for_implicit_only_destination(
@@ -809,10 +973,17 @@ def test_get_converts_or_fails_by_what_the_requestor_accepts(node: RunningNode,
     compressed = corpus.one(name="JPEG2000.dcm")
     request = identifier("SERIES", StudyInstanceUID=compressed.study,
                          SeriesInstanceUID=compressed.series)
-    outcome, received = pynetdicom_get(
-        node, request, classes=tuple({i.sop_class for i in corpus.instances}))
+    uids = corpus.uids(series=compressed.series)
+    classes = {corpus.one(uid=u).sop_class for u in uids}
+    outcome, received = pynetdicom_get(node, request, classes=tuple(classes))
+    assert outcome.status == 0x0000  # decompressed
+    assert set(received) == uids
+    assert {ts for ts, _ in received.values()} == {ExplicitVRLittleEndian}
+    other = next(c for c in (CT_IMAGE, MR_IMAGE) if c not in classes)
+    outcome, received = pynetdicom_get(node, request, classes=(other,))
     assert outcome.status == 0xA702
-    assert outcome.failed_uids == corpus.uids(series=compressed.series)
+    assert outcome.failed_uids == uids
+    assert outcome.final.ErrorComment.startswith("SOP class not accepted")
     assert received == {}
 
 
@@ -830,3 +1001,4 @@ def test_node_keeps_serving(node: RunningNode, corpus: Corpus) -> None:
     assert node.running
     assert echoscu(node).returncode == 0
     assert "unexpected error" not in node.log()
+

@@ -19,6 +19,7 @@ from helpers import CT_IMAGE, MR_IMAGE, dataset_bytes, make_dataset, to_part10
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
+    MPEG2MPML,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -54,6 +55,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TESTDATA = Path(pydicom.__file__).parent / "data" / "test_files"
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 
 
 def image(pixels: bytes) -> Dataset:
@@ -72,12 +75,16 @@ def item(sop_class: str = CT_IMAGE, syntax: str = ExplicitVRLittleEndian,
 
 def test_proposal_exact_contexts_plus_uncompressed_fallbacks() -> None:
     items = [item(CT_IMAGE, ExplicitVRLittleEndian), item(CT_IMAGE, ExplicitVRLittleEndian),
-             item(MR_IMAGE, ImplicitVRLittleEndian), item(SC_IMAGE, JPEG2000)]
+             item(MR_IMAGE, ImplicitVRLittleEndian), item(SC_IMAGE, JPEG2000),
+             item(US_IMAGE, MPEG2MPML)]
     contexts = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in proposal(items)}
     assert contexts == {
         (CT_IMAGE, (ExplicitVRLittleEndian,)), (CT_IMAGE, (ImplicitVRLittleEndian,)),
         (MR_IMAGE, (ImplicitVRLittleEndian,)), (MR_IMAGE, (ExplicitVRLittleEndian,)),
-        (SC_IMAGE, (JPEG2000,)),  # compressed: no fallback, it would need decompressing
+        # compressed: the fallbacks it can be decompressed to
+        (SC_IMAGE, (JPEG2000,)), (SC_IMAGE, (ExplicitVRLittleEndian,)),
+        (SC_IMAGE, (ImplicitVRLittleEndian,)),
+        (US_IMAGE, (MPEG2MPML,)),  # no decoder here: no fallback
     }
 
 
@@ -94,18 +101,24 @@ def test_proposal_stays_within_128_contexts() -> None:
                for cx in folded)
 
 
-def test_choose_prefers_the_stored_syntax_then_converts_uncompressed_only() -> None:
+def test_choose_prefers_the_stored_syntax_then_transcodes_what_it_can_decode() -> None:
     accepted = {CT_IMAGE: {ImplicitVRLittleEndian, ExplicitVRLittleEndian},
-                MR_IMAGE: {ImplicitVRLittleEndian}}
+                MR_IMAGE: {ImplicitVRLittleEndian}, US_IMAGE: {JPEG2000},
+                SC_IMAGE: {JPEG2000, ExplicitVRLittleEndian}}
     assert choose(item(CT_IMAGE, ExplicitVRLittleEndian), accepted) == ExplicitVRLittleEndian
     assert choose(item(MR_IMAGE, ExplicitVRLittleEndian), accepted) == ImplicitVRLittleEndian
     assert choose(item(MR_IMAGE, DeflatedExplicitVRLittleEndian), accepted) \
         == ImplicitVRLittleEndian
     assert choose(item(CT_IMAGE, ExplicitVRBigEndian), accepted) == ExplicitVRLittleEndian
-    with pytest.raises(Unsendable, match="not accepted, not decompressed"):
-        choose(item(MR_IMAGE, JPEG2000), accepted)
+    assert choose(item(MR_IMAGE, JPEG2000), accepted) == ImplicitVRLittleEndian
+    assert choose(item(SC_IMAGE, JPEG2000), accepted) == JPEG2000  # as stored first
+    assert choose(item(SC_IMAGE, RLELossless), accepted) == ExplicitVRLittleEndian
+    with pytest.raises(Unsendable, match="MPEG2 .* not accepted, no decoder for it"):
+        choose(item(MR_IMAGE, MPEG2MPML), accepted)
+    with pytest.raises(Unsendable, match="not accepted, nor an uncompressed syntax"):
+        choose(item(US_IMAGE, RLELossless), accepted)
     with pytest.raises(Unsendable, match="SOP class not accepted"):
-        choose(item(SC_IMAGE, ExplicitVRLittleEndian), accepted)
+        choose(item(RT_DOSE, ExplicitVRLittleEndian), accepted)
 
 
 # --- the bytes -------------------------------------------------------------------------
@@ -162,11 +175,12 @@ def test_convert_big_endian_swaps_words(tmp_path: Path) -> None:
                                                           reference.BitsAllocated)
 
 
-def test_convert_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
-    with pytest.raises(Unsendable, match="pixel data of 32 bits is ambiguous"):
-        convert(TESTDATA / "rtdose_expb.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
-    with pytest.raises(Unsendable, match="without decompressing"):
-        convert(TESTDATA / "JPEG2000.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
+def test_convert_decompresses_and_says_why_it_cannot(tmp_path: Path) -> None:
+    convert(TESTDATA / "JPEG2000.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
+    got = pydicom.dcmread(tmp_path / "out.dcm")
+    assert (got.pixel_array == pydicom.dcmread(TESTDATA / "JPEG2000.dcm").pixel_array).all()
+    with pytest.raises(Unsendable, match="cannot decode JPEG Extended"):
+        convert(TESTDATA / "JPEG-lossy.dcm", tmp_path / "out.dcm", ExplicitVRLittleEndian)
 
 
 # --- a Retrieve against fakes ----------------------------------------------------------
@@ -350,21 +364,34 @@ def _corpus(n: int, syntax: str = ExplicitVRLittleEndian,
     return docs, {file_id: data}
 
 
+def _stored(name: str, uid: str) -> tuple[dict[str, Any], bytes]:
+    """A pydicom test file as a CT instance document and its stored bytes."""
+    ds = pydicom.dcmread(TESTDATA / name)
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, uid
+    out = BytesIO()
+    ds.save_as(out)
+    doc = {"_id": uid, "SOPClassUID": CT_IMAGE,
+           "TransferSyntaxUID": str(ds.file_meta.TransferSyntaxUID), "file_id": ObjectId()}
+    return doc, out.getvalue()
+
+
 def test_get_counts_conversions_and_failures() -> None:
     docs, files = _corpus(3)
-    jpeg = {"_id": "1.2.3.99", "SOPClassUID": CT_IMAGE, "TransferSyntaxUID": JPEG2000,
-            "file_id": ObjectId()}
+    (jpeg, jpeg_data), (bad, bad_data) = (_stored("JPEG2000.dcm", "1.2.3.98"),
+                                          _stored("JPEG-lossy.dcm", "1.2.3.99"))
+    files.update({jpeg["file_id"]: jpeg_data, bad["file_id"]: bad_data})
     assoc = FakeAssociation({CT_IMAGE: {ImplicitVRLittleEndian}})
-    op = Retrieve(FakeEvent(assoc, study_request()), fake_node([*docs, jpeg], files), GET)
+    op = Retrieve(FakeEvent(assoc, study_request()), fake_node([*docs, jpeg, bad], files),
+                  GET)
     op.run()
     pending, last = assoc.responses[:-1], final(assoc)
-    assert [p.NumberOfRemainingSuboperations for p in pending] == [3, 2, 1]
+    assert [p.NumberOfRemainingSuboperations for p in pending] == [4, 3, 2, 1]
     assert (last.Status, last.NumberOfCompletedSuboperations,
-            last.NumberOfFailedSuboperations) == (0xB000, 3, 1)
-    assert "not decompressed" in last.ErrorComment
+            last.NumberOfFailedSuboperations) == (0xB000, 4, 1)
+    assert last.ErrorComment.startswith("cannot decode JPEG Extended")
     failed = pydicom.dcmread(BytesIO(last.Identifier.getvalue()), force=True)
     assert failed.FailedSOPInstanceUIDList == "1.2.3.99"
-    assert op.counts.converted == 3
+    assert op.counts.converted == 4
 
 
 def test_destination_failure_statuses_counted() -> None:
