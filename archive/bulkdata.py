@@ -21,8 +21,8 @@ from typing import IO, Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames, get_frame
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
@@ -31,6 +31,15 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
+from archive import transcode
+
+#: The attributes a frame is decoded with (PS3.3 C.7.6.3, palette included).
+IMAGE_PIXEL = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+               "HighBit", "PixelRepresentation", "PhotometricInterpretation",
+               "PlanarConfiguration", "RedPaletteColorLookupTableDescriptor",
+               "GreenPaletteColorLookupTableDescriptor",
+               "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+               "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData")
 #: Values longer than this stay in the file while the header is parsed.
 DEFER_SIZE = 64 * 1024
 #: The Pixel Data elements: integer, float, double float (PS3.3 C.7.6.3).
@@ -72,6 +81,30 @@ class Frames:
             if not 1 <= n <= self.count:
                 raise NotFound(f"frame {n}: the instance has {self.count} frame"
                                f"{'s' if self.count != 1 else ''}")
+
+    def single(self, number: int) -> Dataset:
+        """A one-frame dataset: the Image Pixel attributes around frame ``number`` in its
+        transfer syntax (what a decoder needs, and no more is read)."""
+        ds = Dataset()
+        for keyword in IMAGE_PIXEL:
+            if keyword in self.header:
+                ds[keyword] = self.header[keyword]
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = self.transfer_syntax
+        frame = self.read(number)
+        ds.PixelData = encapsulate([frame]) if self.encapsulated else frame
+        if self.encapsulated:
+            ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        elif ds.get("BitsAllocated") == 1:
+            ds.NumberOfFrames = 1
+        return ds
+
+    def uncompressed(self, number: int) -> bytes:
+        """Frame ``number`` in Explicit VR Little Endian: native data as :meth:`read`
+        gives it, compressed data decoded (:mod:`archive.transcode`; Undecodable)."""
+        if not self.encapsulated:
+            return self.read(number)
+        return transcode.uncompressed_frame(self.single(number), 0)
 
     def read(self, number: int) -> bytes:
         """Frame ``number`` (1-based, checked).  ValueError: the file is not what its

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
-from pydicom.uid import UID
+
+from archive.bulkdata import Frames
 
 JPEG = "image/jpeg"
 PNG = "image/png"
@@ -30,12 +30,6 @@ MEDIA_TYPES = (JPEG, PNG)
 THUMBNAIL_SIZE = 128
 #: Largest viewport a request may ask for (a bigger one is an attack on memory).
 MAX_VIEWPORT = 8192
-_IMAGE_PIXEL = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
-                "HighBit", "PixelRepresentation", "PhotometricInterpretation",
-                "PlanarConfiguration", "RedPaletteColorLookupTableDescriptor",
-                "GreenPaletteColorLookupTableDescriptor",
-                "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
-                "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData")
 
 
 class CannotRender(Exception):
@@ -92,16 +86,16 @@ def _number(text: str, name: str) -> float:
     return value
 
 
-def render(header: Dataset, number: int, frame: bytes, syntax: UID, options: Options
-           ) -> bytes:
-    """Frame ``number`` (1-based) of the instance whose attributes before the Pixel
-    Data are ``header``, its bytes ``frame`` in ``syntax``, as an image file."""
-    ds = _single_frame(header, frame, syntax)
+def render(frames: Frames, number: int, options: Options) -> bytes:
+    """Frame ``number`` (1-based, checked) of an instance as an image file."""
+    header = frames.header
+    ds = frames.single(number)
     try:
         pixels = pixel_array(ds)
         if str(header.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
     except Exception as exc:  # noqa: BLE001 - any decoder failure: one clear reason
+        syntax = frames.transfer_syntax
         raise CannotRender(f"cannot decode {syntax.name} here: {exc}"[:300]) from None
     if pixels.ndim == 2:
         image = Image.fromarray(_grey(header, number, pixels, options.window), "L")
@@ -115,19 +109,6 @@ def render(header: Dataset, number: int, frame: bytes, syntax: UID, options: Opt
     else:
         image.save(out, "JPEG", quality=options.quality)
     return out.getvalue()
-
-
-def _single_frame(header: Dataset, frame: bytes, syntax: UID) -> Dataset:
-    ds = Dataset()
-    for keyword in _IMAGE_PIXEL:
-        if keyword in header:
-            ds[keyword] = header[keyword]
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.PixelData = encapsulate([frame]) if syntax.is_encapsulated else frame
-    if ds.get("BitsAllocated") == 1:
-        ds.NumberOfFrames = 1
-    return ds
 
 
 def frame_attributes(header: Dataset, number: int) -> Dataset:

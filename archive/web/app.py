@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
 
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pymongo.errors import OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from acl import identity
 from acl.audit import association_entry, operation_entry, summarize
 from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
-from archive import bulkdata, rendering
+from archive import bulkdata, rendering, transcode
 from archive.context import Context
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
@@ -252,7 +252,19 @@ class Service:
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, f"no such {_NAMES[level]}")
-            wado.check_syntaxes(selected, accepted)
+            plan = wado.plan_syntaxes(selected, accepted)
+            boundary = multipart.new_boundary()
+            body = wado.multipart_body(self.context.archive.files, selected, plan, boundary)
+            first = self._database(lambda: next(body))
+        except transcode.Undecodable as exc:
+            log.error("WADO-RS %s: %s", request.url.path, exc)
+            self.audit(caller, "WADO-RS", 406, started, text, str(exc))
+            raise HttpError(406, f"{exc}; ask for transfer-syntax=* to get it as stored"
+                            ) from None
+        except FileNotFoundError as exc:
+            log.error("WADO-RS %s: %s", request.url.path, exc)
+            self.audit(caller, "WADO-RS", 500, started, text, str(exc))
+            raise HttpError(500, "the stored file of an instance is missing") from None
         except HttpError as exc:
             self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
             raise
@@ -260,9 +272,8 @@ class Service:
                    counts={"instances": len(selected)})
         log.info("WADO-RS %s %s -> 200, %d instances", caller.describe(), request.url.path,
                  len(selected))
-        boundary = multipart.new_boundary()
         return StreamingResponse(
-            wado.multipart_body(self.context.archive.files, selected, boundary),
+            itertools.chain((first,), body),
             media_type=f'multipart/related; type="{negotiation.DICOM}"; boundary={boundary}')
 
     def metadata(self, request: Request) -> Response:
@@ -287,27 +298,29 @@ class Service:
                                  media_type=negotiation.DICOM_JSON)
 
     def frames(self, request: Request) -> Response:
-        """WADO-RS frames: ``.../instances/{sop}/frames/1,2,...``, as stored."""
-        def reader(params: dict[str, str]) -> Reader:
+        """WADO-RS frames: ``.../instances/{sop}/frames/1,2,...``, as stored or, when
+        the client takes only uncompressed frames, decoded."""
+        def reader(params: dict[str, str]) -> tuple[PixelReader, bool]:
             numbers = wado.parse_frame_list(params["frames"])
 
-            def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
+            def read(fp: IO[bytes], syntax: str) -> Iterator[bytes]:
                 frames = bulkdata.Frames(fp)
                 frames.check(numbers)
-                return frames.transfer_syntax, (frames.read(n) for n in numbers)
-            return read
-        return self._pixels(request, reader)
+                if syntax == frames.transfer_syntax:
+                    return (frames.read(n) for n in numbers)
+                return (frames.uncompressed(n) for n in numbers)
+            return read, True
+        return self._pixels(request, reader, decodes=True)
 
     def bulkdata(self, request: Request) -> Response:
-        """WADO-RS bulk data: the values the metadata's BulkDataURIs name."""
-        def reader(params: dict[str, str]) -> Reader:
+        """WADO-RS bulk data: the values the metadata's BulkDataURIs name, as stored."""
+        def reader(params: dict[str, str]) -> tuple[PixelReader, bool]:
             path = bulkdata.parse_path(params["path"])
 
-            def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
-                found = bulkdata.read_bulk(fp, path)
-                return found.transfer_syntax or ExplicitVRLittleEndian, iter(found.parts)
-            return read
-        return self._pixels(request, reader)
+            def read(fp: IO[bytes], syntax: str) -> Iterator[bytes]:
+                return iter(bulkdata.read_bulk(fp, path).parts)
+            return read, path == (bulkdata.PIXEL_TAGS[0],)
+        return self._pixels(request, reader, decodes=False)
 
     def rendered(self, request: Request) -> Response:
         """WADO-RS rendered: an instance's frames (or those listed) as JPEG / PNG, one
@@ -346,8 +359,7 @@ class Service:
                 frames = bulkdata.Frames(fp)
                 wanted = numbers or ([1] if thumbnail else list(range(1, frames.count + 1)))
                 frames.check(wanted)
-                return "", (rendering.render(frames.header, n, frames.read(n),
-                                             frames.transfer_syntax, options) for n in wanted)
+                return "", (rendering.render(frames, n, options) for n in wanted)
             _, images = self._database(
                 lambda: self._read(selected[len(selected) // 2], read))
         except HttpError as exc:
@@ -364,18 +376,19 @@ class Service:
             wado.parts_body(itertools.chain((first,), rest, images), media, None, boundary),
             media_type=f'multipart/related; type="{media}"; boundary={boundary}')
 
-    def _pixels(self, request: Request, reader: Callable[[dict[str, str]], Reader]
-                ) -> Response:
+    def _pixels(self, request: Request,
+                reader: Callable[[dict[str, str]], tuple[PixelReader, bool]],
+                decodes: bool) -> Response:
         """Frames or a bulk value of one instance the caller may retrieve: 400 for a
         malformed request, 404 for what is hidden or absent, 406 when the Accept header
-        refuses what is stored."""
+        refuses what is stored and (``decodes``) its decoding too."""
         started = time.perf_counter()
         text = _request_text(request)
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
             level, ident = self._target(request)
             try:
-                read = reader(request.path_params)
+                read, pixel_data = reader(request.path_params)
             except ValueError as exc:
                 raise HttpError(400, str(exc)) from None
             self._available()
@@ -384,8 +397,13 @@ class Service:
             if not selected:
                 raise HttpError(404, "no such instance")
             item = selected[0]
-            syntax, parts = self._database(lambda: self._read(item, read))
-            media = negotiation.frame_media(request.headers.get("accept"), syntax)
+            stored = UID(item.transfer_syntax or ExplicitVRLittleEndian)
+            compressed = pixel_data and stored.is_encapsulated
+            media, syntax = negotiation.frame_representation(
+                request.headers.get("accept"), stored if compressed else ExplicitVRLittleEndian,
+                decodable=compressed and decodes and transcode.decodable(stored))
+            _, parts = self._database(lambda: self._read(
+                item, lambda fp: (syntax, read(fp, syntax))))
         except HttpError as exc:
             self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
             raise
@@ -408,7 +426,7 @@ class Service:
         except FileNotFoundError as exc:
             log.error("WADO-RS: %s: %s", item.sop, exc)
             raise HttpError(500, "the stored file of this instance is missing") from None
-        except rendering.CannotRender as exc:
+        except (rendering.CannotRender, transcode.Undecodable) as exc:
             log.error("WADO-RS: %s: %s", item.sop, exc)
             raise HttpError(500, str(exc)) from None
         except (ValueError, EOFError, struct.error) as exc:
@@ -537,6 +555,8 @@ class Service:
 
 #: Reads an answer out of a stored file: its transfer syntax and its parts.
 Reader = Callable[[IO[bytes]], tuple[str, Iterator[bytes]]]
+#: Reads frames or a bulk value out of a stored file, in the transfer syntax given.
+PixelReader = Callable[[IO[bytes], str], Iterator[bytes]]
 
 _NAMES = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
 

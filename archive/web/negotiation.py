@@ -95,7 +95,8 @@ def json_accepted(header: str | None) -> None:
 
 def dicom_syntaxes(header: str | None) -> set[str]:
     """The transfer syntaxes a client takes in ``multipart/related;
-    type="application/dicom"`` (``{"*"}``: any, i.e. as stored); NotAcceptable if none."""
+    type="application/dicom"`` (``"*"``: any, i.e. as stored; no parameter: Explicit
+    VR Little Endian, PS3.18 Table 8.7.3-2); NotAcceptable if none."""
     syntaxes: set[str] = set()
     for media in ranges(header):
         if media.type in ("*/*", "multipart/*"):
@@ -103,8 +104,8 @@ def dicom_syntaxes(header: str | None) -> set[str]:
         elif media.type == "multipart/related":
             kind = media.params.get("type", DICOM).lower()
             if kind in (DICOM, "application/*", "*/*"):
-                syntaxes.add(media.params.get("transfer-syntax", ANY_SYNTAX).strip()
-                             or ANY_SYNTAX)
+                syntaxes.add(media.params.get("transfer-syntax", "").strip()
+                             or uid.ExplicitVRLittleEndian)
     if not syntaxes:
         raise NotAcceptable(f'instances are served as multipart/related; type="{DICOM}" '
                             "only (frames, bulk data and rendered images are not "
@@ -117,28 +118,36 @@ def media_of(syntax: str) -> str:
     return COMPRESSED_MEDIA.get(uid.UID(syntax), OCTET_STREAM)
 
 
-def frame_media(header: str | None, syntax: str) -> str:
-    """The media type to send frames or bulk data held in ``syntax`` as (a native
-    syntax stands for uncompressed little endian); NotAcceptable when the client takes
-    neither that media type nor the syntax."""
+def frame_representation(header: str | None, syntax: str, decodable: bool = False
+                         ) -> tuple[str, str]:
+    """The media type and transfer syntax to send frames or bulk data held in
+    ``syntax`` as (a native one stands for uncompressed little endian): as held when
+    the client takes it; else, when ``decodable``, decoded to Explicit VR Little Endian
+    if the client takes that; else NotAcceptable."""
     media = media_of(syntax)
+    uncompressed = uid.ExplicitVRLittleEndian
+    decoded = False
     for item in ranges(header):
         if item.type in ("*/*", "multipart/*"):
-            return media
+            return media, syntax
         if item.type != "multipart/related":
             continue
         kind = item.params.get("type", media).lower()
         if kind in ("*/*", "application/*" if media == OCTET_STREAM else "image/*"):
-            return media
+            return media, syntax
         wanted = item.params.get("transfer-syntax", "").strip()
         if wanted == ANY_SYNTAX and kind in (media, OCTET_STREAM):
-            return media
+            return media, syntax
         if kind == media.lower() and (wanted or DEFAULT_SYNTAX.get(media)) == syntax:
-            return media
+            return media, syntax
+        if kind == OCTET_STREAM and (wanted or uncompressed) == uncompressed:
+            decoded = True  # a later range may still take it as stored
+    if decoded and decodable:
+        return OCTET_STREAM, uncompressed
     stored = "uncompressed" if media == OCTET_STREAM else f"{media} ({syntax})"
-    raise NotAcceptable(f"stored {stored}, which the request does not accept; the archive "
-                        "sends frames and bulk data as stored (ask for "
-                        f'multipart/related; type="{media}" or transfer-syntax=*)')
+    also = ", and it cannot be decoded here" if decoded and media != OCTET_STREAM else ""
+    raise NotAcceptable(f"stored {stored}, which the request does not accept{also} (ask "
+                        f'for multipart/related; type="{media}" or transfer-syntax=*)')
 
 
 def rendered_media(header: str | None, media_types: tuple[str, ...]) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from bson import ObjectId
 from pydicom.dataset import Dataset
 
+from archive import transcode
 from archive.find import FIND_BATCH, Finder, projection, retrieve_plan
 from archive.gridstore import GridStore
 from archive.model import IMAGE, SERIES, STUDY
@@ -80,34 +81,56 @@ def items(finder: Finder, level: str, ident: Dataset,
     return list(found.values())
 
 
-def check_syntaxes(selected: list[Item], accepted: set[str]) -> None:
-    """Raise NotAcceptable when an instance is stored in a syntax the client refuses:
-    the archive sends what it stored and converts nothing (yet)."""
-    if ANY_SYNTAX in accepted:
-        return
-    refused = sorted({i.transfer_syntax for i in selected} - accepted)
+def plan_syntaxes(selected: list[Item], accepted: set[str]) -> dict[str, str]:
+    """What to send each instance in: its stored syntax when the client takes it (or
+    any), else an uncompressed one it takes (Explicit VR Little Endian first) when
+    the stored syntax can be decoded (:mod:`archive.transcode`).  NotAcceptable names
+    the syntaxes that can be neither sent nor decoded for the client."""
+    targets = [t for t in transcode.UNCOMPRESSED if t in accepted]
+    plan: dict[str, str] = {}
+    refused: set[str] = set()
+    for item in selected:
+        if ANY_SYNTAX in accepted or item.transfer_syntax in accepted:
+            plan[item.sop] = item.transfer_syntax
+        elif targets and transcode.decodable(item.transfer_syntax):
+            plan[item.sop] = targets[0]
+        else:
+            refused.add(item.transfer_syntax)
     if refused:
-        raise NotAcceptable(f"stored in {', '.join(refused)}, which the request does not "
-                            "accept; the archive sends instances as stored (ask for "
-                            "transfer-syntax=*)")
+        raise NotAcceptable(
+            f"stored in {', '.join(sorted(refused))}, which the request does not accept"
+            + (" and which cannot be decoded here" if targets else "")
+            + " (ask for transfer-syntax=* to get the instances as stored)")
+    return plan
 
 
-def multipart_body(files: GridStore, selected: list[Item], boundary: str) -> Iterator[bytes]:
-    """The response body: one part per instance, its stored bytes a chunk at a time.
+def multipart_body(files: GridStore, selected: list[Item], plan: dict[str, str],
+                   boundary: str) -> Iterator[bytes]:
+    """The response body: one part per instance, its stored bytes a chunk at a time,
+    or (``plan`` names another syntax) the instance transcoded, read whole.
 
-    A file that vanished meanwhile (a concurrent replacement) ends the body early; the
-    client sees a multipart body without its closing delimiter, never a wrong file.
+    The first part's failure (FileNotFoundError, transcode.Undecodable) is raised, before
+    anything is sent, for the caller to answer it; a later file that vanished meanwhile
+    (a concurrent replacement), or a later instance whose decoding fails, ends the body
+    early: the client sees a multipart body without its closing delimiter, never a wrong
+    file.
     """
     streams = files.stream_many(item.file_id for item in selected)
+    sent = False
     for item, (_, chunks) in zip(selected, streams, strict=True):
-        content_type = f"{DICOM}; transfer-syntax={item.transfer_syntax}" \
-            if item.transfer_syntax else DICOM
+        syntax = plan[item.sop]
+        content_type = f"{DICOM}; transfer-syntax={syntax}" if syntax else DICOM
         header = multipart.part_header(boundary, content_type)
         try:
+            if syntax != item.transfer_syntax:
+                chunks = iter((transcode.to_uncompressed(b"".join(chunks), syntax),))
             first = next(chunks, b"")
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, transcode.Undecodable) as exc:
+            if not sent:
+                raise
             log.error("WADO-RS: %s: %s; response cut short", item.sop, exc)
             return
+        sent = True
         yield header + first
         try:
             yield from chunks

@@ -202,9 +202,10 @@ def test_media_types_and_negotiation(node: Any, images: dict[str, Dataset]) -> N
     assert answer.status_code == 200
     assert 'type="image/jpeg"' in answer.headers["content-type"]
     assert get(jpeg, None).status_code == 200
-    refused = get(jpeg, 'multipart/related; type="application/octet-stream"')
+    decoded = get(jpeg, 'multipart/related; type="application/octet-stream"')
+    assert decoded.status_code == 200  # decoded: see test_compressed_frames_decoded...
+    refused = get(jpeg, 'multipart/related; type="image/jp2"')
     assert refused.status_code == 406 and "image/jpeg" in refused.text
-    assert get(jpeg, 'multipart/related; type="image/jp2"').status_code == 406
     assert get(native, 'multipart/related; type="application/octet-stream"'
                ).status_code == 200
     assert get(native, 'multipart/related; type="image/jpeg"').status_code == 406
@@ -387,3 +388,78 @@ def test_bad_rendering_requests(node: Any, images: dict[str, Dataset], params: d
     answer = requests.get(f"{url(node, ds)}/rendered", params=params, headers=headers,
                           auth=("admin", PASSWORDS["admin"]), timeout=30)
     assert answer.status_code == status and says in answer.text, answer.text
+
+
+def compressed(images: dict[str, Dataset]) -> list[Dataset]:
+    """The compressed images pydicom decodes here."""
+    return [ds for ds in decodable(images) if ds.file_meta.TransferSyntaxUID.is_compressed]
+
+
+def test_compressed_frames_decoded_when_only_uncompressed_is_taken(
+        node: Any, images: dict[str, Dataset]) -> None:
+    """A client that takes only uncompressed frames (PS3.18's default for
+    application/octet-stream) gets each frame decoded: the pixels pydicom decodes."""
+    admin = ("admin", PASSWORDS["admin"])
+    found = compressed(images)
+    assert len({ds.file_meta.TransferSyntaxUID for ds in found}) >= 5
+    for ds in found:
+        last = count(ds)
+        answer = requests.get(f"{url(node, ds)}/frames/{last}", auth=admin, timeout=60,
+                              headers={"Accept": 'multipart/related; '
+                                                 'type="application/octet-stream"'})
+        assert answer.status_code == 200, (ds.filename, answer.text)
+        boundary = answer.headers["content-type"].split("boundary=")[1]
+        [(headers, frame)] = parse(boundary, answer.content)
+        assert headers["content-type"] == \
+            f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+        expected = pixel_array(ds, index=last - 1)
+        assert frame == expected.astype(expected.dtype.newbyteorder("<")).tobytes(), \
+            ds.filename
+
+
+def test_instances_transcoded_when_the_stored_syntax_is_not_taken(
+        node: Any, images: dict[str, Dataset]) -> None:
+    """WADO-RS of an instance without a transfer-syntax parameter: Explicit VR Little
+    Endian (PS3.18's default), decoded; with transfer-syntax=*: the stored bytes."""
+    admin = ("admin", PASSWORDS["admin"])
+    for ds in compressed(images)[:6]:
+        answer = requests.get(url(node, ds), auth=admin, timeout=60, headers={
+            "Accept": 'multipart/related; type="application/dicom"'})
+        assert answer.status_code == 200, (ds.filename, answer.text)
+        boundary = answer.headers["content-type"].split("boundary=")[1]
+        [(headers, data)] = parse(boundary, answer.content)
+        assert headers["content-type"].endswith(f"transfer-syntax={ExplicitVRLittleEndian}")
+        back = dcmread(BytesIO(data))
+        assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert back.SOPInstanceUID == ds.SOPInstanceUID
+        assert np.array_equal(back.pixel_array, pixel_array(ds)), ds.filename
+        stored = requests.get(url(node, ds), auth=admin, timeout=60, headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        [(_, original)] = parse(stored.headers["content-type"].split("boundary=")[1],
+                                stored.content)
+        assert dcmread(BytesIO(original)).file_meta.TransferSyntaxUID == \
+            ds.file_meta.TransferSyntaxUID
+
+
+def test_an_instance_that_cannot_be_decoded_is_406_with_the_reason(node: Any) -> None:
+    """pydicom's JPEG-lossy.dcm: a JPEG stream its decoders refuse."""
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("JPEG-lossy.dcm")).read_bytes()
+    ds = dcmread(BytesIO(data))
+    ds.PatientID, ds.SOPInstanceUID = "UNDECODABLE-1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stow(node, [buffer.getvalue()])
+    admin = ("admin", PASSWORDS["admin"])
+    answer = requests.get(url(node, ds), auth=admin, timeout=60, headers={
+        "Accept": 'multipart/related; type="application/dicom"'})
+    assert answer.status_code == 406 and "cannot decode" in answer.text, answer.text
+    frame = requests.get(f"{url(node, ds)}/frames/1", auth=admin, timeout=60, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'})
+    assert frame.status_code == 500 and "cannot decode" in frame.text, frame.text
+    assert requests.get(url(node, ds), auth=admin, timeout=60, headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    ).status_code == 200
