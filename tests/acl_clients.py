@@ -11,8 +11,10 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import bcrypt
 from helpers import ROOT, identifier
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -27,6 +29,7 @@ from pynetdicom.sop_class import (
 )
 
 from acl.rules import RuleStore
+from acl.users import write_users
 from acl.yamlrules import parse
 
 FIND = PatientRootQueryRetrieveInformationModelFind
@@ -135,6 +138,22 @@ def archive_cli(node: Any, *args: str, stdin: str | None = None) -> subprocess.C
     return subprocess.run([sys.executable, "-m", "archive", *args, "--config",
                            str(node.config_path)], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=60, input=stdin)
+
+
+def node_with_users(factory: Any, folder: Path, passwords: dict[str, str], rules: str,
+                    overrides: dict[str, Any] | None = None) -> Any:
+    """A node with access control on, users in a file (bcrypt, cheap rounds) checked by
+    the ``file`` backend, and ``rules`` applied; ``overrides``: more configuration."""
+    users = folder / "users.yaml"
+    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
+                        for name, p in passwords.items()})
+    config: dict[str, Any] = {"acl": {"enabled": True, "refresh_seconds": REFRESH},
+                              "auth": {"backend": "file", "users_file": str(users)}}
+    for key, value in (overrides or {}).items():
+        config[key] = {**config.get(key, {}), **value}
+    node = factory(config)
+    use_rules(node, rules)
+    return node
 
 
 def use_rules(node: Any, text: str) -> None:

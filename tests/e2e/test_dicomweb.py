@@ -16,10 +16,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 import requests
-from acl_clients import use_rules
+from acl_clients import node_with_users
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from helpers import echoscu, identifier, image_dataset, to_part10
@@ -30,7 +29,6 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from acl.users import write_users
 from archive.web.multipart import new_boundary, parse
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
@@ -51,16 +49,9 @@ DICOM_IN = 'multipart/related; type="application/dicom"; transfer-syntax='
 
 @pytest.fixture(scope="module")
 def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    users = tmp_path_factory.mktemp("web-users") / "users.yaml"
-    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
-                        for name, p in PASSWORDS.items()})
-    running = module_node_factory({
-        "acl": {"enabled": True, "refresh_seconds": 0.2},
-        "auth": {"backend": "file", "users_file": str(users),
-                 "throttle": {"user_failures": 1000, "peer_failures": 1000}},
-    })
-    use_rules(running, RULES)
-    return running
+    return node_with_users(module_node_factory, tmp_path_factory.mktemp("web-users"),
+                           PASSWORDS, RULES, {"auth": {"throttle": {
+                               "user_failures": 1000, "peer_failures": 1000}}})
 
 
 def client(node: Any, user: str | None = "admin", password: str | None = None

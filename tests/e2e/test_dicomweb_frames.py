@@ -14,11 +14,10 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import numpy as np
 import pytest
 import requests
-from acl_clients import use_rules
+from acl_clients import node_with_users
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from helpers import image_dataset, to_part10
@@ -29,7 +28,6 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
-from acl.users import write_users
 from archive.web.multipart import new_boundary, parse
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
@@ -46,15 +44,8 @@ PIXEL_DATA = 0x7FE00010
 
 @pytest.fixture(scope="module")
 def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    users = tmp_path_factory.mktemp("frames-users") / "users.yaml"
-    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
-                        for name, p in PASSWORDS.items()})
-    running = module_node_factory({
-        "acl": {"enabled": True, "refresh_seconds": 0.2},
-        "auth": {"backend": "file", "users_file": str(users)},
-    })
-    use_rules(running, RULES)
-    return running
+    return node_with_users(module_node_factory, tmp_path_factory.mktemp("frames-users"),
+                           PASSWORDS, RULES)
 
 
 def client(node: Any, user: str = "admin") -> DICOMwebClient:

@@ -16,7 +16,7 @@ from typing import Any
 import bcrypt
 import pytest
 import requests
-from acl_clients import archive_cli, use_rules
+from acl_clients import archive_cli, node_with_users
 from conftest import node_environment
 from dicomweb_client.api import DICOMwebClient
 from helpers import ROOT, image_dataset, to_part10, wait_for
@@ -40,16 +40,9 @@ INVALID = 'Bearer realm="dicom-archive", error="invalid_token"'
 
 @pytest.fixture(scope="module")
 def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    users = tmp_path_factory.mktemp("token-users") / "users.yaml"
-    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
-                        for name, p in PASSWORDS.items()})
-    running = module_node_factory({
-        "acl": {"enabled": True, "refresh_seconds": 0.2},
-        "auth": {"backend": "file", "users_file": str(users),
-                 "throttle": {"user_failures": 1000, "peer_failures": 1000}},
-    })
-    use_rules(running, RULES)
-    return running
+    return node_with_users(module_node_factory, tmp_path_factory.mktemp("token-users"),
+                           PASSWORDS, RULES, {"auth": {"throttle": {
+                               "user_failures": 1000, "peer_failures": 1000}}})
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 import requests
-from acl_clients import use_rules
+from acl_clients import node_with_users
 from helpers import ROOT, free_port, port_open
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from acl.users import write_users
 from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
@@ -52,18 +50,13 @@ def node(module_node_factory: Any, viewer_port: int,
          tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The node: CORS for the viewer's origin; anonymous may query and retrieve all,
     ``alice`` only the CT's patient."""
-    users = tmp_path_factory.mktemp("ohif-users") / "users.yaml"
-    write_users(users, {"alice": bcrypt.hashpw(b"alice-secret", bcrypt.gensalt(4)).decode()})
-    running = module_node_factory({
-        "acl": {"enabled": True, "refresh_seconds": 0.2},
-        "auth": {"backend": "file", "users_file": str(users)},
-        "http": {"cors": {"allow_origins": [f"http://127.0.0.1:{viewer_port}"]}},
-    })
-    use_rules(running, f"""
+    running = node_with_users(
+        module_node_factory, tmp_path_factory.mktemp("ohif-users"),
+        {"alice": "alice-secret"}, f"""
 rules:
   - {{principal: anonymous, service: "*"}}
   - {{principal: alice, service: Query, pattern: {{PatientID: "{patient(FILES[0])}"}}}}
-""")
+""", {"http": {"cors": {"allow_origins": [f"http://127.0.0.1:{viewer_port}"]}}})
     boundary = new_boundary()
     body = b"".join(
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
