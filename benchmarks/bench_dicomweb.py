@@ -6,11 +6,14 @@
                                         [--source-ref HEAD] [--systems archive,orthanc]
 
 Uses the loaded systems ``bench_find`` caches (``bench-data/runs/query/<corpus>-<commit>``;
-loads them first when missing).  One system at a time: the archive with DICOMweb on
-(``http.enabled``, a free ``http.port``), Orthanc with Debian's ``orthanc-dicomweb``
-plugin (``Plugins`` naming its .so, ``DicomWeb.Enable``, root ``/dicom-web/``, the
-plugin's other options as shipped).  Both are asked by the same client, one ``httpx``
-(HTTP/1.1) connection kept alive for the whole system:
+loads them first when missing): the archive with DICOMweb on (``http.enabled``, a free
+``http.port``), Orthanc with Debian's ``orthanc-dicomweb`` plugin (``Plugins`` naming its
+.so, ``DicomWeb.Enable``, root ``/dicom-web/``, the plugin's other options as shipped).
+Both run at once and take turns: every run of a search, and every study of a retrieve,
+is asked of one system then of the other (the order swapped every other time), so that
+the load other processes put on this shared machine falls on both alike.  An idle
+system costs next to nothing meanwhile (its CPU is counted as its own).  Each system
+has its own client, an ``httpx`` (HTTP/1.1) client whose one connection is kept alive:
 
 - QIDO-RS, the searches of ``bench_find`` (parameters picked from the corpus by its
   rules) with the same ``includefield`` on both: study by patient name prefix, by date
@@ -24,12 +27,12 @@ plugin's other options as shipped).  Both are asked by the same client, one ``ht
   study of the corpus one after the other (``--corpus-runs``, no warm-up).  Timed from
   the request to the last byte, the multipart body split into its parts and every part
   checked to be a Part-10 file (``DICM`` at byte 128); the parts must be as many as the
-  study holds.  Once per scenario the parts' SOP Instance UIDs are also compared with
-  the corpus'.  Instances/s and MB/s (bytes of the parts).
+  study holds.  Before the timed runs, the parts' SOP Instance UIDs of (up to ten of)
+  the studies are compared with the corpus'.  Instances/s and MB/s (bytes of the parts).
 
 The server CPU of each system during the timed runs is measured as in the other
-benchmarks (the archive's node and its FerretDB apart, Orthanc); runs during which
-other processes used more than a quarter of a core are flagged DISTURBED.
+benchmarks (the archive's node and its FerretDB apart, Orthanc); a search or retrieve
+during which other processes used more than a quarter of a core is flagged DISTURBED.
 
 Results: ``bench-data/results/dicomweb.json``.
 """
@@ -37,6 +40,8 @@ Results: ``bench-data/results/dicomweb.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import io
 import math
@@ -226,49 +231,78 @@ def summary(samples: list[float]) -> dict[str, Any]:
             "p90": percentile(samples, 0.9), "min": min(samples), "max": max(samples)}
 
 
-def run_searches(system: str, client: Any, url: str, service: h.Service,
-                 qs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for q in qs:
-        target = url + q["path"] + query_string(
-            [*q["params"].items(), *(("includefield", k) for k in INCLUDE[q["level"]])])
-        counts: list[int] = []
-        sizes: list[int] = []
-        last: list[Any] = []
+@dataclasses.dataclass
+class Running:
+    """One system under test, started, with its own client connection."""
 
-        def once(q: dict[str, Any] = q, target: str = target, counts: list[int] = counts,
-                 sizes: list[int] = sizes, last: list[Any] = last) -> float:
+    name: str
+    service: h.Service
+    client: Any
+    url: str
+
+
+def _order(systems: list[Running], run: int) -> list[Running]:
+    """Every other run in the reverse order: neither system always goes first."""
+    return systems if run % 2 == 0 else systems[::-1]
+
+
+def _cpu(cpu: h.CpuMeter, system: Running, per: float) -> dict[str, float]:
+    node_s, database_s = h.node_and_database(cpu.result, system.service.pid)
+    return {"node": node_s * per, "database": database_s * per}
+
+
+def run_searches(systems: list[Running], qs: list[dict[str, Any]],
+                 args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each search ``--runs`` times on every system, the systems taking turns."""
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
+    for q in qs:
+        query = q["path"] + query_string(
+            [*q["params"].items(), *(("includefield", k) for k in INCLUDE[q["level"]])])
+        samples: dict[str, list[float]] = {s.name: [] for s in systems}
+        counts: dict[str, list[int]] = {s.name: [] for s in systems}
+        last: dict[str, tuple[int, list[Any]]] = {}
+
+        def once(system: Running, query: str = query, q: dict[str, Any] = q,
+                 counts: dict[str, list[int]] = counts,
+                 last: dict[str, tuple[int, list[Any]]] = last) -> float:
             started = time.perf_counter()
-            response = client.get(target, headers={"Accept": ACCEPT_JSON})
+            response = system.client.get(system.url + query, headers={"Accept": ACCEPT_JSON})
             elapsed = time.perf_counter() - started
             if response.status_code not in (200, 204):
-                raise h.BenchmarkError(f"{system} {q['name']}: HTTP {response.status_code}: "
-                                       f"{response.text[:300]}")
+                raise h.BenchmarkError(f"{system.name} {q['name']}: HTTP "
+                                       f"{response.status_code}: {response.text[:300]}")
             body = response.json() if response.content else []
-            counts.append(len(body))
-            sizes.append(len(response.content))
-            last[:] = [body]
+            counts[system.name].append(len(body))
+            last[system.name] = (len(response.content), body)
             return elapsed
 
-        for _ in range(args.warmup):
-            once()
-        with h.CpuMeter(h.process_tree(service.pid)) as cpu:
-            samples = [once() for _ in range(args.runs)]
-        node_s, database_s = h.node_and_database(cpu.result, service.pid)
-        timed_counts = counts[args.warmup:]
-        if len(set(timed_counts)) != 1:
-            print(f"  WARNING {system} {q['name']}: answer counts vary: {counts}",
-                  file=sys.stderr)
-        result = {**summary(samples), "answers": timed_counts[-1], "bytes": sizes[-1],
-                  "node_cpu_ms_per_query": 1000 * node_s / args.runs,
-                  "database_cpu_ms_per_query": 1000 * database_s / args.runs,
-                  "foreign_cores": cpu.result["foreign_cores"], "cpu": cpu.result,
-                  "_answers": answers_by_uid(last[0], q["level"])}
-        results[q["name"]] = result
+        for run in range(args.warmup):
+            for system in _order(systems, run):
+                once(system)
+        for system in systems:
+            counts[system.name].clear()
+        pids = [p for s in systems for p in h.process_tree(s.service.pid)]
+        with h.CpuMeter(pids) as cpu:
+            for run in range(args.runs):
+                for system in _order(systems, run):
+                    samples[system.name].append(once(system))
         flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
-        print(f"  {system:<8} {q['name']:<20} median {1000 * result['median']:7.2f} ms  "
-              f"p90 {1000 * result['p90']:7.2f} ms  {result['answers']} answers "
-              f"(expected {q['expected']}), {result['bytes']} bytes{flag}", file=sys.stderr)
+        for system in systems:
+            got = counts[system.name]
+            if len(set(got)) != 1:
+                print(f"  WARNING {system.name} {q['name']}: answer counts vary: {got}",
+                      file=sys.stderr)
+            used = _cpu(cpu, system, 1000 / args.runs)
+            size, body = last[system.name]
+            result = {**summary(samples[system.name]), "answers": got[-1], "bytes": size,
+                      "node_cpu_ms_per_query": used["node"],
+                      "database_cpu_ms_per_query": used["database"],
+                      "foreign_cores": cpu.result["foreign_cores"], "cpu": cpu.result,
+                      "_answers": answers_by_uid(body, q["level"])}
+            results[system.name][q["name"]] = result
+            print(f"  {system.name:<8} {q['name']:<20} median {1000 * result['median']:7.2f} ms"
+                  f"  p90 {1000 * result['p90']:7.2f} ms  {result['answers']} answers "
+                  f"(expected {q['expected']}), {size} bytes{flag}", file=sys.stderr)
     return results
 
 
@@ -331,82 +365,96 @@ def verify_uids(parts: list[bytes], folder: Path) -> None:
                                "common)")
 
 
-def run_retrieves(system: str, client: Any, url: str, service: h.Service,
-                  scens: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    verified: set[str] = set()
+def run_retrieves(systems: list[Running], scens: list[dict[str, Any]],
+                  args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each scenario on every system, the systems taking turns study by study."""
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
+    verified: set[tuple[str, str]] = set()
     for scenario in scens:
         whole = scenario["name"] in WHOLE
         runs, warmup = (args.corpus_runs, 0) if whole else (args.wado_runs, args.warmup)
         expected = sum(n for _, _, n in scenario["studies"])
         # untimed: the parts of (up to ten of) its studies are the studies' instances
-        for uid, folder, _ in scenario["studies"][:10]:
-            if uid not in verified:
-                verify_uids(fetch_study(client, url, uid), folder)
-                verified.add(uid)
+        for system in systems:
+            for uid, folder, _ in scenario["studies"][:10]:
+                if (system.name, uid) not in verified:
+                    verify_uids(fetch_study(system.client, system.url, uid), folder)
+                    verified.add((system.name, uid))
 
-        def once(scenario: dict[str, Any] = scenario) -> tuple[float, int]:
-            started = time.perf_counter()
-            size = 0
-            for uid, _, count in scenario["studies"]:
-                parts = fetch_study(client, url, uid)
-                if len(parts) != count:
-                    raise h.BenchmarkError(f"{system} WADO-RS {uid}: {len(parts)} parts, "
-                                           f"the study holds {count}")
-                size += sum(len(p) for p in parts)
-            return time.perf_counter() - started, size
+        def once(run: int, scenario: dict[str, Any] = scenario
+                 ) -> dict[str, tuple[float, int]]:
+            spent = {s.name: [0.0, 0] for s in systems}
+            for n, (uid, _, count) in enumerate(scenario["studies"]):
+                for system in _order(systems, run + n):
+                    started = time.perf_counter()
+                    parts = fetch_study(system.client, system.url, uid)
+                    spent[system.name][0] += time.perf_counter() - started
+                    if len(parts) != count:
+                        raise h.BenchmarkError(f"{system.name} WADO-RS {uid}: {len(parts)} "
+                                               f"parts, the study holds {count}")
+                    spent[system.name][1] += sum(len(p) for p in parts)
+            return {name: (seconds, size) for name, (seconds, size) in spent.items()}
 
-        for _ in range(warmup):
-            once()
-        with h.CpuMeter(h.process_tree(service.pid)) as cpu:
-            done = [once() for _ in range(runs)]
-        seconds = [s for s, _ in done]
-        size = done[-1][1]
-        median = statistics.median(seconds)
-        node_s, database_s = h.node_and_database(cpu.result, service.pid)
-        per = 1000 / (expected * runs)
-        result = {**summary(seconds), "instances": expected, "studies": len(scenario["studies"]),
-                  "bytes": size, "instances_per_s": expected / median,
-                  "mb_per_s": size / 1e6 / median,
-                  "node_cpu_ms_per_instance": node_s * per,
-                  "database_cpu_ms_per_instance": database_s * per,
-                  "foreign_cores": cpu.result["foreign_cores"], "cpu": cpu.result}
-        results[scenario["name"]] = result
+        for run in range(warmup):
+            once(run)
+        pids = [p for s in systems for p in h.process_tree(s.service.pid)]
+        with h.CpuMeter(pids) as cpu:
+            done = [once(run) for run in range(runs)]
         flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
-        each = ", ".join(f"{s:.2f}" for s in seconds)
-        print(f"  {system:<8} {scenario['name']:<17} {expected:6d} instances median "
-              f"{median:7.3f} s  {result['instances_per_s']:7.1f} inst/s  "
-              f"{result['mb_per_s']:6.2f} MB/s  runs [{each}]{flag}", file=sys.stderr)
+        for system in systems:
+            seconds = [d[system.name][0] for d in done]
+            size = done[-1][system.name][1]
+            median = statistics.median(seconds)
+            used = _cpu(cpu, system, 1000 / (expected * runs))
+            result = {**summary(seconds), "instances": expected,
+                      "studies": len(scenario["studies"]), "bytes": size,
+                      "instances_per_s": expected / median, "mb_per_s": size / 1e6 / median,
+                      "node_cpu_ms_per_instance": used["node"],
+                      "database_cpu_ms_per_instance": used["database"],
+                      "foreign_cores": cpu.result["foreign_cores"], "cpu": cpu.result}
+            results[system.name][scenario["name"]] = result
+            each = ", ".join(f"{s:.2f}" for s in seconds)
+            print(f"  {system.name:<8} {scenario['name']:<17} {expected:6d} instances median "
+                  f"{median:7.3f} s  {result['instances_per_s']:7.1f} inst/s  "
+                  f"{result['mb_per_s']:6.2f} MB/s  runs [{each}]{flag}", file=sys.stderr)
     return results
 
 
-# --- one system ---------------------------------------------------------------------
+# --- the systems together -------------------------------------------------------------
 
 
-def run_system(system: str, workdir: Path, args: argparse.Namespace,
-               qs: list[dict[str, Any]], scens: list[dict[str, Any]]) -> dict[str, Any]:
+def run_systems(names: list[str], params: corpus_module.Parameters, args: argparse.Namespace,
+                qs: list[dict[str, Any]], scens: list[dict[str, Any]]) -> dict[str, Any]:
+    """Start every system, then measure them taking turns (see the module's docstring)."""
     import httpx
 
-    service, port = archive_web(workdir, args.source) if system == "archive" \
-        else orthanc_web(workdir)
-    if args.quiet_wait > 0:
-        h.wait_for_quiet(timeout=args.quiet_wait)
-    with service:
-        url = f"http://{h.LOOPBACK}:{port}{BASE}"
-        h.wait_until(lambda: h.port_open(port), 30, f"{system} DICOMweb port",
-                     service.process, log=service.log)
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        with httpx.Client(timeout=600, limits=limits) as client:
-            first = client.get(f"{url}/studies", params={"limit": "1"},
-                               headers={"Accept": ACCEPT_JSON})
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with contextlib.ExitStack() as stack:
+        systems = []
+        for name in names:
+            workdir = bf.system_dir(name, params, args.sha)
+            service, port = archive_web(workdir, args.source) if name == "archive" \
+                else orthanc_web(workdir)
+            stack.enter_context(service)
+            h.wait_until(lambda port=port: h.port_open(port), 30, f"{name} DICOMweb port",
+                         service.process, log=service.log)
+            client = stack.enter_context(httpx.Client(timeout=600, limits=limits))
+            url = f"http://{h.LOOPBACK}:{port}{BASE}"
+            first = client.get(f"{url}/studies?limit=1", headers={"Accept": ACCEPT_JSON})
             if first.status_code != 200:
-                raise h.BenchmarkError(f"{system}: GET {BASE}/studies answered "
+                raise h.BenchmarkError(f"{name}: GET {BASE}/studies answered "
                                        f"{first.status_code}: {first.text[:300]}")
-            out = {"qido": run_searches(system, client, url, service, qs, args),
-                   "wado": run_retrieves(system, client, url, service, scens, args)}
-        if isinstance(service, h.Orthanc):
-            out["plugin"] = next((p for p in service.rest("GET", "/plugins")
-                                  if "web" in p.lower()), "")
+            systems.append(Running(name, service, client, url))
+        if args.quiet_wait > 0:
+            h.wait_for_quiet(timeout=args.quiet_wait)
+        qido = run_searches(systems, qs, args)
+        wado = run_retrieves(systems, scens, args)
+        out: dict[str, Any] = {s.name: {"qido": qido[s.name], "wado": wado[s.name]}
+                               for s in systems}
+        for s in systems:
+            if isinstance(s.service, h.Orthanc):
+                out[s.name]["plugin"] = next((p for p in s.service.rest("GET", "/plugins")
+                                              if "web" in p.lower()), "")
     return out
 
 
@@ -506,9 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         index = bf.corpus_index(corpus_dir)
         qs = [q for q in searches(index, args.limit) if q["name"] in wanted_q]
         scens = [s for s in retrieves(corpus_dir, index) if s["name"] in wanted_w]
-        for system in systems:
-            results[system] = run_system(system, bf.system_dir(system, params, args.sha),
-                                         args, qs, scens)
+        results = run_systems(systems, params, args, qs, scens)
     except h.BenchmarkError as exc:
         print(f"bench_dicomweb: FAILED: {exc}", file=sys.stderr)
         return 1
