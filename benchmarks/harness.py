@@ -45,6 +45,8 @@ PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "py
     else sys.executable
 FERRETDB = REPO / ".tools" / "bin" / "ferretdb"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+#: Orthanc's DICOMweb plugin as Debian's orthanc-dicomweb installs it (scripts/setup).
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 LOOPBACK = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
 
