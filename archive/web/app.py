@@ -254,7 +254,8 @@ class Service:
                 raise HttpError(404, f"no such {_NAMES[level]}")
             plan = wado.plan_syntaxes(selected, accepted)
             boundary = multipart.new_boundary()
-            body = wado.multipart_body(self.context.archive.files, selected, plan, boundary)
+            body = multipart.coalesce(wado.multipart_body(
+                self.context.archive.files, selected, plan, boundary))
             first = self._database(lambda: next(body))
         except transcode.Undecodable as exc:
             log.error("WADO-RS %s: %s", request.url.path, exc)
@@ -294,7 +295,8 @@ class Service:
             raise
         self.audit(caller, "WADO-RS", 200, started, text)
         log.info("WADO-RS %s %s -> 200", caller.describe(), request.url.path)
-        return StreamingResponse(wado.metadata_body(first, docs, self.base_url(request)),
+        return StreamingResponse(multipart.coalesce(
+            wado.metadata_body(first, docs, self.base_url(request))),
                                  media_type=negotiation.DICOM_JSON)
 
     def frames(self, request: Request) -> Response:

@@ -80,6 +80,26 @@ def part_header(boundary: str, content_type: str, extra: Iterable[tuple[str, str
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+#: Bytes a streamed body is sent in at most (pieces of many small instances joined).
+PIECE_BYTES = 1024 * 1024
+
+
+def coalesce(chunks: Iterable[bytes], size: int = PIECE_BYTES) -> Iterator[bytes]:
+    """The same bytes in pieces of about ``size``: each piece a streamed response
+    yields costs a hop to the event loop and a socket write (0.5 ms of the node's CPU
+    per instance of a study sent part by part, measured); a large chunk passes whole."""
+    pending: list[bytes] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield b"".join(pending)
+            pending, held = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
 def closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("latin-1")
 

@@ -15,6 +15,7 @@ from archive.web.multipart import (
     PartEnd,
     PartStart,
     boundary_of,
+    coalesce,
     new_boundary,
     parse,
     write,
@@ -124,3 +125,11 @@ def test_boundary_of(content_type: str, boundary: str) -> None:
 def test_boundary_refusals(content_type: str, message: str) -> None:
     with pytest.raises(MultipartError, match=message):
         boundary_of(content_type)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=40), st.integers(1, 500))
+def test_coalesce_keeps_the_bytes_in_fewer_pieces(chunks: list[bytes], size: int) -> None:
+    pieces = list(coalesce(chunks, size))
+    assert b"".join(pieces) == b"".join(chunks)
+    assert all(len(piece) >= size for piece in pieces[:-1])
+    assert len(pieces) <= len(chunks)
