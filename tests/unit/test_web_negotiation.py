@@ -1,19 +1,18 @@
-"""Which representation a WADO-RS client gets for frames and instances, from its
+"""Which representation a WADO-RS client gets for frames and bulk data, from its
 Accept header (PS3.18 8.7): as stored when it takes that, decoded when it takes only
-uncompressed data and a decoder exists, else 406."""
+uncompressed data and a decoder exists, else 406.  (Instances: test_web_qido.)"""
 
 from __future__ import annotations
 
 import pytest
 from pydicom.uid import (
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
 )
 
-from archive.web.negotiation import NotAcceptable, dicom_syntaxes, frame_representation
+from archive.web.negotiation import NotAcceptable, frame_representation
 
 OCTET = "application/octet-stream"
 ELE = ExplicitVRLittleEndian
@@ -54,13 +53,3 @@ def test_frames_not_acceptable(accept: str, stored: str, decodable: bool, says: 
     with pytest.raises(NotAcceptable, match=says):
         frame_representation(accept, stored, decodable)
 
-
-@pytest.mark.parametrize(("accept", "syntaxes"), [
-    (None, {"*"}),
-    ('multipart/related; type="application/dicom"', {ELE}),  # PS3.18's default
-    ('multipart/related; type="application/dicom"; transfer-syntax=*', {"*"}),
-    (f'multipart/related; type="application/dicom"; transfer-syntax={ImplicitVRLittleEndian}',
-     {ImplicitVRLittleEndian}),
-])
-def test_instance_syntaxes(accept: str | None, syntaxes: set[str]) -> None:
-    assert dicom_syntaxes(accept) == syntaxes

@@ -143,11 +143,13 @@ def test_retrieve_url() -> None:
 @pytest.mark.parametrize("accept,syntaxes", [
     (None, {"*"}),
     ("*/*", {"*"}),
-    ('multipart/related; type="application/dicom"', {"*"}),
+    # no transfer-syntax parameter: Explicit VR Little Endian (PS3.18 Table 8.7.3-2)
+    ('multipart/related; type="application/dicom"', {"1.2.840.10008.1.2.1"}),
     ('multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1, '
      'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2',
      {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}),
-    ('image/jpeg, multipart/related; type="application/dicom"; q=0.5', {"*"}),
+    ('image/jpeg, multipart/related; type="application/dicom"; q=0.5',
+     {"1.2.840.10008.1.2.1"}),
 ])
 def test_dicom_syntaxes(accept: str | None, syntaxes: set[str]) -> None:
     assert negotiation.dicom_syntaxes(accept) == syntaxes
