@@ -237,6 +237,10 @@ class Http:
     public_url: str = ""
     tls: HttpTls = field(default_factory=HttpTls)
     cors: Cors = field(default_factory=Cors)
+    #: The web console's "open in viewer" link: a viewer's URL with the placeholder
+    #: ``{StudyInstanceUID}`` (OHIF: ``http://127.0.0.1:3000/viewer?StudyInstanceUIDs=
+    #: {StudyInstanceUID}``).  Empty: no link.
+    viewer_url: str = ""
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -428,12 +432,16 @@ _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})
 
 def _validate_http(http: Http) -> None:
     """A key needs its certificate; origins are origins; credentials need named ones;
-    the public URL is an http(s) URL."""
+    the public URL is an http(s) URL, the viewer's one too, with its placeholder."""
     if http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
                                             http.public_url):
         raise ConfigError(f"http.public_url: {http.public_url!r} is not an http(s) URL")
     if http.tls.private_key and not http.tls.certificate:
         raise ConfigError("http.tls.private_key: given without http.tls.certificate")
+    if http.viewer_url and not (re.fullmatch(r"https?://[^\s]+", http.viewer_url)
+                                and "{StudyInstanceUID}" in http.viewer_url):
+        raise ConfigError(f"http.viewer_url: {http.viewer_url!r} is not an http(s) URL "
+                          "with the placeholder {StudyInstanceUID}")
     for origin in http.cors.allow_origins:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise ConfigError(f"http.cors.allow_origins: {origin!r} is not an origin "

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from acl import identity
@@ -621,8 +621,10 @@ def _unexpected(request: Request, exc: Exception) -> Response:
                     media_type="text/plain; charset=utf-8")
 
 
-def create_app(context: Context) -> Starlette:
-    """The ASGI application serving DICOMweb under :data:`BASE_PATH`."""
+def create_app(context: Context,
+               pages: Callable[[Service], list[BaseRoute]] | None = None) -> Starlette:
+    """The ASGI application serving DICOMweb under :data:`BASE_PATH`, and beside it
+    the routes ``pages`` gives over the same service (the web console)."""
     service = Service(context)
 
     def qido_route(path: str, level: str) -> Route:
@@ -663,7 +665,8 @@ def create_app(context: Context) -> Starlette:
         Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}"
               "/thumbnail", service.thumbnail, methods=["GET"]),
     ]
-    app = Starlette(routes=[Mount(BASE_PATH, routes=routes)],
+    app = Starlette(routes=[Mount(BASE_PATH, routes=routes),
+                            *(pages(service) if pages is not None else [])],
                     exception_handlers={HttpError: _error_response, Exception: _unexpected})
     app.add_middleware(RejectPathTricks)
     cors = getattr(getattr(context.cfg, "http", None), "cors", None)

@@ -24,6 +24,7 @@ import uvicorn
 
 from archive.config import HttpTls
 from archive.context import Context
+from archive.web import console
 from archive.web.app import BASE_PATH, create_app
 
 log = logging.getLogger("archive.web")
@@ -69,9 +70,9 @@ class WebServer:
         if self.ssl is not None:  # uvicorn loads the files checked above once more
             options = {"ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key or None}
         self.config = uvicorn.Config(
-            create_app(context), host=host, port=port, log_config=None, access_log=False,
-            lifespan="off", server_header=False, timeout_graceful_shutdown=int(grace_seconds),
-            timeout_keep_alive=5, **options)
+            create_app(context, console.routes), host=host, port=port, log_config=None,
+            access_log=False, lifespan="off", server_header=False,
+            timeout_graceful_shutdown=int(grace_seconds), timeout_keep_alive=5, **options)
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None
 
@@ -85,8 +86,9 @@ class WebServer:
                 raise WebServerError(f"http.port {self.port}: cannot listen on "
                                      f"{self.host}:{self.port}")
             time.sleep(0.02)
-        log.info("DICOMweb listening on %s://%s:%d%s", "https" if self.ssl else "http",
-                 self.host, self.port, BASE_PATH)
+        scheme = "https" if self.ssl else "http"
+        log.info("DICOMweb listening on %s://%s:%d%s, the web console on %s://%s:%d/",
+                 scheme, self.host, self.port, BASE_PATH, scheme, self.host, self.port)
 
     def _run(self) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind:

@@ -1,0 +1,166 @@
+"""The web console's pure parts: the DICOM tree, the dashboard's figures, the search
+form as C-FIND keys, the templates' escaping, ``http.viewer_url``."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import image_dataset
+from pydicom.dataset import Dataset
+
+from archive import config, dicomjson
+from archive.config import ConfigError
+from archive.web.console import pages, stats, tree
+from archive.web.errors import HttpError
+
+
+def _dataset() -> Dataset:
+    ds = image_dataset(patient_name="DOE^JANE=Yamada^Tarou", ImageType=["ORIGINAL", "PRIMARY"])
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291010, "OB", b"\1\2\3\4")
+    ds.add_new(0x00291110, "LO", "another block, no creator")
+    ds.add_new(0x00091001, "LO", "no creator at all")
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    item.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    item.add_new(0x00291008, "CS", "IMAGE NUM 4")
+    ds.ReferencedImageSequence = [item]
+    ds.FrameIncrementPointer = 0x00181063
+    return ds
+
+
+def test_tree_names_tags_keywords_vrs_and_values() -> None:
+    rows = tree.rows(dicomjson.to_json(_dataset(), None))
+    by_tag = {r.tag: r for r in rows}
+    name = by_tag["(0010,0010)"]
+    assert (name.keyword, name.vr, name.value) == ("PatientName", "PN",
+                                                   "DOE^JANE=Yamada^Tarou")
+    assert by_tag["(0008,0008)"].value == "ORIGINAL\\PRIMARY"
+    assert by_tag["(0028,0009)"].value == "(0018,1063)"  # AT as a tag
+    assert [r.tag for r in rows] == sorted(r.tag for r in rows)
+    csa = by_tag["(0029,1010)"]
+    assert (csa.keyword, csa.private, csa.creator) == ("CSA Image Header Info", True,
+                                                       "SIEMENS CSA HEADER")
+    assert csa.value == "(binary, 4 bytes)"
+    assert by_tag["(0029,0010)"].keyword == "Private Creator"
+    # a private element whose block has no creator: private, unnamed
+    assert (by_tag["(0029,1110)"].keyword, by_tag["(0029,1110)"].private) == ("", True)
+    assert by_tag["(0009,1001)"].creator == ""
+
+
+def test_tree_nests_sequence_items_with_their_own_creators() -> None:
+    rows = tree.rows(dicomjson.to_json(_dataset(), None))
+    sequence = next(r for r in rows if r.keyword == "ReferencedImageSequence")
+    assert sequence.sequence and sequence.value == "1 item" and len(sequence.items) == 1
+    inner = {r.tag: r for r in sequence.items[0]}
+    assert inner["(0029,1008)"].keyword == "CSA Image Header Type"
+    assert inner["(0008,1155)"].value == "1.2.3"
+    assert tree.count(rows) == len(rows) + len(sequence.items[0])
+
+
+def test_tree_cuts_long_values_and_names_bulk_data() -> None:
+    data = {"00081030": {"vr": "LO", "Value": ["x" * 5000]},
+            "00540081": {"vr": "US", "Value": list(range(100))},
+            "7FE00010": {"vr": "OW", "BulkDataURI": "gridfs:abc#7FE00010"},
+            "not-a-tag": {"vr": "LO"}}
+    rows = {r.tag: r for r in tree.rows(data)}
+    assert len(rows) == 3
+    assert rows["(0008,1030)"].value.endswith("... (5000 characters)")
+    assert rows["(0054,0081)"].value.endswith("\\... (100 values)")
+    assert rows["(7FE0,0010)"].value == "(binary data, retrieved apart)"
+
+
+def _instance(patient: str, study: str, series: str, modality: str, size: int,
+              source: str, day: int) -> dict:
+    return {"PatientID": patient, "StudyInstanceUID": study, "SeriesInstanceUID": series,
+            "Modality": modality, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "size": size,
+            "source": source,
+            "stored_at": datetime.datetime(2026, 12, day, 10, tzinfo=datetime.timezone.utc)}
+
+
+def test_dashboard_figures() -> None:
+    figures = stats.summarize([
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 1),
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 1),
+        _instance("P1", "S2", "B", "MR", 50, "STOW-RS", 2),
+        _instance("P2", "S3", "C", "MR", 25, "", 2),
+    ])
+    assert (figures.patients, figures.studies, figures.series, figures.instances,
+            figures.bytes) == (2, 3, 3, 4, 275)
+    assert figures.modalities == [("CT", 2), ("MR", 2)]
+    assert figures.senders == [("CT01", 2), ("(unknown)", 1), ("STOW-RS", 1)]
+    assert figures.sop_classes == [("CT Image Storage", 4)]
+    assert figures.days == [("2026-12-01", 2), ("2026-12-02", 2)]
+    assert figures.charts()["days"] == {"labels": ["2026-12-01", "2026-12-02"],
+                                        "values": [2, 2]}
+
+
+def test_dashboard_sums_the_smallest_bars_as_other() -> None:
+    docs = [_instance("P", "S", "A", f"M{n:02d}", 1, "X", 1) for n in range(25)]
+    modalities = stats.summarize(docs).modalities
+    assert len(modalities) == stats.BARS_SHOWN + 1
+    assert modalities[-1] == ("other (5)", 5)
+
+
+@pytest.mark.parametrize("form,params", [
+    ({}, []),
+    ({"PatientName": " DOE* ", "PatientID": ""}, [("PatientName", "DOE*")]),
+    ({"StudyDateFrom": "2024-01-01", "StudyDateTo": "2024-12-31"},
+     [("StudyDate", "20240101-20241231")]),
+    ({"StudyDateFrom": "2024-01-01"}, [("StudyDate", "20240101-")]),
+    ({"StudyDateTo": "2024-01-01"}, [("StudyDate", "-20240101")]),
+    ({"StudyDateFrom": "2024-01-01", "StudyDateTo": "2024-01-01"},
+     [("StudyDate", "20240101")]),
+    ({"ModalitiesInStudy": "CT\\MR", "Unknown": "x"}, [("ModalitiesInStudy", "CT\\MR")]),
+])
+def test_search_form_as_c_find_keys(form: dict[str, str], params: list) -> None:
+    assert pages.search_params(form) == params
+
+
+@pytest.mark.parametrize("value", ["0", "x", "100001", "-1"])
+def test_page_numbers_are_checked(value: str) -> None:
+    with pytest.raises(HttpError):
+        pages.page_number(value)
+
+
+def test_page_sizes_are_bounded() -> None:
+    assert pages.page_size(None) == pages.STUDIES_PER_PAGE
+    assert pages.page_size("2") == 2
+    for bad in ("0", "501", "1e3", "-5"):
+        with pytest.raises(HttpError):
+            pages.page_size(bad)
+
+
+def test_templates_escape_every_value() -> None:
+    env = pages._environment()
+    row = tree.Row("(0010,0010)", "PatientName", "PN", '<script>alert("x")</script>')
+    page = env.get_template("instance.html").render(
+        user="a<b>", anonymous=False, study_uid="1.2", series_uid="1.3", sop="1.4",
+        rows=[row], elements=1, sop_class="<i>", transfer_syntax="", size=0, viewer="")
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&#34;x&#34;)" in page
+    assert "logged in as a&lt;b&gt;" in page and "<i>" not in page
+
+
+def test_human_sizes() -> None:
+    assert [pages.human_size(n) for n in (0, 999, 1500, 2_500_000, 3 * 10**12)] == [
+        "0 bytes", "999 bytes", "1.5 KB", "2.5 MB", "3.0 TB"]
+
+
+def _load(tmp_path: Path, http: dict) -> config.Config:
+    path = tmp_path / "archive.yaml"
+    path.write_text(yaml.safe_dump({"database": {"embedded": {"enabled": False}},
+                                    "http": http}), encoding="utf-8")
+    return config.load(path, {})
+
+
+def test_viewer_url(tmp_path: Path) -> None:
+    assert _load(tmp_path, {}).http.viewer_url == ""
+    url = "http://127.0.0.1:3000/viewer?StudyInstanceUIDs={StudyInstanceUID}"
+    assert _load(tmp_path, {"viewer_url": url}).http.viewer_url == url
+    for bad in ("http://127.0.0.1:3000/viewer", "javascript:alert(1)//{StudyInstanceUID}",
+                "ftp://x/{StudyInstanceUID}"):
+        with pytest.raises(ConfigError, match="http.viewer_url"):
+            _load(tmp_path, {"viewer_url": bad})
