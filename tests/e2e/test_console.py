@@ -42,6 +42,11 @@ XSS_PRIVATE = "</li><script>alert(3)</script>"
 
 @pytest.fixture(scope="module")
 def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return start_node(module_node_factory, tmp_path_factory)
+
+
+def start_node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The node of these tests (and of test_console_browser.py)."""
     users = tmp_path_factory.mktemp("console-users") / "users.yaml"
     write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
                         for name, p in PASSWORDS.items()})
@@ -84,6 +89,10 @@ def with_private_and_sequence(ds: Dataset) -> Dataset:
 
 @pytest.fixture(scope="module")
 def corpus(node: Any) -> dict[str, Any]:
+    return store_corpus(node)
+
+
+def store_corpus(node: Any) -> dict[str, Any]:
     """ALICE-1: a CT study of two series (two instances, one); BOB-1: an MR study
     (two instances); ALICE-XSS: a study whose name and description are markup."""
     alice, bob, xss = generate_uid(), generate_uid(), generate_uid()
@@ -152,6 +161,14 @@ def test_anonymous_is_asked_to_log_in(node: Any, corpus: dict[str, Any]) -> None
     assert wrong.status_code == 401 and "Basic" in wrong.headers["www-authenticate"]
 
 
+def test_log_in_asks_for_the_login_then_goes_to_the_search(node: Any) -> None:
+    asked = get(node, "/login", user=None)
+    assert asked.status_code == 401 and asked.headers["www-authenticate"].startswith("Basic ")
+    answer = requests.get(root(node) + "/login", auth=auth("alice"), timeout=30,
+                          allow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+
+
 def test_a_user_without_query_rule_is_refused(node: Any, corpus: dict[str, Any]) -> None:
     answer = get(node, "/", user="bob")
     assert answer.status_code == 403
@@ -216,10 +233,19 @@ def test_study_page_lists_its_series_with_thumbnails(node: Any, corpus: dict[str
     page = answer.text
     assert "ALICE^ANNA" in page and "Alice head" in page and "ACC-A1" in page
     thumbnails = re.findall(r'<img class="thumb" src="([^"]+)"', page)
-    assert thumbnails == [f"/dicom-web/studies/{study}/series/{s}/thumbnail"
+    assert thumbnails == [f"/studies/{study}/series/{s}/thumbnail"
                           for s in corpus["alice_series"]]  # by Series Number
     image = requests.get(root(node) + thumbnails[0], auth=auth("admin"), timeout=30)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == requests.get(  # WADO-RS's thumbnail
+        node.http_url + thumbnails[0], auth=auth("admin"), timeout=30).content
+    # without the login (a browser sends it unasked only below the path that asked for
+    # it): 401, for the browser to send it, where DICOMweb answers anonymous 403
+    anonymous = requests.get(root(node) + thumbnails[0], timeout=30)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Basic ")
+    hidden = f"/studies/{corpus['bob']}/series/{corpus['bob_series']}/thumbnail"
+    assert get(node, hidden, user="alice").status_code == 404
     assert html.escape(VIEWER.replace("{StudyInstanceUID}", study)) in page
 
 

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -381,6 +381,28 @@ class Console:
                               now=datetime.datetime.now(datetime.timezone.utc))
         return self._page(request, QUERY, render)
 
+    def thumbnail(self, request: Request) -> Response:
+        """WADO-RS's thumbnail of a series or instance, for the pages' <img>: the same
+        answer, except that an anonymous caller the rules refuse gets 401, which makes
+        the browser send the login it holds (it sends it unasked only below the path
+        that first asked for it) instead of a broken image."""
+        try:
+            return self.service.thumbnail(request)
+        except HttpError as exc:
+            if exc.status == 403 and "WWW-Authenticate" in exc.headers:
+                exc = HttpError(401, "log in to see the archive",
+                                {"WWW-Authenticate": BASIC_CHALLENGE})
+            return Response(exc.message + "\n", exc.status, exc.headers,
+                            media_type="text/plain; charset=utf-8")
+
+    def login(self, request: Request) -> Response:
+        """Ask the browser for a name and password (an anonymous visitor the rules let
+        in is never asked otherwise), then go to the search page."""
+        if request.headers.get("authorization") is None:
+            return self._error(HttpError(401, "log in to see the archive",
+                                         {"WWW-Authenticate": BASIC_CHALLENGE}), None)
+        return RedirectResponse("/", 303)
+
     @staticmethod
     def _instance_path(request: Request) -> tuple[str, str, str]:
         params = request.path_params
@@ -430,5 +452,8 @@ def routes(service: Service) -> list[BaseRoute]:
         Route("/studies/{study}/series/{series}", console.series, methods=["GET"]),
         Route(instance, console.instance, methods=["GET"]),
         Route(instance + "/file", console.download, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/thumbnail", console.thumbnail, methods=["GET"]),
+        Route(instance + "/thumbnail", console.thumbnail, methods=["GET"]),
+        Route("/login", console.login, methods=["GET"]),
         Mount("/assets", StaticFiles(directory=HERE / "static"), name="assets"),
     ]

@@ -1,0 +1,190 @@
+"""The web console in a browser: Debian's headless Chromium driven by Playwright,
+against the node started as ``archive serve`` with the real FerretDB (the data and
+users of test_console.py).
+
+What a user sees: logged in with the browser's own Basic login, she searches, opens
+a study and sees a rendered thumbnail per series, opens an instance and sees its
+attribute tree, downloads the original, sees the dashboard's charts drawn; a
+restricted user sees only her studies and her counts; markup in the data is text
+(no script runs, no dialog opens).  A few page loads only: each costs seconds here.
+
+``CONSOLE_SCREENSHOTS=docs`` saves the README's screenshots there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ROOT
+from test_console import PASSWORDS, XSS_NAME, root, start_node, store_corpus
+
+pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT = 60_000
+#: Pixels of a canvas that are drawn (not transparent): a chart has bars, axes, labels.
+DRAWN = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+THUMBNAILS_LOADED = """() => { const images = [...document.querySelectorAll('img.thumb')];
+  return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0); }"""
+
+
+@pytest.fixture(scope="module")
+def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return start_node(module_node_factory, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(node: Any) -> dict[str, Any]:
+    return store_corpus(node)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
+            "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"])
+        yield chromium
+        chromium.close()
+
+
+class Watched:
+    """A logged-in page, with the dialogs opened and the errors logged on it."""
+
+    def __init__(self, browser: Any, user: str | None) -> None:
+        credentials = {"username": user, "password": PASSWORDS[user]} if user else None
+        self.context = browser.new_context(http_credentials=credentials, accept_downloads=True,
+                                           viewport={"width": 1400, "height": 900})
+        self.context.set_default_timeout(TIMEOUT)
+        self.page = self.context.new_page()
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.on("console", lambda m: self.errors.append(m.text)
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("response", lambda r: self.errors.append(f"{r.status} {r.url}")
+                     if r.status >= 400 and r.status != 401 else None)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def screenshot(page: Any, name: str) -> None:
+    folder = os.environ.get("CONSOLE_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=str(ROOT / folder / name))
+
+
+def charts_drawn(page: Any) -> list[int]:
+    page.wait_for_function("() => document.querySelectorAll('canvas[data-chart]').length == 4"
+                           " && typeof Chart !== 'undefined'"
+                           " && [...document.querySelectorAll('canvas[data-chart]')]"
+                           ".every(c => Chart.getChart(c))")
+    return page.eval_on_selector_all("canvas[data-chart]", f"cs => cs.map({DRAWN})")
+
+
+def test_admin_searches_browses_downloads_and_sees_the_dashboard(
+        node: Any, corpus: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+    watched = Watched(browser, "admin")
+    page = watched.page
+    try:
+        page.goto(root(node) + "/")
+        assert page.locator("#studies tbody tr").count() == 3
+        assert "logged in as admin" in page.inner_text("#who")
+        page.fill("input[name=PatientName]", "ALICE^*")
+        page.fill("input[name=StudyDateFrom]", "2024-01-01")
+        page.click("button[type=submit]")
+        page.wait_for_url("**StudyDateFrom=2024-01-01**")
+        rows = page.locator("#studies tbody tr")
+        assert rows.count() == 1 and "Alice head" in rows.inner_text()
+
+        rows.get_by_text("ALICE^ANNA").click()  # the study
+        page.wait_for_url(f"**/studies/{corpus['alice']}")
+        page.wait_for_function(THUMBNAILS_LOADED)
+        sizes = page.eval_on_selector_all("img.thumb", "is => is.map(i => i.naturalWidth)")
+        assert len(sizes) == 2 and min(sizes) > 0
+        screenshot(page, "console-study.png")
+
+        page.locator(".card").first.click()  # the first series
+        page.wait_for_url(f"**/series/{corpus['alice_series'][0]}")
+        assert page.locator("#instances tbody tr").count() == 2
+        page.locator("#instances tbody tr").first.locator("a").first.click()  # its instance 1
+        page.wait_for_url("**/instances/*")
+        tree = page.locator("#dicom-tree")
+        assert "PatientName" in tree.inner_text()
+        assert tree.locator("details.item").count() in (0, 2)  # instance 1 has none
+        with page.expect_download() as download:
+            page.click("#download")
+        sop = page.url.rsplit("/", 1)[1]
+        assert Path(download.value.path()).read_bytes() == corpus["files"][sop]
+
+        page.goto(root(node) + "/dashboard")
+        assert page.inner_text("#total-instances") == "6"
+        drawn = charts_drawn(page)
+        assert len(drawn) == 4 and min(drawn) > 500, drawn
+        screenshot(page, "console-dashboard.png")
+        assert watched.dialogs == [] and watched.errors == [], watched.errors
+    finally:
+        watched.close()
+
+
+def test_the_dicom_tree_of_an_instance_with_sequences_and_private_tags(
+        node: Any, corpus: dict[str, Any], browser: Any) -> None:
+    watched = Watched(browser, "admin")
+    page = watched.page
+    try:
+        page.goto(f"{root(node)}/studies/{corpus['alice']}/series/"
+                  f"{corpus['alice_series'][0]}/instances/{corpus['alice_first']}")
+        tree = page.locator("#dicom-tree")
+        assert tree.locator("details.item").count() == 2  # AnatomicRegionSequence's items
+        assert tree.get_by_text("CSA Image Header Info").is_visible()
+        assert tree.locator("li.private").count() == 4
+        page.wait_for_function(THUMBNAILS_LOADED)
+        screenshot(page, "console-instance.png")
+        assert watched.dialogs == [] and watched.errors == [], watched.errors
+    finally:
+        watched.close()
+
+
+def test_a_restricted_user_sees_her_studies_and_counts_and_markup_as_text(
+        node: Any, corpus: dict[str, Any], browser: Any) -> None:
+    watched = Watched(browser, "alice")
+    page = watched.page
+    try:
+        page.goto(root(node) + "/")
+        assert page.locator("#studies tbody tr").count() == 2
+        assert page.get_by_text(XSS_NAME, exact=True).is_visible()  # the name, as text
+        assert "BOB" not in page.inner_text("body")
+
+        page.goto(root(node) + "/dashboard")
+        assert page.inner_text("#total-studies") == "2"
+        assert page.inner_text("#total-instances") == "4"
+        drawn = charts_drawn(page)
+        assert min(drawn) > 500, drawn
+        labels = page.eval_on_selector('canvas[data-chart="modalities"]',
+                                       "c => Chart.getChart(c).data.labels")
+        assert labels == ["CT"]  # the MR study is not hers
+        assert watched.dialogs == [] and watched.errors == [], watched.errors
+    finally:
+        watched.close()
+
+
+def test_anonymous_is_asked_to_log_in(node: Any, browser: Any) -> None:
+    """A browser with no login to give: the 401 would open its prompt, which headless
+    Chromium cannot show, so the navigation fails on the credentials."""
+    from playwright.sync_api import Error
+
+    watched = Watched(browser, None)
+    try:
+        with pytest.raises(Error, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            watched.page.goto(root(node) + "/")
+    finally:
+        watched.close()
