@@ -276,6 +276,11 @@ def test_instance_page_shows_the_dicom_tree(node: Any, corpus: dict[str, Any]) -
     assert "(0008,2218) AnatomicRegionSequence SQ 2 items" in text
     assert re.search(r"Item 1 .*\(0008,0100\) CodeValue SH T-A0100.*Item 2 .*Chest", text)
     assert answer.text.count('<details open class="item">') == 2
+    size = len(corpus["files"][sop])
+    assert re.search(rf"File size</th><td>{size / 1000:.1f} KB<", answer.text)
+    elements = re.search(r"\((\d+) elements; private ones shaded\)", text)
+    assert elements is not None
+    assert int(elements.group(1)) == answer.text.count('<span class="tag">')
     # markup in a value is text
     assert html.escape(XSS_PRIVATE, quote=False) in answer.text
     assert XSS_PRIVATE not in answer.text

@@ -139,9 +139,16 @@ def test_templates_escape_every_value() -> None:
     row = tree.Row("(0010,0010)", "PatientName", "PN", '<script>alert("x")</script>')
     page = env.get_template("instance.html").render(
         user="a<b>", anonymous=False, study_uid="1.2", series_uid="1.3", sop="1.4",
-        rows=[row], elements=1, sop_class="<i>", transfer_syntax="", size=0, viewer="")
+        rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="")
     assert "<script>alert" not in page and "&lt;script&gt;alert(&#34;x&#34;)" in page
     assert "logged in as a&lt;b&gt;" in page and "<i>" not in page
+    assert "(1 elements; private ones shaded)" in page
+
+
+def test_dates_and_times_as_read() -> None:
+    assert pages.date("20240102") == "2024-01-02" and pages.date("1997.04.24") == "1997.04.24"
+    assert [pages.time_of_day(t) for t in ("101530", "101530.123", "1015", "10", "", "x")] \
+        == ["10:15:30", "10:15:30", "10:15", "10:00", "", "x"]
 
 
 def test_human_sizes() -> None:

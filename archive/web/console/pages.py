@@ -106,6 +106,15 @@ def date(value: str) -> str:
         else value
 
 
+def time_of_day(value: str) -> str:
+    """HHMMSS[.FFFFFF] as HH:MM:SS (HH, HHMM as HH:MM); anything else as it is."""
+    digits = value.split(".")[0]
+    if not digits.isdigit() or len(digits) not in (2, 4, 6):
+        return value
+    return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2)) + (
+        ":00" if len(digits) == 2 else "")
+
+
 def number(ds: Dataset, keyword: str) -> int | None:
     try:
         return int(text(ds, keyword))
@@ -326,7 +335,7 @@ class Console:
             study_uid, series_uid, sop = self._instance_path(request)
             _, ident = wado.identifier(study_uid, series_uid, sop)
             docs = wado.instances(self.context.finder, IMAGE, ident,
-                                  caller.decision.instance_filter(), ("dataset",))
+                                  caller.decision.instance_filter(), ("dataset", "size"))
             doc = self.service._database(lambda: next(docs, None))
             if doc is None:
                 raise HttpError(404, "no such instance")
@@ -334,7 +343,7 @@ class Console:
             rows = tree.rows(dataset)
             return self._html("instance.html", caller, study_uid=study_uid,
                               series_uid=series_uid, sop=sop, rows=rows,
-                              elements=tree.count(rows),
+                              element_count=tree.count(rows),
                               sop_class=_sop_class(str(doc.get("SOPClassUID", ""))),
                               transfer_syntax=_syntax(str(doc.get("TransferSyntaxUID", ""))),
                               size=int(doc.get("size") or 0),
@@ -415,7 +424,7 @@ def _study_values(ds: Dataset) -> dict[str, Any]:
         "uid": text(ds, "StudyInstanceUID"), "patient_name": text(ds, "PatientName"),
         "patient_id": text(ds, "PatientID"), "birth_date": date(text(ds, "PatientBirthDate")),
         "sex": text(ds, "PatientSex"), "date": date(text(ds, "StudyDate")),
-        "time": text(ds, "StudyTime"), "accession": text(ds, "AccessionNumber"),
+        "time": time_of_day(text(ds, "StudyTime")), "accession": text(ds, "AccessionNumber"),
         "description": text(ds, "StudyDescription"), "study_id": text(ds, "StudyID"),
         "referring": text(ds, "ReferringPhysicianName"),
         "modalities": text(ds, "ModalitiesInStudy"),
