@@ -13,15 +13,13 @@ import html
 import re
 from typing import Any
 
-import bcrypt
 import pytest
 import requests
-from acl_clients import use_rules
+from acl_clients import node_with_users
 from helpers import image_dataset, to_part10
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from acl.users import write_users
 from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
@@ -47,17 +45,11 @@ def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def start_node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The node of these tests (and of test_console_browser.py)."""
-    users = tmp_path_factory.mktemp("console-users") / "users.yaml"
-    write_users(users, {name: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()
-                        for name, p in PASSWORDS.items()})
-    running = module_node_factory({
-        "acl": {"enabled": True, "refresh_seconds": 0.2},
-        "auth": {"backend": "file", "users_file": str(users),
-                 "throttle": {"user_failures": 1000, "peer_failures": 1000}},
-        "http": {"viewer_url": VIEWER},
-    })
-    use_rules(running, RULES)
-    return running
+    return node_with_users(module_node_factory, tmp_path_factory.mktemp("console-users"),
+                           PASSWORDS, RULES, {
+                               "auth": {"throttle": {"user_failures": 1000,
+                                                     "peer_failures": 1000}},
+                               "http": {"viewer_url": VIEWER}})
 
 
 def stow(node: Any, files: list[bytes]) -> None:
