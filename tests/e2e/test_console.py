@@ -4,7 +4,8 @@ QIDO-RS (itself checked against C-FIND in test_dicomweb.py) as the reference for
 what a search finds.  The same pages in a browser: test_console_browser.py.
 
 Users in a file (bcrypt): ``admin`` may do everything, ``alice`` query and retrieve
-patients ``ALICE-*`` only, ``bob`` nothing; anonymous nothing (asked to log in).
+patients ``ALICE-*`` only, ``carol`` MR series only (one study holds both a CT and an MR
+series), ``bob`` nothing; anonymous nothing (asked to log in).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
-PASSWORDS = {"admin": "admin-secret", "alice": "alice-secret", "bob": "bob-secret"}
+PASSWORDS = {"admin": "admin-secret", "alice": "alice-secret", "bob": "bob-secret",
+             "carol": "carol-secret"}
 RULES = """
 rules:
   - {principal: "*", service: Echo}
   - {principal: admin, service: "*"}
   - {principal: alice, service: Query, pattern: {PatientID: "ALICE-*"}}
   - {principal: alice, service: Retrieve, pattern: {PatientID: "ALICE-*"}}
+  - {principal: carol, service: "*", pattern: {Modality: MR}}
 """
 VIEWER = "http://viewer.example/viewer?StudyInstanceUIDs={StudyInstanceUID}"
 XSS_NAME = "<script>alert(1)</script>"
@@ -86,8 +89,9 @@ def corpus(node: Any) -> dict[str, Any]:
 
 def store_corpus(node: Any) -> dict[str, Any]:
     """ALICE-1: a CT study of two series (two instances, one); BOB-1: an MR study
-    (two instances); ALICE-XSS: a study whose name and description are markup."""
-    alice, bob, xss = generate_uid(), generate_uid(), generate_uid()
+    (two instances); ALICE-XSS: a study whose name and description are markup; MIXED-1:
+    a CT series and an MR series, one instance each."""
+    alice, bob, xss, mixed = generate_uid(), generate_uid(), generate_uid(), generate_uid()
     alice_series, bob_series, xss_series = [generate_uid(), generate_uid()], generate_uid(), \
         generate_uid()
     files: dict[str, bytes] = {}
@@ -108,10 +112,17 @@ def store_corpus(node: Any) -> dict[str, Any]:
     datasets.append(image_dataset(
         patient_id="ALICE-XSS", patient_name=XSS_NAME, study_uid=xss, series_uid=xss_series,
         StudyDescription=XSS_DESCRIPTION, SeriesDescription=XSS_DESCRIPTION))
+    mixed_series = [generate_uid(), generate_uid()]
+    for n, modality in enumerate(("CT", "MR")):
+        datasets.append(image_dataset(
+            patient_id="MIXED-1", patient_name="MIXED^MAX", study_uid=mixed,
+            series_uid=mixed_series[n], SeriesNumber=n + 1, modality=modality,
+            StudyDescription="Mixed", SeriesDescription=f"{modality} series"))
     for ds in datasets:
         files[str(ds.SOPInstanceUID)] = to_part10(ds)
     stow(node, list(files.values()))
-    return {"files": files, "alice": alice, "bob": bob, "xss": xss,
+    return {"files": files, "alice": alice, "bob": bob, "xss": xss, "mixed": mixed,
+            "mixed_series": mixed_series,
             "alice_series": alice_series, "bob_series": bob_series, "xss_series": xss_series,
             "alice_first": str(datasets[0].SOPInstanceUID),
             "bob_first": str(datasets[3].SOPInstanceUID)}
@@ -195,13 +206,13 @@ def test_search_finds_what_qido_rs_finds(node: Any, corpus: dict[str, Any],
 
 
 def test_search_pages(node: Any, corpus: dict[str, Any]) -> None:
-    first = get(node, "/", limit=2)
-    second = get(node, "/", limit=2, page=2)
-    assert 'rel="next" href="?limit=2&amp;page=2"' in first.text
+    first = get(node, "/", limit=3)
+    second = get(node, "/", limit=3, page=2)
+    assert 'rel="next" href="?limit=3&amp;page=2"' in first.text
     assert 'rel="prev"' in second.text and 'rel="next"' not in second.text
     one, two = linked_studies(first.text), linked_studies(second.text)
-    assert len(one) == 2 and len(two) == 1 and not one & two
-    assert one | two == {corpus["alice"], corpus["bob"], corpus["xss"]}
+    assert len(one) == 3 and len(two) == 1 and not one & two
+    assert one | two == {corpus["alice"], corpus["bob"], corpus["xss"], corpus["mixed"]}
 
 
 def test_a_bad_search_is_told_on_the_form(node: Any, corpus: dict[str, Any]) -> None:
@@ -326,30 +337,55 @@ def dashboard_totals(page: str) -> dict[str, int]:
 def test_dashboard_counts_what_the_user_may_see(node: Any, corpus: dict[str, Any]) -> None:
     admin = get(node, "/dashboard")
     assert admin.status_code == 200
-    assert dashboard_totals(admin.text) == {"patients": 3, "studies": 3, "series": 4,
-                                            "instances": 6}
+    assert dashboard_totals(admin.text) == {"patients": 4, "studies": 4, "series": 6,
+                                            "instances": 8}
     charts = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>',
                        admin.text, re.S)
     assert charts is not None
-    assert '"labels": ["CT", "MR"], "values": [4, 2]' in charts.group(1)
-    assert '"labels": ["STOW-RS"], "values": [6]' in charts.group(1)
+    assert '"labels": ["CT", "MR"], "values": [5, 3]' in charts.group(1)
+    assert '"labels": ["STOW-RS"], "values": [8]' in charts.group(1)
     assert "chart.umd.min.js" in admin.text  # the vendored library, served here:
     script = get(node, "/assets/vendor/chart.js-4.6.1/chart.umd.min.js", user=None)
     assert script.status_code == 200 and "Chart.js v4.6.1" in script.text
 
     alice = get(node, "/dashboard", user="alice")
-    totals = dashboard_totals(alice.text)
-    # what her QIDO-RS (C-FIND) counts add up to
-    studies = requests.get(f"{node.http_url}/studies", auth=auth("alice"), timeout=30).json()
-    assert totals == {
-        "patients": len({s["00100020"]["Value"][0] for s in studies}),
-        "studies": len(studies),
-        "series": sum(s["00201206"]["Value"][0] for s in studies),
-        "instances": sum(s["00201208"]["Value"][0] for s in studies),
-    } == {"patients": 2, "studies": 2, "series": 3, "instances": 4}
+    assert dashboard_totals(alice.text) == c_find_totals(node, "alice") == {
+        "patients": 2, "studies": 2, "series": 3, "instances": 4}
     assert "MR" not in alice.text and "Counted over what your Query rules" in alice.text
     sizes = [len(data) for sop, data in corpus["files"].items()]
     assert f'title="{sum(sizes[:3]) + sizes[5]} bytes"' in alice.text
+
+
+def c_find_totals(node: Any, user: str) -> dict[str, int]:
+    """What the user's QIDO-RS (C-FIND) study answers and their counts add up to."""
+    studies = requests.get(f"{node.http_url}/studies", auth=auth(user), timeout=30).json()
+    return {"patients": len({s["00100020"]["Value"][0] for s in studies}),
+            "studies": len(studies),
+            "series": sum(s["00201206"]["Value"][0] for s in studies),
+            "instances": sum(s["00201208"]["Value"][0] for s in studies)}
+
+
+def test_a_study_partly_visible_shows_only_its_visible_part(node: Any,
+                                                            corpus: dict[str, Any]) -> None:
+    """carol sees MR only: of the mixed study, its MR series, in lists and counts."""
+    search = get(node, "/", user="carol")
+    assert linked_studies(search.text) == {corpus["bob"], corpus["mixed"]}
+    row = re.search(rf'<a href="/studies/{corpus["mixed"]}">MIXED\^MAX</a>.*?</tr>',
+                    search.text, re.S)
+    assert row is not None
+    assert re.findall(r"<td>([^<]*)</td>", row.group(0))[2] == "MR"  # ModalitiesInStudy
+    assert re.findall(r'<td class="n">(\d+)</td>', row.group(0)) == ["1", "1"]
+    study = get(node, f"/studies/{corpus['mixed']}", user="carol")
+    assert "MR series" in study.text and "CT series" not in study.text
+    assert f"/series/{corpus['mixed_series'][0]}" not in study.text
+    assert get(node, f"/studies/{corpus['mixed']}/series/{corpus['mixed_series'][0]}",
+               user="carol").status_code == 404
+    dashboard = get(node, "/dashboard", user="carol")
+    assert dashboard_totals(dashboard.text) == c_find_totals(node, "carol") == {
+        "patients": 2, "studies": 2, "series": 2, "instances": 3}
+    assert '"labels": ["MR"], "values": [3]' in dashboard.text
+    assert '"labels": ["CT Image Storage"], "values": [3]' in dashboard.text  # the test
+    # images' SOP class, MR ones included: 3, not the archive's 8
 
 
 # --- escaping -------------------------------------------------------------------------

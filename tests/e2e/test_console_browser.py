@@ -97,7 +97,7 @@ def test_admin_searches_browses_downloads_and_sees_the_dashboard(
     page = watched.page
     try:
         page.goto(root(node) + "/")
-        assert page.locator("#studies tbody tr").count() == 3
+        assert page.locator("#studies tbody tr").count() == 4
         assert "logged in as admin" in page.inner_text("#who")
         page.fill("input[name=PatientName]", "ALICE^*")
         page.fill("input[name=StudyDateFrom]", "2024-01-01")
@@ -127,7 +127,7 @@ def test_admin_searches_browses_downloads_and_sees_the_dashboard(
         assert Path(download.value.path()).read_bytes() == corpus["files"][sop]
 
         page.goto(root(node) + "/dashboard")
-        assert page.inner_text("#total-instances") == "6"
+        assert page.inner_text("#total-instances") == "8"
         drawn = charts_drawn(page)
         assert len(drawn) == 4 and min(drawn) > 500, drawn
         screenshot(page, "console-dashboard.png")
