@@ -237,6 +237,8 @@ class Http:
     public_url: str = ""
     tls: HttpTls = field(default_factory=HttpTls)
     cors: Cors = field(default_factory=Cors)
+    #: The web console (``archive.web.console``) at ``/`` on this port; false: DICOMweb only.
+    console: bool = True
     #: The web console's "open in viewer" link: a viewer's URL with the placeholder
     #: ``{StudyInstanceUID}`` (OHIF: ``http://127.0.0.1:3000/viewer?StudyInstanceUIDs=
     #: {StudyInstanceUID}``).  Empty: no link.

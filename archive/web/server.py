@@ -64,15 +64,17 @@ class WebServer:
     def __init__(self, context: Context, host: str, port: int, grace_seconds: float = 30.0,
                  tls: HttpTls | None = None) -> None:
         self.host, self.port = host, port
+        self.console = getattr(getattr(context.cfg, "http", None), "console", True)
         tls = tls or HttpTls()
         self.ssl = ssl_context(tls)
         options: dict[str, Any] = {}
         if self.ssl is not None:  # uvicorn loads the files checked above once more
             options = {"ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key or None}
+        app = create_app(context, console.routes if self.console else None)
         self.config = uvicorn.Config(
-            create_app(context, console.routes), host=host, port=port, log_config=None,
-            access_log=False, lifespan="off", server_header=False,
-            timeout_graceful_shutdown=int(grace_seconds), timeout_keep_alive=5, **options)
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+            server_header=False, timeout_graceful_shutdown=int(grace_seconds),
+            timeout_keep_alive=5, **options)
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None
 
@@ -87,8 +89,9 @@ class WebServer:
                                      f"{self.host}:{self.port}")
             time.sleep(0.02)
         scheme = "https" if self.ssl else "http"
-        log.info("DICOMweb listening on %s://%s:%d%s, the web console on %s://%s:%d/",
-                 scheme, self.host, self.port, BASE_PATH, scheme, self.host, self.port)
+        log.info("DICOMweb listening on %s://%s:%d%s%s", scheme, self.host, self.port,
+                 BASE_PATH, f", the web console on {scheme}://{self.host}:{self.port}/"
+                 if self.console else " (web console off)")
 
     def _run(self) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind:

@@ -404,3 +404,10 @@ def test_markup_in_the_data_is_shown_as_text(node: Any, corpus: dict[str, Any]) 
     search = get(node, "/", PatientName=XSS_NAME)  # a value typed in the form, echoed
     assert linked_studies(search.text) == {corpus["xss"]}
     assert 'value="&lt;script&gt;alert(1)&lt;/script&gt;"' in search.text
+
+
+def test_the_console_can_be_switched_off(node_factory: Any) -> None:
+    off = node_factory.start({"http": {"console": False}})
+    assert requests.get(f"http://127.0.0.1:{off.http_port}/", timeout=30).status_code == 404
+    assert requests.get(f"{off.http_url}/studies", timeout=30).status_code == 200
+    assert "(web console off)" in off.log()

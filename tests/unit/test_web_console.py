@@ -163,6 +163,13 @@ def _load(tmp_path: Path, http: dict) -> config.Config:
     return config.load(path, {})
 
 
+def test_console_switch(tmp_path: Path) -> None:
+    assert _load(tmp_path, {}).http.console is True
+    assert _load(tmp_path, {"console": False}).http.console is False
+    with pytest.raises(ConfigError, match="http.console"):
+        _load(tmp_path, {"console": "no"})
+
+
 def test_viewer_url(tmp_path: Path) -> None:
     assert _load(tmp_path, {}).http.viewer_url == ""
     url = "http://127.0.0.1:3000/viewer?StudyInstanceUIDs={StudyInstanceUID}"
