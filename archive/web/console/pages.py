@@ -175,13 +175,17 @@ class Console:
         try:
             caller = self.service.caller(request, service, EVENT, started)
         except HttpError as exc:
+            reason = exc.message
             if exc.status == 403 and "WWW-Authenticate" in exc.headers:
                 exc = HttpError(401, "log in to see the archive",
                                 {"WWW-Authenticate": BASIC_CHALLENGE})
+            log.info("CONSOLE %s -> %d: %s", request.url.path, exc.status, reason)
             return self._error(exc, None)
         try:
             response = render(caller)
         except HttpError as exc:
+            log.info("CONSOLE %s %s -> %d: %s", caller.describe(), request.url.path,
+                     exc.status, exc.message)
             self.service.audit(caller, EVENT, exc.status, started, request_text[:256],
                                exc.message)
             return self._error(exc, caller)
