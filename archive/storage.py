@@ -392,10 +392,14 @@ class Archive:
     # -- delete -------------------------------------------------------------------------
 
     def select(self, exact: dict[str, Any]) -> Selection:
-        """The instances a delete of ``exact`` (a filter on instance documents) takes;
-        this node's batched level updates are written first, so that what it has
-        acknowledged is counted, and taken."""
+        """The instances a delete of ``exact`` (a filter on instance documents) takes.
+
+        What this process acknowledged is counted first, so that it is taken: its
+        batched level updates are written, and the journal replayed if some were not
+        (a batch fails when a delete emptied its series meanwhile)."""
         self.flush()
+        if self.pending():
+            self.reconcile()
         return self.deleter.select(exact)
 
     def delete(self, instances: list[dict[str, Any]]) -> int:
