@@ -297,6 +297,19 @@ rules:
     assert [r.key for r in parse(dump(rules), "export.yaml")] == [r.key for r in rules]
 
 
+def test_delete_for_anyone_is_warned_about() -> None:
+    from acl.cli import anyone_deletes
+
+    rules = parse("""\
+rules:
+  - {principal: "*", service: Delete, pattern: {PatientID: "TEST-*"}}
+  - {principal: "*", service: "*"}
+  - {principal: curator, service: Delete}
+""", "anyone.yaml")
+    assert anyone_deletes(rules) == [
+        "anyone.yaml:2: rule 1 (principal '*'): gives Delete to anyone, anonymous included"]
+
+
 def test_apply_of_the_export_is_a_no_op() -> None:
     store = RuleStore(mongomock.MongoClient(tz_aware=True)["acl"])
     assert store.apply(parse(TRICKY, "tricky.yaml"), "tricky.yaml")
