@@ -290,8 +290,11 @@ class Levels:
         One update per document, grouped: decrements and ``$pullAll`` (FerretDB 1.24
         ignores a ``$pull`` with a condition), which commute with
         the increments and ``$addToSet`` of stores running meanwhile, so a concurrent
-        store into the same series or study is counted exactly.  Emptied documents are
-        deleted only if nothing changed them since (the ``rev`` they had when emptied).
+        store into the same series or study is counted exactly.  A document is deleted
+        only when emptied -- no count and no child left: a store updates the series, then
+        the study, then the patient, and one between two of them has counted its
+        instance below a document that does not count it yet -- and only if nothing
+        changed it since (the ``rev`` it had when emptied).
         A mixed document (its attributes may be those of a deleted instance) and a
         study or patient stored by an earlier version are rebuilt from their members.
         """
@@ -315,7 +318,8 @@ class Levels:
             taken.instances += len(group)
             taken.counts.update(counts)
             taken.hierarchies.append(hierarchy)
-            if series.get("NumberOfSeriesRelatedInstances", 0) <= 0 and self.series.delete_one(
+            if series.get("NumberOfSeriesRelatedInstances", 0) <= 0 and \
+                    not series.get("instances") and self.series.delete_one(
                     {"_id": series_uid, REV: series.get(REV)}).deleted_count == 1:
                 taken.series.append(series_uid)
         patients: dict[str, _Taken] = {}
@@ -329,7 +333,10 @@ class Levels:
                     not counts_per_value(before):
                 rebuild += taken.hierarchies
                 continue
+            # emptied only if no series is left either: a store may have counted its
+            # instance in a series of this study and not yet in the study itself
             study_gone = before.get("NumberOfStudyRelatedInstances", 0) - taken.instances <= 0 \
+                and not set(before.get("series") or ()) - set(taken.series) \
                 and self.studies.delete_one({"_id": study_uid, REV: before.get(REV, 0) + 1}
                                             ).deleted_count == 1
             if not study_gone:  # Modalities / SOP Classes in Study: what is still counted
@@ -349,7 +356,7 @@ class Levels:
             if doc is None or is_mixed(doc, PATIENT):
                 self.rebuild(self.patients, patient_id, "studies", list(taken.studies),
                              self.patient_fields)
-            elif doc.get("NumberOfPatientRelatedInstances", 0) <= 0:
+            elif doc.get("NumberOfPatientRelatedInstances", 0) <= 0 and not doc.get("studies"):
                 self.patients.delete_one({"_id": patient_id, REV: doc.get(REV)})
         if rebuild:
             self.recompute(*rebuild)

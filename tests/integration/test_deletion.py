@@ -16,7 +16,8 @@ from pymongo.errors import AutoReconnect
 
 from archive.check import check
 from archive.deletion import DeleteIncomplete
-from archive.model import IMAGE
+from archive.levels import Levels
+from archive.model import IMAGE, PATIENT, STUDY
 from archive.query import pattern_filter
 from archive.storage import Archive, ensure_indexes
 
@@ -172,4 +173,37 @@ def test_stores_into_the_study_being_deleted_end_stored_and_counted(archive: Arc
     assert stored and deleted > 30  # the stores did run between the deletes
     assert left <= set(stored)  # what was there before is gone; stores since may remain
     assert deleted + len(left) == 30 + len(stored)
+    assert _exact(archive) == []
+
+
+@pytest.mark.parametrize("paused_before", [STUDY, PATIENT])
+def test_a_store_half_way_through_its_level_updates_is_counted(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch, paused_before: str) -> None:
+    """The delete runs while a store into the same series has updated the series (and
+    the study) but not yet the study (the patient): the study and the patient must not
+    be removed as empty, and end counting that instance."""
+    study, series = generate_uid(), generate_uid()
+    _store(archive, 3, study_uid=study, series_uid=series, patient_id="HALF")
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    reached, resume = threading.Event(), threading.Event()
+    upsert = Levels._upsert
+
+    def paused(self: Levels, collection: Any, level: str, *args: Any, **kwargs: Any) -> Any:
+        if level == paused_before and threading.current_thread().name == "store":
+            reached.set()
+            resume.wait(30)
+        return upsert(self, collection, level, *args, **kwargs)
+
+    monkeypatch.setattr(Levels, "_upsert", paused)
+    stored: list[str] = []
+    store = threading.Thread(name="store", target=lambda: stored.extend(
+        _store(archive, 1, study_uid=study, series_uid=series, patient_id="HALF")))
+    store.start()
+    assert reached.wait(30)
+    assert archive.delete(selected) == 3
+    resume.set()
+    store.join(30)
+    assert [d["_id"] for d in archive.instances.find()] == stored
+    assert archive.studies.find_one({"_id": study})["NumberOfStudyRelatedSeries"] == 1
+    assert archive.patients.find_one({"_id": "HALF"})["NumberOfPatientRelatedStudies"] == 1
     assert _exact(archive) == []
