@@ -16,6 +16,8 @@ from __future__ import annotations
 import getpass
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from io import BytesIO
@@ -26,9 +28,10 @@ import bcrypt
 import pytest
 import requests
 from acl_clients import archive_cli, use_rules
-from conftest import FerretDB
+from conftest import FerretDB, node_environment
 from helpers import (
     CT_IMAGE,
+    ROOT,
     association,
     consistency_problems,
     identifier,
@@ -360,17 +363,11 @@ def test_a_database_killed_in_the_middle_of_a_delete_orphans_nothing(
     send(node, files + kept_files)
     wait_for(lambda: settled_counters(node.db) == [], 60)
 
-    import subprocess
-    import sys
-
-    from acl_clients import ROOT
-
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("ARCHIVE_")}
-    env["PYTHONPATH"] = str(ROOT)
     command = subprocess.Popen(
         [sys.executable, "-m", "archive", "delete", f"StudyInstanceUID={study}",
          "--config", str(node.config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=node_environment())
     # the delete's journal entry appears before anything is removed: kill then
     deadline = time.monotonic() + 60
     while not list(node.journal.glob("delete-*.json")):
