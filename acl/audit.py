@@ -10,11 +10,11 @@ can absorb costs entries, each loss counted and logged.
 
 Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
 (A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
-C-GET, N-ACTION: a storage commitment request; QIDO-RS, WADO-RS, STOW-RS, HTTP-AUTH-RJ;
-CONSOLE: a page of the web console),
-``principal``, ``established`` (how the principal was established: verified-user,
-claimed-user, ae-title, bearer-token, anonymous, refused) and ``basis`` (on what:
-backend, token id, AE title and address, certificate), ``address``/``port`` of the peer,
+C-GET, N-ACTION: a storage commitment request; QIDO-RS, WADO-RS, STOW-RS, DELETE,
+HTTP-AUTH-RJ; CONSOLE: a page of the web console), ``principal``, ``established`` (how
+the principal was established: verified-user, claimed-user, ae-title, bearer-token,
+anonymous, refused, os-user) and ``basis`` (on what: backend, token id, AE title and
+address, certificate), ``address``/``port`` of the peer,
 ``calling_ae``, ``called_ae``, ``service``, ``request`` (identifier summary or SOP Instance UID),
 ``allowed``, ``rule`` (index of the deciding rule), ``restricted``, ``status``,
 ``comment``, ``counts``, ``ms``.

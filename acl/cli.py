@@ -38,6 +38,8 @@ from acl.auth import from_config as authenticator_from_config
 from acl.identity import ANONYMOUS
 from acl.patterns import PatternError, check_stored, describe, matches_everything, parse_key
 from acl.rules import (
+    ANY,
+    NAMED_ONLY,
     SERVICES,
     Change,
     ConcurrentApply,
@@ -118,7 +120,7 @@ def _apply(args: argparse.Namespace, cfg: Config) -> int:
         for problem in exc.problems:
             print(f"  {exc.filename}:{problem.line}: {problem.message}", file=sys.stderr)
         return 2
-    for warning in universal_warnings(rules):
+    for warning in universal_warnings(rules) + anyone_deletes(rules):
         print(f"archive acl apply: warning: {warning}", file=sys.stderr)
     with _database(cfg) as db:
         try:
@@ -142,6 +144,13 @@ def universal_warnings(rules: list[Rule]) -> list[str]:
     return [f"{_who(rule)}: pattern {describe(rule.pattern)} matches every dataset: "
             "it restricts nothing (give a value, or drop the pattern)"
             for rule in rules if matches_everything(rule.pattern)]
+
+
+def anyone_deletes(rules: list[Rule]) -> list[str]:
+    """A Delete or Modify rule for principal "*" gives it to anonymous too: allowed (it
+    is explicit), but said."""
+    return [f"{_who(rule)}: gives {rule.service} to anyone, anonymous included"
+            for rule in rules if rule.principal == ANY and rule.service in NAMED_ONLY]
 
 
 def stored_problems(rules: list[Rule]) -> list[str]:

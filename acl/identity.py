@@ -30,9 +30,11 @@ from archive.config import AePrincipal, Auth
 ANONYMOUS = "anonymous"
 
 #: How a principal was established (the ``established`` field of audit entries);
-#: ``bearer-token``: by a DICOMweb bearer token (acl.tokens).
-VERIFIED, CLAIMED, AE_TITLE, NONE, REFUSED, TOKEN = (
-    "verified-user", "claimed-user", "ae-title", "anonymous", "refused", "bearer-token")
+#: ``bearer-token``: by a DICOMweb bearer token (acl.tokens); ``os-user``: a command
+#: run on the archive's machine (the local administrator), named by its OS user.
+VERIFIED, CLAIMED, AE_TITLE, NONE, REFUSED, TOKEN, OS_USER = (
+    "verified-user", "claimed-user", "ae-title", "anonymous", "refused", "bearer-token",
+    "os-user")
 
 #: Backends that verify a passcode: a mapped AE title must not stand in for one.
 PASSWORD_BACKENDS = frozenset({"file", "ldap"})

@@ -1,9 +1,11 @@
 """Access rules: who may use which service on which datasets, and where they live.
 
 A rule names a principal (a user name, or ``*`` for anyone including ``anonymous``), a
-service (Echo, Store, Query, Retrieve, or ``*``) and optionally a dataset pattern
-(:mod:`acl.patterns`).  Deny unless a rule allows: a request is allowed when a rule
-applies to its principal and service; the patterns of all applicable rules are OR-ed,
+service (Echo, Store, Query, Retrieve, Delete, Modify, or ``*``) and optionally a dataset
+pattern (:mod:`acl.patterns`).  ``*`` stands for the four services that destroy nothing
+(Echo, Store, Query, Retrieve): Delete and Modify are given only by a rule naming them.
+Deny unless a rule allows: a request is allowed when a rule applies to its principal
+and service; the patterns of all applicable rules are OR-ed,
 and one rule without a pattern lifts the restriction.  :func:`decide` is pure.
 
 Storage (:class:`RuleStore`).  FerretDB has no transactions, so a ruleset is replaced
@@ -43,7 +45,11 @@ from archive.storage import Admit, Archive, Existing, Part10, StoreRefused, part
 log = logging.getLogger("acl.rules")
 
 ECHO, STORE, QUERY, RETRIEVE = "Echo", "Store", "Query", "Retrieve"
-SERVICES: tuple[str, ...] = (ECHO, STORE, QUERY, RETRIEVE)
+#: Services that change or remove what is stored (Modify: the vocabulary only, for now).
+DELETE, MODIFY = "Delete", "Modify"
+SERVICES: tuple[str, ...] = (ECHO, STORE, QUERY, RETRIEVE, DELETE, MODIFY)
+#: Services a ``*`` rule does not give: they destroy data, so a rule must name them.
+NAMED_ONLY = frozenset({DELETE, MODIFY})
 ANY = "*"
 
 #: General DIMSE status "Refused: Not authorized" (PS3.7 C.5.x), for every service.
@@ -75,7 +81,8 @@ class Rule:
         object.__setattr__(self, "destinations", tuple(self.destinations))
 
     def applies(self, principal: str, service: str) -> bool:
-        return self.principal in (ANY, principal) and self.service in (ANY, service)
+        return self.principal in (ANY, principal) and (
+            self.service == service or (self.service == ANY and service not in NAMED_ONLY))
 
     def reaches(self, destination: str) -> bool:
         """Whether the rule lets a C-MOVE send to ``destination``."""

@@ -25,6 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
@@ -278,6 +279,176 @@ def run_check(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if after.clean else 1
 
 
+# --- delete ------------------------------------------------------------------------
+
+
+def _configure_delete(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("keys", nargs="+", metavar="KEY=VALUE",
+                        help="C-FIND keys selecting the instances (keyword or tag; wild "
+                             "cards, ranges and lists as in C-FIND), e.g. "
+                             "StudyInstanceUID=1.2.3 or PatientID='TRIAL42-*'")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would be deleted; delete nothing")
+    parser.add_argument("--yes", action="store_true",
+                        help="do not ask before deleting more than one study")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("delete", _configure_delete)
+def run_delete(args: argparse.Namespace, cfg: Config) -> int:
+    """Delete the instances C-FIND keys select: their files, documents and counts.
+
+    Runs as the local administrator (it has the database): no access rule is asked,
+    and the audit trail records the operating-system user."""
+    import time
+
+    from acl import audit
+    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
+    from archive.deletion import DeleteIncomplete
+    from archive.model import IMAGE
+    from archive.storage import Archive, connect, ensure_indexes
+
+    raw: dict[str, str] = {}
+    for item in args.keys:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return _usage("delete", f"{item!r}: expected KEY=VALUE")
+        try:
+            name = key_name(parse_key(key))
+        except PatternError as exc:
+            return _usage("delete", str(exc))
+        if name in raw:
+            return _usage("delete", f"{name} given twice")
+        raw[name] = value
+    try:
+        compiled = compile_pattern(to_json(raw))
+    except PatternError as exc:
+        return _usage("delete", str(exc))
+    if compiled is None:
+        return _usage("delete", "these keys match every instance: give a value that selects")
+    request = " ".join(f"{k}={v}" for k, v in raw.items())
+    started = time.perf_counter()
+    with database(cfg) as opened:
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            db = client[cfg.database.name]
+            ensure_indexes(db, cfg.database.gridfs_bucket)
+            archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
+                              cfg.journal, cfg.hierarchy_conflicts)
+            if archive.pending():  # an interrupted store or delete: finished first
+                archive.reconcile()
+            selection = archive.select(compiled.filters[IMAGE])
+            studies = selection.studies()
+            listing = _listing(archive, studies)
+            if not args.json:
+                print(opened.describe())
+                for line in listing:
+                    print(line)
+            if selection.in_flight:
+                print(f"archive delete: {selection.in_flight} matching instances are being "
+                      "stored right now: they are kept", file=sys.stderr)
+            counts = selection.counts()
+            if not selection.instances:
+                if args.json:
+                    print(json.dumps({"deleted": 0, "dry_run": args.dry_run,
+                                      "in_flight": selection.in_flight}))
+                print(f"archive delete: no stored instance matches {request}",
+                      file=sys.stderr)
+                return 1
+            what = (f"{counts['instances']} instances of {counts['studies']} studies "
+                    f"({counts['patients']} patients)")
+            if args.dry_run:
+                if args.json:
+                    print(json.dumps({"dry_run": True, **counts, "studies_selected": [
+                        {"StudyInstanceUID": uid, "PatientID": s["PatientID"],
+                         "series": len(s["series"]), "instances": s["instances"]}
+                        for uid, s in studies.items()]}, indent=2))
+                else:
+                    print(f"dry run: would delete {what}; nothing deleted")
+                return 0
+            if len(studies) > 1 and not args.yes and not _confirm(f"Delete {what}?"):
+                print("archive delete: nothing deleted (more than one study: confirm, or "
+                      "give --yes)", file=sys.stderr)
+                return 1
+            status, error = 0x0000, ""
+            try:
+                deleted = archive.delete(selection.instances)
+            except DeleteIncomplete as exc:
+                deleted, status, error = -1, 0xA700, str(exc)
+            try:
+                db[audit.COLLECTION].insert_one(_delete_audit(
+                    request, counts if status == 0 else {}, status, error, started))
+            except PyMongoError as exc:
+                print(f"archive delete: audit entry not written: {exc}", file=sys.stderr)
+        finally:
+            client.close()
+    if status:
+        print(f"archive delete: {error}; the rest is finished when the database answers "
+              "again (by the node, or the next archive delete / check --repair)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"deleted": deleted, **counts, "in_flight": selection.in_flight,
+                          "seconds": round(time.perf_counter() - started, 3)}, indent=2))
+    else:
+        print(f"deleted {what} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _usage(command_name: str, message: str) -> int:
+    print(f"archive {command_name}: {message}", file=sys.stderr)
+    return 2
+
+
+def _listing(archive: Any, studies: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per study: patient, UID, date, description, what of it goes."""
+    lines = []
+    for uid, share in sorted(studies.items(), key=lambda item: (item[1]["PatientID"], item[0])):
+        doc = archive.studies.find_one({"_id": uid}, {"NumberOfStudyRelatedInstances": 1,
+                                                      "StudyDate": 1, "dataset.00081030": 1}
+                                       ) or {}
+        description = ((doc.get("dataset") or {}).get("00081030") or {}).get("Value", [""])[0]
+        total = doc.get("NumberOfStudyRelatedInstances", share["instances"])
+        part = "whole study" if share["instances"] >= total else f"of {total} instances"
+        lines.append(f"  patient {share['PatientID']!r} study {uid} {doc.get('StudyDate', '')} "
+                     f"{description!r}: {share['instances']} instances in "
+                     f"{len(share['series'])} series ({part})")
+    return lines
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal (or whatever stdin is); anything but y/yes is no."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _delete_audit(request: str, counts: dict[str, int], status: int, comment: str,
+                  started: float) -> dict[str, Any]:
+    """The audit entry of ``archive delete``: the operating-system user acting as the
+    local administrator."""
+    import getpass
+    import socket
+    from types import SimpleNamespace
+
+    from acl.audit import operation_entry
+    from acl.identity import OS_USER
+    from acl.rules import DELETE
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (a container)
+        user = f"uid {os.getuid()}"
+    peer = SimpleNamespace(requestor=SimpleNamespace(address=socket.gethostname(), port=0,
+                                                     ae_title=""),
+                           acceptor=SimpleNamespace(ae_title=""))
+    entry = operation_entry(peer, "DELETE", user, DELETE, allowed=True, status=status,
+                            request=f"archive delete {request}", comment=comment[:200],
+                            counts=counts, started=started)
+    entry.update(established=OS_USER, basis=f"archive delete, pid {os.getpid()}")
+    return entry
+
+
 # --- entry point -------------------------------------------------------------------
 
 
@@ -340,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Commands that write the store journal; every command but ``user`` may start the
 #: embedded database, which writes its data folder.
-_JOURNAL_WRITERS = frozenset({"serve", "import", "check"})
+_JOURNAL_WRITERS = frozenset({"serve", "import", "check", "delete"})
 _NO_DATABASE = frozenset({"user"})
 
 

@@ -23,7 +23,8 @@ from acl.audit import AuditLog
 from acl.rules import NOT_AUTHORIZED, Decision, Rule, RuleStore, admit_store, allow_all
 from archive.answers import Syntax
 from archive.config import Config
-from archive.find import Finder
+from archive.deletion import Selection
+from archive.find import Finder, unique_key_filter
 from archive.health import DatabaseHealth
 from archive.query import Query
 from archive.storage import (
@@ -58,6 +59,16 @@ class Stored:
     def outside_rules(self) -> bool:
         """Refused by the principal's Store patterns: the dataset matches none."""
         return self.rule is None and self.outcome.status == NOT_AUTHORIZED
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a delete for a principal came to (:meth:`Context.delete_as`)."""
+
+    #: the instances selected (those of the principal's Delete rules), all deleted
+    selection: Selection
+    #: refused because the archive is stopping (nothing was read)
+    stopping: bool = False
 
 
 class Context:
@@ -173,10 +184,29 @@ class Context:
                                         model, syntax, **self.query_options)
         return self.finder.responses(query, identifier, syntax=syntax)
 
+    def delete_as(self, decision: Decision, level: str, identifier: Dataset) -> Deleted:
+        """Delete what a resource's unique keys (``identifier`` at ``level``) name, of
+        what the principal of ``decision`` (allowed to delete) may delete: every
+        instance, or when restricted those her Delete patterns match -- the others are
+        neither deleted nor told of.  Counted in flight as a store is (a stopping
+        archive lets it finish).  Raises DeleteIncomplete, PyMongoError."""
+        if not self.begin_store():
+            return Deleted(Selection(), stopping=True)
+        try:
+            keys = unique_key_filter(identifier, level)
+            restriction = decision.instance_filter()
+            selection = self.archive.select(
+                keys if restriction is None else {"$and": [restriction, keys]})
+            if selection.instances:
+                self.archive.delete(selection.instances)
+            return Deleted(selection)
+        finally:
+            self.end_store()
+
     # -- stores in flight -------------------------------------------------------------
 
     def begin_store(self) -> bool:
-        """Count a store in flight; False once the archive is stopping."""
+        """Count a store (or delete) in flight; False once the archive is stopping."""
         with self._in_flight_cond:
             if self.stopping.is_set():
                 return False

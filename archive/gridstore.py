@@ -162,6 +162,22 @@ class GridStore:
         while self.chunks.delete_one({"_id": self.chunk_id(file_id, n)}).deleted_count:
             n += 1
 
+    def delete_many(self, file_ids: list[ObjectId]) -> None:
+        """:meth:`delete` for many files in three round trips: their files documents
+        read, then deleted (the files disappear), then their chunks by ``_id``."""
+        if not file_ids:
+            return
+        infos = list(self.files.find({"_id": {"$in": file_ids}}, {"length": 1, "chunkSize": 1}))
+        self.files.delete_many({"_id": {"$in": file_ids}})
+        chunk_ids = [self.chunk_id(info["_id"], n) for info in infos
+                     for n in range(max(-(-info["length"] // info["chunkSize"]), 1))]
+        for start in range(0, len(chunk_ids), 1000):
+            self.chunks.delete_many({"_id": {"$in": chunk_ids[start:start + 1000]}})
+        found = {info["_id"] for info in infos}
+        for file_id in file_ids:  # no files document: chunks of an upload cut short
+            if file_id not in found:
+                self.delete(file_id)
+
     def exists(self, file_id: ObjectId) -> bool:
         return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
 

@@ -28,6 +28,7 @@ import json
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -281,6 +282,85 @@ class Levels:
             self.rebuild(self.patients, patient_id, "studies", [study_uid],
                           self.patient_fields)
 
+    def remove(self, members: list[dict[str, Any]]) -> None:
+        """Take deleted instances out of their series, study and patient documents.
+
+        ``members`` are the instance documents (:data:`HIERARCHY_PROJECTION` and
+        ``_id``) a delete removed, each counted by its series when it was selected.
+        One update per document, grouped: decrements and ``$pullAll`` (FerretDB 1.24
+        ignores a ``$pull`` with a condition), which commute with
+        the increments and ``$addToSet`` of stores running meanwhile, so a concurrent
+        store into the same series or study is counted exactly.  A document is deleted
+        only when emptied -- no count and no child left: a store updates the series, then
+        the study, then the patient, and one between two of them has counted its
+        instance below a document that does not count it yet -- and only if nothing
+        changed it since (the ``rev`` it had when emptied).
+        A mixed document (its attributes may be those of a deleted instance) and a
+        study or patient stored by an earlier version are rebuilt from their members.
+        """
+        after = pymongo.ReturnDocument.AFTER
+        rebuild: list[tuple[str, str, str]] = []
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for member in members:
+            groups.setdefault(hierarchy_of(member), []).append(member)
+        studies: dict[str, _Taken] = {}
+        for hierarchy, group in groups.items():
+            series_uid, study_uid, _ = hierarchy
+            counts = _decrements(group)
+            series = self.series.find_one_and_update({"_id": series_uid}, {
+                "$pullAll": {"instances": [m["_id"] for m in group]},
+                "$inc": {"NumberOfSeriesRelatedInstances": -len(group), REV: 1, **counts}},
+                return_document=after)
+            if series is None or any(is_mixed(series, lvl) for lvl in (PATIENT, STUDY, SERIES)):
+                rebuild.append(hierarchy)
+                continue
+            taken = studies.setdefault(study_uid, _Taken())
+            taken.instances += len(group)
+            taken.counts.update(counts)
+            taken.hierarchies.append(hierarchy)
+            if series.get("NumberOfSeriesRelatedInstances", 0) <= 0 and \
+                    not series.get("instances") and self.series.delete_one(
+                    {"_id": series_uid, REV: series.get(REV)}).deleted_count == 1:
+                taken.series.append(series_uid)
+        patients: dict[str, _Taken] = {}
+        for study_uid, taken in studies.items():
+            counts = dict(taken.counts)
+            before = self.studies.find_one_and_update({"_id": study_uid}, {
+                "$inc": {"NumberOfStudyRelatedInstances": -taken.instances,
+                         "NumberOfStudyRelatedSeries": -len(taken.series), REV: 1, **counts},
+                **({"$pullAll": {"series": taken.series}} if taken.series else {})})
+            if before is None or any(is_mixed(before, lvl) for lvl in (PATIENT, STUDY)) or \
+                    not counts_per_value(before):
+                rebuild += taken.hierarchies
+                continue
+            # emptied only if no series is left either: a store may have counted its
+            # instance in a series of this study and not yet in the study itself
+            study_gone = before.get("NumberOfStudyRelatedInstances", 0) - taken.instances <= 0 \
+                and not set(before.get("series") or ()) - set(taken.series) \
+                and self.studies.delete_one({"_id": study_uid, REV: before.get(REV, 0) + 1}
+                                            ).deleted_count == 1
+            if not study_gone:  # Modalities / SOP Classes in Study: what is still counted
+                self.drop_uncounted(study_uid, before, counts)
+            # not mixed: every instance below the study is of one patient
+            patient = patients.setdefault(taken.hierarchies[0][2], _Taken())
+            patient.instances += taken.instances
+            patient.series += taken.series
+            patient.studies += [study_uid] if study_gone else []
+        for patient_id, taken in patients.items():
+            doc = self.patients.find_one_and_update({"_id": patient_id}, {
+                "$inc": {"NumberOfPatientRelatedInstances": -taken.instances,
+                         "NumberOfPatientRelatedSeries": -len(taken.series),
+                         "NumberOfPatientRelatedStudies": -len(taken.studies), REV: 1},
+                **({"$pullAll": {"studies": taken.studies}} if taken.studies else {})},
+                return_document=after)
+            if doc is None or is_mixed(doc, PATIENT):
+                self.rebuild(self.patients, patient_id, "studies", list(taken.studies),
+                             self.patient_fields)
+            elif doc.get("NumberOfPatientRelatedInstances", 0) <= 0 and not doc.get("studies"):
+                self.patients.delete_one({"_id": patient_id, REV: doc.get(REV)})
+        if rebuild:
+            self.recompute(*rebuild)
+
     def _upsert(self, collection: Collection, level: str, uid: str, update: dict[str, Any],
                 claims: dict[str, str], rebuild: list[tuple[str, str, str]],
                 hierarchy: tuple[str, str, str], returning: bool = False
@@ -510,6 +590,26 @@ class Levels:
 def _variants(hashes: dict[str, str], *levels: str) -> dict[str, str]:
     """``$addToSet`` of the attribute hashes of ``levels``."""
     return {f"{VARIANTS}.{level}": hashes[level] for level in levels}
+
+
+@dataclass
+class _Taken:
+    """What a delete takes from one study or patient document."""
+
+    instances: int = 0
+    series: list[str] = field(default_factory=list)  # emptied and deleted
+    studies: list[str] = field(default_factory=list)  # emptied and deleted
+    counts: Counter[str] = field(default_factory=Counter)
+    hierarchies: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def _decrements(members: list[dict[str, Any]]) -> dict[str, int]:
+    """``$inc`` of the per-value counters for instances taken away."""
+    counts: Counter[str] = Counter()
+    for member in members:
+        counts[f"{SOP_CLASS_COUNTS}.{field_key(member.get('SOPClassUID', ''))}"] -= 1
+        counts[f"{MODALITY_COUNTS}.{field_key(member.get('Modality', ''))}"] -= 1
+    return dict(counts)
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:

@@ -66,6 +66,8 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailur
 
 from archive import dicomjson, identifiers, model
 from archive import part10 as part10_check
+from archive.deletion import KIND as DELETE_KIND
+from archive.deletion import Deleter, Selection
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.gridstore import GridStore
 from archive.health import DatabaseHealth
@@ -201,6 +203,8 @@ class Archive:
         #: Journal keys of the stores running in this process, or whose level updates
         #: wait in a batch (reconcile leaves them).
         self._active: set[str] = set()
+        #: deletes (archive.deletion), journaled as stores are
+        self.deleter = Deleter(self.levels, self.files, self.journal, self._active)
         #: Batched level updates of new instances (write_behind: seconds a batch may
         #: wait; 0: every store updates its level documents itself).
         self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
@@ -385,6 +389,28 @@ class Archive:
         self.journal.remove(entry["file_id"])
         return outcome, False
 
+    # -- delete -------------------------------------------------------------------------
+
+    def select(self, exact: dict[str, Any]) -> Selection:
+        """The instances a delete of ``exact`` (a filter on instance documents) takes.
+
+        What this process acknowledged is counted first, so that it is taken: its
+        batched level updates are written, and the journal replayed if some were not
+        (a batch fails when a delete emptied its series meanwhile)."""
+        self.flush()
+        if self.pending():
+            self.reconcile()
+        return self.deleter.select(exact)
+
+    def delete(self, instances: list[dict[str, Any]]) -> int:
+        """Delete selected instances (:mod:`archive.deletion`); how many.  Raises
+        DeleteIncomplete when the database fails (the journal finishes the delete)."""
+        try:
+            return self.deleter.delete(instances)
+        finally:
+            if self.batches is not None:  # level documents may be gone: learn again
+                self.batches.forget()
+
     # -- batched level updates ----------------------------------------------------------
 
     def flush(self) -> None:
@@ -481,13 +507,15 @@ class Archive:
         return any(key not in self._active for key, _ in self.journal.entries())
 
     def reconcile(self) -> int:
-        """Finish the work of stores the journal names, once the database answers.
+        """Finish the work of stores (and deletes) the journal names, once the database
+        answers.
 
         ``store`` (the node died during the store): if its instance document was
         written, the store is completed (level documents rebuilt, a replaced file
         deleted), else taken back.  ``undo`` (the store was answered with a failure):
         taken back -- its instance document and file deleted, the previous version, if
         there was one, indexed again from its own original, the level documents rebuilt.
+        ``delete``: finished (:meth:`Deleter.settle`), the level documents rebuilt.
         Entries of stores still running (in this process, or another live one) are left.
         Raises PyMongoError, keeping the journal, while the database is unreachable.
         """
@@ -501,7 +529,8 @@ class Archive:
         for _, entry in reversed(entries):  # newest first: each undo reveals the older state
             hierarchies += self._settle(entry)
         # then the level documents once, over the instances as they now are
-        self.levels.recompute(*hierarchies, extra_instances=[e["sop"] for _, e in entries])
+        self.levels.recompute(*hierarchies, extra_instances=[e["sop"] for _, e in entries
+                                                             if "sop" in e])
         for key, _ in entries:
             self.journal.remove(key)
         log.info("journal replayed: %d entries", len(entries))
@@ -512,8 +541,11 @@ class Archive:
         self.levels.recompute(*self._settle(entry), extra_instances=[entry["sop"]])
 
     def _settle(self, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
-        """The instance and files as the entry's store should leave them; the
-        hierarchies whose level documents must then be rebuilt."""
+        """The instance and files as the entry's store should leave them (a delete's:
+        all deleted, :meth:`Deleter.settle`); the hierarchies whose level documents
+        must then be rebuilt."""
+        if entry.get("kind") == DELETE_KIND:
+            return self.deleter.settle(entry)
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, {"file_id": 1})

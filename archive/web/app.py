@@ -3,8 +3,9 @@
 Every request is answered in the same steps: who asks (HTTP Basic through
 ``auth.backend``, or a bearer token, else ``anonymous``; 401 / 503 when refused;
 :mod:`archive.web.auth`), what the rules say
-about the service (QIDO-RS = Query, WADO-RS = Retrieve, STOW-RS = Store; 403 when no
-rule allows it), the database's health (503 while it is away), the request itself.
+about the service (QIDO-RS = Query, WADO-RS = Retrieve, STOW-RS = Store, DELETE =
+Delete; 403 when no rule allows it), the database's health (503 while it is away),
+the request itself.
 A restricted principal is never told that something exists: a study, series or
 instance she may not see is answered 404 exactly as one that does not exist, by the
 same code path (the selection simply finds nothing).
@@ -40,9 +41,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from acl import identity
 from acl.audit import association_entry, operation_entry, summarize
-from acl.rules import NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
+from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
+from archive.deletion import DeleteIncomplete
 from archive.query import QueryError
 from archive.web import multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
@@ -56,14 +58,14 @@ BASE_PATH = "/dicom-web"
 _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
 #: CORS (``http.cors``): what a viewer of another origin may send and read.  A
 #: preflight (OPTIONS) is answered by the middleware, before authentication.
-CORS_METHODS = ("GET", "POST")
+CORS_METHODS = ("GET", "POST", "DELETE")
 CORS_REQUEST_HEADERS = ("Authorization", "Accept", "Content-Type")
 CORS_EXPOSED_HEADERS = ("Content-Type", "Content-Location", "Warning", "Retry-After",
                         "WWW-Authenticate")
 #: Audit status of each HTTP answer (the DIMSE status C-FIND / C-MOVE / C-STORE would
 #: answer), beside the HTTP status itself.
-_AUDIT_STATUS = {200: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED, 404: 0xC000,
-                 406: 0xC000, 409: 0xC000, 415: 0xC000, 503: 0xA700}
+_AUDIT_STATUS = {200: 0x0000, 204: 0x0000, 202: 0xB000, 400: 0xA900, 403: NOT_AUTHORIZED,
+                 404: 0xC000, 406: 0xC000, 409: 0xC000, 415: 0xC000, 503: 0xA700}
 
 
 def check_uid(value: str, name: str) -> str:
@@ -445,6 +447,44 @@ class Service:
             raise HttpError(503, "database unavailable, retry later",
                             {"Retry-After": "5"}) from None
 
+    # -- DELETE -----------------------------------------------------------------------
+
+    def delete(self, request: Request) -> Response:
+        """``DELETE`` on a study, series or instance: 204 No Content once its instances
+        (those the caller's Delete rules match) are deleted, as dcm4chee answers; 404
+        when it names none she may delete (nonexistent and hidden alike); 409 when the
+        only ones are being stored right now."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, DELETE, "DELETE", started)
+        try:
+            level, ident = self._target(request)
+            self._available()
+            try:
+                done = self._database(lambda: self.context.delete_as(caller.decision, level,
+                                                                     ident))
+            except DeleteIncomplete as exc:
+                self.context.health.suspect(exc.__cause__ or exc)
+                raise HttpError(503, "database failed during the delete: it is finished "
+                                "when the database answers again", {"Retry-After": "5"}
+                                ) from None
+            if done.stopping:
+                raise HttpError(503, "archive is shutting down", {"Retry-After": "5"})
+            selection = done.selection
+            if not selection.instances:
+                if selection.in_flight:
+                    raise HttpError(409, f"this {_NAMES[level]} is being stored right now: "
+                                    "retry when the store is done")
+                raise HttpError(404, f"no such {_NAMES[level]}")
+        except HttpError as exc:
+            self.audit(caller, "DELETE", exc.status, started, text, exc.message)
+            raise
+        counts = selection.counts()
+        self.audit(caller, "DELETE", 204, started, text, counts=counts)
+        log.info("DELETE %s %s -> 204, %d instances", caller.describe(), request.url.path,
+                 counts["instances"])
+        return Response(status_code=204)
+
     # -- STOW-RS ----------------------------------------------------------------------
 
     async def store(self, request: Request) -> Response:
@@ -642,6 +682,10 @@ def create_app(context: Context,
         Route("/studies", service.store, methods=["POST"]),
         Route("/studies/{study}", service.retrieve, methods=["GET"]),
         Route("/studies/{study}", service.store, methods=["POST"]),
+        Route("/studies/{study}", service.delete, methods=["DELETE"]),
+        Route("/studies/{study}/series/{series}", service.delete, methods=["DELETE"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", service.delete,
+              methods=["DELETE"]),
         Route("/studies/{study}/metadata", service.metadata, methods=["GET"]),
         Route("/studies/{study}/series/{series}", service.retrieve, methods=["GET"]),
         Route("/studies/{study}/series/{series}/metadata", service.metadata, methods=["GET"]),

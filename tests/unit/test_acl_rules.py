@@ -73,6 +73,23 @@ def test_principal_and_service_must_both_apply() -> None:
     assert not decide(rules, "*", "Query").allowed  # "*" in a rule, not a user
 
 
+def test_delete_and_modify_are_given_by_name_only_never_by_star() -> None:
+    """A "*" rule (the administrator's everything) gives the four services that destroy
+    nothing; data is deleted or modified only under a rule that says so."""
+    rules = [rule("admin", "*", 1), rule("*", "*", 2), rule("curator", "Delete", 3,
+                                                             PatientID="TRIAL42-*")]
+    for service in ("Delete", "Modify"):
+        assert not decide(rules, "admin", service).allowed
+        assert not decide(rules, "anonymous", service).allowed
+        assert decide(rules, "admin", service).comment() == \
+            f"not authorized: no {service} rule for admin"
+    curator = decide(rules, "curator", "Delete")
+    assert curator.restricted
+    assert evaluate(curator.instance_filter(), document(patient_id="TRIAL42-7"))
+    assert not evaluate(curator.instance_filter(), document(patient_id="TRIAL43-7"))
+    assert not decide(rules, "curator", "Modify").allowed
+
+
 def test_a_rule_without_pattern_lifts_every_restriction() -> None:
     rules = [rule("alice", "Query", 1, StudyDescription="A"), rule("*", "Query", 2)]
     decision = decide(rules, "alice", "Query")

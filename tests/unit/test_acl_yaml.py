@@ -117,7 +117,7 @@ def test_no_pattern_and_empty_rules() -> None:
        - principal: bob
          service: Qurey
      """, 3, "rule 1 (principal 'bob'): unknown service 'Qurey' (Echo, Store, Query, "
-             "Retrieve or \"*\")"),
+             "Retrieve, Delete, Modify or \"*\")"),
     ("""\
      rules:
        - principal: carol
@@ -284,6 +284,30 @@ def test_export_reads_back_to_the_same_rules() -> None:
     rules = parse(TRICKY, "tricky.yaml")
     again = parse(dump(rules, "a header\nof two lines"), "export.yaml")
     assert [r.key for r in again] == [r.key for r in rules]
+
+
+def test_delete_and_modify_rules_are_read_and_exported() -> None:
+    rules = parse("""\
+rules:
+  - {principal: curator, service: delete, pattern: {PatientID: "TRIAL42-*"}}
+  - {principal: editor, service: Modify}
+""", "services.yaml")
+    assert [(r.principal, r.service) for r in rules] == [("curator", "Delete"),
+                                                          ("editor", "Modify")]
+    assert [r.key for r in parse(dump(rules), "export.yaml")] == [r.key for r in rules]
+
+
+def test_delete_for_anyone_is_warned_about() -> None:
+    from acl.cli import anyone_deletes
+
+    rules = parse("""\
+rules:
+  - {principal: "*", service: Delete, pattern: {PatientID: "TEST-*"}}
+  - {principal: "*", service: "*"}
+  - {principal: curator, service: Delete}
+""", "anyone.yaml")
+    assert anyone_deletes(rules) == [
+        "anyone.yaml:2: rule 1 (principal '*'): gives Delete to anyone, anonymous included"]
 
 
 def test_apply_of_the_export_is_a_no_op() -> None:
