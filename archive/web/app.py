@@ -255,14 +255,8 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, QUERY, "FHIR", started)
         try:
-            params = request.query_params.multi_items()
-            try:
-                search = fhir.parse_search(params, self.max_results)
-            except fhir.BadSearch as exc:
-                raise HttpError(400, str(exc)) from None
-            except fhir.NotJson as exc:
-                raise HttpError(406, str(exc)) from None
-            self._fhir_accepted(request, params)
+            search = _fhir_parameters(request, lambda params: fhir.parse_search(
+                params, self.max_results))
             self._available()
             total, page, series, instances = self._querying(
                 lambda: fhir.studies(self.context, caller.decision, search))
@@ -282,17 +276,11 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, QUERY, "FHIR", started)
         try:
-            params = request.query_params.multi_items()
-            try:
-                search = fhir.parse_read(request.path_params["id"], params)
-            except fhir.BadSearch as exc:
-                raise HttpError(400, str(exc)) from None
-            except fhir.NotJson as exc:
-                raise HttpError(406, str(exc)) from None
-            self._fhir_accepted(request, params)
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                request.path_params["id"], params))
             self._available()
-            total, page, series, instances = (0, [], [], []) if search.nothing else \
-                self._querying(lambda: fhir.studies(self.context, caller.decision, search))
+            _, page, series, instances = self._querying(
+                lambda: fhir.studies(self.context, caller.decision, search))
             if not page:
                 raise HttpError(404, "no such ImagingStudy")
         except HttpError as exc:
@@ -303,12 +291,40 @@ class Service:
         log.info("FHIR %s %s -> 200", caller.describe(), request.url.path)
         return _fhir_response(resource, 200, search.pretty)
 
-    @staticmethod
-    def _fhir_accepted(request: Request, params: list[tuple[str, str]]) -> None:
-        """406 unless ``Accept`` takes JSON (``_format``, checked before, overrides it)."""
-        if not any(name == "_format" for name, _ in params) and \
-                not fhir.json_accepted(request.headers.get("accept")):
-            raise HttpError(406, "only application/fhir+json is served")
+    def fhir_patient(self, request: Request) -> Response:
+        """``GET /fhir/Patient/{id}``: the patient of ``subject``, if she may see her."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            patient_id = request.path_params["id"]
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                patient_id, params, "PatientID"))
+            self._available()
+            answer = self._querying(
+                lambda: fhir.patient(self.context, caller.decision, patient_id))
+            if answer is None:
+                raise HttpError(404, "no such Patient")
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "FHIR", 200, started, text, counts={"matches": 1})
+        log.info("FHIR %s %s -> 200", caller.describe(), request.url.path)
+        return _fhir_response(fhir.patient_resource(answer), 200, search.pretty)
+
+    def fhir_metadata(self, request: Request) -> Response:
+        """``GET /fhir/metadata``: the CapabilityStatement, to whoever may query."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                "metadata", params, "none"))
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "FHIR", 200, started, text)
+        return _fhir_response(fhir.capabilities(self.fhir_url(request)), 200, search.pretty)
 
     # -- WADO-RS ----------------------------------------------------------------------
 
@@ -671,6 +687,24 @@ def _fhir_response(body: dict[str, Any], status: int, pretty: bool = False) -> R
     return Response(text.encode("utf-8"), status, media_type=fhir.CONTENT_TYPE)
 
 
+def _fhir_parameters(request: Request,
+                     parse: Callable[[list[tuple[str, str]]], fhir.StudySearch]
+                     ) -> fhir.StudySearch:
+    """The parameters parsed (400 for bad ones, 406 for ``_format`` other than JSON),
+    and ``Accept`` checked unless ``_format`` overrides it (406)."""
+    params = request.query_params.multi_items()
+    try:
+        search = parse(params)
+    except fhir.BadSearch as exc:
+        raise HttpError(400, str(exc)) from None
+    except fhir.NotJson as exc:
+        raise HttpError(406, str(exc)) from None
+    if not any(name == "_format" for name, _ in params) and \
+            not fhir.json_accepted(request.headers.get("accept")):
+        raise HttpError(406, "only application/fhir+json is served")
+    return search
+
+
 def _is_fhir(request: Request) -> bool:
     path = request.url.path
     return path == FHIR_PATH or path.startswith(FHIR_PATH + "/")
@@ -752,6 +786,8 @@ def create_app(context: Context) -> Starlette:
     fhir_routes = [
         Route("/ImagingStudy", service.fhir_search, methods=["GET"]),
         Route("/ImagingStudy/{id}", service.fhir_read, methods=["GET"]),
+        Route("/Patient/{id}", service.fhir_patient, methods=["GET"]),
+        Route("/metadata", service.fhir_metadata, methods=["GET"]),
     ]
     app = Starlette(routes=[Mount(BASE_PATH, routes=routes), Mount(FHIR_PATH, routes=fhir_routes)],
                     exception_handlers={HttpError: _error_response,

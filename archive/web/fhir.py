@@ -43,7 +43,8 @@ from pydicom.valuerep import PersonName
 
 from acl.rules import Decision
 from archive.context import Context
-from archive.model import IMAGE, SERIES, STUDY
+from archive.model import IMAGE, PATIENT, SERIES, STUDY
+from archive.query import translate
 from archive.web import qido
 
 FHIR_JSON = "application/fhir+json"
@@ -70,6 +71,7 @@ STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "TimezoneOffsetFromU
 SERIES_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "Modality",
                "SeriesDescription", "SeriesDate", "SeriesTime", "BodyPartExamined",
                "NumberOfSeriesRelatedInstances")
+PATIENT_KEYS = ("PatientID", "PatientName", "PatientSex", "PatientBirthDate")
 INSTANCE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
                  "InstanceNumber")
 
@@ -168,9 +170,10 @@ def parse_search(params: Iterable[tuple[str, str]], max_results: int) -> StudySe
     return StudySearch(tuple(keys.items()), count, offset, nothing, tuple(echoed), pretty)
 
 
-def parse_read(resource_id: str, params: Iterable[tuple[str, str]]) -> StudySearch:
-    """The C-FIND keys of ``ImagingStudy/{id}`` (``_format`` and ``_pretty`` allowed);
-    an id no study can have matches nothing, as an unknown one."""
+def parse_read(resource_id: str, params: Iterable[tuple[str, str]],
+               keyword: str = "StudyInstanceUID") -> StudySearch:
+    """The C-FIND key of a read (``_format`` and ``_pretty`` allowed): ``keyword``
+    equal to the id; an id no entity can have matches nothing, as an unknown one."""
     pretty = False
     for name, value in params:
         if name not in _IGNORED:
@@ -178,8 +181,9 @@ def parse_read(resource_id: str, params: Iterable[tuple[str, str]]) -> StudySear
         if name == "_format" and value.strip().lower().split(";")[0] not in _JSON_FORMATS:
             raise NotJson(f"_format={value[:40]}: only JSON is served")
         pretty |= name == "_pretty" and value.strip().lower() == "true"
-    possible = _is_id(resource_id)
-    return StudySearch((("StudyInstanceUID", resource_id),) if possible else (), count=1,
+    possible = _is_id(resource_id) if keyword == "StudyInstanceUID" else \
+        bool(FHIR_ID.fullmatch(resource_id))
+    return StudySearch(((keyword, resource_id),) if possible else (), count=1,
                        nothing=not possible, pretty=pretty)
 
 
@@ -226,9 +230,9 @@ def _tokens(name: str, value: str) -> list[tuple[str | None, str]]:
         system, code = (None, pieces[0]) if len(pieces) == 1 else (pieces[0], pieces[1])
         if not code:
             raise BadSearch(f"{name}: {alternative[:60]!r} has no code")
-        if any(c in code for c in "*?\\"):
-            raise BadSearch(f"{name}: {code[:60]!r}: '*', '?' and '\\' are not searched "
-                            "for (FHIR token search is exact)")
+        if any(c in code for c in "*?\\") or code == '""':
+            raise BadSearch(f"{name}: {code[:60]!r}: '*', '?', '\\' and '\"\"' are not "
+                            "searched for (FHIR token search is exact)")
         tokens.append((system, code))
     return tokens
 
@@ -339,6 +343,15 @@ def studies(context: Context, decision: Decision, search: StudySearch
     series = list(_answers(context, decision, SERIES, within, SERIES_KEYS))
     instances = list(_answers(context, decision, IMAGE, within, INSTANCE_KEYS))
     return total, page, series, instances
+
+
+def patient(context: Context, decision: Decision, patient_id: str) -> Dataset | None:
+    """The Patient Root C-FIND answer of one patient the principal may see, or None."""
+    if not FHIR_ID.fullmatch(patient_id):
+        return None
+    identifier = qido.identifier(PATIENT, [("PatientID", patient_id)], PATIENT_KEYS)
+    query = translate(identifier, PATIENT, **context.query_options)
+    return next(iter(context.answers(decision, query, identifier, PATIENT)), None)
 
 
 # -- the resources ---------------------------------------------------------------------
@@ -545,6 +558,36 @@ def subject(patient_id: str | None, name: str | None) -> dict[str, Any]:
     return reference
 
 
+_GENDER = {"M": "male", "F": "female", "O": "other"}
+
+
+def patient_resource(answer: Dataset) -> dict[str, Any]:
+    """A Patient of a Patient Root C-FIND answer: ID, name, sex, birth date."""
+    patient_id = str(answer.PatientID).strip()
+    resource: dict[str, Any] = {"resourceType": "Patient", "id": patient_id,
+                                "identifier": [{"value": patient_id}]}
+    value = answer.get("PatientName")
+    text = person_name(value)
+    if text:
+        name = value if isinstance(value, PersonName) else PersonName(str(value))
+        human: dict[str, Any] = {"text": text}
+        if name.family_name.strip():
+            human["family"] = name.family_name.strip()
+        given = [p.strip() for p in (name.given_name, name.middle_name) if p.strip()]
+        if given:
+            human["given"] = given
+        for part, key in ((name.name_prefix, "prefix"), (name.name_suffix, "suffix")):
+            if part.strip():
+                human[key] = [part.strip()]
+        resource["name"] = [human]
+    sex = (_text(answer, "PatientSex") or "").upper()
+    resource["gender"] = _GENDER.get(sex, "unknown")
+    birth = date_time(_text(answer, "PatientBirthDate"), None, None)
+    if birth:
+        resource["birthDate"] = birth
+    return resource
+
+
 def resources(page: list[Dataset], series: list[Dataset], instances: list[Dataset],
               dicomweb_url: str) -> list[dict[str, Any]]:
     """The ImagingStudy of each study of ``page``, in its order."""
@@ -588,6 +631,45 @@ def bundle(found: list[dict[str, Any]], total: int, search: StudySearch, fhir_ur
     return result
 
 
+#: The search parameters of ImagingStudy, as the CapabilityStatement lists them.
+_SEARCH_PARAMETERS = (
+    ("patient", "reference", "ImagingStudy-patient",
+     "Patient/{PatientID} or the Patient ID alone (PatientID)"),
+    ("identifier", "token", "clinical-identifier",
+     "urn:oid:{StudyInstanceUID} (system urn:dicom:uid or none), else the AccessionNumber"),
+    ("started", "date", "ImagingStudy-started",
+     "dates (YYYY, YYYY-MM, YYYY-MM-DD) with eq, ge, le, gt, lt, sa, eb (StudyDate)"),
+    ("modality", "token", "ImagingStudy-modality",
+     f"{DCM}|code or the code alone (ModalitiesInStudy)"),
+    ("status", "token", "ImagingStudy-status", "every study is available"),
+    ("_id", "token", "Resource-id", "the StudyInstanceUID"),
+)
+#: When what :func:`capabilities` says last changed.
+CAPABILITIES_DATE = "2026-12-02"
+
+
+def capabilities(fhir_url: str) -> dict[str, Any]:
+    """The CapabilityStatement (``/metadata``): what this server does."""
+    return {
+        "resourceType": "CapabilityStatement", "status": "active",
+        "date": CAPABILITIES_DATE, "kind": "instance",
+        "software": {"name": "dicom-archive"},
+        "implementation": {"description": "ImagingStudy of a DICOM archive (C-FIND)",
+                           "url": fhir_url},
+        "fhirVersion": "4.0.1", "format": ["json"],
+        "rest": [{"mode": "server", "resource": [
+            {"type": "ImagingStudy",
+             "interaction": [{"code": "read"}, {"code": "search-type"}],
+             "searchParam": [
+                 {"name": name, "type": kind,
+                  "definition": f"http://hl7.org/fhir/SearchParameter/{definition}",
+                  "documentation": text}
+                 for name, kind, definition, text in _SEARCH_PARAMETERS]},
+            {"type": "Patient", "interaction": [{"code": "read"}]},
+        ]}],
+    }
+
+
 #: OperationOutcome issue type of each HTTP status (R4 valueset issue-type).
 _ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
                 405: "not-supported", 406: "not-supported", 500: "exception",
@@ -614,4 +696,5 @@ def json_accepted(accept: str | None) -> bool:
 
 
 __all__ = ["BadSearch", "NotJson", "StudySearch", "parse_search", "parse_read", "studies",
-           "resources", "bundle", "outcome", "endpoint", "imaging_study"]
+           "patient", "patient_resource", "resources", "bundle", "outcome", "endpoint",
+           "imaging_study", "capabilities"]

@@ -19,8 +19,10 @@ import requests
 from acl_clients import archive_cli, use_rules
 from fhir.resources import __fhir_version__
 from fhir.resources.bundle import Bundle
+from fhir.resources.capabilitystatement import CapabilityStatement
 from fhir.resources.imagingstudy import ImagingStudy
 from fhir.resources.operationoutcome import OperationOutcome
+from fhir.resources.patient import Patient
 from helpers import identifier, image_dataset, to_part10
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -287,6 +289,35 @@ def test_a_hidden_study_is_not_found_as_one_that_does_not_exist(
     assert get(node, f"/ImagingStudy/{corpus['C']}", "carol").status_code == 200
 
 
+def test_subjects_are_patients_she_may_read(node: Any, corpus: dict[str, str]) -> None:
+    for entry in search(node, [], "alice")["entry"]:
+        reference = entry["resource"]["subject"]["reference"]
+        answer = get(node, f"/{reference}", "alice")
+        assert answer.status_code == 200, answer.text
+        patient = Patient.parse_obj(answer.json())
+        assert f"Patient/{patient.id}" == reference
+        assert patient.identifier[0].value == patient.id
+        assert (patient.name[0].family, patient.name[0].given) == ("ALICE", ["X"])
+    hidden = get(node, "/Patient/BOB-1", "alice")
+    absent = get(node, "/Patient/NOBODY-1", "alice")
+    assert outcome(hidden, 404) == outcome(absent, 404)
+    assert hidden.content == absent.content
+    assert get(node, "/Patient/BOB-1", "admin").status_code == 200
+
+
+def test_the_capability_statement_names_what_is_served(node: Any) -> None:
+    answer = get(node, "/metadata", "alice")
+    assert answer.status_code == 200, answer.text
+    statement = CapabilityStatement.parse_obj(answer.json())
+    assert statement.fhirVersion == "4.0.1"
+    [rest] = statement.rest
+    served = {r.type: {i.code for i in r.interaction} for r in rest.resource}
+    assert served == {"ImagingStudy": {"read", "search-type"}, "Patient": {"read"}}
+    names = {p.name for p in rest.resource[0].searchParam}
+    assert names == {"patient", "identifier", "started", "modality", "status", "_id"}
+    outcome(get(node, "/metadata", "bob"), 403)
+
+
 def test_pages_follow_next_links_as_qido_offsets(node: Any, corpus: dict[str, str]) -> None:
     url: str | None = fhir_url(node) + "/ImagingStudy?_count=1&started=ge2000"
     ids, totals = [], set()
@@ -358,7 +389,7 @@ def test_refusals_are_operation_outcomes(node: Any, corpus: dict[str, str]) -> N
     assert "no Query rule for bob" in outcome(get(node, "/ImagingStudy", "bob"), 403)
     outcome(get(node, "/ImagingStudy", headers={"Accept": "application/fhir+xml"}), 406)
     outcome(get(node, "/ImagingStudy", params={"_format": "xml"}), 406)
-    outcome(get(node, "/Patient/ALICE-1"), 404)
+    outcome(get(node, "/Observation/1"), 404)  # no such resource type here
     outcome(requests.post(fhir_url(node) + "/ImagingStudy",
                           auth=("admin", PASSWORDS["admin"]), timeout=30), 405)
     # and the service goes on
