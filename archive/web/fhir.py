@@ -58,7 +58,7 @@ CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-typ
 #: The contained Endpoint every ImagingStudy refers to: the DICOMweb service.
 ENDPOINT_ID = "dicomweb"
 #: Studies in one page unless ``_count`` says otherwise (each carries its instances).
-DEFAULT_COUNT = 100
+DEFAULT_COUNT = 20
 #: FHIR ``id`` (R4 2.24.0.1): a UID made of digits and dots always fits.
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: What the archive takes as a UID (archive.web.app): never a wild card.
