@@ -255,8 +255,9 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, QUERY, "FHIR", started)
         try:
+            lenient = fhir.lenient(request.headers.get("prefer"))
             search = _fhir_parameters(request, lambda params: fhir.parse_search(
-                params, self.max_results))
+                params, self.max_results, lenient))
             self._available()
             total, page, series, instances = self._querying(
                 lambda: fhir.studies(self.context, caller.decision, search))

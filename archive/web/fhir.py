@@ -25,7 +25,7 @@ Search parameters (R4 ImagingStudy, ``http://hl7.org/fhir/R4/imagingstudy.html``
 Comma-separated values are alternatives (DICOM multiple value / UID list matching).
 Token values are exact: ``*``, ``?`` and ``\\`` are refused rather than taken as DICOM
 wild cards.  Any other parameter is refused (400, an OperationOutcome naming it): the
-server is strict, as FHIR's ``Prefer: handling=strict`` asks.
+server is strict unless ``Prefer: handling=lenient`` asks it to leave them out.
 """
 
 from __future__ import annotations
@@ -112,8 +112,12 @@ class StudySearch:
 # -- the search parameters -------------------------------------------------------------
 
 
-def parse_search(params: Iterable[tuple[str, str]], max_results: int) -> StudySearch:
-    """The C-FIND keys of an ImagingStudy search; raises BadSearch / NotJson."""
+def parse_search(params: Iterable[tuple[str, str]], max_results: int,
+                 lenient: bool = False) -> StudySearch:
+    """The C-FIND keys of an ImagingStudy search; raises BadSearch / NotJson.
+
+    ``lenient`` (``Prefer: handling=lenient``): unknown parameters are left out (and
+    out of the Bundle's links, which say what was searched) instead of refused."""
     params = list(params)
     if len(params) > 50:
         raise BadSearch("more than 50 search parameters")
@@ -125,6 +129,8 @@ def parse_search(params: Iterable[tuple[str, str]], max_results: int) -> StudySe
     echoed = []
     for name, value in params:
         if name not in _PARAMETERS:
+            if lenient:
+                continue
             raise BadSearch(f"unknown search parameter {name[:60]!r} (supported: "
                             + ", ".join(p for p in _PARAMETERS if ":" not in p) + ")")
         if name in seen and name != "started":
@@ -682,6 +688,12 @@ def outcome(status: int, message: str) -> dict[str, Any]:
         "severity": "fatal" if status >= 500 else "error",
         "code": _ISSUE_CODES.get(status, "processing"),
         "diagnostics": message or "error"}]}
+
+
+def lenient(prefer: str | None) -> bool:
+    """Whether a ``Prefer`` header asks for ``handling=lenient`` (R4 search 3.1.1.2)."""
+    return any(item.strip().lower().replace(" ", "") == "handling=lenient"
+               for item in (prefer or "").split(","))
 
 
 def json_accepted(accept: str | None) -> bool:

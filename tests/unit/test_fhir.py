@@ -120,6 +120,16 @@ def test_refusals(params: list[tuple[str, str]], message: str) -> None:
         fhir.parse_search(params, 100)
 
 
+def test_lenient_handling_leaves_unknown_parameters_out() -> None:
+    assert fhir.lenient("return=minimal, handling=lenient")
+    assert not fhir.lenient("handling=strict") and not fhir.lenient(None)
+    search = fhir.parse_search([("name", "DOE"), ("patient", "PAT-1")], 100, lenient=True)
+    assert search.keys == (("PatientID", "PAT-1"),)
+    assert search.params == (("patient", "PAT-1"),)
+    with pytest.raises(fhir.BadSearch, match="started"):  # a known one, malformed
+        fhir.parse_search([("started", "x")], 100, lenient=True)
+
+
 def test_other_formats_are_not_json() -> None:
     with pytest.raises(fhir.NotJson):
         fhir.parse_search([("_format", "xml")], 100)
