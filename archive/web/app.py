@@ -106,6 +106,7 @@ class Service:
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
         self.public_url = getattr(http, "public_url", "").rstrip("/")
+        self.fhir_timezone = getattr(http, "fhir_timezone", "")
 
     # -- who asks ---------------------------------------------------------------------
 
@@ -264,7 +265,8 @@ class Service:
         except HttpError as exc:
             self.audit(caller, "FHIR", exc.status, started, text, exc.message)
             raise
-        found = fhir.resources(page, series, instances, self.base_url(request))
+        found = fhir.resources(page, series, instances, self.base_url(request),
+                               self.fhir_timezone)
         body = fhir.bundle(found, total, search, self.fhir_url(request))
         self.audit(caller, "FHIR", 200, started, text, counts={"matches": len(page)})
         log.info("FHIR %s %s -> 200, %d of %d studies (%.1f ms)", caller.describe(),
@@ -287,7 +289,8 @@ class Service:
         except HttpError as exc:
             self.audit(caller, "FHIR", exc.status, started, text, exc.message)
             raise
-        [resource] = fhir.resources(page[:1], series, instances, self.base_url(request))
+        [resource] = fhir.resources(page[:1], series, instances, self.base_url(request),
+                                    self.fhir_timezone)
         self.audit(caller, "FHIR", 200, started, text, counts={"matches": 1})
         log.info("FHIR %s %s -> 200", caller.describe(), request.url.path)
         return _fhir_response(resource, 200, search.pretty)

@@ -83,7 +83,7 @@ _STARTED = re.compile(r"(?P<prefix>[a-z]{2})?(?P<year>\d{4})(?:-(?P<month>\d{2})
                       r"(?:-(?P<day>\d{2}))?)?(?P<time>T.*)?")
 _DATE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")
 _TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?")
-_OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
+_OFFSET = re.compile(r"([+-])(\d{2}):?(\d{2})")
 _JSON_FORMATS = ("json", "application/json", FHIR_JSON)
 
 
@@ -407,9 +407,9 @@ def person_name(value: Any) -> str | None:
 
 
 def date_time(date: str | None, time: str | None, offset: str | None) -> str | None:
-    """A FHIR dateTime of DICOM DA, TM and Timezone Offset From UTC: the time only with
-    an offset (FHIR requires a zone with a time), else the date alone; None when the
-    date is no calendar date."""
+    """A FHIR dateTime of DICOM DA, TM and a UTC offset (``+0100`` or ``+01:00``): the
+    time only with an offset (FHIR requires a zone with a time), else the date alone;
+    None when the date is no calendar date."""
     found = _DATE.fullmatch(date or "")
     if found is None:
         return None
@@ -449,7 +449,7 @@ def _coding(system: str, code: str | None) -> dict[str, str] | None:
     return {"system": system, "code": code} if code else None
 
 
-def _series(answer: Dataset, instances: list[Dataset]) -> dict[str, Any]:
+def _series(answer: Dataset, instances: list[Dataset], timezone: str) -> dict[str, Any]:
     resource: dict[str, Any] = {"uid": str(answer.SeriesInstanceUID).strip()}
     number = _unsigned(answer, "SeriesNumber")
     if number is not None:
@@ -465,7 +465,8 @@ def _series(answer: Dataset, instances: list[Dataset]) -> dict[str, Any]:
     body_part = _text(answer, "BodyPartExamined")
     if body_part:  # a DICOM CS term, no SNOMED code: the text only
         resource["bodySite"] = {"display": body_part}
-    started = date_time(_text(answer, "SeriesDate"), _text(answer, "SeriesTime"), None)
+    started = date_time(_text(answer, "SeriesDate"), _text(answer, "SeriesTime"),
+                        timezone)
     if started:
         resource["started"] = started
     listed = []
@@ -503,8 +504,9 @@ def resource_id(study_uid: str) -> str | None:
 
 
 def imaging_study(study: Dataset, series: list[Dataset], instances: list[Dataset],
-                  dicomweb_url: str) -> dict[str, Any]:
-    """One ImagingStudy of a study's C-FIND answer and its series' and instances'."""
+                  dicomweb_url: str, timezone: str = "") -> dict[str, Any]:
+    """One ImagingStudy of a study's C-FIND answer and its series' and instances';
+    ``timezone``: the UTC offset of times without one (``http.fhir_timezone``)."""
     uid = str(study.StudyInstanceUID).strip()
     resource: dict[str, Any] = {"resourceType": "ImagingStudy"}
     rid = resource_id(uid)
@@ -526,7 +528,7 @@ def imaging_study(study: Dataset, series: list[Dataset], instances: list[Dataset
     resource["subject"] = subject(_text(study, "PatientID"),
                                   person_name(study.get("PatientName")))
     started = date_time(_text(study, "StudyDate"), _text(study, "StudyTime"),
-                        _text(study, "TimezoneOffsetFromUTC"))
+                        _text(study, "TimezoneOffsetFromUTC") or timezone)
     if started:
         resource["started"] = started
     referrer = person_name(study.get("ReferringPhysicianName"))
@@ -544,7 +546,7 @@ def imaging_study(study: Dataset, series: list[Dataset], instances: list[Dataset
     by_series: dict[str, list[Dataset]] = {}
     for instance in instances:
         by_series.setdefault(_text(instance, "SeriesInstanceUID") or "", []).append(instance)
-    listed = [_series(s, by_series.get(_text(s, "SeriesInstanceUID") or "", []))
+    listed = [_series(s, by_series.get(_text(s, "SeriesInstanceUID") or "", []), timezone)
               for s in sorted(series, key=_series_order)
               if FHIR_ID.fullmatch(_text(s, "SeriesInstanceUID") or "")]
     if listed:
@@ -595,7 +597,7 @@ def patient_resource(answer: Dataset) -> dict[str, Any]:
 
 
 def resources(page: list[Dataset], series: list[Dataset], instances: list[Dataset],
-              dicomweb_url: str) -> list[dict[str, Any]]:
+              dicomweb_url: str, timezone: str = "") -> list[dict[str, Any]]:
     """The ImagingStudy of each study of ``page``, in its order."""
     series_of: dict[str, list[Dataset]] = {}
     for answer in series:
@@ -605,7 +607,7 @@ def resources(page: list[Dataset], series: list[Dataset], instances: list[Datase
         instances_of.setdefault(_text(answer, "StudyInstanceUID") or "", []).append(answer)
     return [imaging_study(study, series_of.get(_text(study, "StudyInstanceUID") or "", []),
                           instances_of.get(_text(study, "StudyInstanceUID") or "", []),
-                          dicomweb_url)
+                          dicomweb_url, timezone)
             for study in page]
 
 

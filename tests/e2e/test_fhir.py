@@ -61,6 +61,7 @@ def node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> 
         "acl": {"enabled": True, "refresh_seconds": 0.2},
         "auth": {"backend": "file", "users_file": str(users),
                  "throttle": {"user_failures": 1000, "peer_failures": 1000}},
+        "http": {"fhir_timezone": "+01:00"},
     })
     use_rules(running, RULES)
     return running
@@ -255,7 +256,7 @@ def test_a_study_is_read_by_its_id(node: Any, corpus: dict[str, str]) -> None:
     study = ImagingStudy.parse_obj(answer.json())
     assert study.id == corpus["A"]
     assert study.status == "available"
-    assert study.started.isoformat() == "2024-01-02"
+    assert study.started.isoformat() == "2024-01-02T10:15:00+01:00"  # http.fhir_timezone
     assert study.description == "study A"
     assert [(i.type.coding[0].code, i.value) for i in study.identifier if i.type] == \
         [("ACSN", "ACC-A")]

@@ -155,6 +155,9 @@ def test_reads() -> None:
     ("20240102", "10", "+0000", "2024-01-02T10:00:00+00:00"),
     ("20240102", "101500.123456", "+0530", "2024-01-02T10:15:00.123456+05:30"),
     ("20240102", "101500", None, "2024-01-02"),  # no zone: FHIR wants one with a time
+    ("20240102", "101500", "+01:00", "2024-01-02T10:15:00+01:00"),  # http.fhir_timezone
+    ("20240102", "101500", "+1400", "2024-01-02T10:15:00+14:00"),
+    ("20240102", "101500", "+1401", "2024-01-02"),
     ("2024.01.02", None, None, "2024-01-02"),  # ACR-NEMA
     ("20240102", "2560", "+0100", "2024-01-02"),
     ("20241301", "101500", "+0100", None),
@@ -227,6 +230,17 @@ def test_an_imaging_study_of_c_find_answers() -> None:
     [endpoint] = resource["contained"]
     assert endpoint["address"] == "https://pacs/dicom-web"
     assert resource["endpoint"] == [{"reference": "#dicomweb"}]
+
+
+def test_times_get_the_configured_zone() -> None:
+    resource = fhir.imaging_study(study(), [series(SeriesDate="20240102", SeriesTime="1016")],
+                                  [], "https://pacs/dicom-web", timezone="-05:00")
+    ImagingStudy.parse_obj(resource)
+    assert resource["started"] == "2024-01-02T10:15:00-05:00"
+    assert resource["series"][0]["started"] == "2024-01-02T10:16:00-05:00"
+    # the dataset's own offset, when an answer has one, wins
+    resource = fhir.imaging_study(study(TimezoneOffsetFromUTC="+0200"), [], [], "x", "-05:00")
+    assert resource["started"] == "2024-01-02T10:15:00+02:00"
 
 
 def test_odd_answers_still_make_valid_resources() -> None:
