@@ -88,7 +88,8 @@ def corpus(node: Any) -> dict[str, str]:
     for study, patient, number, modality, count, date, accession in plan:
         series = generate_uid()
         for n in range(count):
-            ds = image_dataset(patient_id=patient, patient_name=f"{patient[:-2]}^X",
+            name = "BJØRN^Ærø" if patient == "BOB-1" else f"{patient[:-2]}^X"
+            ds = image_dataset(patient_id=patient, patient_name=name,
                                study_uid=uids[study], series_uid=series, modality=modality,
                                SeriesNumber=number, InstanceNumber=n + 1, StudyDate=date,
                                AccessionNumber=accession, StudyDescription=f"study {study}",
@@ -287,7 +288,9 @@ def test_a_hidden_study_is_not_found_as_one_that_does_not_exist(
     drop = {"date", "content-length"}
     assert {k: v for k, v in hidden.headers.items() if k.lower() not in drop} == \
         {k: v for k, v in absent.headers.items() if k.lower() not in drop}
-    assert get(node, f"/ImagingStudy/{corpus['C']}", "admin").status_code == 200
+    seen = get(node, f"/ImagingStudy/{corpus['C']}", "admin")
+    assert seen.status_code == 200
+    assert seen.json()["subject"]["display"] == "Ærø BJØRN"  # UTF-8 names as stored
     assert get(node, f"/ImagingStudy/{corpus['C']}", "carol").status_code == 200
 
     def median(path: str) -> float:
