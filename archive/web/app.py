@@ -677,9 +677,12 @@ class RejectPathTricks:
             if b"%2f" in lowered or b"%5c" in lowered or b"%00" in lowered or any(
                     s in (b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e.")
                     for s in (seg.lower() for seg in segments)):
-                response = Response("path with an encoded slash, backslash or NUL, or a dot "
-                                    "segment: not a DICOMweb resource", 400,
-                                    media_type="text/plain")
+                message = "path with an encoded slash, backslash or NUL, or a dot segment"
+                if raw.startswith(FHIR_PATH.encode() + b"/"):
+                    response = _fhir_response(fhir.outcome(400, message), 400)
+                else:
+                    response = Response(f"{message}: not a DICOMweb resource", 400,
+                                        media_type="text/plain")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -417,6 +417,7 @@ def test_refusals_are_operation_outcomes(node: Any, corpus: dict[str, str]) -> N
     outcome(get(node, "/ImagingStudy", headers={"Accept": "application/fhir+xml"}), 406)
     outcome(get(node, "/ImagingStudy", params={"_format": "xml"}), 406)
     outcome(get(node, "/Observation/1"), 404)  # no such resource type here
+    assert "dot segment" in outcome(get(node, "/ImagingStudy/%2e%2e"), 400)
     outcome(requests.post(fhir_url(node) + "/ImagingStudy",
                           auth=("admin", PASSWORDS["admin"]), timeout=30), 405)
     # and the service goes on
