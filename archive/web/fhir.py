@@ -314,7 +314,9 @@ def _date_range(value: str) -> tuple[datetime.date | None, datetime.date | None]
 
 
 def _dicom_range(low: datetime.date | None, high: datetime.date | None) -> str:
-    text = "{:%Y%m%d}".format
+    def text(day: datetime.date) -> str:  # strftime's %Y may not pad years before 1000
+        return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
     if low is not None and low == high:
         return text(low)
     return f"{'' if low is None else text(low)}-{'' if high is None else text(high)}"
@@ -330,7 +332,7 @@ _ANSWER_SYNTAX = (False, True)  # explicit VR little endian
 
 def _answers(context: Context, decision: Decision, level: str,
              keys: Iterable[tuple[str, str]], returned: Iterable[str]) -> Iterator[Dataset]:
-    """C-FIND's answers (Study Root), as :func:`archive.web.qido.run` runs it."""
+    """C-FIND's answers (Study Root) to these keys, for the principal of ``decision``."""
     identifier = qido.identifier(level, keys, returned)
     query = translate(identifier, STUDY, **context.query_options)
     return context.answers(decision, query, identifier, STUDY, _ANSWER_SYNTAX)
@@ -370,8 +372,17 @@ def patient(context: Context, decision: Decision, patient_id: str) -> Dataset | 
 # -- the resources ---------------------------------------------------------------------
 
 
+def _get(ds: Dataset, keyword: str) -> Any:
+    """An answer's value, None when stored data pydicom cannot read back (an IS of
+    letters...): one odd attribute leaves a resource without it, never fails it."""
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     if not isinstance(value, str | PersonName | int | float) and hasattr(value, "__iter__"):
@@ -383,7 +394,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return []
     if isinstance(value, str):
@@ -397,7 +408,7 @@ def _unsigned(ds: Dataset, keyword: str) -> int | None:
     text = _text(ds, keyword)
     try:
         number = int(float(text)) if text is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     return number if number is not None and 0 <= number < 2**31 else None
 
@@ -533,12 +544,12 @@ def imaging_study(study: Dataset, series: list[Dataset], instances: list[Dataset
     if modalities:
         resource["modality"] = modalities
     resource["subject"] = subject(_text(study, "PatientID"),
-                                  person_name(study.get("PatientName")))
+                                  person_name(_get(study, "PatientName")))
     started = date_time(_text(study, "StudyDate"), _text(study, "StudyTime"),
                         _text(study, "TimezoneOffsetFromUTC") or timezone)
     if started:
         resource["started"] = started
-    referrer = person_name(study.get("ReferringPhysicianName"))
+    referrer = person_name(_get(study, "ReferringPhysicianName"))
     if referrer:
         resource["referrer"] = {"display": referrer}
     resource["endpoint"] = [{"reference": f"#{ENDPOINT_ID}"}]
@@ -581,7 +592,7 @@ def patient_resource(answer: Dataset) -> dict[str, Any]:
     patient_id = str(answer.PatientID).strip()
     resource: dict[str, Any] = {"resourceType": "Patient", "id": patient_id,
                                 "identifier": [{"value": patient_id}]}
-    value = answer.get("PatientName")
+    value = _get(answer, "PatientName")
     text = person_name(value)
     if text:
         name = value if isinstance(value, PersonName) else PersonName(str(value))

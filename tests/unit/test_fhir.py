@@ -12,7 +12,9 @@ from fhir.resources.capabilitystatement import CapabilityStatement
 from fhir.resources.imagingstudy import ImagingStudy
 from fhir.resources.operationoutcome import OperationOutcome
 from fhir.resources.patient import Patient
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from archive.model import STUDY
 from archive.query import translate
@@ -63,6 +65,7 @@ def test_parameters_become_c_find_keys(params: list[tuple[str, str]],
     (["lt2024-03-01"], "-20240229"),
     (["eb2024"], "-20231231"),
     (["ge2024-01", "lt2024-02-01", "le2024-12"], "20240101-20240131"),
+    (["0999-01-02"], "09990102"),
 ])
 def test_started_becomes_a_study_date_range(values: list[str], study_date: str) -> None:
     assert keys([("started", v) for v in values]) == {"StudyDate": study_date}
@@ -262,6 +265,15 @@ def test_odd_answers_still_make_valid_resources() -> None:
     [no_id] = build([study(StudyInstanceUID="1.2_3", PatientID="PAT 1")], [], [])
     assert "id" not in no_id
     assert no_id["subject"] == {"identifier": {"value": "PAT 1"}, "display": "DR JOHN Q DOE JR"}
+
+
+def test_values_pydicom_cannot_read_back_are_left_out() -> None:
+    """A C-FIND answer holds stored values as received: an IS of letters."""
+    odd = series()
+    del odd.SeriesNumber
+    odd[0x00200011] = RawDataElement(BaseTag(0x00200011), "IS", 4, b"1x2 ", 0, False, True)
+    [resource] = build([study()], [odd], [])
+    assert "number" not in resource["series"][0]
 
 
 def test_the_bundle_and_its_links() -> None:
