@@ -24,7 +24,7 @@ from fhir.resources.capabilitystatement import CapabilityStatement
 from fhir.resources.imagingstudy import ImagingStudy
 from fhir.resources.operationoutcome import OperationOutcome
 from fhir.resources.patient import Patient
-from helpers import identifier, image_dataset, to_part10
+from helpers import identifier, image_dataset, to_part10, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -370,6 +370,12 @@ def test_a_bearer_token_acts_for_its_user(node: Any, corpus: dict[str, str]) -> 
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json()["total"] == 2
+
+    def audited() -> Any:
+        return node.db.audit.find_one({"event": "FHIR", "principal": "alice",
+                                       "established": "bearer-token", "http_status": 200})
+    entry = wait_for(audited, 10)
+    assert entry["restricted"] and entry["request"].startswith("GET /fhir/ImagingStudy")
     wrong = requests.get(fhir_url(node) + "/ImagingStudy",
                          headers={"Authorization": f"Bearer {token[:-2]}xx"}, timeout=30)
     outcome(wrong, 401)
