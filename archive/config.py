@@ -235,6 +235,10 @@ class Http:
     #: ``https://pacs.example.org/dicom-web``): the base of the URLs in answers
     #: (RetrieveURL, BulkDataURI).  Empty: taken from each request.
     public_url: str = ""
+    #: The UTC offset (``+01:00``) of the DICOM dates and times the archive holds (the
+    #: modalities' zone): FHIR's ``started`` then carries StudyTime, which FHIR allows
+    #: only with a zone.  Empty: dates alone.
+    fhir_timezone: str = ""
     tls: HttpTls = field(default_factory=HttpTls)
     cors: Cors = field(default_factory=Cors)
     #: The web console (``archive.web.console``) at ``/`` on this port; false: DICOMweb only.
@@ -438,6 +442,10 @@ def _validate_http(http: Http) -> None:
     if http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
                                             http.public_url):
         raise ConfigError(f"http.public_url: {http.public_url!r} is not an http(s) URL")
+    if http.fhir_timezone and not re.fullmatch(r"[+-](0\d|1[0-3]):[0-5]\d|[+-]14:00",
+                                               http.fhir_timezone):
+        raise ConfigError(f"http.fhir_timezone: {http.fhir_timezone!r} is not a UTC offset "
+                          "(+HH:MM or -HH:MM, at most 14:00)")
     if http.tls.private_key and not http.tls.certificate:
         raise ConfigError("http.tls.private_key: given without http.tls.certificate")
     if http.viewer_url and not (re.fullmatch(r"https?://[^\s]+", http.viewer_url)

@@ -33,6 +33,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pymongo.errors import OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -46,13 +47,15 @@ from archive import bulkdata, rendering, transcode
 from archive.context import Context
 from archive.deletion import DeleteIncomplete
 from archive.query import QueryError
-from archive.web import multipart, negotiation, qido, stow, wado
+from archive.web import fhir, multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web")
 
 BASE_PATH = "/dicom-web"
+#: FHIR R4 (archive.web.fhir), on the same port.
+FHIR_PATH = "/fhir"
 #: A UID in a path: what the archive stores as UIDs (letters allowed, see
 #: archive.identifiers), never a wild card, a list, a slash or a dot segment.
 _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
@@ -105,6 +108,7 @@ class Service:
         http = getattr(context.cfg, "http", None)
         self.max_results = getattr(http, "max_results", qido.DEFAULT_MAX_RESULTS)
         self.public_url = getattr(http, "public_url", "").rstrip("/")
+        self.fhir_timezone = getattr(http, "fhir_timezone", "")
 
     # -- who asks ---------------------------------------------------------------------
 
@@ -213,7 +217,7 @@ class Service:
 
     def _answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
         """Up to ``limit`` answers, and whether there were more."""
-        try:
+        def collect() -> tuple[list[Any], bool]:
             results = qido.run(self.context, caller.decision, found)
             answers = []
             for answer in results:
@@ -221,6 +225,12 @@ class Service:
                     return answers, True
                 answers.append(answer)
             return answers, False
+        return self._querying(collect)
+
+    def _querying(self, call: Callable[[], Any]) -> Any:
+        """Run a C-FIND: 400 for what C-FIND refuses, 503 while the database is away."""
+        try:
+            return call()
         except qido.BadQuery as exc:
             raise HttpError(400, str(exc)) from None
         except QueryError as exc:
@@ -232,6 +242,95 @@ class Service:
             self.context.health.suspect(exc)
             raise HttpError(503, "database unavailable, retry later",
                             {"Retry-After": "5"}) from None
+
+    # -- FHIR -------------------------------------------------------------------------
+
+    def fhir_url(self, request: Request) -> str:
+        """The FHIR base: the DICOMweb base with its last path segment made ``fhir``."""
+        dicomweb = self.base_url(request)
+        root = dicomweb.rsplit("/", 1)[0] if "/" in dicomweb.split("://", 1)[1] \
+            else dicomweb
+        return root + FHIR_PATH
+
+    def fhir_search(self, request: Request) -> Response:
+        """``GET /fhir/ImagingStudy?...``: a searchset Bundle, as C-FIND answers."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            lenient = fhir.lenient(request.headers.get("prefer"))
+            search = _fhir_parameters(request, lambda params: fhir.parse_search(
+                params, self.max_results, lenient))
+            self._available()
+            total, page, series, instances = self._querying(
+                lambda: fhir.studies(self.context, caller.decision, search))
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        found = fhir.resources(page, series, instances, self.base_url(request),
+                               self.fhir_timezone)
+        body = fhir.bundle(found, total, search, self.fhir_url(request))
+        self.audit(caller, "FHIR", 200, started, text, counts={"matches": len(page)})
+        log.info("FHIR %s %s -> 200, %d of %d studies (%.1f ms)", caller.describe(),
+                 request.url.path, len(page), total, (time.perf_counter() - started) * 1000)
+        return _fhir_response(body, 200, search.pretty)
+
+    def fhir_read(self, request: Request) -> Response:
+        """``GET /fhir/ImagingStudy/{id}``: 404 for a study hidden or absent alike."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                request.path_params["id"], params))
+            self._available()
+            _, page, series, instances = self._querying(
+                lambda: fhir.studies(self.context, caller.decision, search))
+            if not page:
+                raise HttpError(404, "no such ImagingStudy")
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        [resource] = fhir.resources(page[:1], series, instances, self.base_url(request),
+                                    self.fhir_timezone)
+        self.audit(caller, "FHIR", 200, started, text, counts={"matches": 1})
+        log.info("FHIR %s %s -> 200", caller.describe(), request.url.path)
+        return _fhir_response(resource, 200, search.pretty)
+
+    def fhir_patient(self, request: Request) -> Response:
+        """``GET /fhir/Patient/{id}``: the patient of ``subject``, if she may see her."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            patient_id = request.path_params["id"]
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                patient_id, params, "PatientID"))
+            self._available()
+            answer = self._querying(
+                lambda: fhir.patient(self.context, caller.decision, patient_id))
+            if answer is None:
+                raise HttpError(404, "no such Patient")
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "FHIR", 200, started, text, counts={"matches": 1})
+        log.info("FHIR %s %s -> 200", caller.describe(), request.url.path)
+        return _fhir_response(fhir.patient_resource(answer), 200, search.pretty)
+
+    def fhir_metadata(self, request: Request) -> Response:
+        """``GET /fhir/metadata``: the CapabilityStatement, to whoever may query."""
+        started = time.perf_counter()
+        text = _request_text(request)
+        caller = self.caller(request, QUERY, "FHIR", started)
+        try:
+            search = _fhir_parameters(request, lambda params: fhir.parse_read(
+                "metadata", params, "none"))
+        except HttpError as exc:
+            self.audit(caller, "FHIR", exc.status, started, text, exc.message)
+            raise
+        self.audit(caller, "FHIR", 200, started, text)
+        return _fhir_response(fhir.capabilities(self.fhir_url(request)), 200, search.pretty)
 
     # -- WADO-RS ----------------------------------------------------------------------
 
@@ -640,31 +739,81 @@ class RejectPathTricks:
             if b"%2f" in lowered or b"%5c" in lowered or b"%00" in lowered or any(
                     s in (b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e.")
                     for s in (seg.lower() for seg in segments)):
-                response = Response("path with an encoded slash, backslash or NUL, or a dot "
-                                    "segment: not a DICOMweb resource", 400,
-                                    media_type="text/plain")
+                message = "path with an encoded slash, backslash or NUL, or a dot segment"
+                if raw.startswith(FHIR_PATH.encode() + b"/"):
+                    response = _fhir_response(fhir.outcome(400, message), 400)
+                else:
+                    response = Response(f"{message}: not a DICOMweb resource", 400,
+                                        media_type="text/plain")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
+def _fhir_response(body: dict[str, Any], status: int, pretty: bool = False) -> Response:
+    text = json.dumps(body, ensure_ascii=False, indent=2 if pretty else None,
+                      separators=None if pretty else (",", ":"))
+    return Response(text.encode("utf-8"), status, media_type=fhir.CONTENT_TYPE)
+
+
+def _fhir_parameters(request: Request,
+                     parse: Callable[[list[tuple[str, str]]], fhir.StudySearch]
+                     ) -> fhir.StudySearch:
+    """The parameters parsed (400 for bad ones, 406 for ``_format`` other than JSON),
+    and ``Accept`` checked unless ``_format`` overrides it (406)."""
+    params = request.query_params.multi_items()
+    try:
+        search = parse(params)
+    except fhir.BadSearch as exc:
+        raise HttpError(400, str(exc)) from None
+    except fhir.NotJson as exc:
+        raise HttpError(406, str(exc)) from None
+    if not any(name == "_format" for name, _ in params) and \
+            not fhir.json_accepted(request.headers.get("accept")):
+        raise HttpError(406, "only application/fhir+json is served")
+    return search
+
+
+def _is_fhir(request: Request) -> bool:
+    path = request.url.path
+    return path == FHIR_PATH or path.startswith(FHIR_PATH + "/")
+
+
+def _failure(request: Request, status: int, message: str,
+             headers: dict[str, str] | None = None) -> Response:
+    """Text for DICOMweb, an OperationOutcome for FHIR."""
+    if _is_fhir(request):
+        response = _fhir_response(fhir.outcome(status, message), status)
+        response.headers.update(headers or {})
+        return response
+    return Response(message + "\n", status, headers,
+                    media_type="text/plain; charset=utf-8")
+
+
 def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)
-    return Response(exc.message + "\n", exc.status, exc.headers,
-                    media_type="text/plain; charset=utf-8")
+    return _failure(request, exc.status, exc.message, exc.headers)
+
+
+def _routing_error(request: Request, exc: Exception) -> Response:
+    """No such route (404) or method (405)."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return _failure(request, exc.status_code, exc.detail, exc.headers)
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("%s %s: unexpected error", request.method, request.url.path,
                   exc_info=exc)
-    return Response(f"internal error: {type(exc).__name__}\n", 500,
-                    media_type="text/plain; charset=utf-8")
+    return _failure(request, 500, f"internal error: {type(exc).__name__}")
 
 
 def create_app(context: Context,
                pages: Callable[[Service], list[BaseRoute]] | None = None) -> Starlette:
-    """The ASGI application serving DICOMweb under :data:`BASE_PATH`, and beside it
-    the routes ``pages`` gives over the same service (the web console)."""
+    """The ASGI application serving DICOMweb under :data:`BASE_PATH`, FHIR under
+    :data:`FHIR_PATH`, and beside them the routes ``pages`` gives over the same service
+    (the web console)."""
     service = Service(context)
 
     def qido_route(path: str, level: str) -> Route:
@@ -709,9 +858,16 @@ def create_app(context: Context,
         Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}"
               "/thumbnail", service.thumbnail, methods=["GET"]),
     ]
-    app = Starlette(routes=[Mount(BASE_PATH, routes=routes),
+    fhir_routes = [
+        Route("/ImagingStudy", service.fhir_search, methods=["GET"]),
+        Route("/ImagingStudy/{id}", service.fhir_read, methods=["GET"]),
+        Route("/Patient/{id}", service.fhir_patient, methods=["GET"]),
+        Route("/metadata", service.fhir_metadata, methods=["GET"]),
+    ]
+    app = Starlette(routes=[Mount(BASE_PATH, routes=routes), Mount(FHIR_PATH, routes=fhir_routes),
                             *(pages(service) if pages is not None else [])],
-                    exception_handlers={HttpError: _error_response, Exception: _unexpected})
+                    exception_handlers={HttpError: _error_response,
+                                        HTTPException: _routing_error, Exception: _unexpected})
     app.add_middleware(RejectPathTricks)
     cors = getattr(getattr(context.cfg, "http", None), "cors", None)
     if cors is not None and cors.allow_origins:  # outermost: preflights never reach auth

@@ -222,6 +222,20 @@ def search(level: str, params: Iterable[tuple[str, str]], path_keys: dict[str, s
     return Search(level, identifier, limit, offset, fuzzy)
 
 
+def identifier(level: str, matching: Iterable[tuple[str, str]], returned: Iterable[str]
+               ) -> Dataset:
+    """A C-FIND identifier at ``level`` with exactly these matching keys (keyword, value
+    as a QIDO-RS parameter gives it) and return keys, without QIDO-RS's defaults."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level
+    for keyword, value in matching:
+        _put(ds, attribute_path(keyword), value, keyword)
+    for keyword in returned:
+        _put(ds, attribute_path(keyword), None, keyword)
+    return ds
+
+
 def _below(tag: int, level: str) -> bool:
     """Whether ``tag`` is an attribute of a level below ``level``: asked for with
     ``includefield`` it has no value to return, and is left out (as dcm4chee and Orthanc
@@ -283,4 +297,4 @@ def retrieve_url(data: dict[str, Any], level: str, base_url: str) -> str | None:
     return url
 
 
-__all__ = ["BadQuery", "QueryError", "Search", "search", "run", "to_json"]
+__all__ = ["BadQuery", "QueryError", "Search", "identifier", "search", "run", "to_json"]

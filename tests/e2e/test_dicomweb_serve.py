@@ -92,3 +92,11 @@ def test_public_url_is_the_base_of_every_url_in_answers(node_factory: Any) -> No
     assert metadata["7FE00010"]["BulkDataURI"] == (
         f"{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
         "/bulkdata/7FE00010")
+    # FHIR: its own base beside the DICOMweb one, the DICOMweb one as the endpoint
+    fhir = node.http_url.replace("/dicom-web", "/fhir")
+    bundle = requests.get(f"{fhir}/ImagingStudy", params={"patient": "PROXY-1",
+                                                          "_count": 1}, timeout=30).json()
+    [entry] = bundle["entry"]
+    assert entry["fullUrl"] == f"https://pacs.example.org/fhir/ImagingStudy/{ds.StudyInstanceUID}"
+    assert bundle["link"][0]["url"].startswith("https://pacs.example.org/fhir/ImagingStudy?")
+    assert entry["resource"]["contained"][0]["address"] == public

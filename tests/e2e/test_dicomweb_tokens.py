@@ -239,4 +239,10 @@ def test_the_database_away_is_503(node_factory: Any, private_ferretdb: Any,
     private_ferretdb.stop()
     answer = requests.get(url, headers=bearer(token), timeout=30)
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    # FHIR: the same answer, as an OperationOutcome
+    fhir = requests.get(away.http_url.replace("/dicom-web", "/fhir/ImagingStudy"),
+                        headers=bearer(token), timeout=30)
+    assert fhir.status_code == 503 and fhir.headers["retry-after"] == "5"
+    assert fhir.headers["content-type"].startswith("application/fhir+json")
+    assert fhir.json()["issue"][0]["code"] == "transient"
     assert away.running

@@ -38,6 +38,9 @@ def test_environment_port(tmp_path: Path) -> None:
     ({"base_path": "/x"}, "http.base_path: unknown key"),
     ({"public_url": "pacs.example.org/dicom-web"}, "http.public_url: .* is not an http"),
     ({"public_url": "https://pacs.example.org/dicom-web?x=1"}, "http.public_url"),
+    ({"fhir_timezone": "Europe/Paris"}, "http.fhir_timezone: .* is not a UTC offset"),
+    ({"fhir_timezone": "+14:30"}, "http.fhir_timezone"),
+    ({"fhir_timezone": "0100"}, "http.fhir_timezone"),
 ])
 def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
