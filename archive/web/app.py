@@ -62,7 +62,7 @@ _UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
 #: CORS (``http.cors``): what a viewer of another origin may send and read.  A
 #: preflight (OPTIONS) is answered by the middleware, before authentication.
 CORS_METHODS = ("GET", "POST", "DELETE")
-CORS_REQUEST_HEADERS = ("Authorization", "Accept", "Content-Type")
+CORS_REQUEST_HEADERS = ("Authorization", "Accept", "Content-Type", "Prefer")
 CORS_EXPOSED_HEADERS = ("Content-Type", "Content-Location", "Warning", "Retry-After",
                         "WWW-Authenticate")
 #: Audit status of each HTTP answer (the DIMSE status C-FIND / C-MOVE / C-STORE would
@@ -157,7 +157,8 @@ class Service:
         entry["http_status"] = http_status
         self.context.audit.record(entry)
 
-    def _available(self) -> None:
+    def available(self) -> None:
+        """HttpError 503 while the database is away (the health monitor says so)."""
         if not self.context.health.up:
             raise HttpError(503, "database unavailable, retry later", {"Retry-After": "5"})
 
@@ -198,8 +199,8 @@ class Service:
             except qido.BadQuery as exc:
                 raise HttpError(400, str(exc)) from None
             text = summarize(found.identifier)[:200]
-            self._available()
-            answers, more = self._answers(caller, found)
+            self.available()
+            answers, more = self.answers(caller, found)
         except HttpError as exc:
             self.audit(caller, "QIDO-RS", exc.status, started, text, exc.message)
             raise
@@ -215,7 +216,7 @@ class Service:
                  request.url.path, len(answers), (time.perf_counter() - started) * 1000)
         return Response(body, 200, headers, media_type=negotiation.DICOM_JSON)
 
-    def _answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
+    def answers(self, caller: Caller, found: qido.Search) -> tuple[list[Any], bool]:
         """Up to ``limit`` answers, and whether there were more."""
         def collect() -> tuple[list[Any], bool]:
             results = qido.run(self.context, caller.decision, found)
@@ -261,7 +262,7 @@ class Service:
             lenient = fhir.lenient(request.headers.get("prefer"))
             search = _fhir_parameters(request, lambda params: fhir.parse_search(
                 params, self.max_results, lenient))
-            self._available()
+            self.available()
             total, page, series, instances = self._querying(
                 lambda: fhir.studies(self.context, caller.decision, search))
         except HttpError as exc:
@@ -283,7 +284,7 @@ class Service:
         try:
             search = _fhir_parameters(request, lambda params: fhir.parse_read(
                 request.path_params["id"], params))
-            self._available()
+            self.available()
             _, page, series, instances = self._querying(
                 lambda: fhir.studies(self.context, caller.decision, search))
             if not page:
@@ -306,7 +307,7 @@ class Service:
             patient_id = request.path_params["id"]
             search = _fhir_parameters(request, lambda params: fhir.parse_read(
                 patient_id, params, "PatientID"))
-            self._available()
+            self.available()
             answer = self._querying(
                 lambda: fhir.patient(self.context, caller.decision, patient_id))
             if answer is None:
@@ -348,8 +349,8 @@ class Service:
         try:
             level, ident = self._target(request)
             accepted = negotiation.dicom_syntaxes(request.headers.get("accept"))
-            self._available()
-            selected = self._database(lambda: wado.items(
+            self.available()
+            selected = self.database(lambda: wado.items(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, f"no such {_NAMES[level]}")
@@ -357,7 +358,7 @@ class Service:
             boundary = multipart.new_boundary()
             body = multipart.coalesce(wado.multipart_body(
                 self.context.archive.files, selected, plan, boundary))
-            first = self._database(lambda: next(body))
+            first = self.database(lambda: next(body))
         except transcode.Undecodable as exc:
             log.error("WADO-RS %s: %s", request.url.path, exc)
             self.audit(caller, "WADO-RS", 406, started, text, str(exc))
@@ -385,10 +386,10 @@ class Service:
         try:
             level, ident = self._target(request)
             negotiation.json_accepted(request.headers.get("accept"))
-            self._available()
+            self.available()
             docs = wado.instances(self.context.finder, level, ident,
                                   caller.decision.instance_filter(), ("dataset",))
-            first = self._database(lambda: next(docs, None))
+            first = self.database(lambda: next(docs, None))
             if first is None:
                 raise HttpError(404, f"no such {_NAMES[level]}")
         except HttpError as exc:
@@ -452,8 +453,8 @@ class Service:
                 raise HttpError(400, str(exc)) from None
             if thumbnail and numbers is not None and len(numbers) > 1:
                 raise HttpError(400, "a thumbnail is of one frame")
-            self._available()
-            selected = self._database(lambda: wado.items(
+            self.available()
+            selected = self.database(lambda: wado.items(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, f"no such {_NAMES[level]}")
@@ -463,7 +464,7 @@ class Service:
                 wanted = numbers or ([1] if thumbnail else list(range(1, frames.count + 1)))
                 frames.check(wanted)
                 return "", (rendering.render(frames, n, options) for n in wanted)
-            _, images = self._database(
+            _, images = self.database(
                 lambda: self._read(selected[len(selected) // 2], read))
         except HttpError as exc:
             self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
@@ -494,8 +495,8 @@ class Service:
                 read, pixel_data = reader(request.path_params)
             except ValueError as exc:
                 raise HttpError(400, str(exc)) from None
-            self._available()
-            selected = self._database(lambda: wado.items(
+            self.available()
+            selected = self.database(lambda: wado.items(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, "no such instance")
@@ -505,7 +506,7 @@ class Service:
             media, syntax = negotiation.frame_representation(
                 request.headers.get("accept"), stored if compressed else ExplicitVRLittleEndian,
                 decodable=compressed and decodes and transcode.decodable(stored))
-            _, parts = self._database(lambda: self._read(
+            _, parts = self.database(lambda: self._read(
                 item, lambda fp: (syntax, read(fp, syntax))))
         except HttpError as exc:
             self.audit(caller, "WADO-RS", exc.status, started, text, exc.message)
@@ -538,7 +539,9 @@ class Service:
                             ) from None
         return syntax, itertools.chain(() if first is None else (first,), parts)
 
-    def _database(self, call: Callable[[], Any]) -> Any:
+    def database(self, call: Callable[[], Any]) -> Any:
+        """``call()``; a database failure becomes 503, and the health monitor hears
+        of it."""
         try:
             return call()
         except PyMongoError as exc:
@@ -558,9 +561,9 @@ class Service:
         caller = self.caller(request, DELETE, "DELETE", started)
         try:
             level, ident = self._target(request)
-            self._available()
+            self.available()
             try:
-                done = self._database(lambda: self.context.delete_as(caller.decision, level,
+                done = self.database(lambda: self.context.delete_as(caller.decision, level,
                                                                      ident))
             except DeleteIncomplete as exc:
                 self.context.health.suspect(exc.__cause__ or exc)
@@ -595,7 +598,7 @@ class Service:
                 check_uid(study, "study")
             boundary = _stow_boundary(request.headers.get("content-type", ""))
             negotiation.json_accepted(request.headers.get("accept"))
-            self._available()
+            self.available()
             results = await self._receive(request, caller, boundary, study)
         except HttpError as exc:
             await run_in_threadpool(self.audit, caller, "STOW-RS", exc.status, started,

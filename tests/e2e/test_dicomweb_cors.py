@@ -56,6 +56,7 @@ def test_preflight_from_the_allowed_origin_needs_no_credentials(cors_node: Any) 
     assert answer.headers["access-control-allow-origin"] == VIEWER
     allowed = answer.headers["access-control-allow-headers"].lower()
     assert "authorization" in allowed and "accept" in allowed
+    assert "prefer" in allowed  # FHIR's Prefer: handling=lenient
     assert "GET" in answer.headers["access-control-allow-methods"]
     assert "access-control-allow-credentials" not in answer.headers  # not configured
 

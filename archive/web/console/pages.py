@@ -213,8 +213,8 @@ class Console:
             found = qido.search(level, params, path_keys or {}, self.service.max_results)
         except qido.BadQuery as exc:
             raise HttpError(400, str(exc)) from None
-        self.service._available()
-        return self.service._answers(caller, found)
+        self.service.available()
+        return self.service.answers(caller, found)
 
     def _study(self, caller: Caller, study: str) -> Dataset:
         answers, _ = self._find(caller, STUDY, [
@@ -340,7 +340,7 @@ class Console:
             _, ident = wado.identifier(study_uid, series_uid, sop)
             docs = wado.instances(self.context.finder, IMAGE, ident,
                                   caller.decision.instance_filter(), ("dataset", "size"))
-            doc = self.service._database(lambda: next(docs, None))
+            doc = self.service.database(lambda: next(docs, None))
             if doc is None:
                 raise HttpError(404, "no such instance")
             dataset = doc.get("dataset") or {}
@@ -359,11 +359,11 @@ class Console:
         def render(caller: Caller) -> Response:
             study_uid, series_uid, sop = self._instance_path(request)
             _, ident = wado.identifier(study_uid, series_uid, sop)
-            selected = self.service._database(lambda: wado.items(
+            selected = self.service.database(lambda: wado.items(
                 self.context.finder, IMAGE, ident, caller.decision.instance_filter()))
             if not selected:
                 raise HttpError(404, "no such instance")
-            chunks = self.service._database(
+            chunks = self.service.database(
                 lambda: self._chunks(selected[0].file_id))
             return StreamingResponse(chunks, media_type="application/dicom", headers={
                 **HEADERS,
@@ -385,8 +385,8 @@ class Console:
     def dashboard(self, request: Request) -> Response:
         """Totals and charts over what the caller may query."""
         def render(caller: Caller) -> Response:
-            self.service._available()
-            figures = self.service._database(lambda: stats.compute(
+            self.service.available()
+            figures = self.service.database(lambda: stats.compute(
                 self.context.finder, caller.decision.instance_filter()))
             return self._html("dashboard.html", caller, stats=figures,
                               charts=figures.charts(),
