@@ -184,7 +184,9 @@ def _rgb(pixels: Any) -> Any:
 
 
 def _fit(image: Image.Image, viewport: tuple[int, int]) -> Image.Image:
-    """Scaled (keeping the aspect ratio) to fit the viewport, never enlarged past it."""
-    scale = min(viewport[0] / image.width, viewport[1] / image.height)
+    """Scaled down (keeping the aspect ratio) to fit the viewport; never enlarged: a
+    client scales up better than a server that would hold 8192 x 8192 pixels per
+    request (a cheap way to exhaust its memory)."""
+    scale = min(viewport[0] / image.width, viewport[1] / image.height, 1.0)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image

@@ -353,6 +353,8 @@ def test_window_viewport_quality_and_thumbnails(node: Any, images: dict[str, Dat
     assert levels[0] != levels[1]  # the window changes what is shown
     small = Image.open(BytesIO(get(base, viewport="64,32").content))
     assert max(small.size) <= 64 and small.size[1] <= 32
+    large = Image.open(BytesIO(get(base, viewport="4096,4096").content))
+    assert large.size == (ct.Columns, ct.Rows)  # never enlarged
     assert len(get(base, quality="10").content) < len(get(base, quality="100").content)
     thumbnail = Image.open(BytesIO(get(f"{url(node, ct)}/thumbnail").content))
     assert max(thumbnail.size) == 128
