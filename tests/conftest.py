@@ -116,8 +116,14 @@ class FerretDB:
                 pytest.fail(f"FerretDB did not start on port {self.port}:\n"
                             f"{self.log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.05)
-        self.client.admin.command("ping")
-        return self
+        while True:
+            try:  # a restart: the client's pool may still hold the killed server's sockets
+                self.client.admin.command("ping")
+                return self
+            except pymongo.errors.AutoReconnect:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def stop(self, timeout: float = 10, *, kill: bool = False) -> None:
         """Stop the server: SIGTERM (FerretDB then serves open connections for ~3 s
