@@ -97,8 +97,10 @@ UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "Series
           "IMAGE": "SOPInstanceUID"}
 
 #: Instances of the bulk series (cancel, streaming) and of the database-failure test.
+#: The node reads 100 documents per round trip and answers fast: the failure test needs
+#: enough round trips left after its first response that the database dies mid-query.
 BULK = 1000
-PRIVATE_BULK = 150
+PRIVATE_BULK = 1000
 
 
 # --- outcomes and identifiers -------------------------------------------------------
