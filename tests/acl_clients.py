@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 
@@ -74,6 +75,31 @@ def scu(node: Any, user: str | None = None, *, get: bool = False,
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def find_as(node: Any, level: str, user: str, password: str, **keys: Any) -> list[Dataset]:
+    """Study Root C-FIND answers as pynetdicom decodes them, acting for ``user`` with her
+    password (User Identity type 2) on an association of its own; asserts success."""
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    item = UserIdentityNegotiation()
+    item.user_identity_type = 2
+    item.primary_field = user.encode()
+    item.secondary_field = password.encode()
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
+    assert assoc.is_established
+    found = []
+    try:
+        for status, answer in assoc.send_c_find(identifier(level, **keys),
+                                                StudyRootQueryRetrieveInformationModelFind):
+            assert status.Status in (0xFF00, 0x0000), hex(status.Status)
+            if status.Status == 0xFF00:
+                found.append(answer)
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return found
 
 
 def c_find(assoc: Any, level: str, **keys: Any) -> tuple[int, list[Dataset], Dataset]:

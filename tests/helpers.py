@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
+import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -531,3 +533,19 @@ def identifier(level: str, **keys: Any) -> Dataset:
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def stow_body(files: list[bytes]) -> tuple[bytes, str]:
+    """A STOW-RS request body holding Part-10 ``files``, and its Content-Type."""
+    boundary = f"stow-{uuid.uuid4().hex}"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow(node: Any, files: list[bytes], auth: tuple[str, str] | None = None,
+         **headers: str) -> requests.Response:
+    """STOW-RS of ``files`` to the node's /studies."""
+    body, content_type = stow_body(files)
+    return requests.post(f"{node.http_url}/studies", data=body, auth=auth, timeout=120,
+                         headers={"Content-Type": content_type, **headers})

@@ -14,14 +14,13 @@ import html
 import re
 from typing import Any
 
+import helpers
 import pytest
 import requests
 from acl_clients import node_with_users
 from helpers import image_dataset, to_part10
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-
-from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -56,14 +55,7 @@ def start_node(module_node_factory: Any, tmp_path_factory: pytest.TempPathFactor
 
 
 def stow(node: Any, files: list[bytes]) -> None:
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
-    answer = requests.post(f"{node.http_url}/studies", data=body, auth=auth("admin"),
-                           timeout=60, headers={
-                               "Content-Type": 'multipart/related; type="application/dicom"; '
-                                               f"boundary={boundary}",
-                               "Accept": "application/dicom+json"})
+    answer = helpers.stow(node, files, auth=auth("admin"), Accept="application/dicom+json")
     assert answer.status_code == 200, answer.text
 
 

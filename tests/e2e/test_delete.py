@@ -27,7 +27,7 @@ from typing import Any
 import bcrypt
 import pytest
 import requests
-from acl_clients import archive_cli, use_rules
+from acl_clients import archive_cli, find_as, use_rules
 from conftest import FerretDB, node_environment
 from helpers import (
     CT_IMAGE,
@@ -43,7 +43,6 @@ from helpers import (
 )
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 from acl.users import write_users
@@ -86,28 +85,8 @@ def send(node: Any, paths: list[Path]) -> None:
 
 
 def find(node: Any, level: str, user: str = "admin", **keys: Any) -> list[Any]:
-    """C-FIND (Study Root) answers, as ``user`` with her password; asserts success."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title="DELTEST")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(FIND)
-    item = UserIdentityNegotiation()
-    item.user_identity_type = 2
-    item.primary_field = user.encode()
-    item.secondary_field = PASSWORDS[user].encode()
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
-    assert assoc.is_established
-    found = []
-    try:
-        for status, answer in assoc.send_c_find(identifier(level, **keys), FIND):
-            assert status.Status in (0xFF00, 0x0000), hex(status.Status)
-            if status.Status == 0xFF00:
-                found.append(answer)
-    finally:
-        assoc.release()
-        ae.shutdown()
-    return found
+    """C-FIND (Study Root) answers, acting for ``user`` with her password."""
+    return find_as(node, level, user, PASSWORDS[user], **keys)
 
 
 def check_clean(node: Any) -> None:

@@ -18,18 +18,15 @@ from typing import Any
 
 import pytest
 import requests
-from acl_clients import node_with_users
+from acl_clients import find_as, node_with_users
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from helpers import echoscu, identifier, image_dataset, to_part10
+from helpers import echoscu, image_dataset, stow_body, to_part10
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.pdu_primitives import UserIdentityNegotiation
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from archive.web.multipart import new_boundary, parse
+from archive.web.multipart import parse
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -66,34 +63,10 @@ def auth(user: str) -> tuple[str, str]:
     return (user, PASSWORDS[user])
 
 
-def stow_body(files: list[bytes]) -> tuple[bytes, str]:
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
-
 
 def c_find(node: Any, level: str, user: str = "admin", **keys: Any) -> list[Dataset]:
-    """C-FIND (Study Root) answers as pynetdicom decodes them, acting for ``user``."""
-    ae = AE(ae_title="WEBTEST")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(FIND)
-    item = UserIdentityNegotiation()
-    item.user_identity_type = 2
-    item.primary_field = user.encode()
-    item.secondary_field = PASSWORDS[user].encode()
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
-    assert assoc.is_established
-    found = []
-    try:
-        for status, answer in assoc.send_c_find(identifier(level, **keys), FIND):
-            assert status.Status in (0xFF00, 0x0000), hex(status.Status)
-            if status.Status == 0xFF00:
-                found.append(answer)
-    finally:
-        assoc.release()
-        ae.shutdown()
-    return found
+    """C-FIND (Study Root) answers, acting for ``user`` with her password."""
+    return find_as(node, level, user, PASSWORDS[user], **keys)
 
 
 def as_json(ds: Dataset) -> dict[str, Any]:

@@ -9,11 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-import requests
 from acl_clients import archive_cli, use_rules
-from helpers import image_dataset, to_part10
-
-from archive.web.multipart import new_boundary
+from helpers import image_dataset, stow, to_part10
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -27,19 +24,13 @@ def cors_node(module_node_factory: Any) -> Any:
         "auth": {"backend": "none"},
         "http": {"cors": {"allow_origins": [VIEWER]}}})
     files = [to_part10(image_dataset(patient_id=f"CORS-{n}")) for n in range(2)]
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
     use_rules(node, """
 rules:
   - {principal: viewer, service: Query}
   - {principal: viewer, service: Retrieve}
   - {principal: loader, service: Store}
 """)
-    stored = requests.post(f"{node.http_url}/studies", data=body, auth=("loader", "x"),
-                           headers={"Content-Type": 'multipart/related; type='
-                                    f'"application/dicom"; boundary={boundary}'},
-                           timeout=60)
+    stored = stow(node, files, auth=("loader", "x"))
     assert stored.status_code == 200, stored.text
     return node
 

@@ -20,7 +20,7 @@ import requests
 from acl_clients import node_with_users
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from helpers import image_dataset, to_part10
+from helpers import image_dataset, stow, to_part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -28,7 +28,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
-from archive.web.multipart import new_boundary, parse
+from archive.web.multipart import parse
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -53,14 +53,8 @@ def client(node: Any, user: str = "admin") -> DICOMwebClient:
                           session=create_session_from_user_pass(user, PASSWORDS[user]))
 
 
-def stow(node: Any, files: list[bytes]) -> None:
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
-    answer = requests.post(
-        f"{node.http_url}/studies", data=body, auth=("admin", PASSWORDS["admin"]),
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; '
-                                 f"boundary={boundary}"}, timeout=120)
+def store(node: Any, files: list[bytes]) -> None:
+    answer = stow(node, files, auth=("admin", PASSWORDS["admin"]))
     assert answer.status_code == 200, answer.text
 
 
@@ -79,7 +73,7 @@ def images(node: Any, testdata_files: list[Path]) -> dict[str, Dataset]:
         except Exception:  # noqa: BLE001 - pydicom cannot read it either: not a case
             continue
         chosen[str(ds.SOPInstanceUID)] = data
-    stow(node, list(chosen.values()))
+    store(node, list(chosen.values()))
     return {uid: dcmread(BytesIO(data)) for uid, data in chosen.items()}
 
 
@@ -254,7 +248,7 @@ def test_every_bulk_data_uri_resolves(node: Any, images: dict[str, Dataset]) -> 
 def test_restricted_user_gets_no_frame_or_bulk_data_of_hidden_instances(
         node: Any, images: dict[str, Dataset]) -> None:
     ds = image_dataset(patient_id="ALICE-7", study_uid=generate_uid())
-    stow(node, [to_part10(ds)])
+    store(node, [to_part10(ds)])
     hidden = next(iter(images.values()))  # pydicom's files are not ALICE-*
     alice = ("alice", PASSWORDS["alice"])
     mine = requests.get(f"{url(node, ds)}/frames/1", auth=alice, timeout=30)
@@ -283,7 +277,7 @@ def test_restricted_user_gets_no_frame_or_bulk_data_of_hidden_instances(
 def test_bad_frame_and_bulk_data_requests(node: Any, suffix: str, status: int, says: str
                                           ) -> None:
     ds = image_dataset(patient_id="BAD-1", study_uid=generate_uid())
-    stow(node, [to_part10(ds)])
+    store(node, [to_part10(ds)])
     answer = requests.get(url(node, ds) + suffix, auth=("admin", PASSWORDS["admin"]),
                           timeout=30)
     assert answer.status_code == status, answer.text
@@ -445,7 +439,7 @@ def test_an_instance_that_cannot_be_decoded_is_406_with_the_reason(node: Any) ->
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    stow(node, [buffer.getvalue()])
+    store(node, [buffer.getvalue()])
     admin = ("admin", PASSWORDS["admin"])
     answer = requests.get(url(node, ds), auth=admin, timeout=60, headers={
         "Accept": 'multipart/related; type="application/dicom"'})

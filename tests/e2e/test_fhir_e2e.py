@@ -17,22 +17,18 @@ from urllib.parse import parse_qsl, urlsplit
 import bcrypt
 import pytest
 import requests
-from acl_clients import archive_cli, use_rules
+from acl_clients import archive_cli, find_as, use_rules
 from fhir.resources import __fhir_version__
 from fhir.resources.bundle import Bundle
 from fhir.resources.capabilitystatement import CapabilityStatement
 from fhir.resources.imagingstudy import ImagingStudy
 from fhir.resources.operationoutcome import OperationOutcome
 from fhir.resources.patient import Patient
-from helpers import identifier, image_dataset, to_part10, wait_for
+from helpers import image_dataset, stow, to_part10, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.pdu_primitives import UserIdentityNegotiation
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 from acl.users import write_users
-from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -96,13 +92,7 @@ def corpus(node: Any) -> dict[str, str]:
                                SeriesDescription=f"{modality} {number}",
                                BodyPartExamined="CHEST")
             files.append(to_part10(ds))
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
-    answer = requests.post(
-        f"{node.http_url}/studies", data=body, auth=("admin", PASSWORDS["admin"]),
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; '
-                                 f"boundary={boundary}"}, timeout=60)
+    answer = stow(node, files, auth=("admin", PASSWORDS["admin"]))
     assert answer.status_code == 200, answer.text
     return uids
 
@@ -137,26 +127,8 @@ def outcome(answer: requests.Response, status: int) -> str:
 
 
 def c_find(node: Any, level: str, user: str = "admin", **keys: Any) -> list[Dataset]:
-    """C-FIND (Study Root) answers, acting for ``user``."""
-    ae = AE(ae_title="FHIRTEST")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(FIND)
-    item = UserIdentityNegotiation()
-    item.user_identity_type = 2
-    item.primary_field = user.encode()
-    item.secondary_field = PASSWORDS[user].encode()
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
-    assert assoc.is_established
-    found = []
-    try:
-        for status, answer in assoc.send_c_find(identifier(level, **keys), FIND):
-            assert status.Status in (0xFF00, 0x0000), hex(status.Status)
-            if status.Status == 0xFF00:
-                found.append(answer)
-    finally:
-        assoc.release()
-        ae.shutdown()
-    return found
+    """C-FIND (Study Root) answers, acting for ``user`` with her password."""
+    return find_as(node, level, user, PASSWORDS[user], **keys)
 
 
 def assert_equals_c_find(node: Any, bundle: dict[str, Any], user: str,

@@ -22,11 +22,9 @@ from typing import Any
 import pytest
 import requests
 from acl_clients import node_with_users
-from helpers import ROOT, free_port, port_open
+from helpers import ROOT, free_port, port_open, stow
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-
-from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -57,13 +55,7 @@ rules:
   - {{principal: anonymous, service: "*"}}
   - {{principal: alice, service: Query, pattern: {{PatientID: "{patient(FILES[0])}"}}}}
 """, {"http": {"cors": {"allow_origins": [f"http://127.0.0.1:{viewer_port}"]}}})
-    boundary = new_boundary()
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + Path(get_testdata_file(name)).read_bytes() + b"\r\n" for name in FILES
-    ) + f"--{boundary}--\r\n".encode()
-    stored = requests.post(f"{running.http_url}/studies", data=body, timeout=60, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    stored = stow(running, [Path(get_testdata_file(name)).read_bytes() for name in FILES])
     assert stored.status_code == 200, stored.text
     return running
 
