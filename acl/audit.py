@@ -140,6 +140,7 @@ class AuditLog:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._give_up_at = float("inf")
 
     def start(self) -> None:
         try:  # for `archive audit` on MongoDB; FerretDB scans anyway
@@ -160,10 +161,13 @@ class AuditLog:
             log.error("audit queue full, entry lost (%d so far): %s %s %s", self.lost,
                       entry.get("event"), entry.get("principal"), entry.get("request", ""))
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write everything queued, then stop the writer."""
+    def stop(self, timeout: float = 10.0, grace: float = 3.0) -> None:
+        """Write everything queued, then stop the writer.  Entries still unwritten
+        ``grace`` seconds from now are given up (logged as lost): a database that is
+        away must not hold the node's shutdown."""
         if self._thread is None:
             return
+        self._give_up_at = time.monotonic() + grace
         self._stopping.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout)
@@ -195,8 +199,10 @@ class AuditLog:
     def _write(self, entries: list[dict[str, Any]]) -> bool:
         """Insert a batch, retrying while the database is away; False: gave up, which
         happens only when stopping."""
-        delay, deadline = 0.1, float("inf")
+        delay = 0.1
         while True:
+            if self._stopping.is_set() and time.monotonic() > self._give_up_at:
+                return False
             try:
                 self.collection.insert_many(entries, ordered=False)
                 return True
@@ -205,9 +211,7 @@ class AuditLog:
                 if details.get("nInserted"):  # partly written: retry only the rest
                     failed = {e.get("index") for e in details.get("writeErrors", [])}
                     entries[:] = [e for i, e in enumerate(entries) if i in failed]
-                if self._stopping.is_set():
-                    deadline = min(deadline, time.monotonic() + 5.0)
-                if time.monotonic() > deadline:
+                if self._stopping.is_set() and time.monotonic() > self._give_up_at:
                     return False
                 log.warning("audit: %d entries not written yet: %s", len(entries), exc)
                 time.sleep(delay)

@@ -19,11 +19,10 @@ import requests
 from acl_clients import archive_cli, node_with_users
 from conftest import node_environment
 from dicomweb_client.api import DICOMwebClient
-from helpers import ROOT, image_dataset, to_part10, wait_for
+from helpers import ROOT, image_dataset, stow, to_part10, wait_for
 
 from acl import tokens
 from acl.users import write_users
-from archive.web.multipart import new_boundary
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -50,14 +49,8 @@ def corpus(node: Any) -> dict[str, str]:
     """One study of ALICE-1, one of BOB-1, stored by STOW-RS as admin (Basic)."""
     alice = image_dataset(patient_id="ALICE-1", patient_name="ALICE^A")
     bob = image_dataset(patient_id="BOB-1", patient_name="BOB^B")
-    boundary = new_boundary()
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + to_part10(ds) + b"\r\n" for ds in (alice, bob)) + \
-        f"--{boundary}--\r\n".encode()
-    answer = requests.post(
-        f"{node.http_url}/studies", data=body, auth=("admin", PASSWORDS["admin"]),
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; '
-                                 f"boundary={boundary}"}, timeout=60)
+    answer = stow(node, [to_part10(ds) for ds in (alice, bob)],
+                  auth=("admin", PASSWORDS["admin"]))
     assert answer.status_code == 200, answer.text
     return {"alice": alice.StudyInstanceUID, "bob": bob.StudyInstanceUID}
 
@@ -246,3 +239,7 @@ def test_the_database_away_is_503(node_factory: Any, private_ferretdb: Any,
     assert fhir.headers["content-type"].startswith("application/fhir+json")
     assert fhir.json()["issue"][0]["code"] == "transient"
     assert away.running
+    # the database back: the same token is good again, no restart of the node
+    private_ferretdb.start()
+    wait_for(lambda: requests.get(url, headers=bearer(token), timeout=30).status_code == 200,
+             10, interval=0.2, message="the token accepted again")

@@ -14,6 +14,7 @@ from typing import Any
 from unittest import mock
 
 import mongomock
+import pymongo
 import pytest
 from helpers import CT_IMAGE, MR_IMAGE, make_dataset, to_part10
 from pydicom import Dataset
@@ -511,6 +512,22 @@ def test_audit_writer_batches_and_flushes_at_stop() -> None:
     log.stop()
     assert db.audit.count_documents({}) == 100
     assert log.lost == 0
+
+
+def test_audit_writer_gives_up_within_its_grace_when_the_database_is_away() -> None:
+    """The node stops in bounded time with its database away; what was queued is lost,
+    counted and logged, whether one batch or many wait."""
+    client = pymongo.MongoClient("mongodb://127.0.0.1:1/", serverSelectionTimeoutMS=200,
+                                 connectTimeoutMS=200)
+    log = AuditLog(client["audit"], batch=2, linger=0.0)
+    log.start()
+    for n in range(9):
+        log.record({"time": n, "principal": "p", "event": "C-STORE", "kind": "operation"})
+    started = time.monotonic()
+    log.stop(grace=1.0)
+    assert time.monotonic() - started < 2.5
+    assert log.lost == 9
+    client.close()
 
 
 def test_audit_lines_and_since() -> None:
