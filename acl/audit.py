@@ -10,7 +10,8 @@ can absorb costs entries, each loss counted and logged.
 
 Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
 (A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
-C-GET, N-ACTION: a storage commitment request; QIDO-RS, WADO-RS, STOW-RS, DELETE,
+C-GET, N-ACTION: a storage commitment request; REJECT: a rejection note applied, PURGE:
+``archive rejected purge``; QIDO-RS, WADO-RS, STOW-RS, DELETE,
 HTTP-AUTH-RJ; CONSOLE: a page of the web console), ``principal``, ``established`` (how
 the principal was established: verified-user, claimed-user, ae-title, bearer-token,
 anonymous, refused, os-user) and ``basis`` (on what: backend, token id, AE title and

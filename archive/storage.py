@@ -87,6 +87,8 @@ from archive.levels import (
     normalised_fields,
 )
 from archive.model import IMAGE
+from archive.rejection import KINDS as REJECTION_KINDS
+from archive.rejection import SUBSEQUENT_OCCURRENCE, Rejecter
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ def ensure_indexes(db: Database, bucket: str = "fs") -> None:
                                          ("n", pymongo.ASCENDING)], unique=True)
     db[f"{bucket}.files"].create_index([("filename", pymongo.ASCENDING),
                                         ("uploadDate", pymongo.ASCENDING)])
+    Rejecter.ensure_indexes(db)
 
 
 # --- the archive -------------------------------------------------------------------
@@ -205,6 +208,8 @@ class Archive:
         self._active: set[str] = set()
         #: deletes (archive.deletion), journaled as stores are
         self.deleter = Deleter(self.levels, self.files, self.journal, self._active)
+        #: rejections (archive.rejection): deletes that keep the files, until purged
+        self.rejecter = Rejecter(db, self.levels, self.files, self.journal, self._active)
         #: Batched level updates of new instances (write_behind: seconds a batch may
         #: wait; 0: every store updates its level documents itself).
         self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
@@ -303,6 +308,10 @@ class Archive:
                admit: Admit | None) -> StoreOutcome:
         if admit is not None:
             admit(self.existing(ds, sop_uid))
+        rejected = self.rejecter.rejection_of(sop_uid)
+        if rejected is not None:  # until purged (dcm4chee-arc answers the same)
+            raise StoreRefused(SUBSEQUENT_OCCURRENCE, f"subsequent occurrence of rejected "
+                               f"object ({rejected.get('code', '?')})")
         file_id = ObjectId()
         key = str(file_id)
         size = part10_size(part10)
@@ -546,6 +555,8 @@ class Archive:
         must then be rebuilt."""
         if entry.get("kind") == DELETE_KIND:
             return self.deleter.settle(entry)
+        if entry.get("kind") in REJECTION_KINDS:
+            return self.rejecter.settle(entry)
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, {"file_id": 1})
