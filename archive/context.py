@@ -31,6 +31,7 @@ from archive.health import DatabaseHealth
 from archive.query import Query
 from archive.storage import (
     OUT_OF_RESOURCES,
+    Admit,
     Archive,
     Part10,
     StoreOutcome,
@@ -185,7 +186,7 @@ class Context:
             self.end_store()
 
     def _store_note(self, decision: Decision, note: rejection.Note, part10: Part10,
-                    source: str, ds: Dataset, rule: Rule, admit: Any) -> Stored:
+                    source: str, ds: Dataset, rule: Rule, admit: Admit | None) -> Stored:
         """Store a rejection note and reject what it references, both or neither
         (:mod:`archive.rejection`): the sender needs a Delete rule; restricted by its
         patterns, what they do not match is answered as what does not exist."""
@@ -196,10 +197,9 @@ class Context:
             return Stored(StoreOutcome(OUT_OF_RESOURCES, "database unavailable", note.sop),
                           rule, ds)
         try:
-            self.archive.flush()  # what this node acknowledged is counted: it can be judged
-            outcome, done = self.archive.rejecter.store_note(
-                note, may.instance_filter(), decision.principal,
-                lambda: self.archive.store(part10, source=source, ds=ds, admit=admit))
+            outcome, done = self.archive.store_note(note, may.instance_filter(),
+                                                    decision.principal, part10, source, ds,
+                                                    admit)
         except rejection.Refused as exc:
             return Stored(StoreOutcome(exc.status, exc.comment, note.sop), rule, ds)
         except PyMongoError as exc:  # before the note was stored: nothing done

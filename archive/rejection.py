@@ -146,7 +146,7 @@ def note_of(ds: Dataset) -> Note | None:
     code = (_text(title[0].get("CodeValue")), _text(title[0].get("CodingSchemeDesignator")))
     if code not in REASONS:
         return None
-    references: dict[str, Reference] = {}
+    references: dict[Reference, None] = {}  # in order; a repeated one counted once
     for study_item in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
         study = _text(study_item.get("StudyInstanceUID"))
         for series_item in study_item.get("ReferencedSeriesSequence") or []:
@@ -157,12 +157,12 @@ def note_of(ds: Dataset) -> Note | None:
                 if not all((ref.study, ref.series, ref.sop_class, ref.sop)):
                     raise Refused(CANNOT_UNDERSTAND, "rejection note: a reference lacks "
                                                      "a UID")
-                references.setdefault(ref.sop, ref)
+                references[ref] = None
     if not references:
         raise Refused(CANNOT_UNDERSTAND, "rejection note references no instance")
     return Note(_text(ds.get("SOPInstanceUID")), _text(ds.get("StudyInstanceUID")),
                 _text(ds.get("PatientID")), code[0], REASONS[code],
-                tuple(references.values()))
+                tuple(references))
 
 
 class Rejecter:
@@ -213,7 +213,7 @@ class Rejecter:
             if ref.study != note.study:
                 raise Refused(NO_SUCH_INSTANCE, "rejection failed: reference outside the "
                                                 "note's study", ref.sop)
-        sops = [ref.sop for ref in note.references]
+        sops = list(dict.fromkeys(ref.sop for ref in note.references))
         fields = projection({*fields_read(may_delete or {}), *HIERARCHY_PROJECTION,
                              "SOPClassUID"})
         found = {d["_id"]: d for d in self.levels.instances.find({"_id": {"$in": sops}},

@@ -88,7 +88,7 @@ from archive.levels import (
 )
 from archive.model import IMAGE
 from archive.rejection import KINDS as REJECTION_KINDS
-from archive.rejection import SUBSEQUENT_OCCURRENCE, Rejecter
+from archive.rejection import SUBSEQUENT_OCCURRENCE, Note, Rejecter, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,20 @@ class Archive:
         DeleteIncomplete when the database fails (the journal finishes the delete)."""
         try:
             return self.deleter.delete(instances)
+        finally:
+            if self.batches is not None:  # level documents may be gone: learn again
+                self.batches.forget()
+
+    def store_note(self, note: Note, may_delete: dict[str, Any] | None, by: str,
+                   part10: Part10, source: str, ds: Dataset, admit: Admit | None
+                   ) -> tuple[StoreOutcome, Rejection | None]:
+        """Store a rejection note and reject what it references, both or neither
+        (:meth:`Rejecter.store_note`; raises rejection.Refused, PyMongoError)."""
+        self.flush()  # what this process acknowledged is counted: it can be judged
+        try:
+            return self.rejecter.store_note(
+                note, may_delete, by, lambda: self.store(part10, source=source, ds=ds,
+                                                         admit=admit))
         finally:
             if self.batches is not None:  # level documents may be gone: learn again
                 self.batches.forget()

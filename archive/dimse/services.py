@@ -16,8 +16,14 @@ from pydicom.uid import UID
 from pymongo.errors import OperationFailure, PyMongoError
 from pynetdicom.events import Event
 
-from acl.audit import association_entry, operation_entry, requested_user, summarize
-from acl.rules import DELETE, ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule
+from acl.audit import (
+    association_entry,
+    operation_entry,
+    rejection_entry,
+    requested_user,
+    summarize,
+)
+from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule
 from archive.answers import Syntax
 from archive.dimse.common import MODELS, Serving, peer, status
 from archive.dimse.user_identity import principal_of
@@ -98,18 +104,11 @@ def handle_store(event: Event, node: Serving) -> Dataset:
 
 def _audit_rejection(node: Serving, event: Event, principal: str, done: Rejection,
                      started: float) -> None:
-    """A rejection note stored: one line and one audit entry (event REJECT, service
-    Delete) saying what it rejected."""
-    note = done.note
-    comment = f"{note.code} {note.meaning}" + (
-        "; finished by the journal" if done.deferred else "")
+    """A rejection note stored: one line and one audit entry saying what it rejected."""
     log.info("REJECT %s note=%s %s: %d instances of %d series rejected%s", peer(event),
-             note.sop, note.code, done.instances, done.series,
+             done.note.sop, done.note.code, done.instances, done.series,
              " (finished by the journal)" if done.deferred else "")
-    node.context.audit.record(operation_entry(
-        event.assoc, "REJECT", principal, DELETE, allowed=True, status=0x0000,
-        request=f"note={note.sop} study={note.study}", comment=comment,
-        counts={"instances": done.instances, "series": done.series}, started=started))
+    node.context.audit.record(rejection_entry(event.assoc, principal, done, started))
 
 
 def _identifier(event: Event) -> Dataset:

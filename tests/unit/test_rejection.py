@@ -97,7 +97,7 @@ FLAWS = ("none", "none", "none", "unknown", "other series", "other study", "othe
 reference = st.tuples(st.integers(0, 3), st.sampled_from(FLAWS))
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(refs=st.lists(reference, min_size=1, max_size=3), patient=st.sampled_from(PATIENTS),
        note_claims_another_patient=st.booleans(), restricted=st.booleans())
