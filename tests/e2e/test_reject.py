@@ -14,6 +14,7 @@ rejected list`` shows it, ``archive rejected purge`` deletes it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from io import BytesIO
@@ -302,3 +303,23 @@ def test_who_may_reject(node: Any) -> None:
     assert study_counts(node, mine) == (2, 2, ["CT", "KO"])
     audit = archive_cli(node, "audit", "--user", "curator", "--limit", "10")
     assert "REJECT Delete allowed 0x0000 instances=1" in audit.stdout, audit.stdout
+
+
+def test_archive_import_applies_a_rejection_note(node: Any, tmp_path: Path) -> None:
+    study_uid, (series,) = study("IOCM-4", 2)
+    stored(node, "admin", series)
+    kos = note("IOCM-4", study_uid, series[:1], "113038")
+    path = tmp_path / "note.dcm"
+    path.write_bytes(to_part10(kos))
+    result = archive_cli(node, "import", str(path))
+    assert result.returncode == 0 and "stored 1, skipped 0, failed 0" in result.stdout, (
+        result.stdout + result.stderr)
+    wait_for(lambda: settled_counters(node.db) == [], 30)
+    assert study_counts(node, study_uid) == (2, 2, ["CT", "KO"])  # 1 image, the note
+    listed = archive_cli(node, "rejected", "list", "PatientID=IOCM-4", "--json")
+    [row] = json.loads(listed.stdout)["rejected"]
+    assert (row["SOPInstanceUID"], row["code"], row["meaning"], row["by"][:15]) == (
+        str(series[0].SOPInstanceUID), "113038", "Incorrect Modality Worklist Entry",
+        "archive import ")
+    again = archive_cli(node, "import", str(path))  # the same note: refused, a failed file
+    assert again.returncode == 1 and "0xA770 rejection note already received" in again.stderr
