@@ -84,6 +84,8 @@ CANNOT_UNDERSTAND = 0xC000
 COLLECTION = "rejected"
 REJECT_KIND, PURGE_KIND = "reject", "purge"
 KINDS = frozenset({REJECT_KIND, PURGE_KIND})
+#: MongoDB's (and FerretDB's) duplicate key error code.
+DUPLICATE_KEY = 11000
 #: Rejected documents per purge journal entry.
 PURGE_BATCH = 1000
 #: Seconds a node trusts that nothing was ever rejected (re-sends are then not looked
@@ -307,9 +309,15 @@ class Rejecter:
                  "by": entry["by"], "at": datetime.datetime.fromisoformat(entry["at"])}
         docs = list(self.levels.instances.find({"_id": {"$in": [p[0] for p in pairs]},
                                                 "file_id": {"$in": [p[1] for p in pairs]}}))
-        for doc in docs:
-            self.rejected.replace_one({"_id": doc["_id"]}, {**doc, "rejection": stamp},
-                                      upsert=True)
+        if docs:  # one round trip; a replay finds those it had copied already
+            try:
+                self.rejected.insert_many([{**doc, "rejection": stamp} for doc in docs],
+                                          ordered=False)
+            except pymongo.errors.BulkWriteError as exc:
+                if any(e.get("code") != DUPLICATE_KEY for e in
+                       exc.details.get("writeErrors", ())) or exc.details.get(
+                        "writeConcernErrors"):
+                    raise
         return self.levels.instances.delete_many(
             {"_id": {"$in": [d["_id"] for d in docs]},
              "file_id": {"$in": [d["file_id"] for d in docs]}}).deleted_count

@@ -198,12 +198,18 @@ def _note_for(members: list[Dataset]) -> Dataset:
         for d in members])
 
 
+@pytest.mark.parametrize("step", ["copied", "taken out"])
 def test_the_database_failing_after_the_note_is_stored_is_finished_by_the_journal(
-        tmp_path: Path) -> None:
+        tmp_path: Path, step: str) -> None:
+    """The copies to ``rejected`` not written, or written and the instance documents
+    not deleted yet: the replay finishes either."""
     archive, stored = new_archive(tmp_path)
     members = _first_series(stored)
     rejecter = archive.rejecter
-    rejecter.rejected = Raising(rejecter.rejected, "replace_one", AutoReconnect("gone"))
+    if step == "copied":
+        rejecter.rejected = Raising(rejecter.rejected, "insert_many", AutoReconnect("gone"))
+    else:
+        archive.instances = Raising(archive.instances, "delete_many", AutoReconnect("gone"))
 
     outcome, done = store_note(archive, _note_for(members))
 
