@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import requests
 from acl_clients import archive_cli, c_find, c_get, scu, use_rules
+from dicomweb_client.api import DICOMwebClient
 from helpers import (
     CT_IMAGE,
     MR_IMAGE,
@@ -323,3 +324,21 @@ def test_archive_import_applies_a_rejection_note(node: Any, tmp_path: Path) -> N
         "archive import ")
     again = archive_cli(node, "import", str(path))  # the same note: refused, a failed file
     assert again.returncode == 1 and "0xA770 rejection note already received" in again.stderr
+
+
+def test_a_note_sent_by_stow_rs(node: Any) -> None:
+    """dicomweb-client's STOW-RS, acting for curator: her Delete rules apply as on C-STORE."""
+    study_uid, (series,) = study("TRIAL42-8", 2)
+    stored(node, "admin", series)
+    session = requests.Session()
+    session.auth = ("curator", "x")
+    client = DICOMwebClient(node.http_url, session=session)
+    kos = note("TRIAL42-8", study_uid, series[:1], "113037")
+    answer = client.store_instances([dcmread(BytesIO(to_part10(kos)))])
+    assert "FailedSOPSequence" not in answer
+    wait_for(lambda: settled_counters(node.db) == [], 30)
+    assert study_counts(node, study_uid) == (2, 2, ["CT", "KO"])
+    assert node.db.rejected.find_one({"_id": str(series[0].SOPInstanceUID)})[
+        "rejection"]["by"] == "curator"
+    audit = archive_cli(node, "audit", "--user", "curator", "--limit", "10")
+    assert "REJECT Delete allowed 0x0000 instances=1 series=1" in audit.stdout, audit.stdout
