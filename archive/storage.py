@@ -539,6 +539,8 @@ class Archive:
         taken back -- its instance document and file deleted, the previous version, if
         there was one, indexed again from its own original, the level documents rebuilt.
         ``delete``: finished (:meth:`Deleter.settle`), the level documents rebuilt.
+        ``reject`` / ``purge``: finished, or a rejection whose note was never stored
+        dropped (:meth:`Rejecter.settle`).
         Entries of stores still running (in this process, or another live one) are left.
         Raises PyMongoError, keeping the journal, while the database is unreachable.
         """
