@@ -198,6 +198,10 @@ def test_a_note_sent_by_storescu_hides_its_instances_until_purged(node: Any,
     assert "purged 4 rejected instances of 1 studies" in purged.stdout
     assert node.db["fs.files"].count_documents({}) == files_before - 4 + 1
     assert node.db.rejected.count_documents({"StudyInstanceUID": study_uid}) == 0
+    audited = node.db.audit.find_one({"event": "PURGE", "request": {
+        "$regex": f"StudyInstanceUID={re.escape(study_uid)}$"}})
+    assert (audited["service"], audited["status"], audited["counts"]["instances"],
+            audited["established"]) == ("Delete", 0, 4, "os-user")
     assert send(node, "admin", bad[0]) == [(0x0000, "")]
     wait_for(lambda: settled_counters(node.db) == [], 30)
     assert study_counts(node, study_uid) == (3, 4, ["CT", "KO"])
