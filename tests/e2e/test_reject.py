@@ -14,8 +14,12 @@ rejected list`` shows it, ``archive rejected purge`` deletes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import re
+import threading
+import time
 from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
@@ -346,3 +350,40 @@ def test_a_note_sent_by_stow_rs(node: Any) -> None:
         "rejection"]["by"] == "curator"
     audit = archive_cli(node, "audit", "--user", "curator", "--limit", "10")
     assert "REJECT Delete allowed 0x0000 instances=1 series=1" in audit.stdout, audit.stdout
+
+
+def test_a_node_killed_in_the_middle_of_a_rejection_leaves_both_or_neither(
+        node_factory: Any) -> None:
+    """SIGKILL at a random instant after the rejection's journal entry appears: after the
+    restart's journal replay, the note is stored and every instance rejected, or neither,
+    and every count is exact."""
+    victim = node_factory()
+    study_uid, (series,) = study("IOCM-KILL", 200)
+    with association(victim, CONTEXTS) as assoc:
+        assert {int(assoc.send_c_store(dcmread(BytesIO(to_part10(ds)))).Status)
+                for ds in series} == {0}
+    wait_for(lambda: settled_counters(victim.db) == [], 30)
+    kos = note("IOCM-KILL", study_uid, series)
+
+    def sender() -> None:
+        with contextlib.suppress(Exception):  # the association dies with the node
+            send(victim, "admin", kos)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    wait_for(lambda: list(victim.journal.glob("reject-*.json")), 30, interval=0.001)
+    delay = random.uniform(0, 0.25)  # the rejection takes ~0.4 s here: in its middle
+    print(f"node killed {delay:.2f} s after the rejection's journal entry appeared")
+    time.sleep(delay)
+    victim.kill()
+    thread.join(30)
+    victim.launch()
+    wait_for(lambda: not victim.journal_pending(), 30)
+    note_stored = victim.db.instances.find_one({"_id": str(kos.SOPInstanceUID)}) is not None
+    rejected = victim.db.rejected.count_documents({"StudyInstanceUID": study_uid})
+    left = victim.db.instances.count_documents({"SeriesInstanceUID": str(
+        series[0].SeriesInstanceUID)})
+    print(f"after the replay ({'journal replayed' in victim.log()}): note stored "
+          f"{note_stored}, {rejected} instances rejected")
+    assert (rejected, left) == ((200, 0) if note_stored else (0, 200))
+    assert settled_counters(victim.db) == [] and consistency_problems(victim.db) == []
