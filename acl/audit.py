@@ -10,7 +10,8 @@ can absorb costs entries, each loss counted and logged.
 
 Entry fields: ``time`` (UTC), ``kind`` (association | operation), ``event``
 (A-ASSOCIATE, A-RELEASE, A-ABORT, A-ASSOCIATE-RJ, C-ECHO, C-STORE, C-FIND, C-MOVE,
-C-GET, N-ACTION: a storage commitment request; QIDO-RS, WADO-RS, STOW-RS, DELETE,
+C-GET, N-ACTION: a storage commitment request; REJECT: a rejection note applied, PURGE:
+``archive rejected purge``; QIDO-RS, WADO-RS, STOW-RS, DELETE,
 HTTP-AUTH-RJ; CONSOLE: a page of the web console), ``principal``, ``established`` (how
 the principal was established: verified-user, claimed-user, ae-title, bearer-token,
 anonymous, refused, os-user) and ``basis`` (on what: backend, token id, AE title and
@@ -30,7 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pymongo.collection import Collection
@@ -39,6 +40,9 @@ from pymongo.errors import PyMongoError
 
 from acl.identity import ATTRIBUTE as PRINCIPAL_ATTRIBUTE
 from acl.identity import TOKEN
+
+if TYPE_CHECKING:
+    from archive.rejection import Rejection
 
 log = logging.getLogger("acl.audit")
 
@@ -96,6 +100,19 @@ def operation_entry(assoc: Any, event: str, principal: str, service: str, *,
     if started is not None:
         entry["ms"] = round((time.perf_counter() - started) * 1000, 1)
     return entry
+
+
+def rejection_entry(peer: Any, principal: str, done: Rejection,
+                    started: float | None = None) -> dict[str, Any]:
+    """The entry of a rejection note applied (event REJECT, service Delete): the note,
+    the reason and what it rejected; ``peer`` as for :func:`operation_entry`."""
+    note = done.note
+    return operation_entry(
+        peer, "REJECT", principal, "Delete", allowed=True, status=0x0000,
+        request=f"note={note.sop} study={note.study}",
+        comment=f"{note.code} {note.meaning}" + ("; finished by the journal"
+                                                 if done.deferred else ""),
+        counts={"instances": done.instances, "series": done.series}, started=started)
 
 
 def summarize(identifier: Dataset | None) -> str:

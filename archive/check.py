@@ -3,8 +3,9 @@
 The instance documents and the GridFS files are the truth; everything else is derived
 from them and can be rebuilt:
 
-- every GridFS file belongs to an instance document, and has all its chunks; every
-  instance document names a whole file;
+- every GridFS file belongs to an instance document (or a rejected one, kept until
+  purged: :mod:`archive.rejection`), and has all its chunks; every instance document
+  names a whole file;
 - every series, study and patient document exists exactly when an instance is below
   it, with the counters, child lists, Modalities / SOP Classes in Study, per-value
   counts and attribute variants its instances give.
@@ -97,7 +98,8 @@ def _check_files(archive: Archive, instances: list[dict[str, Any]], report: Repo
     chunks: dict[Any, set[int]] = defaultdict(set)
     for chunk in archive.files.chunks.find({}, {"files_id": 1, "n": 1}):
         chunks[chunk["files_id"]].add(chunk["n"])
-    referenced = {inst["file_id"] for inst in instances}
+    referenced = {inst["file_id"] for inst in instances} | {
+        doc["file_id"] for doc in archive.rejecter.rejected.find({}, {"file_id": 1})}
     cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=grace)
     for inst in instances:
         if inst["file_id"] not in files:

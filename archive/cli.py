@@ -395,6 +395,127 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+# --- rejected ----------------------------------------------------------------------
+
+
+def _configure_rejected(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "purge"),
+                        help="list the rejected instances, or purge them (delete their "
+                             "documents and files)")
+    parser.add_argument("keys", nargs="*", metavar="KEY=VALUE",
+                        help="C-FIND keys selecting among them, as for delete (none: all)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="purge: list what would be purged; purge nothing")
+    parser.add_argument("--yes", action="store_true",
+                        help="purge: do not ask before purging more than one study")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("rejected", _configure_rejected)
+def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
+    """List or purge the instances rejection notes (IHE IOCM) rejected.
+
+    Runs as the local administrator, as delete does; a purge is audited (PURGE)."""
+    import time
+
+    from acl import audit
+    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
+    from archive.model import IMAGE
+    from archive.storage import Archive, connect, ensure_indexes
+
+    name = f"rejected {args.action}"
+    raw: dict[str, str] = {}
+    compiled = None
+    for item in args.keys:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise PatternError(f"{item!r}: expected KEY=VALUE")
+            raw.setdefault(key_name(parse_key(key)), value)
+            compiled = compile_pattern(to_json(raw))
+        except PatternError as exc:
+            return _usage(name, str(exc))
+    exact = compiled.filters[IMAGE] if raw and compiled is not None else None
+    request = " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)"
+    started = time.perf_counter()
+    purged, error = 0, ""
+    with database(cfg, existing=args.action == "list") as opened:
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            db = client[cfg.database.name]
+            archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
+                              cfg.journal, cfg.hierarchy_conflicts)
+            if args.action == "purge":
+                ensure_indexes(db, cfg.database.gridfs_bucket)
+                if archive.pending():  # an interrupted rejection or purge: finished first
+                    archive.reconcile()
+            found = archive.rejecter.select(exact)
+            studies = {d["StudyInstanceUID"] for d in found}
+            if args.json and (args.action == "list" or args.dry_run):
+                print(json.dumps({"database": opened.as_dict(), "rejected": [
+                    _rejected_row(d) for d in found]}, indent=2, default=str))
+            elif not args.json:
+                print(opened.describe())
+                for doc in found:
+                    row = _rejected_row(doc)
+                    print(f"  patient {row['PatientID']!r} study {row['StudyInstanceUID']} "
+                          f"series {row['SeriesInstanceUID']} instance {row['SOPInstanceUID']}"
+                          f": {row['code']} {row['meaning']}, {row['at']} by {row['by']} "
+                          f"(note {row['note']})")
+            what = f"{len(found)} rejected instances of {len(studies)} studies"
+            if args.action == "list":
+                if not args.json:
+                    print(what)
+                return 0
+            if not found:
+                print(f"archive {name}: no rejected instance matches {request}",
+                      file=sys.stderr)
+                return 1
+            if args.dry_run:
+                if not args.json:
+                    print(f"dry run: would purge {what}; nothing purged")
+                return 0
+            if len(studies) > 1 and not args.yes and not _confirm(f"Purge {what}?"):
+                print(f"archive {name}: nothing purged (more than one study: confirm, or "
+                      "give --yes)", file=sys.stderr)
+                return 1
+            try:
+                purged = archive.rejecter.purge(found)
+            except PyMongoError as exc:
+                error = f"purge interrupted: {type(exc).__name__}"
+            counts = {"instances": purged, "studies": len(studies)} if not error else {}
+            try:
+                entry = _delete_audit(request, counts, 0xA700 if error else 0, error, started)
+                entry.update(event="PURGE", request=f"archive rejected purge {request}",
+                             basis=f"archive rejected purge, pid {os.getpid()}")
+                db[audit.COLLECTION].insert_one(entry)
+            except PyMongoError as exc:
+                print(f"archive {name}: audit entry not written: {exc}", file=sys.stderr)
+        finally:
+            client.close()
+    if error:
+        print(f"archive {name}: {error}; the rest is finished when the database answers "
+              "again (by the node, or the next purge / check --repair)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"purged": purged, "studies": len(studies),
+                          "seconds": round(time.perf_counter() - started, 3)}, indent=2))
+    else:
+        print(f"purged {what} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _rejected_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """One rejected instance: where it was, why, when, by whom."""
+    rejection = doc.get("rejection") or {}
+    at = rejection.get("at")
+    return {"PatientID": doc["PatientID"], "StudyInstanceUID": doc["StudyInstanceUID"],
+            "SeriesInstanceUID": doc["SeriesInstanceUID"], "SOPInstanceUID": doc["_id"],
+            "code": rejection.get("code", ""), "meaning": rejection.get("meaning", ""),
+            "at": at.strftime("%Y-%m-%dT%H:%M:%SZ") if hasattr(at, "strftime") else str(at),
+            "by": rejection.get("by", ""), "note": rejection.get("note", "")}
+
+
 def _usage(command_name: str, message: str) -> int:
     print(f"archive {command_name}: {message}", file=sys.stderr)
     return 2
@@ -511,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Commands that write the store journal; every command but ``user`` may start the
 #: embedded database, which writes its data folder.
-_JOURNAL_WRITERS = frozenset({"serve", "import", "check", "delete"})
+_JOURNAL_WRITERS = frozenset({"serve", "import", "check", "delete", "rejected"})
 _NO_DATABASE = frozenset({"user"})
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pymongo.errors import PyMongoError
 
 from acl import auth, identity, tokens, visibility, yamlrules
 from acl.audit import AuditLog
-from acl.rules import NOT_AUTHORIZED, Decision, Rule, RuleStore, admit_store, allow_all
+from acl.rules import DELETE, NOT_AUTHORIZED, Decision, Rule, RuleStore, admit_store, allow_all
+from archive import rejection
 from archive.answers import Syntax
 from archive.config import Config
 from archive.deletion import Selection
@@ -29,6 +31,7 @@ from archive.health import DatabaseHealth
 from archive.query import Query
 from archive.storage import (
     OUT_OF_RESOURCES,
+    Admit,
     Archive,
     Part10,
     StoreOutcome,
@@ -54,6 +57,8 @@ class Stored:
     stopping: bool = False
     #: an unexpected failure, for the front end to log (the outcome says 0xA700)
     error: Exception | None = None
+    #: a rejection note stored: what it rejected (archive.rejection)
+    rejection: rejection.Rejection | None = None
 
     @property
     def outside_rules(self) -> bool:
@@ -165,6 +170,12 @@ class Context:
             refused = check(ds) if check is not None else None
             if refused is not None:
                 return Stored(refused, rule, ds)
+            try:
+                note = rejection.note_of(ds)
+            except rejection.Refused as exc:
+                return Stored(StoreOutcome(exc.status, exc.comment, sop_uid), rule, ds)
+            if note is not None:
+                return self._store_note(decision, note, part10, source, ds, rule, admit)
             return Stored(self.archive.store(part10, source=source, ds=ds, admit=admit),
                           rule, ds)
         except Exception as exc:  # noqa: BLE001 - the front end keeps serving
@@ -173,6 +184,29 @@ class Context:
                           ds=ds, error=exc)
         finally:
             self.end_store()
+
+    def _store_note(self, decision: Decision, note: rejection.Note, part10: Part10,
+                    source: str, ds: Dataset, rule: Rule, admit: Admit | None) -> Stored:
+        """Store a rejection note and reject what it references, both or neither
+        (:mod:`archive.rejection`): the sender needs a Delete rule; restricted by its
+        patterns, what they do not match is answered as what does not exist."""
+        may = self.authorize(decision.principal, DELETE)
+        if not may.allowed:
+            return Stored(StoreOutcome(NOT_AUTHORIZED, may.comment(), note.sop), rule, ds)
+        if not self.health.up:
+            return Stored(StoreOutcome(OUT_OF_RESOURCES, "database unavailable", note.sop),
+                          rule, ds)
+        try:
+            outcome, done = self.archive.store_note(note, may.instance_filter(),
+                                                    decision.principal, part10, source, ds,
+                                                    admit)
+        except rejection.Refused as exc:
+            return Stored(StoreOutcome(exc.status, exc.comment, note.sop), rule, ds)
+        except PyMongoError as exc:  # before the note was stored: nothing done
+            self.health.suspect(exc)
+            return Stored(StoreOutcome(OUT_OF_RESOURCES, f"database error: "
+                                       f"{type(exc).__name__}"[:64], note.sop), rule, ds)
+        return Stored(outcome, rule, ds, rejection=done)
 
     def answers(self, decision: Decision, query: Query, identifier: Dataset, model: str,
                 syntax: Syntax | None = None) -> Iterator[Dataset]:

@@ -22,6 +22,7 @@ syntax is stored from its path, as a large C-STORE is (never read whole: see
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -32,9 +33,18 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pymongo.errors import PyMongoError
 
+from archive import rejection
 from archive.part10 import Incomplete, check_bare, meta_end, meta_syntax
-from archive.storage import CANNOT_UNDERSTAND, Archive, Part10, StoreRefused
+from archive.storage import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    Archive,
+    Part10,
+    StoreOutcome,
+    StoreRefused,
+)
 
 STORED, SKIPPED, FAILED = "stored", "skipped", "failed"
 
@@ -223,9 +233,33 @@ def import_one(archive: Archive, candidate: Candidate,
         reason = exc.comment if exc.comment.startswith("cannot read") \
             else f"0x{exc.status:04X} {exc.comment}"
         return Result(path, FAILED, reason, status=exc.status)
-    outcome = archive.store(part10, source="import", ds=ds)
+    outcome = _store(archive, part10, ds)
     uid = outcome.sop_instance_uid or str(ds.get("SOPInstanceUID", "")).strip()
     if outcome.ok:
         return Result(path, STORED, "", uid, outcome.status)
     return Result(path, FAILED, f"0x{outcome.status:04X} {outcome.comment}".strip(), uid,
                   outcome.status)
+
+
+def _store(archive: Archive, part10: Part10, ds: Dataset) -> StoreOutcome:
+    """Store one dataset; a rejection note rejects what it references (the local
+    administrator may reject anything: :mod:`archive.rejection`)."""
+    try:
+        note = rejection.note_of(ds)
+        if note is None:
+            return archive.store(part10, source="import", ds=ds)
+        outcome, _ = archive.store_note(note, None, f"archive import ({_os_user()})",
+                                        part10, "import", ds, None)
+        return outcome
+    except rejection.Refused as exc:
+        return StoreOutcome(exc.status, exc.comment, str(ds.get("SOPInstanceUID", "")))
+    except PyMongoError as exc:  # before the note was stored: nothing done
+        return StoreOutcome(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}",
+                            str(ds.get("SOPInstanceUID", "")))
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (a container)
+        return f"uid {os.getuid()}"

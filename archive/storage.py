@@ -87,6 +87,8 @@ from archive.levels import (
     normalised_fields,
 )
 from archive.model import IMAGE
+from archive.rejection import KINDS as REJECTION_KINDS
+from archive.rejection import SUBSEQUENT_OCCURRENCE, Note, Rejecter, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ def ensure_indexes(db: Database, bucket: str = "fs") -> None:
                                          ("n", pymongo.ASCENDING)], unique=True)
     db[f"{bucket}.files"].create_index([("filename", pymongo.ASCENDING),
                                         ("uploadDate", pymongo.ASCENDING)])
+    Rejecter.ensure_indexes(db)
 
 
 # --- the archive -------------------------------------------------------------------
@@ -205,6 +208,8 @@ class Archive:
         self._active: set[str] = set()
         #: deletes (archive.deletion), journaled as stores are
         self.deleter = Deleter(self.levels, self.files, self.journal, self._active)
+        #: rejections (archive.rejection): deletes that keep the files, until purged
+        self.rejecter = Rejecter(db, self.levels, self.files, self.journal, self._active)
         #: Batched level updates of new instances (write_behind: seconds a batch may
         #: wait; 0: every store updates its level documents itself).
         self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
@@ -303,6 +308,10 @@ class Archive:
                admit: Admit | None) -> StoreOutcome:
         if admit is not None:
             admit(self.existing(ds, sop_uid))
+        rejected = self.rejecter.rejection_of(sop_uid)
+        if rejected is not None:  # until purged (dcm4chee-arc answers the same)
+            raise StoreRefused(SUBSEQUENT_OCCURRENCE, f"subsequent occurrence of rejected "
+                               f"object ({rejected.get('code', '?')})")
         file_id = ObjectId()
         key = str(file_id)
         size = part10_size(part10)
@@ -407,6 +416,20 @@ class Archive:
         DeleteIncomplete when the database fails (the journal finishes the delete)."""
         try:
             return self.deleter.delete(instances)
+        finally:
+            if self.batches is not None:  # level documents may be gone: learn again
+                self.batches.forget()
+
+    def store_note(self, note: Note, may_delete: dict[str, Any] | None, by: str,
+                   part10: Part10, source: str, ds: Dataset, admit: Admit | None
+                   ) -> tuple[StoreOutcome, Rejection | None]:
+        """Store a rejection note and reject what it references, both or neither
+        (:meth:`Rejecter.store_note`; raises rejection.Refused, PyMongoError)."""
+        self.flush()  # what this process acknowledged is counted: it can be judged
+        try:
+            return self.rejecter.store_note(
+                note, may_delete, by, lambda: self.store(part10, source=source, ds=ds,
+                                                         admit=admit))
         finally:
             if self.batches is not None:  # level documents may be gone: learn again
                 self.batches.forget()
@@ -516,6 +539,8 @@ class Archive:
         taken back -- its instance document and file deleted, the previous version, if
         there was one, indexed again from its own original, the level documents rebuilt.
         ``delete``: finished (:meth:`Deleter.settle`), the level documents rebuilt.
+        ``reject`` / ``purge``: finished, or a rejection whose note was never stored
+        dropped (:meth:`Rejecter.settle`).
         Entries of stores still running (in this process, or another live one) are left.
         Raises PyMongoError, keeping the journal, while the database is unreachable.
         """
@@ -546,6 +571,8 @@ class Archive:
         must then be rebuilt."""
         if entry.get("kind") == DELETE_KIND:
             return self.deleter.settle(entry)
+        if entry.get("kind") in REJECTION_KINDS:
+            return self.rejecter.settle(entry)
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, {"file_id": 1})

@@ -373,10 +373,13 @@ def _nodelay(event: Any) -> None:
 
 @contextlib.contextmanager
 def association(node: Peer, contexts: Iterable[tuple[str, str]] = (),
-                ae_title: str = "PYSCU", verification: bool = True) -> Iterator[Any]:
+                ae_title: str = "PYSCU", verification: bool = True,
+                user: str | None = None) -> Iterator[Any]:
     """A pynetdicom association (TCP_NODELAY on) proposing one presentation context per
-    (SOP class, transfer syntax) pair; released on exit."""
+    (SOP class, transfer syntax) pair, acting for ``user`` (a User Identity with the name
+    only; None: none); released on exit."""
     from pynetdicom import AE, evt
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=ae_title)
@@ -385,8 +388,14 @@ def association(node: Peer, contexts: Iterable[tuple[str, str]] = (),
         ae.add_requested_context(sop_class, [syntax])
     if verification:
         ae.add_requested_context(Verification)
+    identity = []
+    if user is not None:
+        identity.append(UserIdentityNegotiation())
+        identity[0].user_identity_type = 1
+        identity[0].primary_field = user.encode()
     assoc = ae.associate(getattr(node, "host", "127.0.0.1"), node.port,
-                         ae_title=node.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         ae_title=node.ae_title, ext_neg=identity,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
         raise AssertionError(f"association with {node.ae_title}:{node.port} not established")
     try:
@@ -425,8 +434,8 @@ def file_context(path: str | Path) -> tuple[str, str]:
 def consistency_problems(db: Any, bucket: str = "fs") -> list[str]:
     """Every way the archive's instances and GridFS files disagree with each other.
 
-    Empty when each instance document names a whole GridFS file and each GridFS file
-    (and chunk) belongs to an instance.
+    Empty when each instance document (and each rejected one, kept until purged)
+    names a whole GridFS file and each GridFS file (and chunk) belongs to one.
     """
     problems = []
     files = {f["_id"]: f for f in db[f"{bucket}.files"].find({}, {"length": 1, "chunkSize": 1})}
@@ -434,7 +443,7 @@ def consistency_problems(db: Any, bucket: str = "fs") -> list[str]:
     for chunk in db[f"{bucket}.chunks"].find({}, {"files_id": 1, "n": 1}):
         chunks.setdefault(chunk["files_id"], set()).add(chunk["n"])
     referenced = set()
-    for inst in db.instances.find({}, {"file_id": 1}):
+    for inst in [*db.instances.find({}, {"file_id": 1}), *db.rejected.find({}, {"file_id": 1})]:
         referenced.add(inst["file_id"])
         if inst["file_id"] not in files:
             problems.append(f"instance {inst['_id']} names missing file {inst['file_id']}")

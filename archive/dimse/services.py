@@ -16,12 +16,19 @@ from pydicom.uid import UID
 from pymongo.errors import OperationFailure, PyMongoError
 from pynetdicom.events import Event
 
-from acl.audit import association_entry, operation_entry, requested_user, summarize
+from acl.audit import (
+    association_entry,
+    operation_entry,
+    rejection_entry,
+    requested_user,
+    summarize,
+)
 from acl.rules import ECHO, NOT_AUTHORIZED, QUERY, STORE, Decision, Rule
 from archive.answers import Syntax
 from archive.dimse.common import MODELS, Serving, peer, status
 from archive.dimse.user_identity import principal_of
 from archive.query import QueryError, translate
+from archive.rejection import Rejection
 from archive.storage import OUT_OF_RESOURCES
 
 log = logging.getLogger("archive.services")
@@ -90,7 +97,18 @@ def handle_store(event: Event, node: Serving) -> Dataset:
     args = (peer(event), outcome.sop_instance_uid or "?", outcome.status,
             f" {outcome.comment}" if outcome.comment else "", elapsed)
     (log.info if outcome.ok else log.warning)(line, *args)
+    if stored.rejection is not None:
+        _audit_rejection(node, event, principal, stored.rejection, started)
     return answer(outcome.status, outcome.comment, stored.rule)
+
+
+def _audit_rejection(node: Serving, event: Event, principal: str, done: Rejection,
+                     started: float) -> None:
+    """A rejection note stored: one line and one audit entry saying what it rejected."""
+    log.info("REJECT %s note=%s %s: %d instances of %d series rejected%s", peer(event),
+             done.note.sop, done.note.code, done.instances, done.series,
+             " (finished by the journal)" if done.deferred else "")
+    node.context.audit.record(rejection_entry(event.assoc, principal, done, started))
 
 
 def _identifier(event: Event) -> Dataset:

@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from acl import identity
-from acl.audit import association_entry, operation_entry, summarize
+from acl.audit import association_entry, operation_entry, rejection_entry, summarize
 from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
@@ -695,6 +695,9 @@ class Service:
             request=result.sop_instance, rule=rule.index if rule is not None else None,
             restricted=decision.restricted, comment=result.comment, started=started)
         self.context.audit.record(entry)
+        if result.rejection is not None:
+            self.context.audit.record(rejection_entry(caller.peer, caller.principal.name,
+                                                      result.rejection, started))
 
 
 #: Reads an answer out of a stored file: its transfer syntax and its parts.

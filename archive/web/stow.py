@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 
 from acl.rules import Decision, Rule
 from archive.context import Context
+from archive.rejection import Rejection
 from archive.storage import CANNOT_UNDERSTAND, Part10, StoreOutcome
 
 log = logging.getLogger("archive.web.stow")
@@ -114,6 +115,8 @@ class Result:
     study: str = ""
     series: str = ""
     rule: Rule | None = None
+    #: a rejection note stored: what it rejected (archive.rejection)
+    rejection: Rejection | None = None
 
     @property
     def ok(self) -> bool:
@@ -143,7 +146,7 @@ def store(context: Context, decision: Decision, part10: Part10, study: str | Non
     ds, outcome = stored.ds, stored.outcome
     return Result(outcome.status, outcome.comment, _uid(ds, "SOPClassUID"),
                   _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID"),
-                  _uid(ds, "SeriesInstanceUID"), stored.rule)
+                  _uid(ds, "SeriesInstanceUID"), stored.rule, stored.rejection)
 
 
 def not_dicom(content_type: str) -> Result:
