@@ -250,6 +250,61 @@ def entries(db: Database, user: str | None = None, since: datetime.datetime | No
     return list(reversed(list(cursor)))
 
 
+#: The events an entry may have, for a search by operation.
+EVENTS = ("A-ASSOCIATE", "A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ", "C-ECHO", "C-STORE",
+          "C-FIND", "C-MOVE", "C-GET", "N-ACTION", "QIDO-RS", "WADO-RS", "STOW-RS", "DELETE",
+          "FHIR", "HTTP-AUTH-RJ", "CONSOLE")
+#: Association events (an HTTP request has no association: its refused login is one).
+ASSOCIATION_EVENTS = ("A-ASSOCIATE", "A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ",
+                      "HTTP-AUTH-RJ")
+#: Events that are failures whatever their status.
+_FAILED_EVENTS = ("A-ABORT", "A-ASSOCIATE-RJ", "HTTP-AUTH-RJ")
+#: DIMSE status ranges that are failures (PS3.7 C.1.4), and the warnings among them
+#: (0x0107, 0x0116); warnings 0x0001, 0xB000-0xBFFF, Cancel 0xFE00 and Pending
+#: 0xFF00-0xFF01 are not failures either.
+_FAILURE_STATUSES = ((0x0100, 0x02FF), (0xA000, 0xAFFF), (0xC000, 0xCFFF))
+_WARNINGS = (0x0107, 0x0116)
+#: The filter of failures (refused, or a failure status, or an aborted or rejected
+#: association): :func:`is_failure` as the database runs it.
+FAILURES: dict[str, Any] = {"$or": [
+    {"allowed": False}, {"event": {"$in": list(_FAILED_EVENTS)}},
+    *({"status": {"$gte": low, "$lte": high, "$nin": list(_WARNINGS)}}
+      for low, high in _FAILURE_STATUSES)]}
+
+
+def is_failure(entry: Mapping[str, Any]) -> bool:
+    """Whether an entry records a refusal or a failure (what :data:`FAILURES` selects)."""
+    status = entry.get("status")
+    return entry.get("allowed") is False or entry.get("event") in _FAILED_EVENTS or (
+        isinstance(status, int) and not isinstance(status, bool) and status not in _WARNINGS
+        and any(low <= status <= high for low, high in _FAILURE_STATUSES))
+
+
+def search(db: Database, *, user: str | None = None, event: str | None = None,
+           since: datetime.datetime | None = None, until: datetime.datetime | None = None,
+           failures: bool = False, associations: bool = False, offset: int = 0,
+           limit: int = 100) -> list[dict[str, Any]]:
+    """Entries matching, newest first, ``offset`` of them skipped.  Every value is
+    compared as data (a string, a date): never an operator from the caller."""
+    conditions: list[dict[str, Any]] = []
+    if user is not None:
+        conditions.append({"principal": str(user)})
+    if event is not None:
+        conditions.append({"event": str(event)})
+    if associations:
+        conditions.append({"event": {"$in": list(ASSOCIATION_EVENTS)}})
+    span = {**({"$gte": since} if since is not None else {}),
+            **({"$lt": until} if until is not None else {})}
+    if span:
+        conditions.append({"time": span})
+    if failures:
+        conditions.append(FAILURES)
+    condition = conditions[0] if len(conditions) == 1 else \
+        {"$and": conditions} if conditions else {}
+    cursor = db[COLLECTION].find(condition, {"_id": 0}).sort("time", -1).skip(offset)
+    return list(cursor.limit(limit)) if limit else list(cursor)
+
+
 def format_entry(entry: Mapping[str, Any]) -> str:
     """One line per entry, for ``archive audit``."""
     moment = entry.get("time")
