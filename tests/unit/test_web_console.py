@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import image_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from archive import config, dicomjson
@@ -96,6 +98,38 @@ def test_dashboard_figures() -> None:
     assert figures.days == [("2026-12-01", 2), ("2026-12-02", 2)]
     assert figures.charts()["days"] == {"labels": ["2026-12-01", "2026-12-02"],
                                         "values": [2, 2]}
+
+
+def test_dashboard_weeks_and_growth() -> None:
+    figures = stats.summarize([
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 1),  # a Tuesday: week 49
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 6),  # Sunday, still week 49
+        _instance("P1", "S2", "B", "MR", 50, "CT01", 7),  # Monday: week 50
+        {**_instance("P2", "S3", "C", "MR", 25, "", 1), "stored_at": None},
+    ])
+    assert figures.weeks == [("2026-W49", 2), ("2026-W50", 1)]
+    assert figures.growth == [("2026-12-01", 100), ("2026-12-06", 200), ("2026-12-07", 250)]
+    assert figures.charts()["growth"]["values"] == [100, 200, 250]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 700), st.integers(0, 10**9)), max_size=300))
+def test_growth_ends_at_the_bytes_received_and_never_falls(received: list) -> None:
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    docs = [{**_instance("P", "S", "A", "CT", size, "X", 1),
+             "stored_at": start + datetime.timedelta(days=day)} for day, size in received]
+    figures = stats.summarize(docs)
+    values = [v for _, v in figures.growth]
+    assert values == sorted(values) and len(values) <= stats.DAYS_SHOWN
+    assert values[-1:] == ([sum(size for _, size in received)] if received else [])
+    assert [d for d, _ in figures.growth] == sorted({d for d, _ in figures.growth})
+    last = max((day for day, _ in received), default=None)
+    assert [d for d, _ in figures.growth][-1:] == (
+        [] if last is None else [(start + datetime.timedelta(days=last)).date().isoformat()])
+    assert sum(n for _, n in figures.weeks) == len(received)  # 700 days: 101 weeks at most
+    for week, n in figures.weeks:
+        assert n == sum(1 for day, _ in received if "{}-W{:02d}".format(
+            *(start + datetime.timedelta(days=day)).isocalendar()[:2]) == week)
 
 
 def test_dashboard_sums_the_smallest_bars_as_other() -> None:
