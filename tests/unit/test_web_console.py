@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from archive import config, dicomjson
 from archive.config import ConfigError
-from archive.web.console import pages, stats, tree
+from archive.web.console import admin, pages, paging, stats, tree
 from archive.web.errors import HttpError
 
 
@@ -161,7 +161,7 @@ def test_page_numbers_are_checked(value: str) -> None:
 
 
 def test_page_sizes_are_bounded() -> None:
-    assert pages.page_size(None) == pages.STUDIES_PER_PAGE
+    assert pages.page_size(None) == paging.STUDIES_PER_PAGE
     assert pages.page_size("2") == 2
     for bad in ("0", "501", "1e3", "-5"):
         with pytest.raises(HttpError):
@@ -173,10 +173,31 @@ def test_templates_escape_every_value() -> None:
     row = tree.Row("(0010,0010)", "PatientName", "PN", '<script>alert("x")</script>')
     page = env.get_template("instance.html").render(
         user="a<b>", anonymous=False, study_uid="1.2", series_uid="1.3", sop="1.4",
-        rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="")
+        rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="",
+        administers=False, delete="")
     assert "<script>alert" not in page and "&lt;script&gt;alert(&#34;x&#34;)" in page
     assert "logged in as a&lt;b&gt;" in page and "<i>" not in page
     assert "(1 elements; private ones shaded)" in page
+    assert 'id="delete"' not in page and 'href="/audit"' not in page
+
+
+def test_audit_rows_escape_what_the_network_sent() -> None:
+    """A request summary, a user name and a comment are what peers sent: text."""
+    env = pages._environment()
+    entry = admin.entry_row({
+        "time": datetime.datetime(2026, 12, 1, 10, tzinfo=datetime.timezone.utc),
+        "kind": "operation", "event": "C-FIND", "principal": "<b>eve</b>", "allowed": False,
+        "service": "Query", "status": 0x0124, "request": "PatientName=<script>x</script>",
+        "comment": '"><img src=x>', "calling_ae": "SCU", "address": "10.0.0.1"})
+    assert entry["failure"] and entry["status"] == "0x0124" and entry["verdict"] == "DENIED"
+    page = env.get_template("audit.html").render(
+        user="root", anonymous=False, administers=True, entries=[entry], error="",
+        events=["C-FIND"], page=1, first=0, links={},
+        form={"user": "<u>", "event": "C-FIND", "since": "", "until": "", "failures": ""})
+    assert "<script>x" not in page and "<img src=x>" not in page and "<b>eve" not in page
+    assert "PatientName=&lt;script&gt;x&lt;/script&gt;" in page
+    assert 'value="&lt;u&gt;"' in page and "<option selected>C-FIND</option>" in page
+    assert 'href="/audit"' in page  # the administrator's menu
 
 
 def test_dates_and_times_as_read() -> None:
