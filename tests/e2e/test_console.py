@@ -585,11 +585,14 @@ def test_deleting_takes_a_delete_rule_and_a_confirmation_from_this_site(
         assert post(node, f"{study}/delete", user=user).status_code == 403
     confirm = get(node, f"{study}/delete")
     assert confirm.status_code == 200
+    assert confirm.headers["referrer-policy"] == "same-origin"  # the form's Origin is sent
     assert "Deletes <b>3</b> instances in 2 series of this study" in confirm.text
     assert "DELETE^ME" in confirm.text and f'action="{study}/delete"' in confirm.text
     # a forged form of another site: the browser sends the login, the archive refuses
     for origin, extra in ((None, {}), ("http://evil.example", {}), ("null", {}),
-                          ("own", {"Sec-Fetch-Site": "cross-site"})):
+                          ("own", {"Sec-Fetch-Site": "cross-site"}),
+                          ("own", {"Sec-Fetch-Site": "same-site"}),
+                          ("own", {"Sec-Fetch-Site": "none"})):
         refused = post(node, f"{study}/delete", origin=origin, **extra)
         assert refused.status_code == 403 and "cross-site" in refused.text, origin
     assert qido_studies(node, "admin", PatientID="DEL-1") == {d["study"]}

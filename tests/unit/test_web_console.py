@@ -108,8 +108,9 @@ def test_dashboard_weeks_and_growth() -> None:
         {**_instance("P2", "S3", "C", "MR", 25, "", 1), "stored_at": None},
     ])
     assert figures.weeks == [("2026-W49", 2), ("2026-W50", 1)]
-    assert figures.growth == [("2026-12-01", 100), ("2026-12-06", 200), ("2026-12-07", 250)]
-    assert figures.charts()["growth"]["values"] == [100, 200, 250]
+    assert figures.growth == [("2026-11-30", 0), ("2026-12-01", 100), ("2026-12-06", 200),
+                              ("2026-12-07", 250)]  # from nothing, the day before
+    assert figures.charts()["growth"]["values"] == [0, 100, 200, 250]
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,11 +13,13 @@ Delete rules match, a resource holding none answered 404 as a nonexistent one.
 Delete rules match something of the resource) opens a confirmation page naming what
 would be deleted; its form POSTs to the same address.  The browser sends the Basic
 login with any request to this site, a forged cross-site form included, so a POST is
-taken only from a page of this site: its ``Origin`` must be this site (the ``Host``
-it was sent to, or ``http.public_url``) and ``Sec-Fetch-Site``, when sent, must be
-``same-origin``; anything else (no ``Origin`` included) is refused 403 before
-anything is read.  Scripts delete with DICOMweb ``DELETE``, which a cross-site form
-cannot send.
+taken only from a page of this site, as the browser tells: ``Sec-Fetch-Site:
+same-origin`` (the browser's own header, which no page can set), or, from a browser
+that does not send it, an ``Origin`` of this site (the ``Host`` it was sent to, or
+``http.public_url``; the confirmation page's ``Referrer-Policy: same-origin`` makes the
+browser send it, where the console's ``no-referrer`` would send ``null``).  Anything
+else is refused 403 before anything is read.  Scripts delete with DICOMweb
+``DELETE``, which a cross-site form cannot send.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class Console(Protocol):
 def same_origin(request: Request, public_url: str = "") -> bool:
     """Whether a POST comes from a page of this site (see the module docstring)."""
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site != "same-origin":
-        return False
+    if site is not None:  # set by the browser itself, never by a page
+        return site == "same-origin"
     origin = request.headers.get("origin", "")
     if not origin or origin == "null":
         return False
@@ -268,7 +270,8 @@ class Admin:
             selection = self.service.deleting(self.service.database(
                 lambda: self.context.deletable(caller.decision, level, ident)), level)
             return self.console._html(
-                "delete.html", caller, level=_LEVEL_NAMES[level], counts=selection.counts(),
+                "delete.html", caller, headers={"Referrer-Policy": "same-origin"},
+                level=_LEVEL_NAMES[level], counts=selection.counts(),
                 study=self._visible_study(caller, request.path_params["study"]),
                 uid=str(getattr(ident, _UNIQUE[level])), back=_parent(request.url.path),
                 action=request.url.path)

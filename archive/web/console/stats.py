@@ -111,14 +111,17 @@ def summarize(docs: Iterable[dict[str, Any]]) -> Stats:
 
 
 def _cumulated(days: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Running totals, thinned to at most DAYS_SHOWN points (the last day kept: the
-    total stored with a date of receipt)."""
-    total, points = 0, []
+    """Running totals from 0 the day before the first receipt, thinned to at most
+    DAYS_SHOWN points (the last day kept: the total stored with a date of receipt)."""
+    if not days:
+        return []
+    before = datetime.date.fromisoformat(days[0][0]) - datetime.timedelta(days=1)
+    total, points = 0, [(before.isoformat(), 0)]
     for day, n in days:
         total += n
         points.append((day, total))
     step = -(-len(points) // DAYS_SHOWN)
-    return points[::-1][::step][::-1] if points else []
+    return points[::-1][::step][::-1]
 
 
 def _top(counts: Counter[str]) -> list[tuple[str, int]]:
