@@ -139,3 +139,30 @@ def test_a_review_counts_what_each_request_would_be_allowed(
             expected = 0 if not decision.allowed else sum(
                 1 for d in docs if restriction is None or evaluate(restriction, d))
             assert access.allowed == expected and access.total == len(docs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(entry_values, max_size=60), st.integers(1, 12), st.integers(1, 8))
+def test_recent_activity_is_the_newest_of_the_trail(values: list[dict[str, Any]],
+                                                    batch: int, trim_every: int) -> None:
+    """What the dashboard lists (audit_recent, trimmed) is what a search of the whole
+    trail finds newest, for everyone and for one principal."""
+    db = mongomock.MongoClient(tz_aware=True)["audit"]
+    writer = audit.AuditLog(db, batch=batch, linger=0.001, recent_kept=5,
+                            recent_trim_every=trim_every)
+    writer.start()
+    for entry in _entries(sorted(values, key=lambda v: v["minute"])):
+        writer.record(entry)
+    writer.stop()
+    for kind, condition in ((audit.ASSOCIATION, {"associations": True}),
+                            (audit.FAILURE, {"failures": True})):
+        for user in (None, "alice"):
+            shown = audit.recent(db, kind, user, limit=3)
+            newest = audit.search(db, user=user, **condition, limit=0)
+            if user is None:  # everyone's: the newest three, whatever the trims
+                assert [e["time"] for e in shown] == [e["time"] for e in newest[:3]]
+            else:  # hers among the 5 (to 5 + trim_every) newest kept
+                assert [e["time"] for e in shown] == [e["time"] for e in newest if any(
+                    e["time"] == k["time"] for k in audit.recent(db, kind, None, 0))][:3]
+            assert all("recent" not in e and "_id" not in e for e in shown)
+        assert db[audit.RECENT_COLLECTION].count_documents({"recent": kind}) < 5 + trim_every

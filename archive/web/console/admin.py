@@ -237,16 +237,17 @@ class Admin:
         return self._admin_page(request, render)
 
     def recent(self, caller: Caller) -> dict[str, Any]:
-        """The dashboard's recent associations and failures: everyone's for an
-        administrator, else the caller's own only (the trail names what others asked)."""
+        """The dashboard's recent associations and failures (:func:`acl.audit.recent`):
+        everyone's for an administrator, else the caller's own only (the trail names
+        what others asked for)."""
         everyone = self.allowed(caller.principal.name)
         user = None if everyone else caller.principal.name
 
         def read() -> dict[str, Any]:
-            return {"associations": [entry_row(e) for e in audit.search(
-                        self.context.db, user=user, associations=True, limit=RECENT)],
-                    "failures": [entry_row(e) for e in audit.search(
-                        self.context.db, user=user, failures=True, limit=RECENT)]}
+            return {"associations": [entry_row(e) for e in audit.recent(
+                        self.context.db, audit.ASSOCIATION, user, RECENT)],
+                    "failures": [entry_row(e) for e in audit.recent(
+                        self.context.db, audit.FAILURE, user, RECENT)]}
         return {"everyone": everyone, **self.service.database(read)}
 
     # -- deleting -----------------------------------------------------------------------
