@@ -234,3 +234,27 @@ def test_viewer_url(tmp_path: Path) -> None:
                 "ftp://x/{StudyInstanceUID}"):
         with pytest.raises(ConfigError, match="http.viewer_url"):
             _load(tmp_path, {"viewer_url": bad})
+
+
+@pytest.mark.parametrize("headers,public_url,taken", [
+    ({"sec-fetch-site": "same-origin"}, "", True),  # the browser says so
+    ({"sec-fetch-site": "same-origin", "origin": "null"}, "", True),
+    ({"sec-fetch-site": "cross-site", "origin": "http://archive:8080"}, "", False),
+    ({"sec-fetch-site": "same-site", "origin": "http://archive:8080"}, "", False),
+    ({"origin": "http://archive:8080"}, "", True),  # a browser without Fetch metadata
+    ({"origin": "http://ARCHIVE:8080"}, "", True),
+    ({"origin": "http://archive:8081"}, "", False),
+    ({"origin": "http://evil.example"}, "", False),
+    ({"origin": "null"}, "", False),
+    ({}, "", False),  # neither: not a browser's form, or a very old one
+    ({"origin": "https://pacs.example.org"}, "https://pacs.example.org/dicom-web", True),
+    ({"origin": "https://other.example.org"}, "https://pacs.example.org/dicom-web", False),
+])
+def test_a_delete_is_taken_only_from_this_sites_pages(headers: dict[str, str],
+                                                     public_url: str, taken: bool) -> None:
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": "/studies/1/delete",
+             "headers": [(b"host", b"archive:8080"),
+                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    assert admin.same_origin(Request(scope), public_url) is taken
