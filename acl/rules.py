@@ -1,9 +1,11 @@
 """Access rules: who may use which service on which datasets, and where they live.
 
 A rule names a principal (a user name, or ``*`` for anyone including ``anonymous``), a
-service (Echo, Store, Query, Retrieve, Delete, Modify, or ``*``) and optionally a dataset
-pattern (:mod:`acl.patterns`).  ``*`` stands for the four services that destroy nothing
-(Echo, Store, Query, Retrieve): Delete and Modify are given only by a rule naming them.
+service (Echo, Store, Query, Retrieve, Delete, Modify, Admin, or ``*``) and optionally a
+dataset pattern (:mod:`acl.patterns`).  ``*`` stands for the four services that destroy
+nothing (Echo, Store, Query, Retrieve): Delete and Modify are given only by a rule naming
+them, and so is Admin (reading the rules in force and the whole audit trail, which names
+every patient anyone asked for: no pattern can narrow it, so an Admin rule has none).
 Deny unless a rule allows: a request is allowed when a rule applies to its principal
 and service; the patterns of all applicable rules are OR-ed,
 and one rule without a pattern lifts the restriction.  :func:`decide` is pure.
@@ -47,9 +49,14 @@ log = logging.getLogger("acl.rules")
 ECHO, STORE, QUERY, RETRIEVE = "Echo", "Store", "Query", "Retrieve"
 #: Services that change or remove what is stored (Modify: the vocabulary only, for now).
 DELETE, MODIFY = "Delete", "Modify"
-SERVICES: tuple[str, ...] = (ECHO, STORE, QUERY, RETRIEVE, DELETE, MODIFY)
-#: Services a ``*`` rule does not give: they destroy data, so a rule must name them.
-NAMED_ONLY = frozenset({DELETE, MODIFY})
+#: Reading the rules in force and the audit trail (the console's admin pages).
+ADMIN = "Admin"
+SERVICES: tuple[str, ...] = (ECHO, STORE, QUERY, RETRIEVE, DELETE, MODIFY, ADMIN)
+#: Services a ``*`` rule does not give: they destroy data or reveal everything, so a
+#: rule must name them.
+NAMED_ONLY = frozenset({DELETE, MODIFY, ADMIN})
+#: Services whose rules take no pattern (nothing they give is a dataset).
+UNPATTERNED = frozenset({ADMIN})
 ANY = "*"
 
 #: General DIMSE status "Refused: Not authorized" (PS3.7 C.5.x), for every service.

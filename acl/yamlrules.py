@@ -27,7 +27,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from acl.patterns import PatternError, RawValue, parse_key, to_json, to_text
-from acl.rules import ANY, RETRIEVE, SERVICES, Rule
+from acl.rules import ANY, RETRIEVE, SERVICES, UNPATTERNED, Rule
 from archive import yamlfile
 
 _NULL = "tag:yaml.org,2002:null"
@@ -147,6 +147,9 @@ def _rule(node: Node, index: int, filename: str, problems: list[Problem]) -> Rul
     service = _service(fields.get("service"), node, problem)
     pattern = _pattern(fields.get("pattern"), problem)
     destinations = _destinations(fields.get("destinations"), service, problem)
+    if service in UNPATTERNED and "pattern" in fields:
+        problem(fields["pattern"][0], f"{service} rules take no pattern (what they give is "
+                "not a dataset)")
     if len(problems) > before or service is None:
         return None
     try:

@@ -227,15 +227,20 @@ class Context:
         if not self.begin_store():
             return Deleted(Selection(), stopping=True)
         try:
-            keys = unique_key_filter(identifier, level)
-            restriction = decision.instance_filter()
-            selection = self.archive.select(
-                keys if restriction is None else {"$and": [restriction, keys]})
+            selection = self.deletable(decision, level, identifier)
             if selection.instances:
                 self.archive.delete(selection.instances)
             return Deleted(selection)
         finally:
             self.end_store()
+
+    def deletable(self, decision: Decision, level: str, identifier: Dataset) -> Selection:
+        """What :meth:`delete_as` would delete now, deleting nothing (a confirmation
+        names it).  Raises PyMongoError."""
+        keys = unique_key_filter(identifier, level)
+        restriction = decision.instance_filter()
+        return self.archive.select(keys if restriction is None
+                                   else {"$and": [restriction, keys]})
 
     # -- stores in flight -------------------------------------------------------------
 

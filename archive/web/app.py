@@ -45,7 +45,7 @@ from acl.audit import association_entry, operation_entry, rejection_entry, summa
 from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
-from archive.deletion import DeleteIncomplete
+from archive.deletion import DeleteIncomplete, Selection
 from archive.query import QueryError
 from archive.web import fhir, multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
@@ -335,7 +335,8 @@ class Service:
 
     # -- WADO-RS ----------------------------------------------------------------------
 
-    def _target(self, request: Request) -> tuple[str, Any]:
+    def target(self, request: Request) -> tuple[str, Any]:
+        """The level and unique keys a resource's path names (HttpError 400 on a bad UID)."""
         params = request.path_params
         study = check_uid(params["study"], "study")
         series = check_uid(params["series"], "series") if "series" in params else None
@@ -347,7 +348,7 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
-            level, ident = self._target(request)
+            level, ident = self.target(request)
             accepted = negotiation.dicom_syntaxes(request.headers.get("accept"))
             self.available()
             selected = self.database(lambda: wado.items(
@@ -384,7 +385,7 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
-            level, ident = self._target(request)
+            level, ident = self.target(request)
             negotiation.json_accepted(request.headers.get("accept"))
             self.available()
             docs = wado.instances(self.context.finder, level, ident,
@@ -441,7 +442,7 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
-            level, ident = self._target(request)
+            level, ident = self.target(request)
             media = negotiation.rendered_media(request.headers.get("accept"),
                                                rendering.MEDIA_TYPES)
             try:
@@ -490,7 +491,7 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, RETRIEVE, "WADO-RS", started)
         try:
-            level, ident = self._target(request)
+            level, ident = self.target(request)
             try:
                 read, pixel_data = reader(request.path_params)
             except ValueError as exc:
@@ -560,24 +561,8 @@ class Service:
         text = _request_text(request)
         caller = self.caller(request, DELETE, "DELETE", started)
         try:
-            level, ident = self._target(request)
-            self.available()
-            try:
-                done = self.database(lambda: self.context.delete_as(caller.decision, level,
-                                                                     ident))
-            except DeleteIncomplete as exc:
-                self.context.health.suspect(exc.__cause__ or exc)
-                raise HttpError(503, "database failed during the delete: it is finished "
-                                "when the database answers again", {"Retry-After": "5"}
-                                ) from None
-            if done.stopping:
-                raise HttpError(503, "archive is shutting down", {"Retry-After": "5"})
-            selection = done.selection
-            if not selection.instances:
-                if selection.in_flight:
-                    raise HttpError(409, f"this {_NAMES[level]} is being stored right now: "
-                                    "retry when the store is done")
-                raise HttpError(404, f"no such {_NAMES[level]}")
+            level, ident = self.target(request)
+            selection = self.delete_resource(caller, level, ident)
         except HttpError as exc:
             self.audit(caller, "DELETE", exc.status, started, text, exc.message)
             raise
@@ -586,6 +571,34 @@ class Service:
         log.info("DELETE %s %s -> 204, %d instances", caller.describe(), request.url.path,
                  counts["instances"])
         return Response(status_code=204)
+
+    def delete_resource(self, caller: Caller, level: str, ident: Any) -> Selection:
+        """Delete what a resource's unique keys name, of what the caller's Delete rules
+        let her delete (the console's delete too); what was deleted.  HttpError 404
+        (nothing she may delete: nonexistent and hidden alike), 409, 503."""
+        self.available()
+        try:
+            done = self.database(lambda: self.context.delete_as(caller.decision, level,
+                                                                 ident))
+        except DeleteIncomplete as exc:
+            self.context.health.suspect(exc.__cause__ or exc)
+            raise HttpError(503, "database failed during the delete: it is finished "
+                            "when the database answers again", {"Retry-After": "5"}
+                            ) from None
+        if done.stopping:
+            raise HttpError(503, "archive is shutting down", {"Retry-After": "5"})
+        return self.deleting(done.selection, level)
+
+    @staticmethod
+    def deleting(selection: Selection, level: str) -> Selection:
+        """The selection of a delete, or HttpError 404 (none: nonexistent and hidden
+        alike) or 409 (only instances being stored right now)."""
+        if not selection.instances:
+            if selection.in_flight:
+                raise HttpError(409, f"this {_NAMES[level]} is being stored right now: "
+                                "retry when the store is done")
+            raise HttpError(404, f"no such {_NAMES[level]}")
+        return selection
 
     # -- STOW-RS ----------------------------------------------------------------------
 

@@ -3,16 +3,21 @@ serve`` with the real FerretDB, pages fetched with ``requests`` and read as HTML
 QIDO-RS (itself checked against C-FIND in test_dicomweb.py) as the reference for
 what a search finds.  The same pages in a browser: test_console_browser.py.
 
-Users in a file (bcrypt): ``admin`` may do everything, ``alice`` query and retrieve
-patients ``ALICE-*`` only, ``carol`` MR series only (one study holds both a CT and an MR
-series), ``bob`` nothing; anonymous nothing (asked to log in).
+Users in a file (bcrypt): ``admin`` may do everything (administer and delete included),
+``alice`` query and retrieve patients ``ALICE-*`` only, ``carol`` MR series only, and
+delete them (one study holds both a CT and an MR series), ``bob`` nothing; anonymous
+nothing (asked to log in).
 """
 
 from __future__ import annotations
 
+import datetime
 import html
+import json
 import re
+import time
 from typing import Any
+from urllib.parse import urlencode
 
 import helpers
 import pytest
@@ -33,6 +38,9 @@ rules:
   - {principal: alice, service: Query, pattern: {PatientID: "ALICE-*"}}
   - {principal: alice, service: Retrieve, pattern: {PatientID: "ALICE-*"}}
   - {principal: carol, service: "*", pattern: {Modality: MR}}
+  - {principal: admin, service: Admin}
+  - {principal: admin, service: Delete}
+  - {principal: carol, service: Delete, pattern: {Modality: MR}}
 """
 VIEWER = "http://viewer.example/viewer?StudyInstanceUIDs={StudyInstanceUID}"
 XSS_NAME = "<script>alert(1)</script>"
@@ -403,3 +411,201 @@ def test_the_console_can_be_switched_off(node_factory: Any) -> None:
     assert requests.get(f"http://127.0.0.1:{off.http_port}/", timeout=30).status_code == 404
     assert requests.get(f"{off.http_url}/studies", timeout=30).status_code == 200
     assert "(web console off)" in off.log()
+
+
+# --- administration: rules, audit trail, recent activity, deleting -----------------------
+
+
+def table(page: str, table_id: str) -> list[list[str]]:
+    """The cells of a table's body rows, as text."""
+    found = re.search(rf'<table[^>]* id="{table_id}">.*?<tbody>(.*?)</tbody>', page, re.S)
+    assert found is not None, f"no table {table_id}"
+    return [[html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
+             for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", found.group(1), re.S)]
+
+
+def audit_rows(node: Any, wanted: int = 1, **params: Any) -> list[list[str]]:
+    """The audit page's rows (its writer batches: polled until ``wanted`` rows show)."""
+    for _ in range(50):
+        answer = get(node, "/audit?" + urlencode(params))  # "user" is the login of get
+        assert answer.status_code == 200, answer.text
+        rows = table(answer.text, "entries") if 'id="entries"' in answer.text else []
+        if len(rows) >= wanted:
+            return rows
+        time.sleep(0.1)
+    return rows
+
+
+def test_only_an_administrator_sees_the_rules_and_the_audit_trail(
+        node: Any, corpus: dict[str, Any]) -> None:
+    """The Admin rule, named: the "*" rules of alice and carol do not give it."""
+    for user in ("alice", "bob", "carol"):
+        for path in ("/rules", f"/rules?study={corpus['alice']}", "/audit",
+                     "/audit?user=admin"):
+            answer = get(node, path, user=user)
+            assert answer.status_code == 403, (user, path)
+            assert f"no Admin rule for {user}" in answer.text
+            assert "ALICE-*" not in answer.text and "C-FIND" not in answer.text
+        if user != "bob":
+            assert 'href="/rules"' not in get(node, "/", user=user).text  # not in the menu
+    anonymous = get(node, "/rules", user=None)
+    assert anonymous.status_code == 401 and "Basic" in anonymous.headers["www-authenticate"]
+    assert 'href="/rules"' in get(node, "/").text and 'href="/audit"' in get(node, "/").text
+    rules = get(node, "/rules")
+    assert rules.status_code == 200
+    assert [row[:4] for row in table(rules.text, "rules")] == [
+        ["1", "*", "Echo", "any dataset"], ["2", "admin", "*", "any dataset"],
+        ["3", "alice", "Query", "PatientID=ALICE-*"],
+        ["4", "alice", "Retrieve", "PatientID=ALICE-*"],
+        ["5", "carol", "*", "Modality=MR"], ["6", "admin", "Admin", "any dataset"],
+        ["7", "admin", "Delete", "any dataset"], ["8", "carol", "Delete", "Modality=MR"]]
+
+
+def test_the_rules_page_says_who_may_do_what_to_a_study(node: Any,
+                                                        corpus: dict[str, Any]) -> None:
+    """The mixed study (a CT and an MR instance), judged instance by instance as
+    ``archive acl check`` judges a file."""
+    answer = get(node, f"/rules?study={corpus['mixed']}&user=bob")
+    assert answer.status_code == 200
+    assert "2 instances in 2 series, patient MIXED-1" in answer.text
+    cells = {row[0]: row[1:] for row in table(answer.text, "check")}
+    services = ["Query", "Retrieve", "Store", "Delete", "Modify"]
+    verdicts = {who: dict(zip(services, row, strict=True)) for who, row in cells.items()}
+    assert list(verdicts) == ["admin", "alice", "bob", "carol", "anonymous", "any other user"]
+    assert verdicts["admin"] == {"Query": "yes (rule 2)", "Retrieve": "yes (rule 2)",
+                                 "Store": "yes (rule 2)", "Delete": "yes (rule 7)",
+                                 "Modify": "no"}
+    assert verdicts["carol"] == {"Query": "1 of 2 (rule 5)", "Retrieve": "1 of 2 (rule 5)",
+                                 "Store": "1 of 2 (rule 5)", "Delete": "1 of 2 (rule 8)",
+                                 "Modify": "no"}
+    for who in ("alice", "bob", "anonymous", "any other user"):
+        assert set(verdicts[who].values()) == {"no"}, who
+    alice = {row[0]: row[1:] for row in table(
+        get(node, "/rules", study=corpus["alice"]).text, "check")}["alice"]
+    assert alice[:3] == ["yes (rule 3)", "yes (rule 4)", "no"]
+    missing = get(node, "/rules", study=generate_uid())
+    assert missing.status_code == 404 and "no such study" in missing.text
+    assert get(node, "/rules", study="1.2.*").status_code == 400
+
+
+def test_the_audit_trail_is_searched_by_user_operation_time_and_failures(
+        node: Any, corpus: dict[str, Any]) -> None:
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    assert get(node, "/", user="bob").status_code == 403
+    assert get(node, "/audit", user="alice").status_code == 403
+    assert get(node, "/", user="alice").status_code == 200
+    bob = audit_rows(node, user="bob", since=since)
+    assert bob and {row[1] for row in bob} == {"bob"}
+    assert bob[0][3:7] == ["CONSOLE", "Query", "DENIED", "0x0124 (HTTP 403)"]
+    alice = audit_rows(node, 2, user="alice", since=since, event="CONSOLE")
+    assert {(row[4], row[5]) for row in alice} == {("Admin", "DENIED"),
+                                                   ("Query", "allowed (restricted)")}
+    failures = audit_rows(node, user="alice", since=since, failures="1")
+    assert [(row[4], row[10]) for row in failures] == [
+        ("Admin", "not authorized: no Admin rule for alice")]
+    assert audit_rows(node, 0, user="alice", until="2000-01-01") == []
+    assert audit_rows(node, 0, user="*", since=since) == []  # a name, not a wild card
+    # newest first, a page at a time: no entry twice, none left out (entries before
+    # this test: each page read is an entry too)
+    first = audit_rows(node, limit=3, until=since)
+    second = audit_rows(node, limit=3, page=2, until=since)
+    both = audit_rows(node, limit=6, until=since)
+    assert len(first) == len(second) == 3 and first + second == both
+    assert [row[0] for row in both] == sorted((row[0] for row in both), reverse=True)
+    for bad in ({"since": "yesterday"}, {"event": "C-NOPE"}, {"page": "0"},
+                {"limit": "9999"}):
+        answer = get(node, "/audit?" + urlencode(bad))
+        assert answer.status_code == 400, bad
+    assert "to: &#39;soon&#39; is neither a date/time" in get(node, "/audit", until="soon").text
+
+
+def test_the_dashboard_charts_weeks_growth_and_recent_activity(
+        node: Any, corpus: dict[str, Any]) -> None:
+    assert get(node, "/", user="bob").status_code == 403  # a failure, bob's
+    assert get(node, "/rules", user="alice").status_code == 403  # and one of alice
+    time.sleep(0.5)  # the audit writer's batch
+    for user in ("admin", "alice"):
+        page = get(node, "/dashboard", user=user).text
+        charts = json.loads(html.unescape(re.search(
+            r'<script type="application/json" id="chart-data">(.*?)</script>', page,
+            re.S).group(1)))  # type: ignore[union-attr]
+        totals = dashboard_totals(page)
+        stored = int(re.search(r'title="(\d+) bytes"', page).group(1))  # type: ignore[union-attr]
+        assert sum(charts["weeks"]["values"]) == sum(charts["days"]["values"]) == \
+            totals["instances"]
+        assert charts["growth"]["values"][-1] == stored
+        assert charts["growth"]["values"] == sorted(charts["growth"]["values"])
+        failures = table(page, "recent-failures")
+        who = {row[1] for row in failures}
+        if user == "admin":
+            assert "everyone&#39;s" in page and {"alice", "bob"} <= who
+        else:  # her own only: what others did is not hers to read
+            assert "yours only" in page and who == {"alice"}
+            assert "bob" not in page
+
+
+def store_deletable(node: Any) -> dict[str, Any]:
+    """Patient DEL-1: a study of a CT series (one instance) and an MR series (two)."""
+    study, ct, mr = generate_uid(), generate_uid(), generate_uid()
+    datasets = [image_dataset(patient_id="DEL-1", patient_name="DELETE^ME", study_uid=study,
+                              series_uid=series, modality=modality, SeriesNumber=n,
+                              InstanceNumber=i, StudyDescription="To delete")
+                for series, modality, n, count in ((ct, "CT", 1, 1), (mr, "MR", 2, 2))
+                for i in range(1, count + 1)]
+    stow(node, [to_part10(ds) for ds in datasets])
+    return {"study": study, "ct": ct, "mr": mr}
+
+
+def post(node: Any, path: str, user: str = "admin", origin: str | None = "own",
+         **headers: str) -> requests.Response:
+    """The confirmation's form POST, from this site's page unless ``origin`` says."""
+    if origin is not None:
+        headers["Origin"] = root(node) if origin == "own" else origin
+    return requests.post(root(node) + path, auth=auth(user), headers=headers, timeout=60,
+                         allow_redirects=False)
+
+
+def test_deleting_takes_a_delete_rule_and_a_confirmation_from_this_site(
+        node: Any, corpus: dict[str, Any]) -> None:
+    d = store_deletable(node)
+    study = f"/studies/{d['study']}"
+    assert f'id="delete" href="{study}/delete"' in get(node, study).text
+    assert 'id="delete"' not in get(node, f"/studies/{corpus['alice']}", user="alice").text
+    for user in ("alice", "bob"):  # no Delete rule: refused, whatever the study
+        assert get(node, f"{study}/delete", user=user).status_code == 403
+        assert post(node, f"{study}/delete", user=user).status_code == 403
+    confirm = get(node, f"{study}/delete")
+    assert confirm.status_code == 200
+    assert confirm.headers["referrer-policy"] == "same-origin"  # the form's Origin is sent
+    assert "Deletes <b>3</b> instances in 2 series of this study" in confirm.text
+    assert "DELETE^ME" in confirm.text and f'action="{study}/delete"' in confirm.text
+    # a forged form of another site: the browser sends the login, the archive refuses
+    for origin, extra in ((None, {}), ("http://evil.example", {}), ("null", {}),
+                          ("own", {"Sec-Fetch-Site": "cross-site"}),
+                          ("own", {"Sec-Fetch-Site": "same-site"}),
+                          ("own", {"Sec-Fetch-Site": "none"})):
+        refused = post(node, f"{study}/delete", origin=origin, **extra)
+        assert refused.status_code == 403 and "cross-site" in refused.text, origin
+    assert qido_studies(node, "admin", PatientID="DEL-1") == {d["study"]}
+
+    # carol deletes what her Delete rules match: the MR series, not the CT one
+    assert 'id="delete"' in get(node, study, user="carol").text
+    assert "Deletes <b>2</b> instances in 1 series" in get(node, f"{study}/delete",
+                                                            user="carol").text
+    deleted = post(node, f"{study}/delete", user="carol", **{"Sec-Fetch-Site": "same-origin"})
+    assert deleted.status_code == 200
+    assert "Deleted 2 instances (1 series, 1 study)" in deleted.text
+    assert get(node, study, user="carol").status_code == 404
+    assert get(node, f"{study}/delete", user="carol").status_code == 404  # as nonexistent
+    remaining = get(node, study)
+    assert "CT" in remaining.text and d["mr"] not in remaining.text
+
+    series = f"{study}/series/{d['ct']}"
+    assert 'id="delete"' in get(node, series).text
+    assert post(node, f"{series}/delete").status_code == 200
+    assert get(node, study).status_code == 404
+    assert qido_studies(node, "admin", PatientID="DEL-1") == set()
+    assert post(node, f"{series}/delete").status_code == 404
+    rows = audit_rows(node, event="DELETE", user="carol")
+    assert "instances=2" in rows[0][9] and f"POST {study}/delete" in rows[0][8]

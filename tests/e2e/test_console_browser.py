@@ -4,9 +4,11 @@ users of test_console.py).
 
 What a user sees: logged in with the browser's own Basic login, she searches, opens
 a study and sees a rendered thumbnail per series, opens an instance and sees its
-attribute tree, downloads the original, sees the dashboard's charts drawn; a
-restricted user sees only her studies and her counts; markup in the data is text
-(no script runs, no dialog opens).  A few page loads only: each costs seconds here.
+attribute tree, downloads the original, sees the dashboard's charts drawn; the
+administrator reads the rules and the audit trail and deletes a study after
+confirming; a restricted user sees only her studies and her counts, no rules, no
+audit, no delete button; markup in the data is text (no script runs, no dialog
+opens).  A few page loads only: each costs seconds here.
 
 ``CONSOLE_SCREENSHOTS=docs`` saves the README's screenshots there.
 """
@@ -19,8 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from helpers import ROOT
-from test_console import PASSWORDS, XSS_NAME, root, start_node, store_corpus
+from test_console import (
+    PASSWORDS,
+    XSS_NAME,
+    qido_studies,
+    root,
+    start_node,
+    store_corpus,
+    store_deletable,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -84,7 +95,7 @@ def screenshot(page: Any, name: str) -> None:
 
 
 def charts_drawn(page: Any) -> list[int]:
-    page.wait_for_function("() => document.querySelectorAll('canvas[data-chart]').length == 4"
+    page.wait_for_function("() => document.querySelectorAll('canvas[data-chart]').length == 6"
                            " && typeof Chart !== 'undefined'"
                            " && [...document.querySelectorAll('canvas[data-chart]')]"
                            ".every(c => Chart.getChart(c))")
@@ -129,7 +140,11 @@ def test_admin_searches_browses_downloads_and_sees_the_dashboard(
         page.goto(root(node) + "/dashboard")
         assert page.inner_text("#total-instances") == "8"
         drawn = charts_drawn(page)
-        assert len(drawn) == 4 and min(drawn) > 500, drawn
+        assert len(drawn) == 6 and min(drawn) > 500, drawn
+        kinds = page.eval_on_selector_all("canvas[data-chart]",
+                                          "cs => cs.map(c => Chart.getChart(c).config.type)")
+        assert kinds == ["bar"] * 5 + ["line"]  # storage growth: a line
+        assert page.locator("#recent-failures").is_visible()
         screenshot(page, "console-dashboard.png")
         assert watched.dialogs == [] and watched.errors == [], watched.errors
     finally:
@@ -172,7 +187,22 @@ def test_a_restricted_user_sees_her_studies_and_counts_and_markup_as_text(
         labels = page.eval_on_selector('canvas[data-chart="modalities"]',
                                        "c => Chart.getChart(c).data.labels")
         assert labels == ["CT"]  # the MR study is not hers
+        growth = page.eval_on_selector('canvas[data-chart="growth"]',
+                                       "c => Chart.getChart(c).data.datasets[0].data")
+        assert growth[-1] == int(page.get_attribute("#total-bytes", "title").split()[0])
+        assert "yours only" in page.inner_text("main")
+
+        # no administration: not in her menu, refused at its address, no delete button
+        assert page.locator("#nav-rules").count() == page.locator("#nav-audit").count() == 0
+        page.goto(f"{root(node)}/studies/{corpus['alice']}")
+        page.wait_for_function(THUMBNAILS_LOADED)
+        assert page.locator("#delete").count() == 0
         assert watched.dialogs == [] and watched.errors == [], watched.errors
+        for path in ("/rules", "/audit", f"/studies/{corpus['alice']}/delete"):
+            answer = page.goto(root(node) + path)
+            assert answer is not None and answer.status == 403, path
+            assert page.inner_text("h1") == "Not authorized"
+            assert "ALICE-*" not in page.inner_text("body")
     finally:
         watched.close()
 
@@ -186,5 +216,53 @@ def test_anonymous_is_asked_to_log_in(node: Any, browser: Any) -> None:
     try:
         with pytest.raises(Error, match="ERR_INVALID_AUTH_CREDENTIALS"):
             watched.page.goto(root(node) + "/")
+    finally:
+        watched.close()
+
+
+def test_an_administrator_reads_rules_and_audit_and_deletes_a_study(
+        node: Any, corpus: dict[str, Any], browser: Any) -> None:
+    deletable = store_deletable(node)
+    refused = requests.get(root(node) + "/rules", auth=("alice", PASSWORDS["alice"]), timeout=30)
+    assert refused.status_code == 403  # an entry the audit search below finds
+    watched = Watched(browser, "admin")
+    page = watched.page
+    try:
+        page.goto(root(node) + "/")
+        page.click("#nav-rules")
+        page.wait_for_url("**/rules")
+        assert page.locator("#rules tbody tr").count() == 8
+        page.fill("input[name=study]", deletable["study"])
+        page.click("form.search button[type=submit]")
+        page.wait_for_url("**/rules?study=*")
+        carol = page.locator('#check tr[data-principal="carol"]')
+        assert carol.locator('td[data-service="Delete"]').inner_text() == "2 of 3 (rule 8)"
+        assert carol.locator('td[data-service="Modify"]').inner_text() == "no"
+        screenshot(page, "console-rules.png")
+
+        page.click("#nav-audit")
+        page.wait_for_url("**/audit")
+        page.fill("input[name=user]", "alice")
+        page.select_option("select[name=event]", "CONSOLE")
+        page.check("input[name=failures]")
+        page.click("form.search button[type=submit]")
+        page.wait_for_url("**/audit?*failures=1*")
+        rows = page.locator("#entries tbody tr")
+        assert rows.count() > 0  # her refused rules page
+        users = page.eval_on_selector_all("#entries tbody tr td:nth-child(2)",
+                                          "tds => tds.map(td => td.textContent)")
+        assert set(users) == {"alice"}
+        screenshot(page, "console-audit.png")
+
+        page.goto(f"{root(node)}/studies/{deletable['study']}")
+        page.click("#delete")
+        page.wait_for_url("**/delete")
+        assert "Deletes 3 instances in 2 series" in page.inner_text("#what")
+        screenshot(page, "console-delete.png")
+        page.click("#confirm-delete")
+        page.wait_for_selector("#deleted")
+        assert page.inner_text("#deleted") == "Deleted 3 instances (2 series, 1 study)."
+        assert qido_studies(node, "admin", PatientID="DEL-1") == set()
+        assert watched.dialogs == [] and watched.errors == [], watched.errors
     finally:
         watched.close()

@@ -76,10 +76,11 @@ def test_principal_and_service_must_both_apply() -> None:
 
 def test_delete_and_modify_are_given_by_name_only_never_by_star() -> None:
     """A "*" rule (the administrator's everything) gives the four services that destroy
-    nothing; data is deleted or modified only under a rule that says so."""
+    nothing; data is deleted or modified, and the audit trail read, only under a rule
+    that says so."""
     rules = [rule("admin", "*", 1), rule("*", "*", 2), rule("curator", "Delete", 3,
                                                              PatientID="TRIAL42-*")]
-    for service in ("Delete", "Modify"):
+    for service in ("Delete", "Modify", "Admin"):
         assert not decide(rules, "admin", service).allowed
         assert not decide(rules, "anonymous", service).allowed
         assert decide(rules, "admin", service).comment() == \

@@ -117,7 +117,7 @@ def test_no_pattern_and_empty_rules() -> None:
        - principal: bob
          service: Qurey
      """, 3, "rule 1 (principal 'bob'): unknown service 'Qurey' (Echo, Store, Query, "
-             "Retrieve, Delete, Modify or \"*\")"),
+             "Retrieve, Delete, Modify, Admin or \"*\")"),
     ("""\
      rules:
        - principal: carol
@@ -295,6 +295,21 @@ rules:
     assert [(r.principal, r.service) for r in rules] == [("curator", "Delete"),
                                                           ("editor", "Modify")]
     assert [r.key for r in parse(dump(rules), "export.yaml")] == [r.key for r in rules]
+
+
+def test_an_admin_rule_takes_no_pattern() -> None:
+    """Admin reads the whole audit trail: no pattern could narrow it, so none is taken."""
+    rules = parse("rules:\n  - {principal: auditor, service: admin}\n", "admin.yaml")
+    assert [(r.principal, r.service, r.pattern) for r in rules] == [("auditor", "Admin", None)]
+    with pytest.raises(RulesFileError) as refused:
+        parse("""\
+rules:
+  - principal: auditor
+    service: Admin
+    pattern: {PatientID: "TRIAL42-*"}
+""", "admin.yaml")
+    assert str(refused.value) == ("admin.yaml:4: rule 1 (principal 'auditor'): Admin rules "
+                                  "take no pattern (what they give is not a dataset)")
 
 
 def test_delete_for_anyone_is_warned_about() -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import image_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from archive import config, dicomjson
 from archive.config import ConfigError
-from archive.web.console import pages, stats, tree
+from archive.web.console import admin, pages, paging, stats, tree
 from archive.web.errors import HttpError
 
 
@@ -98,6 +100,39 @@ def test_dashboard_figures() -> None:
                                         "values": [2, 2]}
 
 
+def test_dashboard_weeks_and_growth() -> None:
+    figures = stats.summarize([
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 1),  # a Tuesday: week 49
+        _instance("P1", "S1", "A", "CT", 100, "CT01", 6),  # Sunday, still week 49
+        _instance("P1", "S2", "B", "MR", 50, "CT01", 7),  # Monday: week 50
+        {**_instance("P2", "S3", "C", "MR", 25, "", 1), "stored_at": None},
+    ])
+    assert figures.weeks == [("2026-W49", 2), ("2026-W50", 1)]
+    assert figures.growth == [("2026-11-30", 0), ("2026-12-01", 100), ("2026-12-06", 200),
+                              ("2026-12-07", 250)]  # from nothing, the day before
+    assert figures.charts()["growth"]["values"] == [0, 100, 200, 250]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 700), st.integers(0, 10**9)), max_size=300))
+def test_growth_ends_at_the_bytes_received_and_never_falls(received: list) -> None:
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    docs = [{**_instance("P", "S", "A", "CT", size, "X", 1),
+             "stored_at": start + datetime.timedelta(days=day)} for day, size in received]
+    figures = stats.summarize(docs)
+    values = [v for _, v in figures.growth]
+    assert values == sorted(values) and len(values) <= stats.DAYS_SHOWN
+    assert values[-1:] == ([sum(size for _, size in received)] if received else [])
+    assert [d for d, _ in figures.growth] == sorted({d for d, _ in figures.growth})
+    last = max((day for day, _ in received), default=None)
+    assert [d for d, _ in figures.growth][-1:] == (
+        [] if last is None else [(start + datetime.timedelta(days=last)).date().isoformat()])
+    assert sum(n for _, n in figures.weeks) == len(received)  # 700 days: 101 weeks at most
+    for week, n in figures.weeks:
+        assert n == sum(1 for day, _ in received if "{}-W{:02d}".format(
+            *(start + datetime.timedelta(days=day)).isocalendar()[:2]) == week)
+
+
 def test_dashboard_sums_the_smallest_bars_as_other() -> None:
     docs = [_instance("P", "S", "A", f"M{n:02d}", 1, "X", 1) for n in range(25)]
     modalities = stats.summarize(docs).modalities
@@ -127,7 +162,7 @@ def test_page_numbers_are_checked(value: str) -> None:
 
 
 def test_page_sizes_are_bounded() -> None:
-    assert pages.page_size(None) == pages.STUDIES_PER_PAGE
+    assert pages.page_size(None) == paging.STUDIES_PER_PAGE
     assert pages.page_size("2") == 2
     for bad in ("0", "501", "1e3", "-5"):
         with pytest.raises(HttpError):
@@ -139,10 +174,31 @@ def test_templates_escape_every_value() -> None:
     row = tree.Row("(0010,0010)", "PatientName", "PN", '<script>alert("x")</script>')
     page = env.get_template("instance.html").render(
         user="a<b>", anonymous=False, study_uid="1.2", series_uid="1.3", sop="1.4",
-        rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="")
+        rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="",
+        administers=False, delete="")
     assert "<script>alert" not in page and "&lt;script&gt;alert(&#34;x&#34;)" in page
     assert "logged in as a&lt;b&gt;" in page and "<i>" not in page
     assert "(1 elements; private ones shaded)" in page
+    assert 'id="delete"' not in page and 'href="/audit"' not in page
+
+
+def test_audit_rows_escape_what_the_network_sent() -> None:
+    """A request summary, a user name and a comment are what peers sent: text."""
+    env = pages._environment()
+    entry = admin.entry_row({
+        "time": datetime.datetime(2026, 12, 1, 10, tzinfo=datetime.timezone.utc),
+        "kind": "operation", "event": "C-FIND", "principal": "<b>eve</b>", "allowed": False,
+        "service": "Query", "status": 0x0124, "request": "PatientName=<script>x</script>",
+        "comment": '"><img src=x>', "calling_ae": "SCU", "address": "10.0.0.1"})
+    assert entry["failure"] and entry["status"] == "0x0124" and entry["verdict"] == "DENIED"
+    page = env.get_template("audit.html").render(
+        user="root", anonymous=False, administers=True, entries=[entry], error="",
+        events=["C-FIND"], page=1, first=0, links={},
+        form={"user": "<u>", "event": "C-FIND", "since": "", "until": "", "failures": ""})
+    assert "<script>x" not in page and "<img src=x>" not in page and "<b>eve" not in page
+    assert "PatientName=&lt;script&gt;x&lt;/script&gt;" in page
+    assert 'value="&lt;u&gt;"' in page and "<option selected>C-FIND</option>" in page
+    assert 'href="/audit"' in page  # the administrator's menu
 
 
 def test_dates_and_times_as_read() -> None:
@@ -178,3 +234,27 @@ def test_viewer_url(tmp_path: Path) -> None:
                 "ftp://x/{StudyInstanceUID}"):
         with pytest.raises(ConfigError, match="http.viewer_url"):
             _load(tmp_path, {"viewer_url": bad})
+
+
+@pytest.mark.parametrize("headers,public_url,taken", [
+    ({"sec-fetch-site": "same-origin"}, "", True),  # the browser says so
+    ({"sec-fetch-site": "same-origin", "origin": "null"}, "", True),
+    ({"sec-fetch-site": "cross-site", "origin": "http://archive:8080"}, "", False),
+    ({"sec-fetch-site": "same-site", "origin": "http://archive:8080"}, "", False),
+    ({"origin": "http://archive:8080"}, "", True),  # a browser without Fetch metadata
+    ({"origin": "http://ARCHIVE:8080"}, "", True),
+    ({"origin": "http://archive:8081"}, "", False),
+    ({"origin": "http://evil.example"}, "", False),
+    ({"origin": "null"}, "", False),
+    ({}, "", False),  # neither: not a browser's form, or a very old one
+    ({"origin": "https://pacs.example.org"}, "https://pacs.example.org/dicom-web", True),
+    ({"origin": "https://other.example.org"}, "https://pacs.example.org/dicom-web", False),
+])
+def test_a_delete_is_taken_only_from_this_sites_pages(headers: dict[str, str],
+                                                     public_url: str, taken: bool) -> None:
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": "/studies/1/delete",
+             "headers": [(b"host", b"archive:8080"),
+                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    assert admin.same_origin(Request(scope), public_url) is taken

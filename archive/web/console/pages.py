@@ -1,4 +1,5 @@
-"""The web console's pages: search, study, series, instance, download, dashboard.
+"""The web console's pages: search, study, series, instance, download, dashboard (the
+rules, audit and delete pages: :mod:`archive.web.console.admin`).
 
 Each page is answered as a DICOMweb request is (:class:`archive.web.app.Service`):
 who asks (the same Basic / bearer / anonymous authentication), what the rules say
@@ -41,16 +42,15 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import stats, tree
+from archive.web.console import admin, stats, tree
+from archive.web.console.paging import page_number, page_size
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web.console")
 
 EVENT = "CONSOLE"
 HERE = Path(__file__).parent
-#: Studies per page of the search, instances per page of a series.
-STUDIES_PER_PAGE = 50
-MAX_PER_PAGE = 500
+#: Instances per page of a series (studies per page of the search: paging.page_size).
 INSTANCES_PER_PAGE = 100
 #: The search form's fields, as C-FIND keys (the study date is a range of two fields).
 SEARCH_FIELDS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription",
@@ -133,25 +133,6 @@ def search_params(form: dict[str, str]) -> list[tuple[str, str]]:
     return params
 
 
-def page_number(value: str | None) -> int:
-    try:
-        page = int(value or "1")
-    except ValueError:
-        raise HttpError(400, f"page: {value[:20]!r} is not a page number") from None
-    if not 1 <= page <= 100_000:
-        raise HttpError(400, "page: out of range")
-    return page
-
-
-def page_size(value: str | None) -> int:
-    """Studies a search page shows: ``limit``, 1 to :data:`MAX_PER_PAGE`."""
-    if value is None or value == "":
-        return STUDIES_PER_PAGE
-    if not value.isdigit() or not 1 <= int(value) <= MAX_PER_PAGE:
-        raise HttpError(400, f"limit: expected 1 to {MAX_PER_PAGE}, got {value[:20]!r}")
-    return int(value)
-
-
 class Console:
     """The pages, over the DICOMweb :class:`~archive.web.app.Service`."""
 
@@ -161,6 +142,7 @@ class Console:
         http = getattr(self.context.cfg, "http", None)
         self.viewer_url: str = getattr(http, "viewer_url", "") or ""
         self.env = _environment()
+        self.admin = admin.Admin(self)
 
     # -- the frame of every page ------------------------------------------------------
 
@@ -170,7 +152,7 @@ class Console:
         page with its status.  An anonymous caller the rules refuse is asked to log in
         (401 with a Basic challenge, which makes the browser prompt)."""
         started = time.perf_counter()
-        request_text = f"GET {request.url.path}" + (
+        request_text = f"{request.method} {request.url.path}" + (
             f"?{request.url.query}" if request.url.query else "")
         try:
             caller = self.service.caller(request, service, EVENT, started)
@@ -199,7 +181,8 @@ class Console:
               headers: dict[str, str] | None = None, **values: Any) -> HTMLResponse:
         principal = caller.principal.name if caller is not None else ""
         body = self.env.get_template(template).render(
-            user=principal, anonymous=principal == identity.ANONYMOUS, **values)
+            user=principal, anonymous=principal == identity.ANONYMOUS,
+            administers=caller is not None and self.admin.allowed(principal), **values)
         return HTMLResponse(body, status, {**HEADERS, **(headers or {})})
 
     def _error(self, exc: HttpError, caller: Caller | None) -> HTMLResponse:
@@ -226,6 +209,11 @@ class Console:
     def _retrieves(self, caller: Caller) -> bool:
         """Whether the caller may retrieve anything (thumbnails, downloads)."""
         return self.context.authorize(caller.principal.name, RETRIEVE).allowed
+
+    def _delete(self, caller: Caller, request: Request) -> str:
+        """The delete button's target, for a principal whose Delete rules match some of
+        the page's resource; "" for anyone else (:mod:`archive.web.console.admin`)."""
+        return self.admin.delete_url(caller, request.url.path, *self.service.target(request))
 
     def _viewer(self, study: str) -> str:
         if not self.viewer_url:
@@ -289,7 +277,7 @@ class Console:
             } for a in answers), key=lambda s: (_as_int(s["number"]), s["uid"]))
             return self._html("study.html", caller, study=_study_values(study),
                               series=series, thumbnails=self._retrieves(caller),
-                              viewer=self._viewer(uid))
+                              viewer=self._viewer(uid), delete=self._delete(caller, request))
         return self._page(request, QUERY, render)
 
     def series(self, request: Request) -> Response:
@@ -330,7 +318,7 @@ class Console:
                     "instances": number(s, "NumberOfSeriesRelatedInstances")},
                 instances=shown, first=first, total=len(instances), truncated=more,
                 links=links, thumbnails=self._retrieves(caller),
-                viewer=self._viewer(study_uid))
+                viewer=self._viewer(study_uid), delete=self._delete(caller, request))
         return self._page(request, QUERY, render)
 
     def instance(self, request: Request) -> Response:
@@ -351,7 +339,8 @@ class Console:
                               sop_class=_sop_class(str(doc.get("SOPClassUID", ""))),
                               transfer_syntax=_syntax(str(doc.get("TransferSyntaxUID", ""))),
                               size=int(doc.get("size") or 0),
-                              viewer=self._viewer(study_uid))
+                              viewer=self._viewer(study_uid),
+                              delete=self._delete(caller, request))
         return self._page(request, RETRIEVE, render)
 
     def download(self, request: Request) -> Response:
@@ -391,6 +380,7 @@ class Console:
             return self._html("dashboard.html", caller, stats=figures,
                               charts=figures.charts(),
                               restricted=caller.decision.restricted,
+                              recent=self.admin.recent(caller),
                               now=datetime.datetime.now(datetime.timezone.utc))
         return self._page(request, QUERY, render)
 
@@ -468,5 +458,6 @@ def routes(service: Service) -> list[BaseRoute]:
         Route("/studies/{study}/series/{series}/thumbnail", console.thumbnail, methods=["GET"]),
         Route(instance + "/thumbnail", console.thumbnail, methods=["GET"]),
         Route("/login", console.login, methods=["GET"]),
+        *admin.routes(console),
         Mount("/assets", StaticFiles(directory=HERE / "static"), name="assets"),
     ]

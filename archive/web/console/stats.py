@@ -1,4 +1,5 @@
-"""The dashboard's figures: totals and instances per modality, SOP class, sender, day.
+"""The dashboard's figures: totals; instances per modality, SOP class, sender, day and
+week; the bytes stored, cumulated by day of receipt.
 
 Computed from the instance documents a principal may see -- all of them, or those
 her Query patterns match (:meth:`acl.rules.Decision.instance_filter`), the very
@@ -29,6 +30,8 @@ FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SOP
           "size", "source", "stored_at")
 #: Days shown in the per-day chart: the most recent ones that received instances.
 DAYS_SHOWN = 90
+#: Weeks shown in the per-week chart (ISO weeks, the most recent ones).
+WEEKS_SHOWN = 104
 #: Bars of a chart by name (modality, SOP class, sender); the rest summed as "other".
 BARS_SHOWN = 20
 
@@ -44,13 +47,18 @@ class Stats:
     sop_classes: list[tuple[str, int]] = field(default_factory=list)
     senders: list[tuple[str, int]] = field(default_factory=list)
     days: list[tuple[str, int]] = field(default_factory=list)
+    weeks: list[tuple[str, int]] = field(default_factory=list)
+    #: bytes of what is stored now, cumulated by the day it was received: how the
+    #: archive grew (what was deleted since is not counted)
+    growth: list[tuple[str, int]] = field(default_factory=list)
 
     def charts(self) -> dict[str, dict[str, list[Any]]]:
         """The charts' data, for the page's script: labels and values of each."""
         return {name: {"labels": [k for k, _ in bars], "values": [v for _, v in bars]}
                 for name, bars in (("modalities", self.modalities),
                                    ("sop_classes", self.sop_classes),
-                                   ("senders", self.senders), ("days", self.days))}
+                                   ("senders", self.senders), ("days", self.days),
+                                   ("weeks", self.weeks), ("growth", self.growth))}
 
 
 def compute(finder: Finder, restriction: dict[str, Any] | None) -> Stats:
@@ -72,10 +80,13 @@ def summarize(docs: Iterable[dict[str, Any]]) -> Stats:
     sop_classes: Counter[str] = Counter()
     senders: Counter[str] = Counter()
     days: Counter[str] = Counter()
+    weeks: Counter[str] = Counter()
+    day_bytes: Counter[str] = Counter()
     stats = Stats()
     for doc in docs:
+        size = int(doc.get("size") or 0)
         stats.instances += 1
-        stats.bytes += int(doc.get("size") or 0)
+        stats.bytes += size
         patients.add(str(doc.get("PatientID", "")))
         studies.add(str(doc.get("StudyInstanceUID", "")))
         series.add(str(doc.get("SeriesInstanceUID", "")))
@@ -84,13 +95,33 @@ def summarize(docs: Iterable[dict[str, Any]]) -> Stats:
         senders[str(doc.get("source") or "(unknown)")] += 1
         stored = doc.get("stored_at")
         if isinstance(stored, datetime.datetime):
-            days[stored.date().isoformat()] += 1
+            day = stored.date()
+            days[day.isoformat()] += 1
+            year, week, _ = day.isocalendar()
+            weeks[f"{year}-W{week:02d}"] += 1
+            day_bytes[day.isoformat()] += size
     stats.patients, stats.studies, stats.series = len(patients), len(studies), len(series)
     stats.modalities = _top(modalities)
     stats.sop_classes = [(_sop_class_name(uid), n) for uid, n in _top(sop_classes)]
     stats.senders = _top(senders)
     stats.days = sorted(days.items())[-DAYS_SHOWN:]
+    stats.weeks = sorted(weeks.items())[-WEEKS_SHOWN:]
+    stats.growth = _cumulated(sorted(day_bytes.items()))
     return stats
+
+
+def _cumulated(days: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Running totals from 0 the day before the first receipt, thinned to at most
+    DAYS_SHOWN points (the last day kept: the total stored with a date of receipt)."""
+    if not days:
+        return []
+    before = datetime.date.fromisoformat(days[0][0]) - datetime.timedelta(days=1)
+    total, points = 0, [(before.isoformat(), 0)]
+    for day, n in days:
+        total += n
+        points.append((day, total))
+    step = -(-len(points) // DAYS_SHOWN)
+    return points[::-1][::step][::-1]
 
 
 def _top(counts: Counter[str]) -> list[tuple[str, int]]:

@@ -27,26 +27,39 @@ function drawCharts() {
   for (const canvas of document.querySelectorAll("canvas[data-chart]")) {
     const chart = data[canvas.dataset.chart];
     if (!chart) continue;
-    const days = canvas.dataset.chart === "days";
+    const name = canvas.dataset.chart;
+    const timeline = name === "days" || name === "weeks" || name === "growth";
+    const growth = name === "growth";
     new Chart(canvas, {
-      type: "bar",
+      type: growth ? "line" : "bar",
       data: {
         labels: chart.labels,
         datasets: [{
-          label: "instances",
+          label: growth ? "bytes" : "instances",
           data: chart.values,
-          backgroundColor: days ? colors[0] : chart.labels.map((_, i) => colors[i % colors.length]),
+          backgroundColor: growth ? "rgba(31, 95, 168, 0.2)" : timeline ? colors[0] : chart.labels.map((_, i) => colors[i % colors.length]),
+          borderColor: colors[0],
+          fill: growth,
+          pointRadius: growth ? 2 : undefined,
         }],
       },
       options: {
         animation: false,
         maintainAspectRatio: false,
-        indexAxis: days ? "x" : "y",
+        indexAxis: timeline ? "x" : "y",
         plugins: { legend: { display: false } },
-        scales: { [days ? "y" : "x"]: { beginAtZero: true, ticks: { precision: 0 } } },
+        scales: { [timeline ? "y" : "x"]: { beginAtZero: true, ticks: growth ? { callback: size } : { precision: 0 } } },
       },
     });
   }
+}
+
+// Bytes as the pages write them (1000-based).
+function size(value) {
+  const units = ["bytes", "KB", "MB", "GB", "TB"];
+  let n = value, unit = 0;
+  while (n >= 1000 && unit < units.length - 1) { n /= 1000; unit++; }
+  return unit ? `${n.toFixed(1)} ${units[unit]}` : `${n} bytes`;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
