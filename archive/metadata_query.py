@@ -31,12 +31,11 @@ import csv
 import io
 import math
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 
@@ -215,9 +214,8 @@ def _key_filter(tag: int, value: str) -> dict[str, Any]:
 def _pattern(tag: int, vr: str, value: str) -> dict[str, Any]:
     identifier = Dataset()
     try:
-        with warnings.catch_warnings():  # wild cards and ranges are no valid values
-            warnings.simplefilter("ignore")
-            identifier[tag] = DataElement(tag, vr, value)
+        # (wild cards and ranges are no valid values of their VR: not validated)
+        identifier[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
         condition = pattern_filter(identifier, IMAGE)
     except QueryError as exc:
         raise MetadataQueryError(exc.comment) from None
