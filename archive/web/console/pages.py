@@ -41,7 +41,7 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import stats, tree
+from archive.web.console import metadata, stats, tree
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web.console")
@@ -461,6 +461,9 @@ def routes(service: Service) -> list[BaseRoute]:
     return [
         Route("/", console.search, methods=["GET"]),
         Route("/dashboard", console.dashboard, methods=["GET"]),
+        Route("/query", metadata.QueryPage(service, console._page, console._html,
+                                             HEADERS).endpoint,
+              methods=["GET"]),
         Route("/studies/{study}", console.study, methods=["GET"]),
         Route("/studies/{study}/series/{series}", console.series, methods=["GET"]),
         Route(instance, console.instance, methods=["GET"]),
