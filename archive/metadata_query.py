@@ -2,26 +2,33 @@
 attribute, grouped by the values of others ("series per SeriesDescription for
 Modality=MR", "instances per StationName last month").
 
-Answered from the instance documents, which hold every attribute of their dataset,
-private ones included (the level documents hold only their levels' attributes):
+The keys are C-FIND keys (wild cards, lists, date ranges, ``""`` for no value),
+translated by :func:`archive.query.pattern_filter`, the translation every query and
+access rule uses; a standard attribute is named by keyword or tag, a private one by
+tag (``0019,100C``), matched as text or, for a number, as a number (its VR is not
+known here).  Values are counted as stored (DICOM JSON), a name's groups joined by
+``=``, several values by ``\\``.
 
-- the keys are C-FIND keys (wild cards, lists, date ranges, ``""`` for no value),
-  translated by :func:`archive.query.pattern_filter`, the translation every query and
-  access rule uses; a standard attribute is named by keyword or tag, a private one
-  by tag (``0019,100C``), matched as text or, for a number, as a number (its VR is not
-  known here);
-- an entity of the counted level (its unique key: Patient ID, Study / Series / SOP
-  Instance UID) is counted once per distinct combination of the grouping attributes'
-  values among its matching instances: a series whose instances disagree on the value
-  counts in each of their groups, and ``total`` counts it once;
-- the documents are read in batches with a projection of only the fields needed and
-  counted in Python, which on FerretDB is faster than its aggregation pipeline; a
-  restriction (the instances a principal's Query rules let her see) is decided on each
-  document before the keys, as C-FIND does (:mod:`acl.visibility`), so her counts are
-  those of an archive holding only what she may see.
+Two ways to count, one answer where the data agree:
 
-Pure except :func:`run`; the CLI (``archive query``) and the console's ``/query`` page
-both call it.
+- **level documents**, when every key and grouping attribute is one the counted
+  level's documents store (its own level's and those above: ``model.stored_tags``)
+  and no restriction applies: one document per entity, matched and grouped on the
+  attributes C-FIND answers for it (those of its most recently stored instance), on
+  the level's indexed fields -- a tenth of the documents for series of ten images;
+- **instance documents** otherwise (private and instance attributes, attributes of a
+  lower level such as studies per Modality, a restricted caller): an entity (its
+  unique key) is counted once per distinct combination of the grouping values among
+  its matching instances, so a study holding a CT and an MR series counts under both,
+  and ``total`` counts it once.  A restriction (the instances a principal's Query rules
+  let her see) is decided on each document before the keys, as C-FIND does
+  (:mod:`acl.visibility`), so her counts are those of an archive holding only what she
+  may see.
+
+Either way the documents are read in batches with a projection of only the fields
+needed and counted in Python: FerretDB's aggregation pipeline is several times slower
+(``benchmarks/bench_metadata_query.py``).  Pure except :func:`run`; the CLI (``archive
+query``) and the console's ``/query`` page both call it.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from archive.model import (
     SERIES,
     STUDY,
     identifier_key,
+    stored_tags,
 )
 from archive.query import BINARY_VRS, QueryError, evaluate, pattern_filter
 
@@ -57,6 +65,10 @@ LEVELS: dict[str, str] = {"patients": PATIENT, "studies": STUDY, "series": SERIE
 #: The field of an instance document naming the entity it belongs to at each level.
 ENTITY_FIELD: dict[str, str] = {PATIENT: "PatientID", STUDY: "StudyInstanceUID",
                                 SERIES: "SeriesInstanceUID", IMAGE: "_id"}
+#: The counter of a level document holding its number of instances.
+INSTANCES_COUNTER: dict[str, str] = {PATIENT: "NumberOfPatientRelatedInstances",
+                                     STUDY: "NumberOfStudyRelatedInstances",
+                                     SERIES: "NumberOfSeriesRelatedInstances"}
 MAX_KEYS = 20
 MAX_GROUP_BY = 3
 #: Longest key or value accepted (a longer one is no attribute name nor DICOM value).
@@ -76,12 +88,14 @@ class MetadataQueryError(ValueError):
 @dataclass(frozen=True)
 class MetadataQuery:
     """What to count (``level``), which instances (``keys``: tag and C-FIND value as
-    typed) and grouped by what (``group_by``: tags)."""
+    typed) and grouped by what (``group_by``: tags); ``filter`` selects instance
+    documents, ``level_filter`` the level's documents (None: not answerable there)."""
 
     level: str
     keys: tuple[tuple[int, str], ...] = ()
     group_by: tuple[int, ...] = ()
     filter: dict[str, Any] = field(default_factory=dict)
+    level_filter: dict[str, Any] | None = None
 
     @property
     def level_name(self) -> str:
@@ -182,41 +196,46 @@ def parse(level: str, keys: Iterable[str] = (), group_by: Iterable[str] = ()
     for tag in groups:
         if _dictionary_vr(tag) in BINARY_VRS:
             raise MetadataQueryError(f"{key_name(tag)} is binary: it has no values to group")
-    return MetadataQuery(LEVELS[level], tuple(pairs), groups, translate(pairs))
+    counted = LEVELS[level]
+    stored = {tag for tag, _ in pairs} | set(groups) <= stored_tags(counted) \
+        if counted != IMAGE else False
+    return MetadataQuery(counted, tuple(pairs), groups, translate(pairs),
+                         translate(pairs, counted) if stored else None)
 
 
-def translate(keys: Iterable[tuple[int, str]]) -> dict[str, Any]:
-    """The filter of instance documents the keys select ({}: all), each key translated
-    by :func:`archive.query.pattern_filter` as a C-FIND key at IMAGE level."""
+def translate(keys: Iterable[tuple[int, str]], level: str = IMAGE) -> dict[str, Any]:
+    """The filter of the documents of ``level`` (instances unless said) the keys select
+    ({}: all), each key translated by :func:`archive.query.pattern_filter` as a C-FIND
+    key at that level (on its normalised, indexed fields where it has them)."""
     conditions = [condition for tag, value in keys
-                  if (condition := _key_filter(tag, value))]
+                  if (condition := _key_filter(tag, value, level))]
     if not conditions:
         return {}
     return conditions[0] if len(conditions) == 1 else {"$and": conditions}
 
 
-def _key_filter(tag: int, value: str) -> dict[str, Any]:
+def _key_filter(tag: int, value: str, level: str = IMAGE) -> dict[str, Any]:
     vr = _dictionary_vr(tag)
     if vr is None:  # private: as stored, text or number
-        alternatives = [_pattern(tag, "LO", value)]
+        alternatives = [_pattern(tag, "LO", value, level)]
         if all(_NUMBER.fullmatch(v.strip()) for v in value.split("\\")) and \
                 all(math.isfinite(float(v)) for v in value.split("\\")):
-            alternatives.append(_pattern(tag, "FD", value))
+            alternatives.append(_pattern(tag, "FD", value, level))
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
     if vr in BINARY_VRS:
         raise MetadataQueryError(f"{key_name(tag)} is binary ({vr}): it cannot be matched")
     if vr == "SQ":
         raise MetadataQueryError(f"{key_name(tag)} is a sequence: match the attributes "
                                  "of its items with the console's search or C-FIND")
-    return _pattern(tag, vr, value)
+    return _pattern(tag, vr, value, level)
 
 
-def _pattern(tag: int, vr: str, value: str) -> dict[str, Any]:
+def _pattern(tag: int, vr: str, value: str, level: str) -> dict[str, Any]:
     identifier = Dataset()
     try:
         # (wild cards and ranges are no valid values of their VR: not validated)
         identifier[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
-        condition = pattern_filter(identifier, IMAGE)
+        condition = pattern_filter(identifier, level)
     except QueryError as exc:
         raise MetadataQueryError(exc.comment) from None
     except (ValueError, OverflowError):
@@ -275,12 +294,17 @@ def _binary_text(encoded: Any) -> str:
 # --- counting --------------------------------------------------------------------------
 
 
-def fields(query: MetadataQuery, restriction: Mapping[str, Any] | None) -> dict[str, int]:
-    """The projection of an instance document: what the filters read, the entity's
-    key, the grouping attributes."""
-    return projection({*fields_read(query.filter), *fields_read(dict(restriction or {})),
-                       ENTITY_FIELD[query.level],
-                       *(f"dataset.{tag:08X}" for tag in query.group_by)})
+def fields(query: MetadataQuery, restriction: Mapping[str, Any] | None,
+           on_levels: bool = False) -> dict[str, int]:
+    """The projection of a document: what the filters read, the entity's key (and on
+    a level document its instance counter), the grouping attributes."""
+    wanted = {f"dataset.{tag:08X}" for tag in query.group_by}
+    if on_levels:
+        wanted |= {*fields_read(query.level_filter or {}), INSTANCES_COUNTER[query.level]}
+    else:
+        wanted |= {*fields_read(query.filter), *fields_read(dict(restriction or {})),
+                   ENTITY_FIELD[query.level]}
+    return projection(wanted)
 
 
 def count(query: MetadataQuery, docs: Iterable[Mapping[str, Any]],
@@ -300,13 +324,35 @@ def count(query: MetadataQuery, docs: Iterable[Mapping[str, Any]],
             continue
         instances += 1
         name = str(doc.get(entity, ""))
-        dataset = doc.get("dataset") or {}
-        values = tuple(value_text(dataset.get(f"{tag:08X}")) for tag in query.group_by)
-        groups.setdefault(values, set()).add(name)
+        groups.setdefault(_values(query, doc), set()).add(name)
         everyone.add(name)
-    rows = sorted(((values, len(names)) for values, names in groups.items()),
-                  key=lambda row: (-row[1], row[0]))
+    rows = _ranked({values: len(names) for values, names in groups.items()})
     return Result(query, rows, len(everyone), instances)
+
+
+def count_levels(query: MetadataQuery, docs: Iterable[Mapping[str, Any]]) -> Result:
+    """The counts over the documents of the query's level, one per entity (pure)."""
+    if query.level_filter is None:
+        raise ValueError(f"{query.describe()}: not answerable from level documents")
+    groups: dict[tuple[str, ...], int] = {}
+    total = instances = 0
+    for doc in docs:
+        if query.level_filter and not evaluate(query.level_filter, doc):
+            continue
+        total += 1
+        instances += int(doc.get(INSTANCES_COUNTER[query.level]) or 0)
+        values = _values(query, doc)
+        groups[values] = groups.get(values, 0) + 1
+    return Result(query, _ranked(groups), total, instances)
+
+
+def _values(query: MetadataQuery, doc: Mapping[str, Any]) -> tuple[str, ...]:
+    dataset = doc.get("dataset") or {}
+    return tuple(value_text(dataset.get(f"{tag:08X}")) for tag in query.group_by)
+
+
+def _ranked(groups: Mapping[tuple[str, ...], int]) -> list[tuple[tuple[str, ...], int]]:
+    return sorted(groups.items(), key=lambda row: (-row[1], row[0]))
 
 
 def run(finder: Finder, query: MetadataQuery,
@@ -314,11 +360,16 @@ def run(finder: Finder, query: MetadataQuery,
     """The counts over the stored instances ``restriction`` lets through (None: all):
     one find, its filter run by the database as far as it can cheaply
     (:func:`archive.find.server_filter`), every document then decided exactly."""
+    if finder.barrier is not None:  # the store's batched updates written first
+        finder.barrier()
+    if restriction is None and query.level_filter is not None:
+        docs = finder.collection(query.level).find(
+            server_filter(query.level_filter), fields(query, None, on_levels=True),
+            batch_size=FIND_BATCH * 10)
+        return count_levels(query, docs)
     exact = [dict(c) for c in (restriction, query.filter) if c]
     pre_filter = server_filter(exact[0] if len(exact) == 1 else {"$and": exact}) \
         if exact else {}
-    if finder.barrier is not None:  # the store's batched updates written first
-        finder.barrier()
     docs = finder.collection(IMAGE).find(pre_filter, fields(query, restriction),
                                          batch_size=FIND_BATCH * 10)
     return count(query, docs, restriction)
