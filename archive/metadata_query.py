@@ -11,19 +11,20 @@ known here).  Values are counted as stored (DICOM JSON), a name's groups joined 
 
 Two ways to count, one answer where the data agree:
 
-- **level documents**, when every key and grouping attribute is one the counted
-  level's documents store (its own level's and those above: ``model.stored_tags``)
-  and no restriction applies: one document per entity, matched and grouped on the
-  attributes C-FIND answers for it (those of its most recently stored instance), on
-  the level's indexed fields -- a tenth of the documents for series of ten images;
-- **instance documents** otherwise (private and instance attributes, attributes of a
-  lower level such as studies per Modality, a restricted caller): an entity (its
-  unique key) is counted once per distinct combination of the grouping values among
-  its matching instances, so a study holding a CT and an MR series counts under both,
-  and ``total`` counts it once.  A restriction (the instances a principal's Query rules
-  let her see) is decided on each document before the keys, as C-FIND does
-  (:mod:`acl.visibility`), so her counts are those of an archive holding only what she
-  may see.
+- an entity (its unique key) is counted once per distinct combination of the
+  grouping values among the matching documents below it, so a study holding a CT and
+  an MR series counts under both when counting studies per Modality, and ``total``
+  counts it once;
+- the documents read (the *source*) are those of the highest level that stores every
+  key and grouping attribute (its own level's and those above: ``model.stored_tags``),
+  never above the counted level: series documents for "studies per Modality", one per
+  series, matched on the level's indexed fields as C-FIND matches them (on the
+  attributes of its most recently stored instance) -- a tenth of the documents for
+  series of ten images.  Instance documents for private or instance attributes, and
+  for a restricted caller: a restriction (the instances her Query rules let her see)
+  is decided on each instance before the keys, as C-FIND does (:mod:`acl.visibility`),
+  so her counts are those of an archive holding only what she may see.  On data
+  without mixed entities both sources give the same counts.
 
 Either way the documents are read in batches with a projection of only the fields
 needed and counted in Python: FerretDB's aggregation pipeline is several times slower
@@ -69,6 +70,7 @@ ENTITY_FIELD: dict[str, str] = {PATIENT: "PatientID", STUDY: "StudyInstanceUID",
 INSTANCES_COUNTER: dict[str, str] = {PATIENT: "NumberOfPatientRelatedInstances",
                                      STUDY: "NumberOfStudyRelatedInstances",
                                      SERIES: "NumberOfSeriesRelatedInstances"}
+LEVEL_ORDER = (PATIENT, STUDY, SERIES, IMAGE)
 MAX_KEYS = 20
 MAX_GROUP_BY = 3
 #: Longest key or value accepted (a longer one is no attribute name nor DICOM value).
@@ -89,13 +91,15 @@ class MetadataQueryError(ValueError):
 class MetadataQuery:
     """What to count (``level``), which instances (``keys``: tag and C-FIND value as
     typed) and grouped by what (``group_by``: tags); ``filter`` selects instance
-    documents, ``level_filter`` the level's documents (None: not answerable there)."""
+    documents, ``source_filter`` the documents of ``source``, the highest level storing
+    every attribute used (IMAGE: the same as ``filter``)."""
 
     level: str
     keys: tuple[tuple[int, str], ...] = ()
     group_by: tuple[int, ...] = ()
     filter: dict[str, Any] = field(default_factory=dict)
-    level_filter: dict[str, Any] | None = None
+    source: str = IMAGE
+    source_filter: dict[str, Any] = field(default_factory=dict)
 
     @property
     def level_name(self) -> str:
@@ -197,10 +201,11 @@ def parse(level: str, keys: Iterable[str] = (), group_by: Iterable[str] = ()
         if _dictionary_vr(tag) in BINARY_VRS:
             raise MetadataQueryError(f"{key_name(tag)} is binary: it has no values to group")
     counted = LEVELS[level]
-    stored = {tag for tag, _ in pairs} | set(groups) <= stored_tags(counted) \
-        if counted != IMAGE else False
-    return MetadataQuery(counted, tuple(pairs), groups, translate(pairs),
-                         translate(pairs, counted) if stored else None)
+    used = {tag for tag, _ in pairs} | set(groups)
+    source = next((lvl for lvl in LEVEL_ORDER[LEVEL_ORDER.index(counted):]
+                   if lvl == IMAGE or used <= stored_tags(lvl)), IMAGE)
+    return MetadataQuery(counted, tuple(pairs), groups, translate(pairs), source,
+                         translate(pairs, source))
 
 
 def translate(keys: Iterable[tuple[int, str]], level: str = IMAGE) -> dict[str, Any]:
@@ -295,55 +300,44 @@ def _binary_text(encoded: Any) -> str:
 
 
 def fields(query: MetadataQuery, restriction: Mapping[str, Any] | None,
-           on_levels: bool = False) -> dict[str, int]:
-    """The projection of a document: what the filters read, the entity's key (and on
-    a level document its instance counter), the grouping attributes."""
-    wanted = {f"dataset.{tag:08X}" for tag in query.group_by}
-    if on_levels:
-        wanted |= {*fields_read(query.level_filter or {}), INSTANCES_COUNTER[query.level]}
+           source: str = IMAGE) -> dict[str, int]:
+    """The projection of a document of ``source``: what the filters read, the counted
+    entity's key (and on a level document its instance counter), the grouping
+    attributes."""
+    wanted = {f"dataset.{tag:08X}" for tag in query.group_by} | {ENTITY_FIELD[query.level]}
+    if source == IMAGE:
+        wanted |= {*fields_read(query.filter), *fields_read(dict(restriction or {}))}
     else:
-        wanted |= {*fields_read(query.filter), *fields_read(dict(restriction or {})),
-                   ENTITY_FIELD[query.level]}
+        wanted |= {*fields_read(query.source_filter), INSTANCES_COUNTER[source]}
     return projection(wanted)
 
 
 def count(query: MetadataQuery, docs: Iterable[Mapping[str, Any]],
-          restriction: Mapping[str, Any] | None = None) -> Result:
-    """The counts over instance documents (pure: what :func:`run` reads goes in).
+          restriction: Mapping[str, Any] | None = None, source: str = IMAGE) -> Result:
+    """The counts over documents of ``source`` (instances unless said; pure: what
+    :func:`run` reads goes in).
 
-    ``restriction`` is decided first: the keys are never matched against a document
-    it excludes."""
+    ``restriction`` (on instances) is decided first: the keys are never matched against
+    a document it excludes."""
+    if source != IMAGE and (restriction is not None or source != query.source):
+        raise ValueError(f"{query.describe()}: not answerable from {source} documents")
+    exact = query.filter if source == IMAGE else query.source_filter
     entity = ENTITY_FIELD[query.level]
+    counter = INSTANCES_COUNTER.get(source)
     groups: dict[tuple[str, ...], set[str]] = {}
     everyone: set[str] = set()
     instances = 0
     for doc in docs:
         if restriction is not None and not evaluate(restriction, doc):
             continue
-        if query.filter and not evaluate(query.filter, doc):
+        if exact and not evaluate(exact, doc):
             continue
-        instances += 1
+        instances += int(doc.get(counter) or 0) if counter else 1
         name = str(doc.get(entity, ""))
         groups.setdefault(_values(query, doc), set()).add(name)
         everyone.add(name)
     rows = _ranked({values: len(names) for values, names in groups.items()})
     return Result(query, rows, len(everyone), instances)
-
-
-def count_levels(query: MetadataQuery, docs: Iterable[Mapping[str, Any]]) -> Result:
-    """The counts over the documents of the query's level, one per entity (pure)."""
-    if query.level_filter is None:
-        raise ValueError(f"{query.describe()}: not answerable from level documents")
-    groups: dict[tuple[str, ...], int] = {}
-    total = instances = 0
-    for doc in docs:
-        if query.level_filter and not evaluate(query.level_filter, doc):
-            continue
-        total += 1
-        instances += int(doc.get(INSTANCES_COUNTER[query.level]) or 0)
-        values = _values(query, doc)
-        groups[values] = groups.get(values, 0) + 1
-    return Result(query, _ranked(groups), total, instances)
 
 
 def _values(query: MetadataQuery, doc: Mapping[str, Any]) -> tuple[str, ...]:
@@ -362,11 +356,11 @@ def run(finder: Finder, query: MetadataQuery,
     (:func:`archive.find.server_filter`), every document then decided exactly."""
     if finder.barrier is not None:  # the store's batched updates written first
         finder.barrier()
-    if restriction is None and query.level_filter is not None:
-        docs = finder.collection(query.level).find(
-            server_filter(query.level_filter), fields(query, None, on_levels=True),
+    if restriction is None and query.source != IMAGE:
+        docs = finder.collection(query.source).find(
+            server_filter(query.source_filter), fields(query, None, query.source),
             batch_size=FIND_BATCH * 10)
-        return count_levels(query, docs)
+        return count(query, docs, None, query.source)
     exact = [dict(c) for c in (restriction, query.filter) if c]
     pre_filter = server_filter(exact[0] if len(exact) == 1 else {"$and": exact}) \
         if exact else {}
