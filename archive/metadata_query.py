@@ -304,7 +304,9 @@ def fields(query: MetadataQuery, restriction: Mapping[str, Any] | None,
     """The projection of a document of ``source``: what the filters read, the counted
     entity's key (and on a level document its instance counter), the grouping
     attributes."""
-    wanted = {f"dataset.{tag:08X}" for tag in query.group_by} | {ENTITY_FIELD[query.level]}
+    wanted = {f"dataset.{tag:08X}" for tag in query.group_by}
+    if source != query.level:  # (a document of the level is its entity: its _id)
+        wanted.add(ENTITY_FIELD[query.level])
     if source == IMAGE:
         wanted |= {*fields_read(query.filter), *fields_read(dict(restriction or {}))}
     else:
@@ -322,7 +324,7 @@ def count(query: MetadataQuery, docs: Iterable[Mapping[str, Any]],
     if source != IMAGE and (restriction is not None or source != query.source):
         raise ValueError(f"{query.describe()}: not answerable from {source} documents")
     exact = query.filter if source == IMAGE else query.source_filter
-    entity = ENTITY_FIELD[query.level]
+    entity = "_id" if source == query.level else ENTITY_FIELD[query.level]
     counter = INSTANCES_COUNTER.get(source)
     groups: dict[tuple[str, ...], set[str]] = {}
     everyone: set[str] = set()

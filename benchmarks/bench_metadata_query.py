@@ -41,6 +41,10 @@ def documents(count: int) -> list[dict[str, Any]]:
         series = n // INSTANCES_PER_SERIES
         doc["dataset"] = {
             **template,
+            "00100020": {"vr": "LO", "Value": [doc["PatientID"]]},
+            "0020000D": {"vr": "UI", "Value": [doc["StudyInstanceUID"]]},
+            "0020000E": {"vr": "UI", "Value": [doc["SeriesInstanceUID"]]},
+            "00080018": {"vr": "UI", "Value": [doc["_id"]]},
             "00080060": {"vr": "CS", "Value": [MODALITIES[series % 3]]},
             "0008103E": {"vr": "LO", "Value": [DESCRIPTIONS[series % 8]]},
             "00190010": {"vr": "LO", "Value": ["ACME"]},
