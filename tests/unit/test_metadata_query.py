@@ -32,6 +32,7 @@ from archive.metadata_query import (
 )
 from archive.model import IMAGE, NORMALISED, SERIES, STORED_KEYS, stored_tags
 from archive.query import evaluate
+from archive.web.console.metadata import csv_filename, parse_form
 
 PRIVATE_TEXT, PRIVATE_NUMBER = 0x0019100C, 0x00191010
 
@@ -266,3 +267,17 @@ def test_csv_holds_the_counts(docs: list[dict[str, Any]]) -> None:
     assert unquoted == result.rows
     assert all(not row[0].startswith("=") for row in rows[1:])  # no formula
     assert table_text(result).splitlines()[-1].startswith(f"{result.total} series in all")
+
+
+@pytest.mark.parametrize("group,expected", [
+    ("SeriesDescription", ["SeriesDescription"]),
+    ("Modality, SeriesDescription", ["Modality", "SeriesDescription"]),
+    ("0019,100C StationName", ["(0019,100C)", "StationName"]),
+    ("(0019, 100C),0008103E", ["(0019,100C)", "SeriesDescription"]),
+])
+def test_the_form_keeps_tags_whole_among_the_keys_to_group_by(group: str,
+                                                              expected: list[str]) -> None:
+    query = parse_form({"level": "series", "group": group, "keys": "Modality=MR\n\n"})
+    assert [key_name(t) for t in query.group_by] == expected
+    assert csv_filename(query) == "series-by-" + "-by-".join(
+        re.sub(r"[^0-9A-Za-z]", "", name) for name in expected) + ".csv"
