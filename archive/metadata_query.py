@@ -58,6 +58,7 @@ from archive.model import (
     identifier_key,
     stored_tags,
 )
+from archive.model import LEVELS as LEVEL_ORDER
 from archive.query import BINARY_VRS, QueryError, evaluate, pattern_filter
 
 #: The levels a user names, and the level each stands for.
@@ -70,7 +71,6 @@ ENTITY_FIELD: dict[str, str] = {PATIENT: "PatientID", STUDY: "StudyInstanceUID",
 INSTANCES_COUNTER: dict[str, str] = {PATIENT: "NumberOfPatientRelatedInstances",
                                      STUDY: "NumberOfStudyRelatedInstances",
                                      SERIES: "NumberOfSeriesRelatedInstances"}
-LEVEL_ORDER = (PATIENT, STUDY, SERIES, IMAGE)
 MAX_KEYS = 20
 MAX_GROUP_BY = 3
 #: Longest key or value accepted (a longer one is no attribute name nor DICOM value).

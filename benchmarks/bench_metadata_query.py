@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("instances", ["0019,100C=1000"], ["SeriesDescription"], None),
                 ("studies", ["SeriesDescription=*t1*"], ["Modality"], None),
                 ("series", ["Modality=MR"], ["SeriesDescription"], restriction),
+                # the first query again, over the instances ({}: a restriction letting
+                # everything through), for comparison with the pipeline below
+                ("series", ["Modality=MR"], ["SeriesDescription"], {}),
             ]
             for level, keys, groups, restricted in cases:
                 query = parse(level, keys, groups)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     began = time.perf_counter()
                     result = run(finder, query, restricted)
                     times.append(time.perf_counter() - began)
-                source = "IMAGE" if restricted else query.source
+                source = "IMAGE" if restricted is not None else query.source
                 print(f"{query.describe():<52}{'restricted' if restricted else '':<11}"
                       f"{source:<8}"
                       f"{statistics.median(times):6.2f} s  {len(result.rows)} groups, "
