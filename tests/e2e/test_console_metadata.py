@@ -21,7 +21,7 @@ import requests
 import test_console_browser
 from acl_clients import archive_cli
 from test_console import XSS_PRIVATE, auth, get, root, start_node, store_corpus
-from test_console_browser import Watched
+from test_console_browser import Watched, screenshot
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -105,6 +105,19 @@ def test_restricted_counts_hide_what_the_rules_hide(node: Any, corpus: dict[str,
     assert list(csv.reader(io.StringIO(wild.text))) == [["instances"], ["1"]]  # hers
 
 
+def test_studies_per_series_attribute_count_each_study_under_each_value(
+        node: Any, corpus: dict[str, Any]) -> None:
+    """Studies per Modality: MIXED-1 (a CT and an MR series) under both, as its
+    Modalities in Study lists it; the total counts it once."""
+    answer = requests.get(f"{node.http_url}/studies", auth=auth("admin"), timeout=30,
+                          params={"includefield": "ModalitiesInStudy"})
+    expected = Counter(m for a in answer.json() for m in a["00080061"]["Value"])
+    page = query(node, "admin", level="studies", group="Modality", format="csv")
+    assert csv_counts(page.text)[1] == expected and expected["CT"] + expected["MR"] == 5
+    assert '<b id="total">4</b>' in query(node, "admin", level="studies",
+                                          group="Modality").text
+
+
 def test_private_attributes_by_tag_and_shown_as_text(node: Any, corpus: dict[str, Any]
                                                      ) -> None:
     answer = query(node, "admin", level="instances", group="0009,1001",
@@ -174,6 +187,7 @@ def test_in_a_browser_query_see_the_table_and_download_the_csv(
             "#counts tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText))")}
         assert shown == {(k or "(none)"): n for k, n in expected.items()}
         assert page.inner_text("#total") == "2"
+        screenshot(page, "console-query.png")
         with page.expect_download() as download:
             page.click("#csv")
         assert download.value.suggested_filename == "series-by-SeriesDescription.csv"
