@@ -457,13 +457,12 @@ def _syntax(uid: str) -> str:
 def routes(service: Service) -> list[BaseRoute]:
     """The console's routes, served at the root beside ``/dicom-web``."""
     console = Console(service)
+    queries = metadata.QueryPage(service, console._page, console._html, HEADERS)
     instance = "/studies/{study}/series/{series}/instances/{instance}"
     return [
         Route("/", console.search, methods=["GET"]),
         Route("/dashboard", console.dashboard, methods=["GET"]),
-        Route("/query", metadata.QueryPage(service, console._page, console._html,
-                                             HEADERS).endpoint,
-              methods=["GET"]),
+        Route("/query", queries.endpoint, methods=["GET"]),
         Route("/studies/{study}", console.study, methods=["GET"]),
         Route("/studies/{study}/series/{series}", console.series, methods=["GET"]),
         Route(instance, console.instance, methods=["GET"]),
