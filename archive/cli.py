@@ -417,8 +417,8 @@ def _configure_query(parser: argparse.ArgumentParser) -> None:
 def run_query(args: argparse.Namespace, cfg: Config) -> int:
     """Count patients, studies, series or instances matching keys, grouped by attributes.
 
-    Reads the database as the local administrator (no access rule is asked): e.g.
-    ``archive query --group-by SeriesDescription Modality=MR`` counts series per
+    Reads the database as the local administrator (no access rule is asked). For
+    example, archive query --group-by SeriesDescription Modality=MR counts series per
     description among the MR ones."""
     import time
 
