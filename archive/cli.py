@@ -516,6 +516,66 @@ def _rejected_row(doc: dict[str, Any]) -> dict[str, Any]:
             "by": rejection.get("by", ""), "note": rejection.get("note", "")}
 
 
+# --- query -------------------------------------------------------------------------
+
+
+def _configure_query(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("keys", nargs="*", metavar="KEY=VALUE",
+                        help="C-FIND keys on any attribute: a keyword or a tag (private "
+                             "ones: 0019,100C); wild cards, ranges, lists as in C-FIND, "
+                             "e.g. Modality=MR StudyDate=20240101-")
+    parser.add_argument("--level", default="series",
+                        choices=["patients", "studies", "series", "instances"],
+                        help="what is counted (default series)")
+    parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                        help="count per value of this attribute (up to 3 times)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="the counts as CSV")
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("query", _configure_query)
+def run_query(args: argparse.Namespace, cfg: Config) -> int:
+    """Count patients, studies, series or instances matching keys, grouped by attributes.
+
+    Reads the database as the local administrator (no access rule is asked). For
+    example, archive query --group-by SeriesDescription Modality=MR counts series per
+    description among the MR ones."""
+    import time
+
+    from archive.find import Finder
+    from archive.metadata_query import MetadataQueryError, csv_text, parse, run, table_text
+    from archive.storage import connect
+
+    try:
+        query = parse(args.level, args.keys, args.group_by)
+    except MetadataQueryError as exc:
+        return _usage("query", str(exc))
+    started = time.perf_counter()
+    with database(cfg, existing=True) as opened:
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            result = run(Finder(client[cfg.database.name]), query)
+        finally:
+            client.close()
+    log.info("query %s: %d groups in %.2f s", query.describe(), len(result.rows),
+             time.perf_counter() - started)
+    if args.csv:
+        sys.stdout.write(csv_text(result))
+    elif args.json:
+        print(json.dumps({"level": args.level, "group_by": result.columns[:-1],
+                          "keys": dict(item.split("=", 1) for item in args.keys),
+                          "groups": [{"values": list(values), "count": n}
+                                     for values, n in result.rows],
+                          "total": result.total, "instances": result.instances,
+                          "database": opened.as_dict()}, indent=2, ensure_ascii=False))
+    else:
+        print(opened.describe())
+        print(f"{query.describe()}:")
+        print(table_text(result))
+    return 0
+
+
 def _usage(command_name: str, message: str) -> int:
     print(f"archive {command_name}: {message}", file=sys.stderr)
     return 2

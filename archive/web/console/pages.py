@@ -42,7 +42,7 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import admin, stats, tree
+from archive.web.console import admin, metadata, stats, tree
 from archive.web.console.paging import page_number, page_size
 from archive.web.errors import HttpError
 
@@ -447,10 +447,12 @@ def _syntax(uid: str) -> str:
 def routes(service: Service) -> list[BaseRoute]:
     """The console's routes, served at the root beside ``/dicom-web``."""
     console = Console(service)
+    queries = metadata.QueryPage(service, console._page, console._html, HEADERS)
     instance = "/studies/{study}/series/{series}/instances/{instance}"
     return [
         Route("/", console.search, methods=["GET"]),
         Route("/dashboard", console.dashboard, methods=["GET"]),
+        Route("/query", queries.endpoint, methods=["GET"]),
         Route("/studies/{study}", console.study, methods=["GET"]),
         Route("/studies/{study}/series/{series}", console.series, methods=["GET"]),
         Route(instance, console.instance, methods=["GET"]),
