@@ -574,7 +574,7 @@ def test_a_new_archive_starts_with_the_shipped_rules_once(node_factory: Any) -> 
         assert assoc.send_c_store(dataset).Status == 0x0124  # anonymous may not store
     with scu(running, "admin") as assoc:
         assert assoc.send_c_store(dataset).Status == 0x0000
-    assert "applied the 2 access rules" in running.log()
+    assert "applied the 3 access rules" in running.log()
 
     use_rules(running, """
         rules:

@@ -42,10 +42,10 @@ def test_the_example_of_the_issue() -> None:
     assert [r.source for r in rules] == ["rules.yaml:2", "rules.yaml:3", "rules.yaml:4"]
 
 
-def test_the_shipped_example_gives_echo_to_all_and_everything_to_admin() -> None:
+def test_the_shipped_example_gives_echo_to_all_and_everything_but_deleting_to_admin() -> None:
     rules = load(ROOT / "config" / "acl.yaml")
     assert [(r.principal, r.service, r.pattern) for r in rules] == [
-        ("*", "Echo", None), ("admin", "*", None)]
+        ("*", "Echo", None), ("admin", "*", None), ("admin", "Admin", None)]
 
 
 @pytest.mark.parametrize("key", ["StudyDescription", "0008,1030", "(0008,1030)", "00081030",
