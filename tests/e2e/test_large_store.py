@@ -18,6 +18,7 @@ import struct
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,24 +108,43 @@ def counts(node: RunningNode) -> tuple[int, int, int]:
             db["fs.chunks"].count_documents({}))
 
 
-def test_a_200_mib_instance_costs_the_node_far_less_memory_than_its_size(
-        node_factory: Any, large_instance: Path, tmp_path: Path, record_property: Any) -> None:
-    node = node_factory()
+@dataclass
+class StoredLarge:
+    """A node that received the large instance, and what that cost its memory."""
+
+    node: RunningNode
+    destination_port: int
+    status: int
+    before: int
+    peak: int
+
+
+@pytest.fixture(scope="module")
+def stored_large(module_node_factory: Any, large_instance: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> StoredLarge:
+    """The large instance stored once, its cost measured; the move test reuses it."""
+    port = free_port()
+    node = module_node_factory.start(
+        {"destinations": {"BIGSCP": {"host": "127.0.0.1", "port": port}}})
     pid = node.pid
     assert pid is not None
-    warm = write_large_instance(tmp_path / "warm.dcm", MIB)  # what a first store loads
-    assert send(node, warm).Status == 0x0000
+    warm = write_large_instance(tmp_path_factory.mktemp("warm") / "warm.dcm", MIB)
+    assert send(node, warm).Status == 0x0000  # what a first store loads
     time.sleep(0.5)  # the batched level updates written
     before = status_kib(pid, "VmRSS") * 1024
     peak_reset = reset_peak(pid)
-
     with RssPoller(pid) as poller:
         response = send(node, large_instance)
-
     peak = (status_kib(pid, "VmHWM") if peak_reset else poller.peak_kib) * 1024
+    return StoredLarge(node, port, int(response.Status), before, peak)
+
+
+def test_a_200_mib_instance_costs_the_node_far_less_memory_than_its_size(
+        stored_large: StoredLarge, large_instance: Path, record_property: Any) -> None:
+    node, before, peak = stored_large.node, stored_large.before, stored_large.peak
     record_property("node_rss_before_mib", round(before / MIB, 1))
     record_property("node_peak_mib", round(peak / MIB, 1))
-    assert response.Status == 0x0000, response
+    assert stored_large.status == 0x0000
     assert peak - before < BOUND, f"peak {peak / MIB:.0f} MiB, {before / MIB:.0f} before"
     sop_class, sop_instance = uids(large_instance)
     doc = node.db.instances.find_one({"_id": sop_instance}, {"file_id": 1, "size": 1})
@@ -141,14 +161,13 @@ def test_a_200_mib_instance_costs_the_node_far_less_memory_than_its_size(
 
 
 def test_a_200_mib_instance_moved_costs_the_node_far_less_memory_than_its_size(
-        node_factory: Any, large_instance: Path, tmp_path: Path, record_property: Any) -> None:
+        stored_large: StoredLarge, large_instance: Path, tmp_path: Path,
+        record_property: Any) -> None:
     """The dataset is read from its spooled file as its PDUs are sent, a few ahead: not
     queued whole for the DUL thread, as pynetdicom's own send does."""
-    port = free_port()
-    node = node_factory({"destinations": {"BIGSCP": {"host": "127.0.0.1", "port": port}}})
+    node, port = stored_large.node, stored_large.destination_port
     pid = node.pid
-    assert pid is not None
-    assert send(node, large_instance).Status == 0x0000
+    assert pid is not None and stored_large.status == 0x0000
     out = tmp_path / "received"
     out.mkdir()
     scp = subprocess.Popen(["storescp", "+B", "+uf", "-aet", "BIGSCP", "-od", str(out),
@@ -156,7 +175,6 @@ def test_a_200_mib_instance_moved_costs_the_node_far_less_memory_than_its_size(
                            stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), 10, 0.02, "storescp to listen")
-        time.sleep(0.5)  # the batched level updates written
         before = status_kib(pid, "VmRSS") * 1024
         peak_reset = reset_peak(pid)
         identifier = dcmread(large_instance, stop_before_pixels=True)
