@@ -28,6 +28,7 @@ from archive.dimse import (
     connections,
     find_messages,
     negotiation,
+    reactors,
     retrieve,
     services,
     user_identity,
@@ -126,6 +127,7 @@ class Node:
         find_messages.install(not verbose)  # and their command sets
         negotiation.install()
         user_identity.install()
+        reactors.install()  # reactor threads woken by work, not polling every 1 ms
         self.transfer_syntaxes = syntaxes
         return ae
 
