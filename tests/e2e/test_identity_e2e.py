@@ -19,7 +19,6 @@ to another loopback address (all of 127/8 reaches lo), and DCMTK's findscu from
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import subprocess
@@ -36,7 +35,15 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from helpers import CT_IMAGE, DCMTK_ENV, identifier, make_dataset, to_part10, wait_for
+from helpers import (
+    CT_IMAGE,
+    DCMTK_ENV,
+    cpu_seconds,
+    identifier,
+    make_dataset,
+    to_part10,
+    wait_for,
+)
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -345,11 +352,6 @@ def test_mapping_warnings_follow_the_rules(device_node: Any) -> None:
 
 
 # --- brute force --------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture

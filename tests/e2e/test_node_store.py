@@ -9,6 +9,7 @@ next round replaces them.  Tests that stop the node or its database start their 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from helpers import (
     StoreSCP,
     association,
     consistency_problems,
+    cpu_seconds,
     dataset_bytes,
     echoscu,
     file_context,
@@ -93,6 +95,26 @@ def test_pynetdicom_echo(node: RunningNode) -> None:
         assert assoc.send_c_echo().Status == 0x0000
     assert "C-ECHO PYSCU@127.0.0.1" in wait_for(
         lambda: "C-ECHO PYSCU" in node.log() and node.log(), 5, message="the echo log line")
+
+
+def test_idle_associations_cost_the_node_almost_no_cpu(node: RunningNode) -> None:
+    """Associations held open in silence: the node's threads for them wait for the peer
+    (pynetdicom's own loops poll every millisecond: ~4 % of a core per association)."""
+
+    def share_of_a_core(seconds: float) -> float:
+        before, start = cpu_seconds(node.pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_seconds(node.pid) - before) / (time.monotonic() - start)
+
+    alone = share_of_a_core(2)
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(association(node, ae_title=f"IDLE{n}")) for n in range(4)]
+        time.sleep(0.5)  # negotiation and its log lines done
+        idle = share_of_a_core(2)
+        for assoc in held:  # still served, at once
+            assert assoc.send_c_echo().Status == 0x0000
+    assert idle - alone < 0.04, (f"4 idle associations: the node used {idle:.0%} of a "
+                                 f"core ({alone:.0%} without them)")
 
 
 # --- every pydicom test file -------------------------------------------------------
