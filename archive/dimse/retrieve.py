@@ -336,6 +336,9 @@ MOVE_REQUESTOR_POLL = 0.005
 #: 30-instance study 183-204 -> 150-160 ms, C-MOVE 220-225 -> 190-195 ms, the node's CPU
 #: unchanged: the polls replace waiting, and last only while instances are sent).
 SENDING_POLL = 0.0002
+#: With :mod:`archive.dimse.reactors` in place (pynetdicom 3.0.x), a DUL thread waits on
+#: its socket and its queue instead of sleeping: these delays then apply only while it
+#: has no connected socket, and the waits they were tuned for are gone.
 
 
 @contextlib.contextmanager
