@@ -46,6 +46,7 @@ from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
 from archive.deletion import DeleteIncomplete, Selection
+from archive.model import IMAGE
 from archive.query import QueryError
 from archive.web import fhir, multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
@@ -455,10 +456,13 @@ class Service:
             if thumbnail and numbers is not None and len(numbers) > 1:
                 raise HttpError(400, "a thumbnail is of one frame")
             self.available()
-            selected = self.database(lambda: wado.items(
+            # a study's or series' thumbnail shows one of its images, not a report
+            choose = wado.images if thumbnail and level != IMAGE else wado.items
+            selected = self.database(lambda: choose(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
-                raise HttpError(404, f"no such {_NAMES[level]}")
+                raise HttpError(404, f"no such {_NAMES[level]}" if choose is wado.items
+                                else f"no image in this {_NAMES[level]}")
 
             def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
                 frames = bulkdata.Frames(fp)

@@ -81,6 +81,24 @@ def items(finder: Finder, level: str, ident: Dataset,
     return list(found.values())
 
 
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: what a rendered image shows.
+PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")
+
+
+def images(finder: Finder, level: str, ident: Dataset,
+           restriction: dict[str, Any] | None) -> list[Item]:
+    """The instances the identifier selects that hold pixels, for a study's or a
+    series' thumbnail: a report, a key object selection or a rejection note in the study
+    has none to show."""
+    found: dict[str, Item] = {}
+    for doc in instances(finder, level, ident, restriction,
+                         tuple(f"dataset.{tag}" for tag in PIXEL_TAGS)):
+        if any(tag in (doc.get("dataset") or {}) for tag in PIXEL_TAGS):
+            found.setdefault(doc["_id"], Item(doc["_id"], str(doc.get("TransferSyntaxUID", "")),
+                                              doc["file_id"]))
+    return list(found.values())
+
+
 def plan_syntaxes(selected: list[Item], accepted: set[str]) -> dict[str, str]:
     """What to send each instance in: its stored syntax when the client takes it (or
     any), else an uncompressed one it takes (Explicit VR Little Endian first) when
