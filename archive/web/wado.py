@@ -25,7 +25,7 @@ from typing import Any
 from bson import ObjectId
 from pydicom.dataset import Dataset
 
-from archive import transcode
+from archive import bulkdata, transcode
 from archive.find import FIND_BATCH, Finder, projection, retrieve_plan
 from archive.gridstore import GridStore
 from archive.model import IMAGE, SERIES, STUDY
@@ -221,11 +221,17 @@ def parse_frame_list(text: str) -> list[int]:
 MAX_FRAMES_ASKED = 10000
 
 
-def parts_body(parts: Iterator[bytes], media: str, syntax: str | None, boundary: str
-               ) -> Iterator[bytes]:
+def parts_body(parts: Iterator[bulkdata.Part], media: str, syntax: str | None,
+               boundary: str) -> Iterator[bytes]:
     """A multipart body of ``parts`` (frames, bulk values, rendered images), each read
-    when sent; ``syntax``: the transfer syntax of DICOM pixel data (None: an image)."""
+    when sent, a large one piece by piece; ``syntax``: the transfer syntax of DICOM
+    pixel data (None: an image)."""
     content_type = f"{media}; transfer-syntax={syntax}" if syntax else media
     for data in parts:
-        yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
+        if isinstance(data, bytes):
+            yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
+        else:
+            yield multipart.part_header(boundary, content_type)
+            yield from data
+            yield multipart.CRLF
     yield multipart.closing(boundary)
