@@ -53,6 +53,9 @@ EVENT = "CONSOLE"
 HERE = Path(__file__).parent
 #: Instances per page of a series (studies per page of the search: paging.page_size).
 INSTANCES_PER_PAGE = 100
+#: Modalities of series without pixels (key objects, reports, presentation states,
+#: documents): no thumbnail is asked for them.
+NO_PREVIEW = frozenset({"KO", "SR", "PR", "DOC"})
 #: The search form's fields, as C-FIND keys (the study date is a range of two fields).
 SEARCH_FIELDS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription",
                  "ModalitiesInStudy")
@@ -284,6 +287,7 @@ class Console:
                 "instances": number(a, "NumberOfSeriesRelatedInstances"),
             } for a in answers), key=lambda s: (_as_int(s["number"]), s["uid"]))
             return self._html("study.html", caller, study=_study_values(study),
+                              no_preview=NO_PREVIEW,
                               series=series, thumbnails=self._retrieves(caller),
                               viewer=self._viewer(uid), delete=self._delete(caller, request),
                               reject=self._reject(caller, request))
@@ -319,7 +323,8 @@ class Console:
                 links["next"] = f"?page={page + 1}"
             s = found[0]
             return self._html(
-                "series.html", caller, study=_study_values(study), series={
+                "series.html", caller, study=_study_values(study), no_preview=NO_PREVIEW,
+                series={
                     "uid": series_uid, "number": text(s, "SeriesNumber"),
                     "modality": text(s, "Modality"),
                     "description": text(s, "SeriesDescription"),
