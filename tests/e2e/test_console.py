@@ -670,6 +670,7 @@ def test_rejecting_takes_store_and_delete_rules_a_reason_and_this_site(
                        **extra)
         assert refused.status_code == 403 and "cross-site" in refused.text, origin
     assert post(node, f"{study}/reject").status_code == 400
+    assert post(node, f"{study}/reject", form={"code": "1" * 9000}).status_code == 413
     carol = post(node, f"{study}/reject", user="carol", form={"code": "113001"})
     assert carol.status_code == 403
     assert "refused: 0x0124 not authorized: dataset outside the Store rules" in carol.text

@@ -59,8 +59,9 @@ _LEVEL_NAMES = {STUDY: "study", SERIES: "series", IMAGE: "instance"}
 REASONS = [(code, meaning) for (code, _), meaning in rejection.REASONS.items()]
 
 
-async def _form(request: Request) -> list[tuple[str, str]]:
-    """The fields of a form POST (urlencoded; at most :data:`MAX_FORM` bytes)."""
+async def _form(request: Request) -> list[tuple[str, str]] | HttpError:
+    """The fields of a form POST (urlencoded; at most :data:`MAX_FORM` bytes), or the
+    error the page answers (after who asks is known, so that it is audited)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
         return []
@@ -68,8 +69,17 @@ async def _form(request: Request) -> list[tuple[str, str]]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM:
-            raise HttpError(413, "form too large")
-    return parse_qsl(body.decode("utf-8", "replace"), max_num_fields=32)
+            return HttpError(413, "form too large")
+    try:
+        return parse_qsl(body.decode("utf-8", "replace"), max_num_fields=32)
+    except ValueError:
+        return HttpError(400, "form with too many fields")
+
+
+def _fields(form: list[tuple[str, str]] | HttpError) -> list[tuple[str, str]]:
+    if isinstance(form, HttpError):
+        raise form
+    return form
 
 
 class Rejecting:
@@ -146,14 +156,16 @@ class Rejecting:
 
     async def reject(self, request: Request) -> Response:
         """Make the note and store it (the confirmation page's form)."""
-        fields = await _form(request)
-        return await run_in_threadpool(self._reject, request, dict(fields))
+        form = await _form(request)
+        return await run_in_threadpool(self._reject, request, form)
 
-    def _reject(self, request: Request, fields: dict[str, str]) -> Response:
+    def _reject(self, request: Request, form: list[tuple[str, str]] | HttpError
+                ) -> Response:
         def render(caller: Caller) -> Response:
             if not same_origin(request, self.service.public_url):
                 raise HttpError(403, "refused: a rejection is confirmed from this site's "
                                 "own page (cross-site request)")
+            fields = dict(_fields(form))
             store = self._store_decision(caller)
             level, ident = self.service.target(request)
             code = fields.get("code", "")
@@ -262,17 +274,18 @@ class Rejecting:
 
     async def purge(self, request: Request) -> Response:
         """Purge (the confirmation page's form)."""
-        fields = await _form(request)
-        return await run_in_threadpool(self._purge, request, fields)
+        form = await _form(request)
+        return await run_in_threadpool(self._purge, request, form)
 
-    def _purge(self, request: Request, fields: list[tuple[str, str]]) -> Response:
+    def _purge(self, request: Request, form: list[tuple[str, str]] | HttpError
+               ) -> Response:
         started = time.perf_counter()
 
         def render(caller: Caller) -> Response:
             if not same_origin(request, self.service.public_url):
                 raise HttpError(403, "refused: a purge is confirmed from this site's own "
                                 "page (cross-site request)")
-            raw, found = self._purgeable(caller, fields)
+            raw, found = self._purgeable(caller, _fields(form))
             studies = len({d["StudyInstanceUID"] for d in found})
             request_text = "POST /rejected/purge " + (
                 " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)")
@@ -295,8 +308,8 @@ _UNIQUE = {STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID", IMAGE: "SOPIn
 
 def routes(rejecting: Rejecting) -> list[BaseRoute]:
     """The rejection pages' routes (beside the console's)."""
-    endpoints: list[tuple[str, str, Callable[..., Any]]] = [
-        ("GET", "confirm", rejecting.confirm), ("POST", "reject", rejecting.reject)]
+    endpoints: list[tuple[str, Callable[..., Any]]] = [("GET", rejecting.confirm),
+                                                       ("POST", rejecting.reject)]
     return [
         Route("/rejected", rejecting.listing, methods=["GET"]),
         Route("/rejected/purge", rejecting.confirm_purge, methods=["GET"]),
@@ -304,6 +317,6 @@ def routes(rejecting: Rejecting) -> list[BaseRoute]:
         *(Route(path + "/reject", endpoint, methods=[method])
           for path in ("/studies/{study}", "/studies/{study}/series/{series}",
                        "/studies/{study}/series/{series}/instances/{instance}")
-          for method, _, endpoint in endpoints),
+          for method, endpoint in endpoints),
     ]
 
