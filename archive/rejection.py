@@ -59,7 +59,7 @@ import pymongo
 from bson import ObjectId
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pymongo.database import Database
 
 from archive.find import FIND_BATCH, fields_read, narrowest, projection, server_filter
@@ -233,12 +233,20 @@ def note_dataset(study: Dataset, instances: Sequence[Mapping[str, Any]], code: s
         evidence.ReferencedSeriesSequence.append(item)
         for doc in members:
             entry = Dataset()
-            entry.RelationshipType, entry.ValueType = "CONTAINS", "IMAGE"
+            entry.RelationshipType, entry.ValueType = "CONTAINS", _value_type(doc)
             entry.ReferencedSOPSequence = [_reference(doc)]
             content.append(entry)
     ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
     ds.ContentSequence = content
     return ds
+
+
+def _value_type(doc: Mapping[str, Any]) -> str:
+    """A content item's Value Type for the instance (TID 2010): IMAGE, WAVEFORM, or
+    COMPOSITE for any other class (a report, a plan, a presentation state)."""
+    name = UID(str(doc["SOPClassUID"])).name
+    return "IMAGE" if "Image Storage" in name else "WAVEFORM" if "Waveform" in name \
+        else "COMPOSITE"
 
 
 def _reference(doc: Mapping[str, Any]) -> Dataset:

@@ -262,6 +262,12 @@ def test_a_purge_interrupted_is_finished_by_the_journal(tmp_path: Path) -> None:
     assert consistency_problems(archive.db) == [] and counter_problems(archive.db) == []
 
 
+BASIC_TEXT_SR, TWELVE_LEAD_ECG = "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.9.1.1"
+#: TID 2010: an image is an IMAGE item, a waveform a WAVEFORM, anything else COMPOSITE.
+VALUE_TYPES = {CT_IMAGE: "IMAGE", MR_IMAGE: "IMAGE", BASIC_TEXT_SR: "COMPOSITE",
+               TWELVE_LEAD_ECG: "WAVEFORM"}
+
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        code=st.sampled_from(sorted(c for c, _ in REASONS)),
@@ -272,7 +278,8 @@ def test_a_made_note_is_a_rejection_note_of_its_instances(sizes: list[int], code
     with its class, the study's patient, a series of its own, a content item each."""
     study = make_dataset(patient_id="P1", study_uid=generate_uid())
     study.PatientName = name
-    docs = [{"_id": generate_uid(), "SOPClassUID": (CT_IMAGE, MR_IMAGE)[n % 2],
+    classes = (CT_IMAGE, MR_IMAGE, BASIC_TEXT_SR, TWELVE_LEAD_ECG)
+    docs = [{"_id": generate_uid(), "SOPClassUID": classes[n % len(classes)],
              "SeriesInstanceUID": series}
             for series, size in ((generate_uid(), size) for size in sizes)
             for n in range(size)]
@@ -285,7 +292,8 @@ def test_a_made_note_is_a_rejection_note_of_its_instances(sizes: list[int], code
     assert len(read.CurrentRequestedProcedureEvidenceSequence[0]
                .ReferencedSeriesSequence) == len(sizes)
     assert [(i.ValueType, i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for i in read.ContentSequence] == [("IMAGE", d["_id"]) for d in docs]
+            for i in read.ContentSequence] == [
+        (VALUE_TYPES[d["SOPClassUID"]], d["_id"]) for d in docs]
     assert str(read.PatientName) == name and read.Modality == "KO"
     assert read.SeriesInstanceUID not in {d["SeriesInstanceUID"] for d in docs}
     assert read.file_meta.MediaStorageSOPClassUID == KEY_OBJECT_SELECTION
