@@ -419,23 +419,19 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
     import time
 
     from acl import audit
-    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
-    from archive.model import IMAGE
+    from acl.patterns import PatternError, instance_selection
+    from archive.rejection import listed
     from archive.storage import Archive, connect, ensure_indexes
 
     name = f"rejected {args.action}"
-    raw: dict[str, str] = {}
-    compiled = None
-    for item in args.keys:
-        key, sep, value = item.partition("=")
-        try:
+    pairs = [item.partition("=") for item in args.keys]
+    try:
+        for item, (_, sep, _) in zip(args.keys, pairs, strict=True):
             if not sep:
                 raise PatternError(f"{item!r}: expected KEY=VALUE")
-            raw.setdefault(key_name(parse_key(key)), value)
-            compiled = compile_pattern(to_json(raw))
-        except PatternError as exc:
-            return _usage(name, str(exc))
-    exact = compiled.filters[IMAGE] if raw and compiled is not None else None
+        raw, exact = instance_selection((key, value) for key, _, value in pairs)
+    except PatternError as exc:
+        return _usage(name, str(exc))
     request = " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)"
     started = time.perf_counter()
     purged, error = 0, ""
@@ -453,11 +449,11 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
             studies = {d["StudyInstanceUID"] for d in found}
             if args.json and (args.action == "list" or args.dry_run):
                 print(json.dumps({"database": opened.as_dict(), "rejected": [
-                    _rejected_row(d) for d in found]}, indent=2, default=str))
+                    listed(d) for d in found]}, indent=2, default=str))
             elif not args.json:
                 print(opened.describe())
                 for doc in found:
-                    row = _rejected_row(doc)
+                    row = listed(doc)
                     print(f"  patient {row['PatientID']!r} study {row['StudyInstanceUID']} "
                           f"series {row['SeriesInstanceUID']} instance {row['SOPInstanceUID']}"
                           f": {row['code']} {row['meaning']}, {row['at']} by {row['by']} "
@@ -503,17 +499,6 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
     else:
         print(f"purged {what} in {time.perf_counter() - started:.1f} s")
     return 0
-
-
-def _rejected_row(doc: dict[str, Any]) -> dict[str, Any]:
-    """One rejected instance: where it was, why, when, by whom."""
-    rejection = doc.get("rejection") or {}
-    at = rejection.get("at")
-    return {"PatientID": doc["PatientID"], "StudyInstanceUID": doc["StudyInstanceUID"],
-            "SeriesInstanceUID": doc["SeriesInstanceUID"], "SOPInstanceUID": doc["_id"],
-            "code": rejection.get("code", ""), "meaning": rejection.get("meaning", ""),
-            "at": at.strftime("%Y-%m-%dT%H:%M:%SZ") if hasattr(at, "strftime") else str(at),
-            "by": rejection.get("by", ""), "note": rejection.get("note", "")}
 
 
 # --- query -------------------------------------------------------------------------

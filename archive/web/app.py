@@ -662,7 +662,7 @@ class Service:
                     result = await run_in_threadpool(self._store_part, caller, spool, study)
                 else:
                     result = refused
-                    await run_in_threadpool(self._audit_part, caller, result,
+                    await run_in_threadpool(self.audit_part, caller, result,
                                             time.perf_counter())
                 results.append(result)
 
@@ -695,19 +695,21 @@ class Service:
             result = stow.store(self.context, caller.decision, spool.part10(), study)
         finally:
             spool.discard()
-        self._audit_part(caller, result, started)
+        self.audit_part(caller, result, started)
         return result
 
-    def _audit_part(self, caller: Caller, result: stow.Result, started: float) -> None:
-        """One entry per instance, as C-STORE writes them."""
+    def audit_part(self, caller: Caller, result: stow.Result, started: float,
+                   event: str = "STOW-RS") -> None:
+        """One entry per instance, as C-STORE writes them (and REJECT for a rejection
+        note applied)."""
         level = logging.INFO if result.ok else logging.WARNING
-        log.log(level, "STOW-RS %s sop=%s -> 0x%04X%s", caller.describe(),
+        log.log(level, "%s %s sop=%s -> 0x%04X%s", event, caller.describe(),
                 result.sop_instance or "?", result.status,
                 f" {result.comment}" if result.comment else "")
         decision = caller.decision
         rule = result.rule if result.status != NOT_AUTHORIZED else None
         entry = operation_entry(
-            caller.peer, "STOW-RS", caller.principal.name, decision.service,
+            caller.peer, event, caller.principal.name, decision.service,
             allowed=result.status != NOT_AUTHORIZED, status=result.status,
             request=result.sop_instance, rule=rule.index if rule is not None else None,
             restricted=decision.restricted, comment=result.comment, started=started)
