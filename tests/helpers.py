@@ -558,3 +558,21 @@ def stow(node: Any, files: list[bytes], auth: tuple[str, str] | None = None,
     body, content_type = stow_body(files)
     return requests.post(f"{node.http_url}/studies", data=body, auth=auth, timeout=120,
                          headers={"Content-Type": content_type, **headers})
+
+
+class Raising:
+    """A collection (or store) whose ``method`` raises ``error`` once, before touching
+    anything: the database failing at one chosen step."""
+
+    def __init__(self, target: Any, method: str, error: BaseException) -> None:
+        self._target, self._method, self._error = target, method, error
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name != self._method or self._error is None:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            error, self._error = self._error, None
+            raise error
+        return call

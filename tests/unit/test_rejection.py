@@ -20,6 +20,7 @@ import pytest
 from helpers import (
     CT_IMAGE,
     MR_IMAGE,
+    Raising,
     consistency_problems,
     counter_problems,
     make_dataset,
@@ -180,21 +181,6 @@ def test_a_note_that_references_nothing_or_misses_a_uid_is_refused_as_such() -> 
     assert note_of(other_title) is None
 
 
-class Raising:
-    """A collection (or store) whose ``method`` raises ``error`` once."""
-
-    def __init__(self, target: Any, method: str, error: BaseException) -> None:
-        self._target, self._method, self._error = target, method, error
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if name != self._method or self._error is None:
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            error, self._error = self._error, None
-            raise error
-        return call
 
 
 def _first_series(stored: list[Dataset]) -> list[Dataset]:
