@@ -286,7 +286,7 @@ def test_corrections_racing_with_stores_and_queries_leave_an_exact_archive(
     study, series = generate_uid(), generate_uid()
     first = make_dataset(patient_id="RACE-M", study_uid=study, series_uid=series)
     with association(node, [(CT_IMAGE, ExplicitVRLittleEndian)]) as assoc:
-        assert assoc.send_c_store(first).Status == 0x0000
+        assert assoc.send_c_store(dcmread(BytesIO(to_part10(first)))).Status == 0x0000
     stop = threading.Event()
     acknowledged: list[str] = [str(first.SOPInstanceUID)]
     errors: list[str] = []
@@ -303,6 +303,7 @@ def test_corrections_racing_with_stores_and_queries_leave_an_exact_archive(
                     acknowledged.append(str(ds.SOPInstanceUID))
                 else:
                     errors.append(f"C-STORE 0x{status:04X}")
+                time.sleep(0.05)  # a modality's pace: the study grows as it is corrected
 
     def query() -> None:
         with association(node, [(FIND, ExplicitVRLittleEndian)]) as assoc:
@@ -317,7 +318,7 @@ def test_corrections_racing_with_stores_and_queries_leave_an_exact_archive(
     for thread in threads:
         thread.start()
     try:
-        for n in range(3):
+        for n in range(2):
             result = modify(node, f"StudyInstanceUID={study}", "--set",
                             f"StudyDescription=pass {n}")
             assert result.returncode == 0, result.stderr
@@ -331,7 +332,7 @@ def test_corrections_racing_with_stores_and_queries_leave_an_exact_archive(
     assert set(stored) == set(acknowledged)
     corrected = [d for d in stored.values() if d.get("history")]
     assert corrected and {d["dataset"]["00081030"]["Value"][0] for d in corrected
-                          if len(d["history"]) == 3} <= {"pass 2"}
+                          if len(d["history"]) == 2} <= {"pass 1"}
     [answer] = find_open(node, "STUDY", StudyInstanceUID=study,
                          NumberOfStudyRelatedInstances="")
     assert answer.NumberOfStudyRelatedInstances == len(acknowledged)
