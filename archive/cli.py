@@ -605,7 +605,7 @@ def run_modify(args: argparse.Namespace, cfg: Config) -> int:
               file=sys.stderr)
         return 1
     if status:
-        print(f"archive modify: {error}; nothing changed", file=sys.stderr)
+        print(f"archive modify: {error}", file=sys.stderr)
         return 1
     if left:
         print(f"archive modify: {left} instances were sent again meanwhile: kept as sent",

@@ -54,14 +54,13 @@ from bson import ObjectId
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from archive import dicomjson
 from archive.gridstore import GridStore
 from archive.journal import Journal
 from archive.levels import Conflict, Levels, hierarchy_of
 from archive.model import PATIENT, STORED_KEYS
-from archive.rewrite import BadChange, rewrite
+from archive.rewrite import BadChange, rewrite, text_of
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +85,6 @@ class ModifyIncomplete(Exception):
 def changed_patient(changes: Changes) -> str | None:
     elem = changes.get(PATIENT_ID)
     return None if elem is None else str(elem.value or "")
-
-
-def text_of(value: Any) -> str:
-    """A value as DICOM text (multiple values joined by backslashes)."""
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 class Modifier:
@@ -202,7 +192,7 @@ class Modifier:
             return {"sop": doc["_id"], "from": str(doc["file_id"]),
                     "to": str(history[0]["file_id"]), "created": False,
                     "drop": [str(doc["file_id"]), *(str(h["file_id"]) for h in history[1:])],
-                    "after": None}
+                    "after": _original_hierarchy(doc)}
 
         def prepare(doc: dict[str, Any], item: dict[str, Any], folder: Path
                     ) -> dict[str, Any]:
@@ -241,9 +231,16 @@ class Modifier:
                     new_docs = self._files(current, items, prepare)
                     entry["ready"] = True  # every new file made: a replay completes
                     self.journal.write(key, entry)
-                except BaseException:
+                except BadChange as exc:
                     self._settle_now(key, entry)
-                    raise
+                    raise BadChange(f"{exc}: nothing changed" if not done else
+                                    f"{exc}: {done} instances corrected before it, the "
+                                    "others unchanged") from None
+                except Exception as exc:
+                    self._settle_now(key, entry)
+                    raise ModifyIncomplete(
+                        f"{done} instances done; writing the new files of {len(current)} "
+                        f"failed ({type(exc).__name__}): those are unchanged") from exc
                 try:
                     committed, skipped = self._commit(current, items, new_docs)
                 except Exception as exc:
@@ -296,7 +293,7 @@ class Modifier:
             log.info("modify: %s meanwhile; the level documents are rebuilt", exc)
             rebuild = touched
         if rebuild:
-            self.levels.recompute(*rebuild)
+            self.levels.recompute(*rebuild, extra_instances=[o["_id"] for o, _, _ in kept])
         self.levels.refresh_variants(*(hierarchy_of(d) for o, n, _ in kept
                                        if o.get("hashes") != n.get("hashes")
                                        for d in (o, n)))
@@ -350,6 +347,17 @@ class Modifier:
         with open(path, "wb") as out:
             for chunk in self.files.stream(file_id):
                 out.write(chunk)
+
+
+def _original_hierarchy(doc: dict[str, Any]) -> list[str]:
+    """Where an instance's original belongs: its hierarchy with the PatientID the first
+    correction of PatientID replaced (UIDs are never corrected)."""
+    series, study, patient = hierarchy_of(doc)
+    for record in doc.get(HISTORY) or []:
+        if "PatientID" in (record.get("changed") or {}):
+            patient = record["changed"]["PatientID"] or ""
+            break
+    return [series, study, patient]
 
 
 def _record(journaled: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -27,6 +27,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import validate_value
@@ -122,6 +123,13 @@ def rewrite(source: Path, out: BinaryIO, changes: dict[int, DataElement | None],
     implicit, little = (bool(x) for x in old.original_encoding)
     encodings = old._character_set
     changes = {tag: elem for tag, elem in changes.items() if _changes(old, tag, elem)}
+    if str(old.get("SpecificCharacterSet") or "ISO_IR 6").strip() in ("", "ISO_IR 6"):
+        for elem in changes.values():  # the default repertoire: ASCII only
+            if elem is not None and elem.VR in _CHARSET_VRS and \
+                    not text_of(elem.value).isascii():
+                raise BadChange(f"{elem.keyword}: {text_of(elem.value)!r} is not "
+                                f"ASCII, and instance {old.get('SOPInstanceUID')} "
+                                "declares no Specific Character Set")
     history = Dataset()
     previous = old.get(ORIGINAL_ATTRIBUTES)
     items = list(previous.value) if previous is not None and previous.VR == "SQ" else []
@@ -152,6 +160,19 @@ def rewrite(source: Path, out: BinaryIO, changes: dict[int, DataElement | None],
     deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
     out.write(deflater.compress(bytes(spliced)) + deflater.flush())
     return old, changes
+
+
+#: VRs whose values the Specific Character Set decodes.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+
+
+def text_of(value: Any) -> str:
+    """A value as DICOM text (multiple values joined by backslashes)."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _changes(old: Dataset, tag: int, elem: DataElement | None) -> bool:

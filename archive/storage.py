@@ -566,8 +566,11 @@ class Archive:
         for _, entry in reversed(entries):  # newest first: each undo reveals the older state
             hierarchies += self._settle(entry)
         # then the level documents once, over the instances as they now are
-        self.levels.recompute(*hierarchies, extra_instances=[e["sop"] for _, e in entries
-                                                             if "sop" in e])
+        # (the members a store or a correction may have left out of every child list)
+        extra = [e["sop"] for _, e in entries if "sop" in e] + [
+            item["sop"] for _, e in entries if e.get("kind") == MODIFY_KIND
+            for item in e.get("instances", [])]
+        self.levels.recompute(*hierarchies, extra_instances=extra)
         for key, _ in entries:
             self.journal.remove(key)
         log.info("journal replayed: %d entries", len(entries))

@@ -1,0 +1,87 @@
+"""Correcting on a real FerretDB, the database failing at each step of a move: the
+journal replay leaves the study wholly under one patient (the old one before every new
+file was written, the new one after), every count exact, no file orphaned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FerretDB, unique_name
+from pydicom.uid import generate_uid
+from pymongo.errors import AutoReconnect
+from test_deletion import _exact, _keys, _store
+
+from archive.modification import ModifyIncomplete
+from archive.rewrite import parse_change
+from archive.storage import Archive, ensure_indexes
+
+pytestmark = [pytest.mark.ferretdb, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture
+def archive(ferretdb: FerretDB, tmp_path: Path) -> Any:
+    name = unique_name("mod")
+    db = ferretdb.client[name]
+    ensure_indexes(db)
+    yield Archive(db, "fs", "replace", tmp_path / "journal")
+    ferretdb.client.drop_database(name)
+
+
+def _failing_after(calls: int, real: Any) -> Any:
+    """``real``, failing as a dropped connection does from its ``calls``-th call on."""
+    count = {"n": 0}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        count["n"] += 1
+        if count["n"] > calls:
+            raise AutoReconnect("connection closed")
+        return real(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("step, where, calls, moved", [
+    ("files", "put", 2, False),            # some new files written, not all
+    ("documents", "replace_one", 2, True),  # some instance documents replaced
+    ("levels", "fold", 1, True),          # taken out of the old place, half counted in
+])
+def test_a_move_the_database_interrupts_is_finished_whole_by_the_journal(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch, step: str, where: str,
+        calls: int, moved: bool) -> None:
+    study = generate_uid()
+    _store(archive, 3, study_uid=study, patient_id="A")
+    _store(archive, 2, study_uid=study, patient_id="A", modality="MR")
+    other = _store(archive, 1, patient_id="A")
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    if where == "replace_one":  # a collection's methods cannot be patched: a stand-in
+        archive.levels.instances = _Collection(archive.levels.instances, calls)
+    else:
+        target = archive.files if where == "put" else archive.levels
+        monkeypatch.setattr(target, where, _failing_after(calls, getattr(target, where)))
+    changes = {0x00100020: parse_change("PatientID=B")}
+    with pytest.raises(ModifyIncomplete):
+        archive.modify(selected, changes, "tester", "", "TEST")
+    monkeypatch.undo()
+    # a later process (a restarted node, the next command) replays the journal
+    again = Archive(archive.db, "fs", "replace", archive.journal.folder)
+    again.reconcile()
+    assert len(again.journal) == 0
+    patients = {d["PatientID"] for d in again.instances.find({"StudyInstanceUID": study})}
+    assert patients == ({"B"} if moved else {"A"}), step
+    assert again.instances.count_documents({"StudyInstanceUID": study}) == 5
+    assert [d["_id"] for d in again.instances.find({"PatientID": "A",
+                                                     "StudyInstanceUID": {"$ne": study}})
+            ] == other
+    assert _exact(again) == []
+
+
+class _Collection:
+    """An instances collection whose ``replace_one`` fails from the n-th call on."""
+
+    def __init__(self, real: Any, calls: int) -> None:
+        self._real = real
+        self.replace_one = _failing_after(calls, real.replace_one)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
