@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import FerretDB, unique_name
+from helpers import make_dataset, to_part10
 from pydicom.uid import generate_uid
 from pymongo.errors import AutoReconnect
 from test_deletion import _exact, _keys, _store
@@ -85,3 +86,27 @@ class _Collection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
+
+
+def test_a_corrected_instance_sent_again_keeps_its_originals_and_a_delete_takes_them(
+        archive: Archive) -> None:
+    study = generate_uid()
+    ds = make_dataset(study_uid=study, patient_id="A")
+    part10 = to_part10(ds)
+    assert archive.store(part10).ok
+    _store(archive, 1, study_uid=study, patient_id="A")
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    assert archive.modify(selected, {0x00100010: parse_change("PatientName=X^Y")}, "tester",
+                          "typo", "TEST") == (2, 0)
+    original = archive.instances.find_one({"_id": ds.SOPInstanceUID})["history"][0]
+    assert archive.files.read(original["file_id"]) == part10
+    # the modality sends the uncorrected instance again: stored as sent, history kept
+    assert archive.store(part10).replaced
+    again = archive.instances.find_one({"_id": ds.SOPInstanceUID})
+    assert again["history"] == [original]
+    assert again["dataset"]["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]
+    assert _exact(archive) == []
+    # a delete takes the originals with the instances: no file left behind
+    assert archive.delete(archive.select(_keys(StudyInstanceUID=study)).instances) == 2
+    assert archive.db["fs.files"].count_documents({}) == 0
+    assert _exact(archive) == []
