@@ -776,7 +776,10 @@ class WriteBehind:
         counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
                   **{f"{MODALITY_COUNTS}.{field_key(k)}": c
                      for k, c in batch.modalities.items()}}
-        results.append(self.levels.series.update_one({"_id": series_uid}, {
+        # ... and still claim the batch's study and patient: a correction in another
+        # process may have moved the series to another patient (archive.modification)
+        results.append(self.levels.series.update_one({
+                "_id": series_uid, "StudyInstanceUID": study_uid, "PatientID": patient_id}, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
                      **common},
             "$addToSet": {"instances": {"$each": batch.sops},
@@ -784,7 +787,8 @@ class WriteBehind:
             "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1, **counts}}).matched_count)
         # (a count below zero: a re-send on another node moved one of these instances
         # before the batch counted it; see Levels.drop_uncounted)
-        study = self.levels.studies.find_one_and_update({"_id": study_uid}, {
+        study = self.levels.studies.find_one_and_update({"_id": study_uid,
+                                                         "PatientID": patient_id}, {
             "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
                      **common},
             "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},

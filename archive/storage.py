@@ -89,6 +89,7 @@ from archive.levels import (
 from archive.model import IMAGE
 from archive.modification import HISTORY, Modifier
 from archive.modification import KIND as MODIFY_KIND
+from archive.rewrite import BadChange
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +440,12 @@ class Archive:
 
     def _index(self, path: Path, file_id: ObjectId, source: str
                ) -> tuple[dict[str, Any], dict[str, Any], Dataset]:
-        """The instance document a store of this file under ``file_id`` would write."""
-        ds = self.parse(path)
+        """The instance document a store of this file under ``file_id`` would write;
+        BadChange when a store would refuse it (a corrected key value it cannot hold)."""
+        try:
+            ds = self.parse(path)
+        except StoreRefused as exc:
+            raise BadChange(exc.comment) from None
         data = dicomjson.to_json(ds, file_id)
         return (self.instance_document(data, file_id, _transfer_syntax(ds),
                                        path.stat().st_size, source), data, ds)

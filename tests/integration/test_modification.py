@@ -110,3 +110,27 @@ def test_a_corrected_instance_sent_again_keeps_its_originals_and_a_delete_takes_
     assert archive.delete(archive.select(_keys(StudyInstanceUID=study)).instances) == 2
     assert archive.db["fs.files"].count_documents({}) == 0
     assert _exact(archive) == []
+
+
+def test_a_store_claiming_the_old_patient_after_a_move_is_counted_exactly(
+        archive: Archive) -> None:
+    """A node batches the level updates of a series it knows; a correction in another
+    process moves that series to another patient: the node's next batch for the old
+    patient must not count into the moved documents (it fails, the journal rebuilds)."""
+    node = Archive(archive.db, "fs", "replace", archive.journal.folder, write_behind=60)
+    study, series = generate_uid(), generate_uid()
+    for _ in range(3):  # the first one teaches the node the series, the next are batched
+        assert node.store(to_part10(make_dataset(study_uid=study, series_uid=series,
+                                                 patient_id="A"))).ok
+    node.flush()
+    _store(archive, 1, patient_id="A")  # A keeps a study: its document stays
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    assert archive.modify(selected, {0x00100020: parse_change("PatientID=B")}, "tester",
+                          "", "TEST") == (3, 0)
+    late = node.store(to_part10(make_dataset(study_uid=study, series_uid=series,
+                                             patient_id="A")))
+    assert late.ok
+    node.flush()
+    node.reconcile()
+    assert _exact(node) == []
+    assert node.instances.count_documents({"StudyInstanceUID": study}) == 4
