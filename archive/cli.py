@@ -579,13 +579,14 @@ def run_modify(args: argparse.Namespace, cfg: Config) -> int:
                 print("archive modify: nothing changed (more than one study: confirm, or "
                       "give --yes)", file=sys.stderr)
                 return 1
-            status, error, done, left = 0x0000, "", 0, 0
+            status, error, done, left, same = 0x0000, "", 0, 0, 0
             try:
                 if args.restore:
-                    done, left = archive.restore(instances)
+                    done, left, same = archive.restore(instances)
                 else:
-                    done, left = archive.modify(instances, changes, _os_user(), args.reason,
-                                                f"{cfg.ae_title} archive modify")
+                    done, left, same = archive.modify(instances, changes, _os_user(),
+                                                      args.reason,
+                                                      f"{cfg.ae_title} archive modify")
             except BadChange as exc:
                 status, error = 0xC000, str(exc)
             except ModifyIncomplete as exc:
@@ -612,10 +613,11 @@ def run_modify(args: argparse.Namespace, cfg: Config) -> int:
               file=sys.stderr)
     seconds = time.perf_counter() - started
     if args.json:
-        print(json.dumps({verb + "ed": done, "left": left, **counts,
+        print(json.dumps({verb + "ed": done, "left": left, "unchanged": same, **counts,
                           "seconds": round(seconds, 3)}, indent=2))
     else:
-        print(f"{verb}ed {done} instances in {seconds:.1f} s")
+        print(f"{verb}ed {done} instances in {seconds:.1f} s" + (
+            f" ({same} had these values already: unchanged)" if same else ""))
     return 0
 
 

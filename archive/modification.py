@@ -141,20 +141,24 @@ class Modifier:
     # -- correcting and restoring -----------------------------------------------------
 
     def modify(self, instances: list[dict[str, Any]], changes: Changes, by: str,
-               reason: str, system: str) -> tuple[int, int]:
+               reason: str, system: str) -> tuple[int, int, int]:
         """Correct the instances (their documents as selected); (corrected, left
-        because re-sent meanwhile).  Raises BadChange (nothing of the batch changed)
-        or ModifyIncomplete (the journal finishes the batch)."""
+        because re-sent meanwhile, left because they have these values already).
+        Raises BadChange (nothing of the batch changed) or ModifyIncomplete (the
+        journal finishes the batch)."""
         when = datetime.datetime.now(datetime.timezone.utc)
         stamp = when.strftime("%Y%m%d%H%M%S.%f+0000")
         new_patient = changed_patient(changes)
 
         def prepare(doc: dict[str, Any], item: dict[str, Any], folder: Path
-                    ) -> dict[str, Any]:
+                    ) -> dict[str, Any] | None:
             original, corrected = folder / "original.dcm", folder / "corrected.dcm"
             self._fetch(doc["file_id"], original)
             with open(corrected, "wb") as out:
                 old, effective = rewrite(original, out, changes, system, stamp)
+            if not effective:  # it has these values already: nothing to correct
+                item["unchanged"] = True
+                return None
             file_id = ObjectId(item["to"])
             new, _, ds = self.index(corrected, file_id, doc.get("source", ""))
             for tag, elem in changes.items():
@@ -184,9 +188,9 @@ class Modifier:
 
         return self._run(instances, plan, prepare)
 
-    def restore(self, instances: list[dict[str, Any]]) -> tuple[int, int]:
+    def restore(self, instances: list[dict[str, Any]]) -> tuple[int, int, int]:
         """Make corrected instances their originals again; the corrected files are
-        deleted.  (restored, left because re-sent meanwhile)."""
+        deleted.  (restored, left because re-sent meanwhile, 0)."""
         def plan(doc: dict[str, Any]) -> dict[str, Any]:
             history = doc[HISTORY]
             return {"sop": doc["_id"], "from": str(doc["file_id"]),
@@ -205,9 +209,10 @@ class Modifier:
 
     def _run(self, instances: list[dict[str, Any]],
              plan: Callable[[dict[str, Any]], dict[str, Any]],
-             prepare: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]],
-             only: Callable[[dict[str, Any]], bool] = lambda doc: True) -> tuple[int, int]:
-        done = left = 0
+             prepare: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any] | None],
+             only: Callable[[dict[str, Any]], bool] = lambda doc: True
+             ) -> tuple[int, int, int]:
+        done = left = unchanged = 0
         for batch in _batches(instances):
             docs = {d["_id"]: d for d in self.levels.instances.find(
                 {"_id": {"$in": [d["_id"] for d in batch]}}, {"dataset": 0})}
@@ -255,23 +260,29 @@ class Modifier:
             self.journal.remove(key)
             done += committed
             left += skipped
-        return done, left
+            unchanged += sum(1 for item in items if item.get("unchanged"))
+        return done, left, unchanged
 
     def _files(self, current: list[dict[str, Any]], items: list[dict[str, Any]],
-               prepare: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]]
-               ) -> list[dict[str, Any]]:
-        """Step 1: each instance's new document (and, for a correction, its new file)."""
-        new_docs = []
+               prepare: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any] | None]
+               ) -> list[dict[str, Any] | None]:
+        """Step 1: each instance's new document (and, for a correction, its new file);
+        None for one that would not change."""
+        new_docs: list[dict[str, Any] | None] = []
         with tempfile.TemporaryDirectory(prefix="archive-modify-") as folder:
             for doc, item in zip(current, items, strict=True):
                 new_docs.append(prepare(doc, item, Path(folder)))
         return new_docs
 
     def _commit(self, current: list[dict[str, Any]], items: list[dict[str, Any]],
-                new_docs: list[dict[str, Any]]) -> tuple[int, int]:
+                new_docs: list[dict[str, Any] | None]) -> tuple[int, int]:
         """Steps 2 to 4; (committed, left because re-sent meanwhile)."""
         kept: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        changing = 0
         for old, item, new in zip(current, items, new_docs, strict=True):
+            if new is None:
+                continue
+            changing += 1
             replaced = self.levels.instances.replace_one(
                 {"_id": old["_id"], "file_id": old["file_id"]}, new).matched_count
             if replaced:
@@ -299,7 +310,7 @@ class Modifier:
                                        for d in (o, n)))
         drop = [ObjectId(f) for _, _, item in kept for f in item["drop"]]
         self.files.delete_many(drop)
-        return len(kept), len(current) - len(kept)
+        return len(kept), changing - len(kept)
 
     def _settle_now(self, key: str, entry: dict[str, Any]) -> None:
         """Take back a batch whose files could not all be made: nothing committed."""
@@ -319,6 +330,8 @@ class Modifier:
         nothing was committed: the new files made so far are deleted.
         """
         for item in entry.get("instances", []):
+            if item.get("unchanged"):
+                continue
             to = ObjectId(item["to"])
             current = self.levels.instances.find_one({"_id": item["sop"]},
                                                      {"file_id": 1, "source": 1, HISTORY: 1})

@@ -420,17 +420,18 @@ class Archive:
     # -- modify -------------------------------------------------------------------------
 
     def modify(self, instances: list[dict[str, Any]], changes: dict[int, Any], by: str,
-               reason: str, system: str) -> tuple[int, int]:
+               reason: str, system: str) -> tuple[int, int, int]:
         """Correct selected instances (:mod:`archive.modification`); (corrected, left as
-        re-sent meanwhile).  Raises BadChange before anything of a batch changed, and
-        ModifyIncomplete when the database fails (the journal finishes the batch)."""
+        re-sent meanwhile, left as they have these values already).  Raises BadChange
+        before anything of a batch changed, and ModifyIncomplete when the database
+        fails (the journal finishes the batch)."""
         try:
             return self.modifier.modify(instances, changes, by, reason, system)
         finally:
             if self.batches is not None:  # level documents moved: learn again
                 self.batches.forget()
 
-    def restore(self, instances: list[dict[str, Any]]) -> tuple[int, int]:
+    def restore(self, instances: list[dict[str, Any]]) -> tuple[int, int, int]:
         """Make corrected instances their originals again (:mod:`archive.modification`)."""
         try:
             return self.modifier.restore(instances)

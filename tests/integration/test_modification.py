@@ -97,7 +97,14 @@ def test_a_corrected_instance_sent_again_keeps_its_originals_and_a_delete_takes_
     _store(archive, 1, study_uid=study, patient_id="A")
     selected = archive.select(_keys(StudyInstanceUID=study)).instances
     assert archive.modify(selected, {0x00100010: parse_change("PatientName=X^Y")}, "tester",
-                          "typo", "TEST") == (2, 0)
+                          "typo", "TEST") == (2, 0, 0)
+    files = archive.db["fs.files"].count_documents({})
+    # the same correction again changes nothing: no new file, no history
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    assert archive.modify(selected, {0x00100010: parse_change("PatientName=X^Y")}, "tester",
+                          "", "TEST") == (0, 0, 2)
+    assert archive.db["fs.files"].count_documents({}) == files
+    assert len(archive.instances.find_one({"_id": ds.SOPInstanceUID})["history"]) == 1
     original = archive.instances.find_one({"_id": ds.SOPInstanceUID})["history"][0]
     assert archive.files.read(original["file_id"]) == part10
     # the modality sends the uncorrected instance again: stored as sent, history kept
@@ -126,7 +133,7 @@ def test_a_store_claiming_the_old_patient_after_a_move_is_counted_exactly(
     _store(archive, 1, patient_id="A")  # A keeps a study: its document stays
     selected = archive.select(_keys(StudyInstanceUID=study)).instances
     assert archive.modify(selected, {0x00100020: parse_change("PatientID=B")}, "tester",
-                          "", "TEST") == (3, 0)
+                          "", "TEST") == (3, 0, 0)
     late = node.store(to_part10(make_dataset(study_uid=study, series_uid=series,
                                              patient_id="A")))
     assert late.ok
