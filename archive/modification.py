@@ -161,7 +161,9 @@ class Modifier:
                 return None
             file_id = ObjectId(item["to"])
             new, _, ds = self.index(corrected, file_id, doc.get("source", ""))
-            for tag, elem in changes.items():
+            for tag, elem in effective.items():  # (sequences come from a patient's JSON)
+                if elem is not None and elem.VR == "SQ":
+                    continue
                 wanted = None if elem is None else text_of(elem.value)
                 got = text_of(ds[tag].value) if tag in ds else None
                 if got != wanted and not (wanted == "" and got in ("", None)):
@@ -173,8 +175,7 @@ class Modifier:
             item["record"] = {
                 "file_id": str(doc["file_id"]), "size": doc.get("size"),
                 "replaced_at": when.isoformat(), "by": by, "reason": reason,
-                "changed": {keyword_for_tag(tag) or f"{tag:08X}":
-                            text_of(old[tag].value) if tag in old else None
+                "changed": {keyword_for_tag(tag) or f"{tag:08X}": _old_text(old, tag)
                             for tag in sorted(effective)}}
             new[HISTORY] = [*(doc.get(HISTORY) or []), _record(item["record"])]
             return new
@@ -360,6 +361,14 @@ class Modifier:
         with open(path, "wb") as out:
             for chunk in self.files.stream(file_id):
                 out.write(chunk)
+
+
+def _old_text(old: Dataset, tag: int) -> str | None:
+    """What an attribute was, for the history (None: absent)."""
+    if tag not in old:
+        return None
+    elem = old[tag]
+    return f"({len(elem.value)} items)" if elem.VR == "SQ" else text_of(elem.value)
 
 
 def _original_hierarchy(doc: dict[str, Any]) -> list[str]:

@@ -141,3 +141,32 @@ def test_a_store_claiming_the_old_patient_after_a_move_is_counted_exactly(
     node.reconcile()
     assert _exact(node) == []
     assert node.instances.count_documents({"StudyInstanceUID": study}) == 4
+
+
+def test_a_study_moved_to_an_existing_patient_takes_all_its_patient_attributes(
+        archive: Archive) -> None:
+    """Name, sex, a sequence of other IDs: the patient's; a birth date it lacks: gone."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    other_id = Dataset()
+    other_id.PatientID = "HOSP-9"
+    other_id.TypeOfPatientID = "TEXT"
+    target = make_dataset(patient_id="B", patient_name="RIGHT^NAME", PatientSex="F",
+                          OtherPatientIDsSequence=Sequence([other_id]))
+    assert archive.store(to_part10(target)).ok
+    study = generate_uid()
+    _store(archive, 2, study_uid=study, patient_id="A", PatientBirthDate="19990101",
+           PatientSex="M")
+    selected = archive.select(_keys(StudyInstanceUID=study)).instances
+    changes = archive.modifier.adopted({0x00100020: parse_change("PatientID=B")})
+    assert archive.modify(selected, changes, "tester", "", "TEST") == (2, 0, 0)
+    patient = archive.patients.find_one({"_id": "B"})
+    assert len(patient["variants"]["PATIENT"]) == 1  # one consistent patient
+    assert patient["NumberOfPatientRelatedInstances"] == 3
+    moved = archive.instances.find_one({"StudyInstanceUID": study})
+    assert moved["dataset"]["00100010"]["Value"] == [{"Alphabetic": "RIGHT^NAME"}]
+    assert "00100030" not in moved["dataset"]  # the birth date B does not have
+    assert moved["dataset"]["00101002"]["Value"][0]["00100020"]["Value"] == ["HOSP-9"]
+    assert moved["history"][0]["changed"]["PatientBirthDate"] == "19990101"
+    assert _exact(archive) == []
