@@ -13,8 +13,9 @@ deleted but with the instance.  A correction of PatientID moves whole studies to
 another patient: its studies must be selected whole, and when that patient exists,
 the instances take its patient attributes (name, birth date, sex...) unless the
 correction sets them, so that the patient stays one consistent entity.  UIDs are
-never changed.  **A restore** makes an instance its original again (the first file of
-its history) and deletes the corrected files.
+never changed; an instance that has the values already is left as it is.
+**A restore** makes an instance its original again (the first file of its history)
+and deletes the corrected files.
 
 **Order of writes**, per batch of whole studies (up to :data:`BATCH` instances, a
 larger study alone):
