@@ -374,10 +374,12 @@ def _nodelay(event: Any) -> None:
 @contextlib.contextmanager
 def association(node: Peer, contexts: Iterable[tuple[str, str]] = (),
                 ae_title: str = "PYSCU", verification: bool = True,
-                user: str | None = None) -> Iterator[Any]:
+                user: str | None = None, ext_neg: Iterable[Any] = (),
+                evt_handlers: Iterable[Any] = ()) -> Iterator[Any]:
     """A pynetdicom association (TCP_NODELAY on) proposing one presentation context per
     (SOP class, transfer syntax) pair, acting for ``user`` (a User Identity with the name
-    only; None: none); released on exit."""
+    only; None: none); released on exit.  ``ext_neg``: more extended negotiation items
+    (SCP/SCU roles of a C-GET); ``evt_handlers``: more handlers."""
     from pynetdicom import AE, evt
     from pynetdicom.pdu_primitives import UserIdentityNegotiation
     from pynetdicom.sop_class import Verification
@@ -394,8 +396,8 @@ def association(node: Peer, contexts: Iterable[tuple[str, str]] = (),
         identity[0].user_identity_type = 1
         identity[0].primary_field = user.encode()
     assoc = ae.associate(getattr(node, "host", "127.0.0.1"), node.port,
-                         ae_title=node.ae_title, ext_neg=identity,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         ae_title=node.ae_title, ext_neg=[*identity, *ext_neg],
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *evt_handlers])
     if not assoc.is_established:
         raise AssertionError(f"association with {node.ae_title}:{node.port} not established")
     try:
@@ -434,8 +436,9 @@ def file_context(path: str | Path) -> tuple[str, str]:
 def consistency_problems(db: Any, bucket: str = "fs") -> list[str]:
     """Every way the archive's instances and GridFS files disagree with each other.
 
-    Empty when each instance document (and each rejected one, kept until purged)
-    names a whole GridFS file and each GridFS file (and chunk) belongs to one.
+    Empty when each instance document (and each rejected one, kept until purged) names a
+    whole GridFS file (and the originals it keeps) and each GridFS file (and chunk)
+    belongs to one.
     """
     problems = []
     files = {f["_id"]: f for f in db[f"{bucket}.files"].find({}, {"length": 1, "chunkSize": 1})}
@@ -443,8 +446,14 @@ def consistency_problems(db: Any, bucket: str = "fs") -> list[str]:
     for chunk in db[f"{bucket}.chunks"].find({}, {"files_id": 1, "n": 1}):
         chunks.setdefault(chunk["files_id"], set()).add(chunk["n"])
     referenced = set()
-    for inst in [*db.instances.find({}, {"file_id": 1}), *db.rejected.find({}, {"file_id": 1})]:
+    for inst in [*db.instances.find({}, {"file_id": 1, "history": 1}),
+                 *db.rejected.find({}, {"file_id": 1, "history": 1})]:
         referenced.add(inst["file_id"])
+        for earlier in inst.get("history") or []:  # originals of corrected instances
+            if earlier["file_id"] not in files:
+                problems.append(f"instance {inst['_id']} names missing original "
+                                f"{earlier['file_id']}")
+            referenced.add(earlier["file_id"])
         if inst["file_id"] not in files:
             problems.append(f"instance {inst['_id']} names missing file {inst['file_id']}")
     for file_id, info in files.items():
