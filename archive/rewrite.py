@@ -16,6 +16,7 @@ retired, and one that no longer adds up would mislead a reader.
 
 from __future__ import annotations
 
+import datetime
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,17 @@ def parse_change(text: str) -> DataElement:
             validate_value(vr, part, 2)  # pydicom: raise on an invalid value
         except ValueError as exc:
             raise BadChange(f"{keyword}: {exc}".splitlines()[0][:200]) from None
+        if vr == "DA" and part and not _calendar_date(part):  # pydicom: 8 digits will do
+            raise BadChange(f"{keyword}: {part!r} is not a date (YYYYMMDD)")
     return DataElement(tag, vr, value)
+
+
+def _calendar_date(text: str) -> bool:
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return True
 
 
 def _tag(name: str) -> int | None:

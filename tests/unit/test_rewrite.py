@@ -108,6 +108,7 @@ def test_a_value_already_there_is_no_change(tmp_path: Path) -> None:
     ("(0009,0010)=x", "private"),
     ("PatientName", "expected Keyword=value"),
     ("StudyDate=yesterday", "StudyDate"),
+    ("PatientBirthDate=19700230", "'19700230' is not a date"),  # 8 digits, no such day
 ])
 def test_changes_that_are_refused(change: str, message: str) -> None:
     with pytest.raises(BadChange, match=message.replace("(", r"\(")):
