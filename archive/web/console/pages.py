@@ -1,5 +1,6 @@
 """The web console's pages: search, study, series, instance, download, dashboard (the
-rules, audit and delete pages: :mod:`archive.web.console.admin`).
+rules, audit and delete pages: :mod:`archive.web.console.admin`; correcting:
+:mod:`archive.web.console.correcting`).
 
 Each page is answered as a DICOMweb request is (:class:`archive.web.app.Service`):
 who asks (the same Basic / bearer / anonymous authentication), what the rules say
@@ -42,7 +43,7 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import admin, metadata, stats, tree
+from archive.web.console import admin, correcting, metadata, stats, tree
 from archive.web.console.paging import page_number, page_size
 from archive.web.errors import HttpError
 
@@ -143,6 +144,7 @@ class Console:
         self.viewer_url: str = getattr(http, "viewer_url", "") or ""
         self.env = _environment()
         self.admin = admin.Admin(self)
+        self.corrections = correcting.Corrections(self)
 
     # -- the frame of every page ------------------------------------------------------
 
@@ -277,7 +279,9 @@ class Console:
             } for a in answers), key=lambda s: (_as_int(s["number"]), s["uid"]))
             return self._html("study.html", caller, study=_study_values(study),
                               series=series, thumbnails=self._retrieves(caller),
-                              viewer=self._viewer(uid), delete=self._delete(caller, request))
+                              viewer=self._viewer(uid), delete=self._delete(caller, request),
+                              corrections=self.corrections.links(caller, request.url.path,
+                                                                 STUDY))
         return self._page(request, QUERY, render)
 
     def series(self, request: Request) -> Response:
@@ -318,7 +322,8 @@ class Console:
                     "instances": number(s, "NumberOfSeriesRelatedInstances")},
                 instances=shown, first=first, total=len(instances), truncated=more,
                 links=links, thumbnails=self._retrieves(caller),
-                viewer=self._viewer(study_uid), delete=self._delete(caller, request))
+                viewer=self._viewer(study_uid), delete=self._delete(caller, request),
+                corrections=self.corrections.links(caller, request.url.path, SERIES))
         return self._page(request, QUERY, render)
 
     def instance(self, request: Request) -> Response:
@@ -461,5 +466,6 @@ def routes(service: Service) -> list[BaseRoute]:
         Route(instance + "/thumbnail", console.thumbnail, methods=["GET"]),
         Route("/login", console.login, methods=["GET"]),
         *admin.routes(console),
+        *correcting.routes(console.corrections),
         Mount("/assets", StaticFiles(directory=HERE / "static"), name="assets"),
     ]
