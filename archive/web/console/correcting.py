@@ -42,6 +42,7 @@ from archive.modification import HISTORY, ModifyIncomplete, changed_patient
 from archive.rewrite import BadChange, parse_change
 from archive.web.app import Caller, check_uid
 from archive.web.console.admin import Console, same_origin
+from archive.web.console.values import text
 from archive.web.errors import HttpError
 
 #: What the form corrects at each level: (keyword, label).
@@ -132,8 +133,6 @@ class Corrections:
 
     def _current(self, caller: Caller, request: Request, level: str) -> dict[str, str]:
         """The resource's values the form shows (404 when there is none)."""
-        from archive.web.console.pages import text
-
         params = request.path_params
         study = check_uid(params["study"], "study")
         if level == STUDY:

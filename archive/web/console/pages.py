@@ -30,7 +30,6 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -45,6 +44,7 @@ from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
 from archive.web.console import admin, correcting, metadata, stats, tree
 from archive.web.console.paging import page_number, page_size
+from archive.web.console.values import text
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web.console")
@@ -88,17 +88,6 @@ def human_size(n: int) -> str:
 
 
 # --- values of C-FIND answers, as text ------------------------------------------------
-
-
-def text(ds: Dataset, keyword: str) -> str:
-    """An attribute of an answer as one line of text ("" when absent or empty)."""
-    element = ds.data_element(keyword)
-    if element is None or element.is_empty:
-        return ""
-    value = element.value
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def date(value: str) -> str:
