@@ -66,6 +66,7 @@ from archive.find import FIND_BATCH, fields_read, narrowest, projection, server_
 from archive.gridstore import GridStore
 from archive.journal import Journal
 from archive.levels import HIERARCHY_PROJECTION, Levels, hierarchy_of
+from archive.modification import HISTORY
 from archive.query import evaluate
 
 log = logging.getLogger(__name__)
@@ -442,7 +443,7 @@ class Rejecter:
         """The rejected documents ``exact`` (a filter as :mod:`archive.deletion` takes;
         None: all) selects, without their datasets but StudyDate and descriptions."""
         fields = projection({*fields_read(exact or {}), *HIERARCHY_PROJECTION,
-                             "rejection", "StudyDate", "SOPClassUID"})
+                             "rejection", "StudyDate", "SOPClassUID", HISTORY})
         cursor = self.rejected.find(narrowest(server_filter(exact)) if exact else {},
                                     fields, batch_size=FIND_BATCH)
         found = [d for d in cursor if exact is None or evaluate(exact, d)]
@@ -457,7 +458,10 @@ class Rejecter:
             batch = docs[start:start + PURGE_BATCH]
             key = f"{PURGE_KIND}-{ObjectId()}"
             entry = {"kind": PURGE_KIND, "pid": os.getpid(),
-                     "instances": [[d["_id"], str(d["file_id"])] for d in batch]}
+                     "instances": [[d["_id"], str(d["file_id"])] for d in batch],
+                     # the originals of corrected instances go with them
+                     "originals": [str(h["file_id"]) for d in batch
+                                   for h in d.get(HISTORY) or []]}
             self.active.add(key)
             try:
                 self.journal.write(key, entry)
@@ -472,7 +476,8 @@ class Rejecter:
         pairs = [(str(sop), ObjectId(file_id)) for sop, file_id in entry["instances"]]
         self.rejected.delete_many({"_id": {"$in": [p[0] for p in pairs]},
                                    "file_id": {"$in": [p[1] for p in pairs]}})
-        self.files.delete_many([p[1] for p in pairs])
+        self.files.delete_many([p[1] for p in pairs]
+                               + [ObjectId(f) for f in entry.get("originals", [])])
 
     # -- journal replay -----------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The web console's pages: search, study, series, instance, download, dashboard (the
 rules, audit and delete pages: :mod:`archive.web.console.admin`; rejecting and the
-Rejected page: :mod:`archive.web.console.rejecting`).
+Rejected page: :mod:`archive.web.console.rejecting`; correcting:
+:mod:`archive.web.console.correcting`).
 
 Each page is answered as a DICOMweb request is (:class:`archive.web.app.Service`):
 who asks (the same Basic / bearer / anonymous authentication), what the rules say
@@ -30,7 +31,6 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -43,8 +43,9 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import admin, metadata, rejecting, stats, tree
+from archive.web.console import admin, correcting, metadata, rejecting, stats, tree
 from archive.web.console.paging import page_number, page_size
+from archive.web.console.values import text
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web.console")
@@ -93,17 +94,6 @@ def human_size(n: int) -> str:
 # --- values of C-FIND answers, as text ------------------------------------------------
 
 
-def text(ds: Dataset, keyword: str) -> str:
-    """An attribute of an answer as one line of text ("" when absent or empty)."""
-    element = ds.data_element(keyword)
-    if element is None or element.is_empty:
-        return ""
-    value = element.value
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
 def date(value: str) -> str:
     """YYYYMMDD as YYYY-MM-DD; anything else as it is."""
     return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() \
@@ -148,6 +138,7 @@ class Console:
         self.env = _environment()
         self.admin = admin.Admin(self)
         self.rejecting = rejecting.Rejecting(self)
+        self.corrections = correcting.Corrections(self)
 
     # -- the frame of every page ------------------------------------------------------
 
@@ -290,7 +281,9 @@ class Console:
                               no_preview=NO_PREVIEW,
                               series=series, thumbnails=self._retrieves(caller),
                               viewer=self._viewer(uid), delete=self._delete(caller, request),
-                              reject=self._reject(caller, request))
+                              reject=self._reject(caller, request),
+                              corrections=self.corrections.links(caller, request.url.path,
+                                                                 STUDY))
         return self._page(request, QUERY, render)
 
     def series(self, request: Request) -> Response:
@@ -333,7 +326,8 @@ class Console:
                 instances=shown, first=first, total=len(instances), truncated=more,
                 links=links, thumbnails=self._retrieves(caller),
                 viewer=self._viewer(study_uid), delete=self._delete(caller, request),
-                              reject=self._reject(caller, request))
+                reject=self._reject(caller, request),
+                corrections=self.corrections.links(caller, request.url.path, SERIES))
         return self._page(request, QUERY, render)
 
     def instance(self, request: Request) -> Response:
@@ -478,5 +472,6 @@ def routes(service: Service) -> list[BaseRoute]:
         Route("/login", console.login, methods=["GET"]),
         *admin.routes(console),
         *rejecting.routes(console.rejecting),
+        *correcting.routes(console.corrections),
         Mount("/assets", StaticFiles(directory=HERE / "static"), name="assets"),
     ]
