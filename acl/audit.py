@@ -327,7 +327,7 @@ def entries(db: Database, user: str | None = None, since: datetime.datetime | No
 #: The events an entry may have, for a search by operation.
 EVENTS = ("A-ASSOCIATE", "A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ", "C-ECHO", "C-STORE",
           "C-FIND", "C-MOVE", "C-GET", "N-ACTION", "QIDO-RS", "WADO-RS", "STOW-RS", "DELETE",
-          "REJECT", "PURGE", "FHIR", "HTTP-AUTH-RJ", "CONSOLE")
+          "REJECT", "PURGE", "MODIFY", "FHIR", "HTTP-AUTH-RJ", "CONSOLE")
 #: Association events (an HTTP request has no association: its refused login is one).
 ASSOCIATION_EVENTS = ("A-ASSOCIATE", "A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ",
                       "HTTP-AUTH-RJ")

@@ -17,7 +17,7 @@ import datetime
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -349,3 +349,15 @@ def compile_pattern(pattern: Mapping[str, Any] | None) -> Compiled | None:
     projection.update({spec.name: 1 for spec in NORMALISED[IMAGE].values()})
     projection["Modality"] = 1
     return Compiled(dict(pattern), tags, filters, projection, partials)
+
+
+def instance_selection(pairs: Iterable[tuple[str, str]]
+                       ) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """C-FIND keys (keyword or tag, value as C-FIND matches it) selecting instance
+    documents, as ``archive rejected`` and the console's Rejected page take them: each
+    key's first value, and their filter (None: every instance).  Raises PatternError."""
+    raw: dict[str, str] = {}
+    for key, value in pairs:
+        raw.setdefault(key_name(parse_key(key)), value)
+    compiled = compile_pattern(to_json(raw)) if raw else None
+    return raw, compiled.filters[IMAGE] if compiled is not None else None

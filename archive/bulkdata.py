@@ -15,6 +15,7 @@ PS3.18 8.7.3.3.2 asks (a big-endian file's words are swapped).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -251,24 +252,31 @@ def format_path(path: Path) -> str:
     return "/".join(f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path))
 
 
+#: A part of a multipart answer: its bytes, or its bytes piece by piece.
+Part = bytes | Iterator[bytes]
+#: Bytes of a native Pixel Data value read at a time (even: 16-bit words stay whole).
+CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class Bulk:
     """A bulk value: native bytes (one part), or the frames of encapsulated Pixel Data
-    with their transfer syntax."""
+    with their transfer syntax.  Pixel Data is read as it is sent, a frame or a
+    :data:`CHUNK` at a time: a whole-slide image's must not be held in memory."""
 
-    parts: list[bytes]
+    parts: Iterator[Part]
     transfer_syntax: UID | None = None
 
 
 def read_bulk(fp: IO[bytes], path: Path) -> Bulk:
     """The value ``path`` names in the stored file.  NotFound: no such binary value."""
     if path == (0x7FE00010,):
-        ds, stream, syntax, _, value_start, _ = _pixel_data(fp)
+        ds, stream, syntax, length, value_start, vr = _pixel_data(fp)
         if syntax.is_encapsulated:
             stream.seek(value_start)
-            return Bulk(list(generate_frames(stream, number_of_frames=frame_count(ds))),
-                        syntax)
-        fp.seek(0)
+            return Bulk(generate_frames(stream, number_of_frames=frame_count(ds)), syntax)
+        swap = syntax == ExplicitVRBigEndian and vr == b"OW"
+        return Bulk(iter([_chunks(stream, value_start, length, swap)]))
     ds = dcmread(fp, defer_size=DEFER_SIZE)
     little = _syntax(ds) != ExplicitVRBigEndian
     node: Any = ds
@@ -283,7 +291,20 @@ def read_bulk(fp: IO[bytes], path: Path) -> Bulk:
             if items is None or step >= len(items):
                 raise NotFound(f"no item {format_path(path[:i + 1])} in the instance")
             node = items[step]
-    return Bulk([_value_bytes(node, little)])
+    return Bulk(iter([_value_bytes(node, little)]))
+
+
+def _chunks(stream: IO[bytes], start: int, length: int, swap: bool) -> Iterator[bytes]:
+    """``length`` bytes from ``start``, :data:`CHUNK` at a time, as little-endian
+    16-bit words when ``swap``."""
+    stream.seek(start)
+    left = length
+    while left > 0:
+        data = stream.read(min(CHUNK, left))
+        if not data:
+            raise EOFError(f"the Pixel Data value ends {left} bytes short")
+        left -= len(data)
+        yield np.frombuffer(data, ">u2").astype("<u2").tobytes() if swap else data
 
 
 def _value_bytes(elem: DataElement, little: bool) -> bytes:

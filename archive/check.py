@@ -33,10 +33,11 @@ from bson import ObjectId
 
 from archive.levels import MODALITY_COUNTS, SOP_CLASS_COUNTS, VARIANTS, field_key
 from archive.model import PATIENT, SERIES, STUDY
+from archive.modification import HISTORY
 from archive.storage import Archive
 
 _MEMBER = {"file_id": 1, "SeriesInstanceUID": 1, "StudyInstanceUID": 1, "PatientID": 1,
-           "SOPClassUID": 1, "Modality": 1, "hashes": 1}
+           "SOPClassUID": 1, "Modality": 1, "hashes": 1, HISTORY: 1}
 
 
 @dataclass
@@ -98,14 +99,21 @@ def _check_files(archive: Archive, instances: list[dict[str, Any]], report: Repo
     chunks: dict[Any, set[int]] = defaultdict(set)
     for chunk in archive.files.chunks.find({}, {"files_id": 1, "n": 1}):
         chunks[chunk["files_id"]].add(chunk["n"])
-    referenced = {inst["file_id"] for inst in instances} | {
-        doc["file_id"] for doc in archive.rejecter.rejected.find({}, {"file_id": 1})}
+    # an instance's files: its own and the originals a correction kept; a rejected
+    # instance's too, until purged
+    kept = [*instances, *archive.rejecter.rejected.find({}, {"file_id": 1, HISTORY: 1})]
+    referenced = {inst["file_id"] for inst in kept} | {
+        h["file_id"] for inst in kept for h in inst.get(HISTORY) or []}
     cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=grace)
     for inst in instances:
         if inst["file_id"] not in files:
             report.problems.append(f"instance {inst['_id']}: its file {inst['file_id']} "
                                    "is missing")
             report.unrepairable.append(inst["_id"])
+        for earlier in inst.get(HISTORY) or []:
+            if earlier["file_id"] not in files:
+                report.problems.append(f"instance {inst['_id']}: its original "
+                                       f"{earlier['file_id']} is missing")
     for file_id, info in files.items():
         expected = set(range(-(-info["length"] // info["chunkSize"]))) if info["length"] \
             else {0}

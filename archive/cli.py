@@ -303,30 +303,13 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
     import time
 
     from acl import audit
-    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
     from archive.deletion import DeleteIncomplete
-    from archive.model import IMAGE
     from archive.storage import Archive, connect, ensure_indexes
 
-    raw: dict[str, str] = {}
-    for item in args.keys:
-        key, sep, value = item.partition("=")
-        if not sep:
-            return _usage("delete", f"{item!r}: expected KEY=VALUE")
-        try:
-            name = key_name(parse_key(key))
-        except PatternError as exc:
-            return _usage("delete", str(exc))
-        if name in raw:
-            return _usage("delete", f"{name} given twice")
-        raw[name] = value
-    try:
-        compiled = compile_pattern(to_json(raw))
-    except PatternError as exc:
-        return _usage("delete", str(exc))
-    if compiled is None:
-        return _usage("delete", "these keys match every instance: give a value that selects")
-    request = " ".join(f"{k}={v}" for k, v in raw.items())
+    keys = _selection_keys("delete", args.keys)
+    if isinstance(keys, int):
+        return keys
+    request, exact = keys
     started = time.perf_counter()
     with database(cfg) as opened:
         client = connect(cfg.database.uri, cfg.database.timeout_seconds)
@@ -337,7 +320,7 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
                               cfg.journal, cfg.hierarchy_conflicts)
             if archive.pending():  # an interrupted store or delete: finished first
                 archive.reconcile()
-            selection = archive.select(compiled.filters[IMAGE])
+            selection = archive.select(exact)
             studies = selection.studies()
             listing = _listing(archive, studies)
             if not args.json:
@@ -419,23 +402,19 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
     import time
 
     from acl import audit
-    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
-    from archive.model import IMAGE
+    from acl.patterns import PatternError, instance_selection
+    from archive.rejection import listed
     from archive.storage import Archive, connect, ensure_indexes
 
     name = f"rejected {args.action}"
-    raw: dict[str, str] = {}
-    compiled = None
-    for item in args.keys:
-        key, sep, value = item.partition("=")
-        try:
+    pairs = [item.partition("=") for item in args.keys]
+    try:
+        for item, (_, sep, _) in zip(args.keys, pairs, strict=True):
             if not sep:
                 raise PatternError(f"{item!r}: expected KEY=VALUE")
-            raw.setdefault(key_name(parse_key(key)), value)
-            compiled = compile_pattern(to_json(raw))
-        except PatternError as exc:
-            return _usage(name, str(exc))
-    exact = compiled.filters[IMAGE] if raw and compiled is not None else None
+        raw, exact = instance_selection((key, value) for key, _, value in pairs)
+    except PatternError as exc:
+        return _usage(name, str(exc))
     request = " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)"
     started = time.perf_counter()
     purged, error = 0, ""
@@ -453,11 +432,11 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
             studies = {d["StudyInstanceUID"] for d in found}
             if args.json and (args.action == "list" or args.dry_run):
                 print(json.dumps({"database": opened.as_dict(), "rejected": [
-                    _rejected_row(d) for d in found]}, indent=2, default=str))
+                    listed(d) for d in found]}, indent=2, default=str))
             elif not args.json:
                 print(opened.describe())
                 for doc in found:
-                    row = _rejected_row(doc)
+                    row = listed(doc)
                     print(f"  patient {row['PatientID']!r} study {row['StudyInstanceUID']} "
                           f"series {row['SeriesInstanceUID']} instance {row['SOPInstanceUID']}"
                           f": {row['code']} {row['meaning']}, {row['at']} by {row['by']} "
@@ -503,17 +482,6 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
     else:
         print(f"purged {what} in {time.perf_counter() - started:.1f} s")
     return 0
-
-
-def _rejected_row(doc: dict[str, Any]) -> dict[str, Any]:
-    """One rejected instance: where it was, why, when, by whom."""
-    rejection = doc.get("rejection") or {}
-    at = rejection.get("at")
-    return {"PatientID": doc["PatientID"], "StudyInstanceUID": doc["StudyInstanceUID"],
-            "SeriesInstanceUID": doc["SeriesInstanceUID"], "SOPInstanceUID": doc["_id"],
-            "code": rejection.get("code", ""), "meaning": rejection.get("meaning", ""),
-            "at": at.strftime("%Y-%m-%dT%H:%M:%SZ") if hasattr(at, "strftime") else str(at),
-            "by": rejection.get("by", ""), "note": rejection.get("note", "")}
 
 
 # --- query -------------------------------------------------------------------------
@@ -574,6 +542,32 @@ def run_query(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{query.describe()}:")
         print(table_text(result))
     return 0
+def _selection_keys(command_name: str, items: list[str]) -> tuple[str, dict[str, Any]] | int:
+    """C-FIND keys given as KEY=VALUE: the request as one line and the filter on
+    instance documents they make; or the exit status of a usage error (said)."""
+    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
+    from archive.model import IMAGE
+
+    raw: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return _usage(command_name, f"{item!r}: expected KEY=VALUE")
+        try:
+            name = key_name(parse_key(key))
+        except PatternError as exc:
+            return _usage(command_name, str(exc))
+        if name in raw:
+            return _usage(command_name, f"{name} given twice")
+        raw[name] = value
+    try:
+        compiled = compile_pattern(to_json(raw))
+    except PatternError as exc:
+        return _usage(command_name, str(exc))
+    if compiled is None:
+        return _usage(command_name, "these keys match every instance: give a value that "
+                      "selects")
+    return " ".join(f"{k}={v}" for k, v in raw.items()), compiled.filters[IMAGE]
 
 
 def _usage(command_name: str, message: str) -> int:
@@ -605,29 +599,230 @@ def _confirm(question: str) -> bool:
 
 
 def _delete_audit(request: str, counts: dict[str, int], status: int, comment: str,
-                  started: float) -> dict[str, Any]:
-    """The audit entry of ``archive delete``: the operating-system user acting as the
-    local administrator."""
-    import getpass
+                  started: float, command_name: str = "delete") -> dict[str, Any]:
+    """The audit entry of ``archive delete`` (and ``archive modify``): the
+    operating-system user acting as the local administrator."""
     import socket
     from types import SimpleNamespace
 
     from acl.audit import operation_entry
     from acl.identity import OS_USER
-    from acl.rules import DELETE
+    from acl.rules import DELETE, MODIFY
 
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no name for this uid (a container)
-        user = f"uid {os.getuid()}"
+    user = _os_user()
     peer = SimpleNamespace(requestor=SimpleNamespace(address=socket.gethostname(), port=0,
                                                      ae_title=""),
                            acceptor=SimpleNamespace(ae_title=""))
-    entry = operation_entry(peer, "DELETE", user, DELETE, allowed=True, status=status,
-                            request=f"archive delete {request}", comment=comment[:200],
-                            counts=counts, started=started)
-    entry.update(established=OS_USER, basis=f"archive delete, pid {os.getpid()}")
+    service = MODIFY if command_name == "modify" else DELETE
+    entry = operation_entry(peer, command_name.upper(), user, service, allowed=True,
+                            status=status, request=f"archive {command_name} {request}",
+                            comment=comment[:200], counts=counts, started=started)
+    entry.update(established=OS_USER, basis=f"archive {command_name}, pid {os.getpid()}")
     return entry
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (a container)
+        return f"uid {os.getuid()}"
+
+
+# --- modify ------------------------------------------------------------------------
+
+
+def _configure_modify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("keys", nargs="+", metavar="KEY=VALUE",
+                        help="C-FIND keys selecting the instances, as for archive delete")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--set", action="append", metavar="KEYWORD=VALUE", dest="changes",
+                      help="the corrected value of an attribute (repeat for more; an "
+                           "empty value empties it), e.g. --set PatientName='DOE^JANE'")
+    what.add_argument("--history", action="store_true",
+                      help="list the corrections of the selected instances")
+    what.add_argument("--restore", action="store_true",
+                      help="make corrected instances their original again (the "
+                           "corrected versions are deleted)")
+    parser.add_argument("--reason", default="", metavar="TEXT",
+                        help="why (kept with the correction and in the audit trail)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would change; change nothing")
+    parser.add_argument("--yes", action="store_true",
+                        help="do not ask before changing more than one study")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("modify", _configure_modify)
+def run_modify(args: argparse.Namespace, cfg: Config) -> int:
+    """Correct attributes of the instances C-FIND keys select, keeping the originals.
+
+    Each file is rewritten with the new values (nothing else changes, same transfer
+    syntax, the old values in its Original Attributes Sequence); the original stays,
+    listed by --history and brought back by --restore.  A new PatientID moves whole
+    studies to that patient, taking its patient attributes when it exists.  UIDs are
+    never changed.  Runs as the local administrator: no access rule is asked, and the
+    audit trail records the operating-system user."""
+    import time
+
+    from acl import audit
+    from archive.modification import HISTORY, ModifyIncomplete, changed_patient
+    from archive.rewrite import BadChange, parse_change
+    from archive.storage import Archive, connect, ensure_indexes
+
+    keys = _selection_keys("modify", args.keys)
+    if isinstance(keys, int):
+        return keys
+    request, exact = keys
+    changes: dict[int, Any] = {}
+    for text in args.changes or ():
+        try:
+            elem = parse_change(text)
+        except BadChange as exc:
+            return _usage("modify", str(exc))
+        if elem.tag in changes:
+            return _usage("modify", f"{elem.keyword} set twice")
+        changes[elem.tag] = elem
+    if changes:
+        request += " --set " + " ".join(sorted(f"{e.keyword}={e.value}"
+                                               for e in changes.values()))
+    elif args.restore:
+        request += " --restore"
+    started = time.perf_counter()
+    with database(cfg) as opened:
+        client = connect(cfg.database.uri, cfg.database.timeout_seconds)
+        try:
+            db = client[cfg.database.name]
+            ensure_indexes(db, cfg.database.gridfs_bucket)
+            archive = Archive(db, cfg.database.gridfs_bucket, cfg.duplicate_policy,
+                              cfg.journal, cfg.hierarchy_conflicts)
+            if archive.pending():  # an interrupted store, delete or modify: finished first
+                archive.reconcile()
+            selection = archive.select(exact)
+            instances = selection.instances
+            if args.history or args.restore:
+                found = {d["_id"]: d for d in db[archive.instances.name].find(
+                    {"_id": {"$in": [d["_id"] for d in instances]},
+                     HISTORY: {"$exists": True}}, {HISTORY: 1, "StudyInstanceUID": 1})}
+                instances = [d for d in instances if d["_id"] in found]
+            if args.history:
+                return _print_history([found[d["_id"]] for d in instances], args.json)
+            if not instances:
+                print(f"archive modify: no {'corrected ' if args.restore else ''}stored "
+                      f"instance matches {' '.join(args.keys)}", file=sys.stderr)
+                return 1
+            changes = archive.modifier.adopted(changes)
+            refusal = archive.modifier.refusal(instances, changes) if changes else None
+            if refusal:
+                print(f"archive modify: {refusal}", file=sys.stderr)
+                return 1
+            counts = _counts(instances)
+            what = (f"{counts['instances']} instances of {counts['studies']} studies "
+                    f"({counts['patients']} patients)")
+            verb = "restore" if args.restore else "correct"
+            if not args.json:
+                print(opened.describe())
+                for line in _listing(archive, _studies(instances)):
+                    print(line)
+                if changes:
+                    patient = changed_patient(changes)
+                    for tag, elem in sorted(changes.items()):
+                        value = "(removed)" if elem is None else repr(str(elem.value))
+                        print(f"  {_keyword(tag)} -> {value}")
+                    if patient is not None and len(changes) > len(args.changes):
+                        print(f"  (patient attributes of existing patient {patient!r})")
+            if args.dry_run:
+                if args.json:
+                    print(json.dumps({"dry_run": True, **counts}, indent=2))
+                else:
+                    print(f"dry run: would {verb} {what}; nothing changed")
+                return 0
+            if counts["studies"] > 1 and not args.yes and \
+                    not _confirm(f"{verb.capitalize()} {what}?"):
+                print("archive modify: nothing changed (more than one study: confirm, or "
+                      "give --yes)", file=sys.stderr)
+                return 1
+            status, error, done, left, same = 0x0000, "", 0, 0, 0
+            try:
+                if args.restore:
+                    done, left, same = archive.restore(instances)
+                else:
+                    done, left, same = archive.modify(instances, changes, _os_user(),
+                                                      args.reason,
+                                                      f"{cfg.ae_title} archive modify")
+            except BadChange as exc:
+                status, error = 0xC000, str(exc)
+            except ModifyIncomplete as exc:
+                status, error = 0xA700, str(exc)
+            try:
+                db[audit.COLLECTION].insert_one(_delete_audit(
+                    request + (f" --reason {args.reason}" if args.reason else ""),
+                    {"instances": done} if status == 0 else {}, status, error, started,
+                    "modify"))
+            except PyMongoError as exc:
+                print(f"archive modify: audit entry not written: {exc}", file=sys.stderr)
+        finally:
+            client.close()
+    if status == 0xA700:
+        print(f"archive modify: {error}; the rest is finished when the database answers "
+              "again (by the node, or the next archive modify / check --repair)",
+              file=sys.stderr)
+        return 1
+    if status:
+        print(f"archive modify: {error}", file=sys.stderr)
+        return 1
+    if left:
+        print(f"archive modify: {left} instances were sent again meanwhile: kept as sent",
+              file=sys.stderr)
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({verb + "ed": done, "left": left, "unchanged": same, **counts,
+                          "seconds": round(seconds, 3)}, indent=2))
+    else:
+        print(f"{verb}ed {done} instances in {seconds:.1f} s" + (
+            f" ({same} had these values already: unchanged)" if same else ""))
+    return 0
+
+
+def _counts(instances: list[dict[str, Any]]) -> dict[str, int]:
+    from archive.deletion import Selection
+
+    return Selection(instances).counts()
+
+
+def _studies(instances: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from archive.deletion import Selection
+
+    return Selection(instances).studies()
+
+
+def _keyword(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _print_history(docs: list[dict[str, Any]], as_json: bool) -> int:
+    """The corrections of instances, oldest first; exit 1 when none has any."""
+    from archive.modification import HISTORY
+
+    rows = [{"SOPInstanceUID": doc["_id"], "StudyInstanceUID": doc.get("StudyInstanceUID"),
+             "version": n, "replaced_at": h["replaced_at"].isoformat(), "by": h.get("by"),
+             "reason": h.get("reason"), "changed": h.get("changed"),
+             "original": n == 0, "file_id": str(h["file_id"])}
+            for doc in sorted(docs, key=lambda d: d["_id"])
+            for n, h in enumerate(doc.get(HISTORY) or [])]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    for row in rows if not as_json else ():
+        changed = ", ".join(f"{k} was {v!r}" if v is not None else f"{k} was absent"
+                            for k, v in (row["changed"] or {}).items())
+        print(f"{row['SOPInstanceUID']} corrected {row['replaced_at']} by {row['by']}"
+              + (f" ({row['reason']})" if row["reason"] else "") + f": {changed}")
+    if not rows:
+        print("archive modify: no correction of the selected instances", file=sys.stderr)
+    return 0 if rows else 1
 
 
 # --- entry point -------------------------------------------------------------------
@@ -692,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Commands that write the store journal; every command but ``user`` may start the
 #: embedded database, which writes its data folder.
-_JOURNAL_WRITERS = frozenset({"serve", "import", "check", "delete", "rejected"})
+_JOURNAL_WRITERS = frozenset({"serve", "import", "check", "delete", "rejected", "modify"})
 _NO_DATABASE = frozenset({"user"})
 
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -28,6 +28,7 @@ from archive.config import Config
 from archive.deletion import Selection
 from archive.find import Finder, unique_key_filter
 from archive.health import DatabaseHealth
+from archive.modification import HISTORY
 from archive.query import Query
 from archive.storage import (
     OUT_OF_RESOURCES,
@@ -72,6 +73,25 @@ class Deleted:
 
     #: the instances selected (those of the principal's Delete rules), all deleted
     selection: Selection
+    #: refused because the archive is stopping (nothing was read)
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class Corrected:
+    """What a correction or restore for a principal came to (:meth:`Context.modify_as`,
+    :meth:`Context.restore_as`)."""
+
+    #: the instances selected (a restore: those corrected)
+    selection: Selection
+    #: the values set, the patient attributes a new PatientID adopts included
+    changes: dict[int, Any] = field(default_factory=dict)
+    #: why the correction is refused, nothing changed (a PatientID for part of a study)
+    refusal: str = ""
+    #: corrected (restored), left as re-sent meanwhile, left as they had the values
+    done: int = 0
+    left: int = 0
+    unchanged: int = 0
     #: refused because the archive is stopping (nothing was read)
     stopping: bool = False
 
@@ -241,6 +261,69 @@ class Context:
         restriction = decision.instance_filter()
         return self.archive.select(keys if restriction is None
                                    else {"$and": [restriction, keys]})
+
+    # -- corrections ------------------------------------------------------------------
+
+    def correctable(self, decision: Decision, level: str, identifier: Dataset,
+                    corrected: bool = False) -> Selection:
+        """The instances a correction (``corrected``: a restore) of what a resource's
+        unique keys name would take: all of them, for a principal with a Modify rule
+        without pattern -- the only one who corrects (what a restricted one may do is
+        left undecided: :mod:`archive.web.console.correcting`).  Raises PermissionError,
+        PyMongoError."""
+        if not decision.allowed or decision.restricted:
+            raise PermissionError("corrections take a Modify rule without pattern")
+        selection = self.archive.select(unique_key_filter(identifier, level))
+        if corrected:
+            with_history = {d["_id"] for d in self.archive.instances.find(
+                {"_id": {"$in": [d["_id"] for d in selection.instances]},
+                 HISTORY: {"$exists": True}}, {"_id": 1})}
+            selection = Selection([d for d in selection.instances if d["_id"] in with_history],
+                                  selection.in_flight)
+        return selection
+
+    def correction(self, selection: Selection, changes: dict[int, Any]) -> Corrected:
+        """What correcting ``selection`` with ``changes`` would do, changing nothing (a
+        confirmation names it): the changes completed with the patient attributes a
+        new PatientID adopts, or why it is refused."""
+        adopted = self.archive.modifier.adopted(changes)
+        return Corrected(selection, adopted,
+                         self.archive.modifier.refusal(selection.instances, adopted) or "")
+
+    def modify_as(self, decision: Decision, level: str, identifier: Dataset,
+                  changes: dict[int, Any], reason: str, system: str) -> Corrected:
+        """Correct what a resource's unique keys name (:meth:`correctable`) as
+        ``archive modify`` does (:meth:`archive.storage.Archive.modify`), for the
+        principal of ``decision``, recorded in each instance's history.  Counted in
+        flight as a store is.  Raises BadChange, ModifyIncomplete, PermissionError,
+        PyMongoError."""
+        if not self.begin_store():
+            return Corrected(Selection(), stopping=True)
+        try:
+            planned = self.correction(self.correctable(decision, level, identifier), changes)
+            if planned.refusal or not planned.selection.instances:
+                return planned
+            done, left, same = self.archive.modify(
+                planned.selection.instances, planned.changes, decision.principal, reason,
+                system)
+            return Corrected(planned.selection, planned.changes, "", done, left, same)
+        finally:
+            self.end_store()
+
+    def restore_as(self, decision: Decision, level: str, identifier: Dataset) -> Corrected:
+        """Make the corrected instances a resource names their originals again
+        (:meth:`archive.storage.Archive.restore`).  Raises ModifyIncomplete,
+        PermissionError, PyMongoError."""
+        if not self.begin_store():
+            return Corrected(Selection(), stopping=True)
+        try:
+            selection = self.correctable(decision, level, identifier, corrected=True)
+            if not selection.instances:
+                return Corrected(selection)
+            done, left, _ = self.archive.restore(selection.instances)
+            return Corrected(selection, done=done, left=left)
+        finally:
+            self.end_store()
 
     # -- stores in flight -------------------------------------------------------------
 

@@ -18,7 +18,7 @@ yet, or waiting in a write-behind batch) is left to finish, and reported as kept
    replaced one meanwhile is a new instance: kept);
 2. the series, study and patient documents: decrements (:meth:`Levels.remove`), the
    emptied ones deleted;
-3. the GridFS files;
+3. the GridFS files (with the originals of corrected instances);
 4. the entry removed.
 
 A failure (the database went away) or a crash leaves the entry, and its replay
@@ -51,6 +51,7 @@ from archive.find import FIND_BATCH, fields_read, narrowest, projection, server_
 from archive.gridstore import GridStore
 from archive.journal import Journal
 from archive.levels import HIERARCHY_PROJECTION, Levels, hierarchy_of
+from archive.modification import HISTORY
 from archive.query import evaluate
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,16 @@ class Deleter:
         done = 0
         for batch in _batches(instances):
             key = f"{KEY_PREFIX}{ObjectId()}"
+            earlier = self._earlier_files(batch)
             entry = {"kind": KIND, "pid": os.getpid(),
-                     "instances": [[d["_id"], str(d["file_id"])] for d in batch],
+                     "instances": [[d["_id"], str(d["file_id"]),
+                                    [str(f) for f in earlier.get(d["_id"], [])]]
+                                   for d in batch],
                      "hierarchies": [list(h) for h in dict.fromkeys(map(hierarchy_of, batch))]}
             self.active.add(key)
             try:
                 self.journal.write(key, entry)
-                self._apply(batch)
+                self._apply(batch, earlier)
             except Exception as exc:
                 log.error("delete of %d instances interrupted (%s: %s): the journal "
                           "finishes it when the database answers", len(batch),
@@ -154,7 +158,16 @@ class Deleter:
             done += len(batch)
         return done
 
-    def _apply(self, batch: list[dict[str, Any]]) -> None:
+    def _earlier_files(self, batch: list[dict[str, Any]]) -> dict[str, list[ObjectId]]:
+        """The files of instances' earlier versions (originals of corrected instances,
+        :mod:`archive.modification`): deleted with them."""
+        found = self.levels.instances.find(
+            {"_id": {"$in": [d["_id"] for d in batch]}, HISTORY: {"$exists": True}},
+            {HISTORY: 1})
+        return {doc["_id"]: [h["file_id"] for h in doc.get(HISTORY) or []] for doc in found}
+
+    def _apply(self, batch: list[dict[str, Any]], earlier: dict[str, list[ObjectId]]
+               ) -> None:
         sops = [d["_id"] for d in batch]
         file_ids = [d["file_id"] for d in batch]
         deleted = self.levels.instances.delete_many(
@@ -166,17 +179,24 @@ class Deleter:
             log.info("delete: %d of %d instances changed meanwhile; their level documents "
                      "are rebuilt", len(batch) - deleted + len(again), len(batch))
             self.levels.recompute(*map(hierarchy_of, batch), *map(hierarchy_of, again))
-        self.files.delete_many(file_ids)
+        remaining = {d["_id"] for d in again}  # a re-send carries the history over
+        self.files.delete_many(file_ids + [f for sop, files in earlier.items()
+                                           if sop not in remaining for f in files])
 
     def settle(self, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
         """Finish an interrupted delete (journal replay): what is left of its instance
         documents and files deleted; the hierarchies whose level documents the caller
         then rebuilds."""
-        pairs = [(str(sop), ObjectId(file_id)) for sop, file_id in entry.get("instances", [])]
+        listed = entry.get("instances", [])
+        pairs = [(str(item[0]), ObjectId(item[1])) for item in listed]
         if pairs:
             self.levels.instances.delete_many({"_id": {"$in": [p[0] for p in pairs]},
                                                "file_id": {"$in": [p[1] for p in pairs]}})
-            self.files.delete_many([p[1] for p in pairs])
+            remaining = {d["_id"] for d in self.levels.instances.find(
+                {"_id": {"$in": [p[0] for p in pairs]}}, {"_id": 1})}
+            earlier = [ObjectId(f) for item in listed if len(item) > 2
+                       and item[0] not in remaining for f in item[2]]
+            self.files.delete_many([p[1] for p in pairs] + earlier)
         return [tuple(h) for h in entry.get("hierarchies", [])]  # type: ignore[misc]
 
 

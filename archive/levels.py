@@ -447,6 +447,34 @@ class Levels:
             self.rebuild(self.patients, patient_id, "studies", all_studies,
                           self.patient_fields)
 
+    def refresh_variants(self, *hierarchies: Iterable[str]) -> None:
+        """Bring the attribute variants of the hierarchies' documents up to date with
+        their members, the rest of each document left as it is (a correction changed
+        the attributes of instances that stay counted where they are).
+
+        Safe while stores run: a variant set is a union, which a concurrent store's
+        ``$addToSet`` only extends, and each document is set under a compare-and-set
+        on its ``rev``; series first, then studies, then patients, each from the level
+        below.
+        """
+        triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
+        for collection, position, children, compute in (
+                (self.series, 0, "instances", self.series_fields),
+                (self.studies, 1, "series", self.study_fields),
+                (self.patients, 2, "studies", self.patient_fields)):
+            for uid in dict.fromkeys(t[position] for t in triples):
+                for _ in range(10):
+                    current = collection.find_one({"_id": uid}, {children: 1, REV: 1,
+                                                                 VARIANTS: 1})
+                    fields = compute(uid, list((current or {}).get(children, [])))
+                    if current is None or fields is None or \
+                            fields[VARIANTS] == current.get(VARIANTS):
+                        break
+                    if collection.update_one({"_id": uid, REV: current.get(REV)}, {
+                            "$set": {VARIANTS: fields[VARIANTS]}, "$inc": {REV: 1}}
+                                             ).matched_count:
+                        break
+
     def rebuild(self, collection: Collection, uid: str, children: str,
                  extra: list[str | None],
                  compute: Callable[[str, list[str]], dict[str, Any] | None]) -> None:
@@ -748,7 +776,10 @@ class WriteBehind:
         counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
                   **{f"{MODALITY_COUNTS}.{field_key(k)}": c
                      for k, c in batch.modalities.items()}}
-        results.append(self.levels.series.update_one({"_id": series_uid}, {
+        # ... and still claim the batch's study and patient: a correction in another
+        # process may have moved the series to another patient (archive.modification)
+        results.append(self.levels.series.update_one({
+                "_id": series_uid, "StudyInstanceUID": study_uid, "PatientID": patient_id}, {
             "$set": {**normalised_fields(SERIES, data), "dataset": level_dataset(SERIES, data),
                      **common},
             "$addToSet": {"instances": {"$each": batch.sops},
@@ -756,7 +787,8 @@ class WriteBehind:
             "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1, **counts}}).matched_count)
         # (a count below zero: a re-send on another node moved one of these instances
         # before the batch counted it; see Levels.drop_uncounted)
-        study = self.levels.studies.find_one_and_update({"_id": study_uid}, {
+        study = self.levels.studies.find_one_and_update({"_id": study_uid,
+                                                         "PatientID": patient_id}, {
             "$set": {**normalised_fields(STUDY, data), "dataset": level_dataset(STUDY, data),
                      **common},
             "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},

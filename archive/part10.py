@@ -346,3 +346,25 @@ def meta_syntax(part10: Source) -> str | None:
         except (Incomplete, UnicodeDecodeError):
             return None
         return None
+
+
+def dataset_start(part10: Source) -> int:
+    """Where the data set of a Part-10 file starts: after its meta group and any
+    command set elements (what :func:`check_complete` skips too)."""
+    with _opened(part10) as (walker, size):
+        pos = walker.dataset(132, size, _Encoding(False, True), 0, stop_group=0x0002)
+        return walker.dataset(pos, size, _Encoding(True, True), 0, stop_group=0x0000)
+
+
+def top_level(data: Source, start: int, implicit: bool, little: bool
+              ) -> Iterator[tuple[int, int, int]]:
+    """(tag, start, end) of each top-level element of a data set that begins at
+    ``start`` (not deflated), in file order: what a rewrite copies byte for byte."""
+    with _opened(data) as (walker, size):
+        enc = _Encoding(implicit, little)
+        pos = start
+        while pos < size:
+            tag, vr, length, value_start = walker.header(pos, size, enc)
+            end = walker.value(tag, vr, length, value_start, size, enc, 0)
+            yield tag, pos, end
+            pos = end

@@ -32,6 +32,11 @@ reason; the same reason again is nothing to do), 0xA770 *duplicate rejection not
 4. the series, study and patient documents (:meth:`Levels.remove`);
 5. the entry removed; then the store is answered.
 
+**Making a note** (:func:`note_dataset`, for the console): the Key Object Selection
+Document IOD (PS3.3 A.35.4) of TID 2010 titled with the reason, in a new series of the
+referenced study, referencing each instance in the evidence and in the content; it is
+then stored as any received note.
+
 A failure or a crash leaves the entry; its replay (:meth:`Rejecter.settle`, from
 :meth:`archive.storage.Archive.reconcile`) rolls the rejection *forward* when the note
 was stored (or some instance already moved), else drops it: the note and its
@@ -46,19 +51,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pymongo.database import Database
 
 from archive.find import FIND_BATCH, fields_read, narrowest, projection, server_filter
 from archive.gridstore import GridStore
 from archive.journal import Journal
 from archive.levels import HIERARCHY_PROJECTION, Levels, hierarchy_of
+from archive.modification import HISTORY
 from archive.query import evaluate
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,17 @@ PURGE_BATCH = 1000
 #: Seconds a node trusts that nothing was ever rejected (re-sends are then not looked
 #: up); another node's first rejection is seen within this delay.
 EMPTY_CHECK_SECONDS = 1.0
+
+
+#: What a note copies from the referenced study (PS3.3 A.35.4: the Patient and General
+#: Study modules; type 2 attributes are written empty when the study has none).
+NOTE_PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+                      "PatientSex", "OtherPatientIDsSequence", "StudyInstanceUID",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                      "AccessionNumber", "IssuerOfAccessionNumberSequence",
+                      "StudyDescription")
+_TYPE_2 = frozenset({"PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"})
 
 
 class Refused(Exception):
@@ -165,6 +184,102 @@ def note_of(ds: Dataset) -> Note | None:
     return Note(_text(ds.get("SOPInstanceUID")), _text(ds.get("StudyInstanceUID")),
                 _text(ds.get("PatientID")), code[0], REASONS[code],
                 tuple(references))
+
+
+def _code(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def note_dataset(study: Dataset, instances: Sequence[Mapping[str, Any]], code: str,
+                 now: datetime.datetime | None = None) -> Dataset:
+    """A rejection note titled with the CID 7011 ``code`` (a key of :data:`REASONS`)
+    referencing ``instances`` (documents with ``_id``, ``SOPClassUID`` and
+    ``SeriesInstanceUID``) of ``study`` (its Patient and General Study attributes):
+    its own new series, the evidence grouped by series, one content item each."""
+    meaning = REASONS[(code, "DCM")]
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = KEY_OBJECT_SELECTION, generate_uid()
+    for keyword in NOTE_PATIENT_STUDY:
+        if keyword in study and not study[keyword].is_empty:
+            ds[keyword] = study[keyword]
+        elif keyword in _TYPE_2:
+            setattr(ds, keyword, "")
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "KO", generate_uid(), 1
+    ds.SeriesDescription = "Rejection note"
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.Manufacturer = "dicom-archive"
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code(code, meaning)]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource, template.TemplateIdentifier = "DCMR", "2010"
+    ds.ContentTemplateSequence = [template]
+    by_series: dict[str, list[Mapping[str, Any]]] = {}
+    for doc in instances:
+        by_series.setdefault(str(doc["SeriesInstanceUID"]), []).append(doc)
+    evidence = Dataset()
+    evidence.StudyInstanceUID = ds.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = []
+    content = []
+    for series, members in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series
+        item.ReferencedSOPSequence = [_reference(doc) for doc in members]
+        evidence.ReferencedSeriesSequence.append(item)
+        for doc in members:
+            entry = Dataset()
+            entry.RelationshipType, entry.ValueType = "CONTAINS", _value_type(doc)
+            entry.ReferencedSOPSequence = [_reference(doc)]
+            content.append(entry)
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    ds.ContentSequence = content
+    return ds
+
+
+def _value_type(doc: Mapping[str, Any]) -> str:
+    """A content item's Value Type for the instance (TID 2010): IMAGE, WAVEFORM, or
+    COMPOSITE for any other class (a report, a plan, a presentation state)."""
+    name = UID(str(doc["SOPClassUID"])).name
+    return "IMAGE" if "Image Storage" in name else "WAVEFORM" if "Waveform" in name \
+        else "COMPOSITE"
+
+
+def _reference(doc: Mapping[str, Any]) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = str(doc["SOPClassUID"])
+    ref.ReferencedSOPInstanceUID = str(doc["_id"])
+    return ref
+
+
+def note_part10(ds: Dataset) -> bytes:
+    """The note as a Part-10 file (Explicit VR Little Endian), as a sender sends it."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (ds.SOPClassUID,
+                                                                     ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def listed(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """One rejected instance (a document of :meth:`Rejecter.select`) as a row: where
+    it was, why, when, by whom (``archive rejected list`` and the console's page)."""
+    rejection = doc.get("rejection") or {}
+    at = rejection.get("at")
+    return {"PatientID": doc["PatientID"], "StudyInstanceUID": doc["StudyInstanceUID"],
+            "SeriesInstanceUID": doc["SeriesInstanceUID"], "SOPInstanceUID": doc["_id"],
+            "code": rejection.get("code", ""), "meaning": rejection.get("meaning", ""),
+            "at": at.strftime("%Y-%m-%dT%H:%M:%SZ") if hasattr(at, "strftime") else str(at),
+            "by": rejection.get("by", ""), "note": rejection.get("note", "")}
 
 
 class Rejecter:
@@ -328,7 +443,7 @@ class Rejecter:
         """The rejected documents ``exact`` (a filter as :mod:`archive.deletion` takes;
         None: all) selects, without their datasets but StudyDate and descriptions."""
         fields = projection({*fields_read(exact or {}), *HIERARCHY_PROJECTION,
-                             "rejection", "StudyDate", "SOPClassUID"})
+                             "rejection", "StudyDate", "SOPClassUID", HISTORY})
         cursor = self.rejected.find(narrowest(server_filter(exact)) if exact else {},
                                     fields, batch_size=FIND_BATCH)
         found = [d for d in cursor if exact is None or evaluate(exact, d)]
@@ -343,7 +458,10 @@ class Rejecter:
             batch = docs[start:start + PURGE_BATCH]
             key = f"{PURGE_KIND}-{ObjectId()}"
             entry = {"kind": PURGE_KIND, "pid": os.getpid(),
-                     "instances": [[d["_id"], str(d["file_id"])] for d in batch]}
+                     "instances": [[d["_id"], str(d["file_id"])] for d in batch],
+                     # the originals of corrected instances go with them
+                     "originals": [str(h["file_id"]) for d in batch
+                                   for h in d.get(HISTORY) or []]}
             self.active.add(key)
             try:
                 self.journal.write(key, entry)
@@ -358,7 +476,8 @@ class Rejecter:
         pairs = [(str(sop), ObjectId(file_id)) for sop, file_id in entry["instances"]]
         self.rejected.delete_many({"_id": {"$in": [p[0] for p in pairs]},
                                    "file_id": {"$in": [p[1] for p in pairs]}})
-        self.files.delete_many([p[1] for p in pairs])
+        self.files.delete_many([p[1] for p in pairs]
+                               + [ObjectId(f) for f in entry.get("originals", [])])
 
     # -- journal replay -----------------------------------------------------------------
 

@@ -87,8 +87,11 @@ from archive.levels import (
     normalised_fields,
 )
 from archive.model import IMAGE
+from archive.modification import HISTORY, Modifier
+from archive.modification import KIND as MODIFY_KIND
 from archive.rejection import KINDS as REJECTION_KINDS
 from archive.rejection import SUBSEQUENT_OCCURRENCE, Note, Rejecter, Rejection
+from archive.rewrite import BadChange
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,9 @@ class Archive:
         self.deleter = Deleter(self.levels, self.files, self.journal, self._active)
         #: rejections (archive.rejection): deletes that keep the files, until purged
         self.rejecter = Rejecter(db, self.levels, self.files, self.journal, self._active)
+        #: corrections and restores (archive.modification), journaled as deletes are
+        self.modifier = Modifier(self.levels, self.files, self.journal, self._active,
+                                 self._index)
         #: Batched level updates of new instances (write_behind: seconds a batch may
         #: wait; 0: every store updates its level documents itself).
         self.batches = WriteBehind(self.levels, self._batch_written, self._batch_failed,
@@ -434,6 +440,41 @@ class Archive:
             if self.batches is not None:  # level documents may be gone: learn again
                 self.batches.forget()
 
+
+    # -- modify -------------------------------------------------------------------------
+
+    def modify(self, instances: list[dict[str, Any]], changes: dict[int, Any], by: str,
+               reason: str, system: str) -> tuple[int, int, int]:
+        """Correct selected instances (:mod:`archive.modification`); (corrected, left as
+        re-sent meanwhile, left as they have these values already).  Raises BadChange
+        before anything of a batch changed, and ModifyIncomplete when the database
+        fails (the journal finishes the batch)."""
+        try:
+            return self.modifier.modify(instances, changes, by, reason, system)
+        finally:
+            if self.batches is not None:  # level documents moved: learn again
+                self.batches.forget()
+
+    def restore(self, instances: list[dict[str, Any]]) -> tuple[int, int, int]:
+        """Make corrected instances their originals again (:mod:`archive.modification`)."""
+        try:
+            return self.modifier.restore(instances)
+        finally:
+            if self.batches is not None:
+                self.batches.forget()
+
+    def _index(self, path: Path, file_id: ObjectId, source: str
+               ) -> tuple[dict[str, Any], dict[str, Any], Dataset]:
+        """The instance document a store of this file under ``file_id`` would write;
+        BadChange when a store would refuse it (a corrected key value it cannot hold)."""
+        try:
+            ds = self.parse(path)
+        except StoreRefused as exc:
+            raise BadChange(exc.comment) from None
+        data = dicomjson.to_json(ds, file_id)
+        return (self.instance_document(data, file_id, _transfer_syntax(ds),
+                                       path.stat().st_size, source), data, ds)
+
     # -- batched level updates ----------------------------------------------------------
 
     def flush(self) -> None:
@@ -471,8 +512,11 @@ class Archive:
         """Replace a stored instance document; the one replaced (None if it vanished)."""
         # Read first what an undo needs should the replace be applied but its reply be
         # lost: find_one_and_replace's answer would then never reach us.
-        prior = self.instances.find_one({"_id": doc["_id"]}, HIERARCHY_PROJECTION)
+        prior = self.instances.find_one({"_id": doc["_id"]},
+                                        {**HIERARCHY_PROJECTION, HISTORY: 1})
         if prior is not None:
+            if prior.get(HISTORY):  # a corrected instance sent again: originals kept
+                doc[HISTORY] = prior[HISTORY]
             self.levels.check_patient(prior["PatientID"], doc["PatientID"], "SOP Instance UID")
             entry["previous_file_id"] = str(prior["file_id"])
             entry["previous_hierarchy"] = list(hierarchy_of(prior))
@@ -554,8 +598,11 @@ class Archive:
         for _, entry in reversed(entries):  # newest first: each undo reveals the older state
             hierarchies += self._settle(entry)
         # then the level documents once, over the instances as they now are
-        self.levels.recompute(*hierarchies, extra_instances=[e["sop"] for _, e in entries
-                                                             if "sop" in e])
+        # (the members a store or a correction may have left out of every child list)
+        extra = [e["sop"] for _, e in entries if "sop" in e] + [
+            item["sop"] for _, e in entries if e.get("kind") == MODIFY_KIND
+            for item in e.get("instances", [])]
+        self.levels.recompute(*hierarchies, extra_instances=extra)
         for key, _ in entries:
             self.journal.remove(key)
         log.info("journal replayed: %d entries", len(entries))
@@ -573,6 +620,8 @@ class Archive:
             return self.deleter.settle(entry)
         if entry.get("kind") in REJECTION_KINDS:
             return self.rejecter.settle(entry)
+        if entry.get("kind") == MODIFY_KIND:
+            return self.modifier.settle(entry)
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, {"file_id": 1})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-from helpers import ROOT, identifier
+from helpers import ROOT, identifier, responses_for_the_sender
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
@@ -69,6 +69,7 @@ def scu(node: Any, user: str | None = None, *, get: bool = False,
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
                          ext_neg=roles + _identity(user), evt_handlers=handlers)
     assert assoc.is_established
+    responses_for_the_sender(assoc)
     try:
         yield assoc
     finally:
@@ -89,6 +90,7 @@ def find_as(node: Any, level: str, user: str, password: str, **keys: Any) -> lis
     item.secondary_field = password.encode()
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=[item])
     assert assoc.is_established
+    responses_for_the_sender(assoc)
     found = []
     try:
         for status, answer in assoc.send_c_find(identifier(level, **keys),

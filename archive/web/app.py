@@ -46,6 +46,7 @@ from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
 from archive.deletion import DeleteIncomplete, Selection
+from archive.model import IMAGE
 from archive.query import QueryError
 from archive.web import fhir, multipart, negotiation, qido, stow, wado
 from archive.web.auth import CHALLENGE, HttpAuthenticator, Unauthenticated, claimed
@@ -455,10 +456,13 @@ class Service:
             if thumbnail and numbers is not None and len(numbers) > 1:
                 raise HttpError(400, "a thumbnail is of one frame")
             self.available()
-            selected = self.database(lambda: wado.items(
+            # a study's or series' thumbnail shows one of its images, not a report
+            choose = wado.images if thumbnail and level != IMAGE else wado.items
+            selected = self.database(lambda: choose(
                 self.context.finder, level, ident, caller.decision.instance_filter()))
             if not selected:
-                raise HttpError(404, f"no such {_NAMES[level]}")
+                raise HttpError(404, f"no such {_NAMES[level]}" if choose is wado.items
+                                else f"no image in this {_NAMES[level]}")
 
             def read(fp: IO[bytes]) -> tuple[str, Iterator[bytes]]:
                 frames = bulkdata.Frames(fp)
@@ -658,7 +662,7 @@ class Service:
                     result = await run_in_threadpool(self._store_part, caller, spool, study)
                 else:
                     result = refused
-                    await run_in_threadpool(self._audit_part, caller, result,
+                    await run_in_threadpool(self.audit_part, caller, result,
                                             time.perf_counter())
                 results.append(result)
 
@@ -691,19 +695,21 @@ class Service:
             result = stow.store(self.context, caller.decision, spool.part10(), study)
         finally:
             spool.discard()
-        self._audit_part(caller, result, started)
+        self.audit_part(caller, result, started)
         return result
 
-    def _audit_part(self, caller: Caller, result: stow.Result, started: float) -> None:
-        """One entry per instance, as C-STORE writes them."""
+    def audit_part(self, caller: Caller, result: stow.Result, started: float,
+                   event: str = "STOW-RS") -> None:
+        """One entry per instance, as C-STORE writes them (and REJECT for a rejection
+        note applied)."""
         level = logging.INFO if result.ok else logging.WARNING
-        log.log(level, "STOW-RS %s sop=%s -> 0x%04X%s", caller.describe(),
+        log.log(level, "%s %s sop=%s -> 0x%04X%s", event, caller.describe(),
                 result.sop_instance or "?", result.status,
                 f" {result.comment}" if result.comment else "")
         decision = caller.decision
         rule = result.rule if result.status != NOT_AUTHORIZED else None
         entry = operation_entry(
-            caller.peer, "STOW-RS", caller.principal.name, decision.service,
+            caller.peer, event, caller.principal.name, decision.service,
             allowed=result.status != NOT_AUTHORIZED, status=result.status,
             request=result.sop_instance, rule=rule.index if rule is not None else None,
             restricted=decision.restricted, comment=result.comment, started=started)

@@ -130,9 +130,10 @@ def _uid(ds: Dataset | None, keyword: str) -> str:
         return ""
 
 
-def store(context: Context, decision: Decision, part10: Part10, study: str | None
-          ) -> Result:
-    """Store one part as C-STORE would (runs in a worker thread: it blocks)."""
+def store(context: Context, decision: Decision, part10: Part10, study: str | None,
+          source: str = SOURCE) -> Result:
+    """Store one part as C-STORE would (runs in a worker thread: it blocks); the
+    console stores the rejection notes it makes this way too."""
 
     def same_study(ds: Dataset) -> StoreOutcome | None:
         if study is not None and _uid(ds, "StudyInstanceUID") != study:
@@ -140,7 +141,7 @@ def store(context: Context, decision: Decision, part10: Part10, study: str | Non
                                 "Study Instance UID is not the study of the request")
         return None
 
-    stored = context.store_as(decision, part10, SOURCE, same_study)
+    stored = context.store_as(decision, part10, source, same_study)
     if stored.error is not None:
         log.error("STOW-RS: unexpected error storing a part", exc_info=stored.error)
     ds, outcome = stored.ds, stored.outcome

@@ -25,7 +25,7 @@ from typing import Any
 from bson import ObjectId
 from pydicom.dataset import Dataset
 
-from archive import transcode
+from archive import bulkdata, transcode
 from archive.find import FIND_BATCH, Finder, projection, retrieve_plan
 from archive.gridstore import GridStore
 from archive.model import IMAGE, SERIES, STUDY
@@ -78,6 +78,24 @@ def items(finder: Finder, level: str, ident: Dataset,
     for doc in instances(finder, level, ident, restriction, ()):
         found.setdefault(doc["_id"], Item(doc["_id"], str(doc.get("TransferSyntaxUID", "")),
                                           doc["file_id"]))
+    return list(found.values())
+
+
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: what a rendered image shows.
+PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")
+
+
+def images(finder: Finder, level: str, ident: Dataset,
+           restriction: dict[str, Any] | None) -> list[Item]:
+    """The instances the identifier selects that hold pixels, for a study's or a
+    series' thumbnail: a report, a key object selection or a rejection note in the study
+    has none to show."""
+    found: dict[str, Item] = {}
+    for doc in instances(finder, level, ident, restriction,
+                         tuple(f"dataset.{tag}" for tag in PIXEL_TAGS)):
+        if any(tag in (doc.get("dataset") or {}) for tag in PIXEL_TAGS):
+            found.setdefault(doc["_id"], Item(doc["_id"], str(doc.get("TransferSyntaxUID", "")),
+                                              doc["file_id"]))
     return list(found.values())
 
 
@@ -203,11 +221,17 @@ def parse_frame_list(text: str) -> list[int]:
 MAX_FRAMES_ASKED = 10000
 
 
-def parts_body(parts: Iterator[bytes], media: str, syntax: str | None, boundary: str
-               ) -> Iterator[bytes]:
+def parts_body(parts: Iterator[bulkdata.Part], media: str, syntax: str | None,
+               boundary: str) -> Iterator[bytes]:
     """A multipart body of ``parts`` (frames, bulk values, rendered images), each read
-    when sent; ``syntax``: the transfer syntax of DICOM pixel data (None: an image)."""
+    when sent, a large one piece by piece; ``syntax``: the transfer syntax of DICOM
+    pixel data (None: an image)."""
     content_type = f"{media}; transfer-syntax={syntax}" if syntax else media
     for data in parts:
-        yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
+        if isinstance(data, bytes):
+            yield multipart.part_header(boundary, content_type) + data + multipart.CRLF
+        else:
+            yield multipart.part_header(boundary, content_type)
+            yield from data
+            yield multipart.CRLF
     yield multipart.closing(boundary)

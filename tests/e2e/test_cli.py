@@ -470,7 +470,8 @@ def test_help_names_every_command_with_its_description() -> None:
     section = result.stdout.split("\ncommands:\n")[1].split("\n\n")[0]
     entries = [line.split(None, 1) for line in section.splitlines() if line[2:3] != " "]
     assert [name for name, _ in entries] == ["serve", "import", "stats", "check", "delete",
-                                             "rejected", "query", "acl", "audit", "user", "token"]
+                                             "rejected", "query", "modify", "acl", "audit", "user",
+                                             "token"]
     assert all(len(description) > 10 for _, description in entries)
     assert "{" not in result.stdout
 

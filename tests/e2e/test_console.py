@@ -5,8 +5,9 @@ what a search finds.  The same pages in a browser: test_console_browser.py.
 
 Users in a file (bcrypt): ``admin`` may do everything (administer and delete included),
 ``alice`` query and retrieve patients ``ALICE-*`` only, ``carol`` MR series only, and
-delete them (one study holds both a CT and an MR series), ``bob`` nothing; anonymous
-nothing (asked to log in).
+delete them (one study holds both a CT and an MR series), ``dora`` store, query and
+delete MR series only (so reject them: her Store rule admits a rejection note, carol's
+does not), ``bob`` nothing; anonymous nothing (asked to log in).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import urlencode
 import helpers
 import pytest
 import requests
-from acl_clients import node_with_users
+from acl_clients import archive_cli, find_as, node_with_users
 from helpers import image_dataset, to_part10
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -30,7 +31,7 @@ from pydicom.uid import generate_uid
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
 PASSWORDS = {"admin": "admin-secret", "alice": "alice-secret", "bob": "bob-secret",
-             "carol": "carol-secret"}
+             "carol": "carol-secret", "dora": "dora-secret"}
 RULES = """
 rules:
   - {principal: "*", service: Echo}
@@ -41,6 +42,9 @@ rules:
   - {principal: admin, service: Admin}
   - {principal: admin, service: Delete}
   - {principal: carol, service: Delete, pattern: {Modality: MR}}
+  - {principal: dora, service: Store}
+  - {principal: dora, service: Query}
+  - {principal: dora, service: Delete, pattern: {Modality: MR}}
 """
 VIEWER = "http://viewer.example/viewer?StudyInstanceUIDs={StudyInstanceUID}"
 XSS_NAME = "<script>alert(1)</script>"
@@ -459,7 +463,9 @@ def test_only_an_administrator_sees_the_rules_and_the_audit_trail(
         ["3", "alice", "Query", "PatientID=ALICE-*"],
         ["4", "alice", "Retrieve", "PatientID=ALICE-*"],
         ["5", "carol", "*", "Modality=MR"], ["6", "admin", "Admin", "any dataset"],
-        ["7", "admin", "Delete", "any dataset"], ["8", "carol", "Delete", "Modality=MR"]]
+        ["7", "admin", "Delete", "any dataset"], ["8", "carol", "Delete", "Modality=MR"],
+        ["9", "dora", "Store", "any dataset"], ["10", "dora", "Query", "any dataset"],
+        ["11", "dora", "Delete", "Modality=MR"]]
 
 
 def test_the_rules_page_says_who_may_do_what_to_a_study(node: Any,
@@ -472,7 +478,8 @@ def test_the_rules_page_says_who_may_do_what_to_a_study(node: Any,
     cells = {row[0]: row[1:] for row in table(answer.text, "check")}
     services = ["Query", "Retrieve", "Store", "Delete", "Modify"]
     verdicts = {who: dict(zip(services, row, strict=True)) for who, row in cells.items()}
-    assert list(verdicts) == ["admin", "alice", "bob", "carol", "anonymous", "any other user"]
+    assert list(verdicts) == ["admin", "alice", "bob", "carol", "dora", "anonymous",
+                              "any other user"]
     assert verdicts["admin"] == {"Query": "yes (rule 2)", "Retrieve": "yes (rule 2)",
                                  "Store": "yes (rule 2)", "Delete": "yes (rule 7)",
                                  "Modify": "no"}
@@ -545,25 +552,29 @@ def test_the_dashboard_charts_weeks_growth_and_recent_activity(
             assert "bob" not in page
 
 
-def store_deletable(node: Any) -> dict[str, Any]:
-    """Patient DEL-1: a study of a CT series (one instance) and an MR series (two)."""
-    study, ct, mr = generate_uid(), generate_uid(), generate_uid()
-    datasets = [image_dataset(patient_id="DEL-1", patient_name="DELETE^ME", study_uid=study,
-                              series_uid=series, modality=modality, SeriesNumber=n,
+def store_deletable(node: Any, patient: str = "DEL-1", cts: int = 1) -> dict[str, Any]:
+    """Patient DEL-1: a study of a CT series (one instance each; ``cts`` of them) and an
+    MR series (two)."""
+    study, mr = generate_uid(), generate_uid()
+    ct = [generate_uid() for _ in range(cts)]
+    series = [*((uid, "CT", n + 1, 1) for n, uid in enumerate(ct)), (mr, "MR", cts + 1, 2)]
+    datasets = [image_dataset(patient_id=patient, patient_name="DELETE^ME", study_uid=study,
+                              series_uid=uid, modality=modality, SeriesNumber=n,
                               InstanceNumber=i, StudyDescription="To delete")
-                for series, modality, n, count in ((ct, "CT", 1, 1), (mr, "MR", 2, 2))
-                for i in range(1, count + 1)]
+                for uid, modality, n, count in series for i in range(1, count + 1)]
     stow(node, [to_part10(ds) for ds in datasets])
-    return {"study": study, "ct": ct, "mr": mr}
+    return {"study": study, "ct": ct[0], "cts": ct, "mr": mr,
+            "sops": {uid: [str(ds.SOPInstanceUID) for ds in datasets
+                           if ds.SeriesInstanceUID == uid] for uid, *_ in series}}
 
 
 def post(node: Any, path: str, user: str = "admin", origin: str | None = "own",
-         **headers: str) -> requests.Response:
+         form: dict[str, str] | None = None, **headers: str) -> requests.Response:
     """The confirmation's form POST, from this site's page unless ``origin`` says."""
     if origin is not None:
         headers["Origin"] = root(node) if origin == "own" else origin
     return requests.post(root(node) + path, auth=auth(user), headers=headers, timeout=60,
-                         allow_redirects=False)
+                         data=form, allow_redirects=False)
 
 
 def test_deleting_takes_a_delete_rule_and_a_confirmation_from_this_site(
@@ -609,3 +620,125 @@ def test_deleting_takes_a_delete_rule_and_a_confirmation_from_this_site(
     assert post(node, f"{series}/delete").status_code == 404
     rows = audit_rows(node, event="DELETE", user="carol")
     assert "instances=2" in rows[0][9] and f"POST {study}/delete" in rows[0][8]
+
+
+def rejected_rows(node: Any, user: str = "admin", **keys: str) -> list[list[str]]:
+    answer = get(node, "/rejected", user=user, **keys)
+    assert answer.status_code == 200, answer.text
+    return table(answer.text, "rejected") if 'id="rejected"' in answer.text else []
+
+
+def study_counts(node: Any, study: str) -> tuple[int, int]:
+    """(series, instances) of the study, as C-FIND answers the administrator."""
+    found = helpers_find(node, study)
+    return (int(found[0].NumberOfStudyRelatedSeries),
+            int(found[0].NumberOfStudyRelatedInstances)) if found else (0, 0)
+
+
+def helpers_find(node: Any, study: str) -> list[Dataset]:
+    return find_as(node, "STUDY", "admin", PASSWORDS["admin"], StudyInstanceUID=study,
+                   NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")
+
+
+def qido_series(node: Any, study: str) -> set[str]:
+    answer = requests.get(f"{node.http_url}/studies/{study}/series", auth=auth("admin"),
+                          timeout=30)
+    assert answer.status_code in (200, 204), answer.text
+    return {a["0020000E"]["Value"][0] for a in answer.json()} if answer.content else set()
+
+
+def test_rejecting_takes_store_and_delete_rules_a_reason_and_this_site(
+        node: Any, corpus: dict[str, Any]) -> None:
+    d = store_deletable(node, "REJ-1", cts=2)
+    study, ct, mr = (f"/studies/{d['study']}", *(f"/studies/{d['study']}/series/{s}"
+                                                 for s in (d["ct"], d["mr"])))
+    # who sees the button: Store and Delete rules matching something there
+    assert f'id="reject" href="{study}/reject"' in get(node, study).text
+    assert f'id="reject" href="{mr}/reject"' in get(node, mr, user="dora").text
+    assert 'id="reject"' not in get(node, ct, user="dora").text  # her Delete: MR only
+    assert get(node, f"{ct}/reject", user="dora").status_code == 404  # as nonexistent
+    assert 'id="reject"' not in get(node, study, user="carol").text  # Store: MR only
+    assert 'id="reject"' not in get(node, f"/studies/{corpus['alice']}", user="alice").text
+    for user in ("alice", "bob"):  # no Delete rule: refused, whatever the study
+        assert get(node, f"{study}/reject", user=user).status_code == 403
+        assert post(node, f"{study}/reject", user=user,
+                    form={"code": "113001"}).status_code == 403
+    # a forged form of another site, a missing reason, a note carol may not store
+    for origin, extra in ((None, {}), ("http://evil.example", {}),
+                          ("own", {"Sec-Fetch-Site": "cross-site"})):
+        refused = post(node, f"{study}/reject", origin=origin, form={"code": "113001"},
+                       **extra)
+        assert refused.status_code == 403 and "cross-site" in refused.text, origin
+    assert post(node, f"{study}/reject").status_code == 400
+    assert post(node, f"{study}/reject", form={"code": "1" * 9000}).status_code == 413
+    carol = post(node, f"{study}/reject", user="carol", form={"code": "113001"})
+    assert carol.status_code == 403
+    assert "refused: 0x0124 not authorized: dataset outside the Store rules" in carol.text
+    assert study_counts(node, d["study"]) == (3, 4)
+
+    # dora rejects the study: her note names her instances (the MR series) only
+    confirm = get(node, f"{study}/reject", user="dora")
+    assert confirm.status_code == 200 and confirm.headers["referrer-policy"] == "same-origin"
+    assert "Hides <b>2</b> instances in 1 series of this study" in confirm.text
+    assert all(f'value="{code}"' in confirm.text
+               for code in ("113001", "113037", "113038", "113039"))
+    done = post(node, f"{study}/reject", user="dora", form={"code": "113037"})
+    assert done.status_code == 200, done.text
+    assert "Rejected 2 instances (1 series): Rejected for Patient Safety Reasons" in done.text
+    note = re.search(r'id="note">([0-9.]+)<', done.text).group(1)  # type: ignore[union-attr]
+    rows = rejected_rows(node, StudyInstanceUID=d["study"])
+    assert sorted(r[3] for r in rows) == sorted(d["sops"][d["mr"]])
+    assert {(r[4], r[6], r[7]) for r in rows} == {
+        ("113037 Rejected for Patient Safety Reasons", "dora", note)}
+    # the administrator rejects one CT series
+    assert "Hides <b>1</b> instance in 1 series" in get(node, f"{ct}/reject").text
+    done = post(node, f"{ct}/reject", form={"code": "113001"})
+    assert "Rejected 1 instance (1 series): Rejected for Quality Reasons" in done.text
+    page = get(node, study).text
+    assert d["cts"][1] in page and d["ct"] not in page and d["mr"] not in page
+    left = qido_series(node, d["study"])  # the CT series left and the two notes' series
+    assert d["cts"][1] in left and not {d["ct"], d["mr"]} & left and len(left) == 3
+    assert study_counts(node, d["study"]) == (3, 3)
+    assert get(node, ct).status_code == 404 and get(node, f"{ct}/reject").status_code == 404
+    rejects = audit_rows(node, 2, event="REJECT")
+    assert {r[1] for r in rejects[:2]} == {"admin", "dora"}
+    assert "instances=2" in next(r[9] for r in rejects if r[1] == "dora")
+
+
+def test_the_rejected_page_lists_filters_and_purges(node: Any, corpus: dict[str, Any]
+                                                    ) -> None:
+    d = store_deletable(node, "REJ-2", cts=1)
+    for series, code in ((d["mr"], "113039"), (d["ct"], "113001")):
+        answer = post(node, f"/studies/{d['study']}/series/{series}/reject",
+                      form={"code": code})
+        assert answer.status_code == 200, answer.text
+    assert 'id="nav-rejected"' in get(node, "/").text
+    for user in ("dora", "carol", "bob"):  # no Admin rule
+        assert get(node, "/rejected", user=user).status_code == 403
+        assert get(node, "/rejected/purge", user=user).status_code == 403
+        assert post(node, "/rejected/purge", user=user).status_code == 403
+    rows = rejected_rows(node, PatientID="REJ-2")
+    assert {(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows} == {
+        *(("REJ-2", d["study"], d["mr"], sop, "113039 Data Retention Policy Expired", "admin")
+          for sop in d["sops"][d["mr"]]),
+        ("REJ-2", d["study"], d["ct"], d["sops"][d["ct"]][0],
+         "113001 Rejected for Quality Reasons", "admin")}
+    paged = [rejected_rows(node, PatientID="REJ-2", limit="2", page=str(n)) for n in (1, 2)]
+    assert [len(p) for p in paged] == [2, 1] and paged[0] + paged[1] == rows
+    assert rejected_rows(node, PatientID="NOBODY") == []
+    assert get(node, "/rejected", StudyDate="yesterday").status_code == 400
+
+    mr = {"SeriesInstanceUID": d["mr"]}
+    confirm = get(node, "/rejected/purge", **mr)
+    assert "Purges <b>2</b> rejected instances of 1 study" in confirm.text
+    assert f'name="SeriesInstanceUID" value="{d["mr"]}"' in confirm.text
+    refused = post(node, "/rejected/purge", origin="http://evil.example", form=mr)
+    assert refused.status_code == 403 and "cross-site" in refused.text
+    purged = post(node, "/rejected/purge", form=mr)
+    assert purged.status_code == 200, purged.text
+    assert "Purged 2 rejected instances (1 study)" in purged.text
+    assert [r[2] for r in rejected_rows(node, PatientID="REJ-2")] == [d["ct"]]
+    assert post(node, "/rejected/purge", form=mr).status_code == 404
+    assert audit_rows(node, event="PURGE")[0][9] == "instances=2, studies=1"
+    check = archive_cli(node, "check", "--grace", "0")
+    assert check.returncode == 0, check.stdout + check.stderr

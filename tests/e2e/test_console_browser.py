@@ -6,9 +6,11 @@ What a user sees: logged in with the browser's own Basic login, she searches, op
 a study and sees a rendered thumbnail per series, opens an instance and sees its
 attribute tree, downloads the original, sees the dashboard's charts drawn; the
 administrator reads the rules and the audit trail and deletes a study after
-confirming; a restricted user sees only her studies and her counts, no rules, no
-audit, no delete button; markup in the data is text (no script runs, no dialog
-opens).  A few page loads only: each costs seconds here.
+confirming, and rejects a series with a reason then purges it from the Rejected page;
+a restricted user sees only her studies and her counts, no rules, no audit, no delete
+or reject button (one whose Delete rules match the MR series sees it there only);
+markup in the data is text (no script runs, no dialog opens).  A few page loads
+only: each costs seconds here.
 
 ``CONSOLE_SCREENSHOTS=docs`` saves the README's screenshots there.
 """
@@ -196,9 +198,11 @@ def test_a_restricted_user_sees_her_studies_and_counts_and_markup_as_text(
         assert page.locator("#nav-rules").count() == page.locator("#nav-audit").count() == 0
         page.goto(f"{root(node)}/studies/{corpus['alice']}")
         page.wait_for_function(THUMBNAILS_LOADED)
-        assert page.locator("#delete").count() == 0
+        assert page.locator("#delete").count() == page.locator("#reject").count() == 0
+        assert page.locator("#nav-rejected").count() == 0
         assert watched.dialogs == [] and watched.errors == [], watched.errors
-        for path in ("/rules", "/audit", f"/studies/{corpus['alice']}/delete"):
+        for path in ("/rules", "/audit", "/rejected", f"/studies/{corpus['alice']}/delete",
+                     f"/studies/{corpus['alice']}/reject"):
             answer = page.goto(root(node) + path)
             assert answer is not None and answer.status == 403, path
             assert page.inner_text("h1") == "Not authorized"
@@ -231,7 +235,7 @@ def test_an_administrator_reads_rules_and_audit_and_deletes_a_study(
         page.goto(root(node) + "/")
         page.click("#nav-rules")
         page.wait_for_url("**/rules")
-        assert page.locator("#rules tbody tr").count() == 8
+        assert page.locator("#rules tbody tr").count() == 11
         page.fill("input[name=study]", deletable["study"])
         page.click("form.search button[type=submit]")
         page.wait_for_url("**/rules?study=*")
@@ -263,6 +267,56 @@ def test_an_administrator_reads_rules_and_audit_and_deletes_a_study(
         page.wait_for_selector("#deleted")
         assert page.inner_text("#deleted") == "Deleted 3 instances (2 series, 1 study)."
         assert qido_studies(node, "admin", PatientID="DEL-1") == set()
+        assert watched.dialogs == [] and watched.errors == [], watched.errors
+    finally:
+        watched.close()
+
+
+def test_an_administrator_rejects_a_series_then_purges_it(
+        node: Any, corpus: dict[str, Any], browser: Any) -> None:
+    d = store_deletable(node, "REJ-B", cts=1)
+    series = f"{root(node)}/studies/{d['study']}/series/"
+    dora = Watched(browser, "dora")  # her Delete rules: MR only
+    try:
+        dora.page.goto(series + d["ct"])
+        assert dora.page.locator("#reject").count() == 0
+        dora.page.goto(series + d["mr"])
+        assert dora.page.locator("#reject").is_visible()
+    finally:
+        dora.close()
+    watched = Watched(browser, "admin")
+    page = watched.page
+    try:
+        page.goto(series + d["mr"])
+        page.click("#reject")
+        page.wait_for_url("**/reject")
+        assert "Hides 2 instances in 1 series" in page.inner_text("#what")
+        page.check("#reason-113038")
+        screenshot(page, "console-reject.png")
+        page.click("#confirm-reject")
+        page.wait_for_selector("#rejected")
+        assert page.inner_text("#rejected") == (
+            "Rejected 2 instances (1 series): Incorrect Modality Worklist Entry.")
+        page.goto(f"{root(node)}/studies/{d['study']}")
+        cards = page.eval_on_selector_all("#series a.card", "as => as.map(a => a.href)")
+        assert any(d["ct"] in c for c in cards) and not any(d["mr"] in c for c in cards)
+        assert "KO Rejection note" in page.inner_text("#series")  # the note: no thumbnail
+
+        page.click("#nav-rejected")
+        page.wait_for_url("**/rejected")
+        page.fill("input[name=PatientID]", "REJ-B")
+        page.click("form.search button[type=submit]")
+        page.wait_for_url("**/rejected?*")
+        assert page.locator("#rejected tbody tr").count() == 2
+        assert "113038 Incorrect Modality Worklist Entry" in page.inner_text("#rejected")
+        page.click("#purge")
+        page.wait_for_url("**/rejected/purge?*")
+        assert "Purges 2 rejected instances of 1 study" in page.inner_text("#what")
+        page.click("#confirm-purge")
+        page.wait_for_selector("#purged")
+        assert page.inner_text("#purged") == "Purged 2 rejected instances (1 study)."
+        page.goto(f"{root(node)}/rejected?PatientID=REJ-B")
+        assert page.locator("#none").is_visible()
         assert watched.dialogs == [] and watched.errors == [], watched.errors
     finally:
         watched.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import getpass
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -337,7 +338,7 @@ def test_deletes_racing_with_stores_and_queries_leave_an_exact_archive(
 def test_a_database_killed_in_the_middle_of_a_delete_orphans_nothing(
         node_factory: Any, private_ferretdb: FerretDB, tmp_path: Path) -> None:
     node = node_factory(ferret=private_ferretdb)
-    study, files = write_study(tmp_path / "big", 1000, patient_id="KILL-1", series=3)
+    study, files = write_study(tmp_path / "big", 400, patient_id="KILL-1", series=3)
     kept, kept_files = write_study(tmp_path / "kept", 3, patient_id="KILL-1")
     send(node, files + kept_files)
     wait_for(lambda: settled_counters(node.db) == [], 60)
@@ -353,10 +354,17 @@ def test_a_database_killed_in_the_middle_of_a_delete_orphans_nothing(
         assert command.poll() is None, command.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    delay = random.uniform(0, 0.5)  # the delete takes ~1.3 s here: in its middle
-    print(f"database killed {delay:.2f} s after the delete's journal entry appeared")
+    # the delete takes 0.25-0.5 s here: stopped somewhere in its first 0.1 s, the
+    # database killed meanwhile, then let go into the dead database
+    delay = random.uniform(0, 0.1)
+    print(f"delete stopped {delay:.2f} s after its journal entry appeared, database killed")
     time.sleep(delay)
-    private_ferretdb.stop(kill=True)
+    command.send_signal(signal.SIGSTOP)
+    try:
+        assert list(node.journal.glob("delete-*.json")), "the delete ended before the kill"
+        private_ferretdb.stop(kill=True)
+    finally:
+        command.send_signal(signal.SIGCONT)
     out, err = command.communicate(timeout=120)
     assert command.returncode == 1, out + err
     assert "finished when the database answers again" in err

@@ -20,7 +20,7 @@ import requests
 from acl_clients import node_with_users
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from helpers import image_dataset, stow, to_part10
+from helpers import image_dataset, make_dataset, stow, to_part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -33,6 +33,7 @@ from archive.web.multipart import parse
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
 PASSWORDS = {"admin": "admin-secret", "alice": "alice-secret"}
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 RULES = """
 rules:
   - {principal: admin, service: "*"}
@@ -357,6 +358,25 @@ def test_window_viewport_quality_and_thumbnails(node: Any, images: dict[str, Dat
                       f"{ct.SeriesInstanceUID}"):
         answer = get(f"{level_url}/thumbnail")
         assert answer.status_code == 200 and Image.open(BytesIO(answer.content)).size
+
+
+def test_a_study_thumbnail_shows_an_image_whatever_else_the_study_holds(node: Any) -> None:
+    """A study whose middle instance is a report (no pixel data) shows its one image; a
+    study without images answers 404, saying so."""
+    admin = ("admin", PASSWORDS["admin"])
+    study, series = generate_uid(), generate_uid()
+    image = image_dataset(patient_id="THUMB-1", study_uid=study, series_uid=series)
+    reports = [make_dataset(patient_id="THUMB-1", study_uid=study, sop_class=BASIC_TEXT_SR,
+                            modality="SR", InstanceNumber=n) for n in (2, 3)]
+    store(node, [to_part10(ds) for ds in (image, *reports)])
+    answer = requests.get(f"{node.http_url}/studies/{study}/thumbnail", auth=admin, timeout=30)
+    assert answer.status_code == 200 and Image.open(BytesIO(answer.content)).size
+    only_reports = generate_uid()
+    store(node, [to_part10(make_dataset(patient_id="THUMB-2", study_uid=only_reports,
+                                        sop_class=BASIC_TEXT_SR, modality="SR"))])
+    answer = requests.get(f"{node.http_url}/studies/{only_reports}/thumbnail", auth=admin,
+                          timeout=30)
+    assert (answer.status_code, answer.text.strip()) == (404, "no image in this study")
 
 
 @pytest.mark.parametrize(("params", "accept", "status", "says"), [

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import RunningNode
 from helpers import (
     DCMTK_ENV,
@@ -196,6 +197,45 @@ def test_a_200_mib_instance_moved_costs_the_node_far_less_memory_than_its_size(
     assert peak - before < BOUND, f"peak {peak / MIB:.0f} MiB, {before / MIB:.0f} before"
     (received,) = out.iterdir()
     assert digest(file_chunks(received))[1] == digest(file_chunks(large_instance))[1]
+
+
+def test_its_pixel_data_as_dicomweb_bulk_data_costs_the_node_far_less_memory_than_its_size(
+        stored_large: StoredLarge, large_instance: Path) -> None:
+    """WADO-RS bulk data of a 200 MiB Pixel Data value: sent as it is read from GridFS,
+    a megabyte at a time, never held whole; the bytes are the stored value."""
+    node = stored_large.node
+    pid = node.pid
+    assert pid is not None and stored_large.status == 0x0000
+    ds = dcmread(large_instance, defer_size=1024)
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    with open(large_instance, "rb") as fh:
+        fh.seek(raw.value_tell)
+        expected = hashlib.sha256()
+        left = raw.length
+        while left:
+            chunk = fh.read(min(MIB, left))
+            expected.update(chunk)
+            left -= len(chunk)
+    url = (f"{node.http_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+           f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010")
+    before = status_kib(pid, "VmRSS") * 1024
+    peak_reset = reset_peak(pid)
+    received, head, tail = hashlib.sha256(), b"", b""
+    size = 0
+    with RssPoller(pid) as poller, requests.get(url, stream=True, timeout=300) as answer:
+        assert answer.status_code == 200, answer.text
+        closing = f"\r\n--{answer.headers['content-type'].split('boundary=')[1]}--\r\n"
+        for chunk in answer.iter_content(MIB):
+            if not head:  # the part's headers, then the value
+                head, chunk = chunk.split(b"\r\n\r\n", 1)
+            data = tail + chunk  # the closing delimiter is not the value's
+            tail = data[-len(closing):]
+            received.update(data[:-len(closing)])
+            size += len(data) - len(tail)
+    peak = (status_kib(pid, "VmHWM") if peak_reset else poller.peak_kib) * 1024
+    assert tail == closing.encode()
+    assert (size, received.hexdigest()) == (raw.length, expected.hexdigest())
+    assert peak - before < BOUND, f"peak {peak / MIB:.0f} MiB, {before / MIB:.0f} before"
 
 
 def test_a_large_instance_cut_in_its_pixel_data_is_refused(node_factory: Any,

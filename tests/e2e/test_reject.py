@@ -212,6 +212,32 @@ def test_a_note_sent_by_storescu_hides_its_instances_until_purged(node: Any,
     check_clean(node)
 
 
+def test_a_corrected_instance_rejected_then_purged_leaves_no_original_behind(
+        node: Any) -> None:
+    """archive modify keeps each original beside the corrected file (the instance's
+    history); rejecting the instance keeps both, purging it deletes both."""
+    study_uid, (members,) = study("IOCM-FIX", 2)
+    stored(node, "admin", members)
+    files_before = node.db["fs.files"].count_documents({})
+    fixed = archive_cli(node, "modify", f"StudyInstanceUID={study_uid}", "--set",
+                        "StudyDescription=corrected")
+    assert fixed.returncode == 0, fixed.stderr
+    originals = {d["_id"]: d["history"][0]["file_id"] for d in node.db.instances.find(
+        {"StudyInstanceUID": study_uid}, {"history": 1})}
+    assert node.db["fs.files"].count_documents({}) == files_before + 2
+    rejected, kept = (str(ds.SOPInstanceUID) for ds in members)
+    assert send(node, "admin", note("IOCM-FIX", study_uid, members[:1])) == [(0x0000, "")]
+    check_clean(node)  # the rejected instance's original is owned, not an orphan
+
+    purged = archive_cli(node, "rejected", "purge", f"StudyInstanceUID={study_uid}")
+    assert purged.returncode == 0, purged.stderr
+    assert node.db["fs.files"].find_one({"_id": originals[rejected]}) is None
+    assert node.db["fs.files"].find_one({"_id": originals[kept]}) is not None
+    # the kept instance: its file and original; the note; the purged one: nothing
+    assert node.db["fs.files"].count_documents({}) == files_before + 2 + 1 - 2
+    check_clean(node)
+
+
 def _refusals() -> list[Any]:
     """(case name, build(archive state) -> note, expected status, comment prefix)."""
     def unknown(s: dict[str, Any]) -> Dataset:

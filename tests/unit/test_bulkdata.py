@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from unittest import mock
 
 import mongomock
 import numpy as np
@@ -111,6 +112,27 @@ def test_native_frames_are_pydicoms_frames(rows: int, columns: int, samples: int
             assert np.array_equal(array, expected[n - 1].reshape(-1)), (n, syntax)
 
 
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(size=st.integers(1, 300), bits=st.sampled_from([8, 16]),
+       syntax=st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                               ExplicitVRBigEndian]), chunk=st.sampled_from([2, 6, 64, 1 << 20]),
+       seed=st.integers(0, 2**32 - 1))
+def test_native_pixel_data_as_bulk_data_is_read_piece_by_piece(
+        size: int, bits: int, syntax: str, chunk: int, seed: int) -> None:
+    """The value as PS3.18 sends it (little-endian words), the same whatever the pieces
+    it is read in: never the whole value at once."""
+    raw = np.random.default_rng(seed).integers(0, 256, size * 2, dtype=np.uint8).tobytes()
+    part10 = image(1, size, 1, bits, 2 if bits == 8 else 1, syntax, raw)
+    value = dcmread(io.BytesIO(part10))["PixelData"]
+    little = bytes(value.value) if syntax != ExplicitVRBigEndian or bits == 8 else \
+        np.frombuffer(value.value, ">u2").astype("<u2").tobytes()
+    with mock.patch.object(bulkdata, "CHUNK", chunk):
+        (part,) = list(bulkdata.read_bulk(stored(part10), (0x7FE00010,)).parts)
+        pieces = list(part)
+    assert b"".join(pieces) == little
+    assert max(map(len, pieces)) <= chunk
+
+
 def test_encapsulated_frames_and_numbers_past_the_last() -> None:
     fragments = [bytes([n]) * (300 + 2 * n) for n in range(3)]
     ds = Dataset()
@@ -131,7 +153,7 @@ def test_encapsulated_frames_and_numbers_past_the_last() -> None:
     with pytest.raises(bulkdata.NotFound, match="frame 4: the instance has 3 frames"):
         found.check([1, 4])
     bulk = bulkdata.read_bulk(stored(buffer.getvalue()), (0x7FE00010,))
-    assert bulk.parts == fragments and bulk.transfer_syntax == RLELossless
+    assert list(bulk.parts) == fragments and bulk.transfer_syntax == RLELossless
 
 
 def test_an_instance_without_pixel_data() -> None:

@@ -11,6 +11,7 @@ half-way leaves once the journal is replayed.
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from helpers import (
     CT_IMAGE,
     MR_IMAGE,
+    Raising,
     consistency_problems,
     counter_problems,
     make_dataset,
@@ -26,12 +28,20 @@ from helpers import (
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pymongo.errors import AutoReconnect
 
 from acl.patterns import compile_pattern, to_json
-from archive.rejection import KEY_OBJECT_SELECTION, Refused, note_of
+from archive.rejection import (
+    KEY_OBJECT_SELECTION,
+    REASONS,
+    Refused,
+    note_dataset,
+    note_of,
+    note_part10,
+)
 from archive.storage import Archive
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -171,21 +181,6 @@ def test_a_note_that_references_nothing_or_misses_a_uid_is_refused_as_such() -> 
     assert note_of(other_title) is None
 
 
-class Raising:
-    """A collection (or store) whose ``method`` raises ``error`` once."""
-
-    def __init__(self, target: Any, method: str, error: BaseException) -> None:
-        self._target, self._method, self._error = target, method, error
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if name != self._method or self._error is None:
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            error, self._error = self._error, None
-            raise error
-        return call
 
 
 def _first_series(stored: list[Dataset]) -> list[Dataset]:
@@ -251,3 +246,40 @@ def test_a_purge_interrupted_is_finished_by_the_journal(tmp_path: Path) -> None:
     assert archive.db.rejected.count_documents({}) == 0
     assert archive.db["fs.files"].count_documents({}) == files - len(members)
     assert consistency_problems(archive.db) == [] and counter_problems(archive.db) == []
+
+
+BASIC_TEXT_SR, TWELVE_LEAD_ECG = "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.9.1.1"
+#: TID 2010: an image is an IMAGE item, a waveform a WAVEFORM, anything else COMPOSITE.
+VALUE_TYPES = {CT_IMAGE: "IMAGE", MR_IMAGE: "IMAGE", BASIC_TEXT_SR: "COMPOSITE",
+               TWELVE_LEAD_ECG: "WAVEFORM"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       code=st.sampled_from(sorted(c for c, _ in REASONS)),
+       name=st.sampled_from(["DOE^JANE", "Ærøskøbing^Åse", ""]))
+def test_a_made_note_is_a_rejection_note_of_its_instances(sizes: list[int], code: str,
+                                                          name: str) -> None:
+    """The console's note, as a receiver reads it: the title, every instance by series
+    with its class, the study's patient, a series of its own, a content item each."""
+    study = make_dataset(patient_id="P1", study_uid=generate_uid())
+    study.PatientName = name
+    classes = (CT_IMAGE, MR_IMAGE, BASIC_TEXT_SR, TWELVE_LEAD_ECG)
+    docs = [{"_id": generate_uid(), "SOPClassUID": classes[n % len(classes)],
+             "SeriesInstanceUID": series}
+            for series, size in ((generate_uid(), size) for size in sizes)
+            for n in range(size)]
+    read = dcmread(BytesIO(note_part10(note_dataset(study, docs, code))))
+    note = note_of(read)
+    assert note is not None and (note.code, note.study, note.patient) == (
+        code, study.StudyInstanceUID, "P1")
+    assert [(r.series, r.sop_class, r.sop) for r in note.references] == [
+        (d["SeriesInstanceUID"], d["SOPClassUID"], d["_id"]) for d in docs]
+    assert len(read.CurrentRequestedProcedureEvidenceSequence[0]
+               .ReferencedSeriesSequence) == len(sizes)
+    assert [(i.ValueType, i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for i in read.ContentSequence] == [
+        (VALUE_TYPES[d["SOPClassUID"]], d["_id"]) for d in docs]
+    assert str(read.PatientName) == name and read.Modality == "KO"
+    assert read.SeriesInstanceUID not in {d["SeriesInstanceUID"] for d in docs}
+    assert read.file_meta.MediaStorageSOPClassUID == KEY_OBJECT_SELECTION

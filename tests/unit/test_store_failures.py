@@ -15,7 +15,7 @@ from typing import Any
 import mongomock
 import pytest
 from bson.errors import InvalidDocument
-from helpers import consistency_problems, counter_problems, make_dataset, to_part10
+from helpers import Raising, consistency_problems, counter_problems, make_dataset, to_part10
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pymongo.errors import AutoReconnect, WriteError
@@ -36,21 +36,6 @@ def nothing_written(archive: Archive) -> bool:
                ("instances", "series", "studies", "patients", "fs.files", "fs.chunks"))
 
 
-class Raising:
-    """A collection whose ``method`` raises ``error`` (once), before touching anything."""
-
-    def __init__(self, target: Any, method: str, error: BaseException) -> None:
-        self._target, self._method, self._error = target, method, error
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if name != self._method or self._error is None:
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            error, self._error = self._error, None
-            raise error
-        return call
 
 
 DATA_ERRORS = {

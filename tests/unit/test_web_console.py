@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
-from archive import config, dicomjson
+from archive import config, dicomjson, rejection
 from archive.config import ConfigError
 from archive.web.console import admin, pages, paging, stats, tree
 from archive.web.errors import HttpError
@@ -175,11 +175,30 @@ def test_templates_escape_every_value() -> None:
     page = env.get_template("instance.html").render(
         user="a<b>", anonymous=False, study_uid="1.2", series_uid="1.3", sop="1.4",
         rows=[row], element_count=1, sop_class="<i>", transfer_syntax="", size=0, viewer="",
-        administers=False, delete="")
+        administers=False, delete="", reject="")
     assert "<script>alert" not in page and "&lt;script&gt;alert(&#34;x&#34;)" in page
     assert "logged in as a&lt;b&gt;" in page and "<i>" not in page
     assert "(1 elements; private ones shaded)" in page
-    assert 'id="delete"' not in page and 'href="/audit"' not in page
+    assert 'id="delete"' not in page and 'id="reject"' not in page
+    assert 'href="/audit"' not in page and 'href="/rejected"' not in page
+
+
+def test_rejected_rows_escape_what_the_network_sent() -> None:
+    """A Patient ID and the name of who rejected are what peers sent: text."""
+    env = pages._environment()
+    row = rejection.listed({
+        "_id": "1.4", "PatientID": "<script>p</script>", "StudyInstanceUID": "1.2",
+        "SeriesInstanceUID": "1.3", "rejection": {
+            "code": "113001", "meaning": "Rejected for Quality Reasons", "note": "1.5",
+            "by": '"><img src=x>',
+            "at": datetime.datetime(2026, 12, 1, 10, tzinfo=datetime.timezone.utc)}})
+    page = env.get_template("rejected.html").render(
+        user="root", anonymous=False, administers=True, rows=[row], error="", links={},
+        total=1, studies=1, page=1, first=0, purge="/rejected/purge", keys=["PatientID"],
+        form={"PatientID": '"><b>'})
+    assert "<script>p" not in page and "<img src=x>" not in page and '"><b>' not in page
+    assert "&lt;script&gt;p&lt;/script&gt;" in page and "2026-12-01T10:00:00Z" in page
+    assert 'id="purge"' in page and 'href="/rejected"' in page
 
 
 def test_audit_rows_escape_what_the_network_sent() -> None:

@@ -38,7 +38,7 @@ from starlette.routing import BaseRoute, Route
 from acl import audit, review
 from acl.cli import anyone_deletes, stored_problems, universal_warnings
 from acl.patterns import describe
-from acl.rules import ADMIN, DELETE, QUERY, Rule
+from acl.rules import ADMIN, DELETE, QUERY, Decision, Rule
 from archive.context import Context
 from archive.find import fields_read, projection
 from archive.levels import HIERARCHY_PROJECTION
@@ -252,16 +252,21 @@ class Admin:
 
     # -- deleting -----------------------------------------------------------------------
 
+    def deletes_here(self, caller: Caller, level: str, ident: Any) -> Decision | None:
+        """The caller's Delete decision when her Delete rules match some of the
+        resource (what deleting and rejecting take); None for anyone else."""
+        decision = self.context.authorize(caller.principal.name, DELETE)
+        if not decision.allowed:
+            return None
+        if decision.restricted and not self.service.database(
+                lambda: self.context.deletable(decision, level, ident)).instances:
+            return None
+        return decision
+
     def delete_url(self, caller: Caller, path: str, level: str, ident: Any) -> str:
         """The confirmation page of deleting the resource at ``path``, for a principal
         whose Delete rules match some of it; "" for anyone else."""
-        decision = self.context.authorize(caller.principal.name, DELETE)
-        if not decision.allowed:
-            return ""
-        if decision.restricted and not self.service.database(
-                lambda: self.context.deletable(decision, level, ident)).instances:
-            return ""
-        return path + "/delete"
+        return path + "/delete" if self.deletes_here(caller, level, ident) else ""
 
     def confirm(self, request: Request) -> Response:
         """What deleting the resource would delete, and the button that does it."""
@@ -315,9 +320,9 @@ _UNIQUE = {STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID", IMAGE: "SOPIn
 
 
 def _parent(path: str) -> str:
-    """``/studies/1/series/2/delete`` -> ``/studies/1/series/2`` -> ``/studies/1``
-    -> ``""``."""
-    return path.rsplit("/", 1)[0] if path.endswith("/delete") else \
+    """``/studies/1/series/2/delete`` (or ``/reject``) -> ``/studies/1/series/2`` ->
+    ``/studies/1`` -> ``""``."""
+    return path.rsplit("/", 1)[0] if path.endswith(("/delete", "/reject")) else \
         path.rsplit("/", 2)[0]
 
 

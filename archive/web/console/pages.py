@@ -1,5 +1,7 @@
 """The web console's pages: search, study, series, instance, download, dashboard (the
-rules, audit and delete pages: :mod:`archive.web.console.admin`).
+rules, audit and delete pages: :mod:`archive.web.console.admin`; rejecting and the
+Rejected page: :mod:`archive.web.console.rejecting`; correcting:
+:mod:`archive.web.console.correcting`).
 
 Each page is answered as a DICOMweb request is (:class:`archive.web.app.Service`):
 who asks (the same Basic / bearer / anonymous authentication), what the rules say
@@ -29,7 +31,6 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -42,8 +43,9 @@ from archive.model import IMAGE, SERIES, STUDY
 from archive.web import qido, wado
 from archive.web.app import Caller, Service, check_uid
 from archive.web.auth import BASIC_CHALLENGE
-from archive.web.console import admin, metadata, stats, tree
+from archive.web.console import admin, correcting, metadata, rejecting, stats, tree
 from archive.web.console.paging import page_number, page_size
+from archive.web.console.values import text
 from archive.web.errors import HttpError
 
 log = logging.getLogger("archive.web.console")
@@ -52,6 +54,9 @@ EVENT = "CONSOLE"
 HERE = Path(__file__).parent
 #: Instances per page of a series (studies per page of the search: paging.page_size).
 INSTANCES_PER_PAGE = 100
+#: Modalities of series without pixels (key objects, reports, presentation states,
+#: documents): no thumbnail is asked for them.
+NO_PREVIEW = frozenset({"KO", "SR", "PR", "DOC"})
 #: The search form's fields, as C-FIND keys (the study date is a range of two fields).
 SEARCH_FIELDS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription",
                  "ModalitiesInStudy")
@@ -87,17 +92,6 @@ def human_size(n: int) -> str:
 
 
 # --- values of C-FIND answers, as text ------------------------------------------------
-
-
-def text(ds: Dataset, keyword: str) -> str:
-    """An attribute of an answer as one line of text ("" when absent or empty)."""
-    element = ds.data_element(keyword)
-    if element is None or element.is_empty:
-        return ""
-    value = element.value
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def date(value: str) -> str:
@@ -143,6 +137,8 @@ class Console:
         self.viewer_url: str = getattr(http, "viewer_url", "") or ""
         self.env = _environment()
         self.admin = admin.Admin(self)
+        self.rejecting = rejecting.Rejecting(self)
+        self.corrections = correcting.Corrections(self)
 
     # -- the frame of every page ------------------------------------------------------
 
@@ -215,6 +211,12 @@ class Console:
         the page's resource; "" for anyone else (:mod:`archive.web.console.admin`)."""
         return self.admin.delete_url(caller, request.url.path, *self.service.target(request))
 
+    def _reject(self, caller: Caller, request: Request) -> str:
+        """The reject button's target, for a principal who may reject some of the
+        page's resource; "" for anyone else (:mod:`archive.web.console.rejecting`)."""
+        return self.rejecting.reject_url(caller, request.url.path,
+                                         *self.service.target(request))
+
     def _viewer(self, study: str) -> str:
         if not self.viewer_url:
             return ""
@@ -276,8 +278,12 @@ class Console:
                 "instances": number(a, "NumberOfSeriesRelatedInstances"),
             } for a in answers), key=lambda s: (_as_int(s["number"]), s["uid"]))
             return self._html("study.html", caller, study=_study_values(study),
+                              no_preview=NO_PREVIEW,
                               series=series, thumbnails=self._retrieves(caller),
-                              viewer=self._viewer(uid), delete=self._delete(caller, request))
+                              viewer=self._viewer(uid), delete=self._delete(caller, request),
+                              reject=self._reject(caller, request),
+                              corrections=self.corrections.links(caller, request.url.path,
+                                                                 STUDY))
         return self._page(request, QUERY, render)
 
     def series(self, request: Request) -> Response:
@@ -310,7 +316,8 @@ class Console:
                 links["next"] = f"?page={page + 1}"
             s = found[0]
             return self._html(
-                "series.html", caller, study=_study_values(study), series={
+                "series.html", caller, study=_study_values(study), no_preview=NO_PREVIEW,
+                series={
                     "uid": series_uid, "number": text(s, "SeriesNumber"),
                     "modality": text(s, "Modality"),
                     "description": text(s, "SeriesDescription"),
@@ -318,7 +325,9 @@ class Console:
                     "instances": number(s, "NumberOfSeriesRelatedInstances")},
                 instances=shown, first=first, total=len(instances), truncated=more,
                 links=links, thumbnails=self._retrieves(caller),
-                viewer=self._viewer(study_uid), delete=self._delete(caller, request))
+                viewer=self._viewer(study_uid), delete=self._delete(caller, request),
+                reject=self._reject(caller, request),
+                corrections=self.corrections.links(caller, request.url.path, SERIES))
         return self._page(request, QUERY, render)
 
     def instance(self, request: Request) -> Response:
@@ -340,7 +349,8 @@ class Console:
                               transfer_syntax=_syntax(str(doc.get("TransferSyntaxUID", ""))),
                               size=int(doc.get("size") or 0),
                               viewer=self._viewer(study_uid),
-                              delete=self._delete(caller, request))
+                              delete=self._delete(caller, request),
+                              reject=self._reject(caller, request))
         return self._page(request, RETRIEVE, render)
 
     def download(self, request: Request) -> Response:
@@ -461,5 +471,7 @@ def routes(service: Service) -> list[BaseRoute]:
         Route(instance + "/thumbnail", console.thumbnail, methods=["GET"]),
         Route("/login", console.login, methods=["GET"]),
         *admin.routes(console),
+        *rejecting.routes(console.rejecting),
+        *correcting.routes(console.corrections),
         Mount("/assets", StaticFiles(directory=HERE / "static"), name="assets"),
     ]
