@@ -354,10 +354,14 @@ def compile_pattern(pattern: Mapping[str, Any] | None) -> Compiled | None:
 def instance_selection(pairs: Iterable[tuple[str, str]]
                        ) -> tuple[dict[str, str], dict[str, Any] | None]:
     """C-FIND keys (keyword or tag, value as C-FIND matches it) selecting instance
-    documents, as ``archive rejected`` and the console's Rejected page take them: each
-    key's first value, and their filter (None: every instance).  Raises PatternError."""
+    documents, as ``archive delete``, ``modify``, ``rejected`` and the console's Rejected
+    page take them: the keys by keyword, and their filter (None: every instance).
+    Raises PatternError, also for a key given twice."""
     raw: dict[str, str] = {}
     for key, value in pairs:
-        raw.setdefault(key_name(parse_key(key)), value)
+        name = key_name(parse_key(key))
+        if name in raw:
+            raise PatternError(f"{name} given twice")
+        raw[name] = value
     compiled = compile_pattern(to_json(raw)) if raw else None
     return raw, compiled.filters[IMAGE] if compiled is not None else None

@@ -402,20 +402,14 @@ def run_rejected(args: argparse.Namespace, cfg: Config) -> int:
     import time
 
     from acl import audit
-    from acl.patterns import PatternError, instance_selection
     from archive.rejection import listed
     from archive.storage import Archive, connect, ensure_indexes
 
     name = f"rejected {args.action}"
-    pairs = [item.partition("=") for item in args.keys]
-    try:
-        for item, (_, sep, _) in zip(args.keys, pairs, strict=True):
-            if not sep:
-                raise PatternError(f"{item!r}: expected KEY=VALUE")
-        raw, exact = instance_selection((key, value) for key, _, value in pairs)
-    except PatternError as exc:
-        return _usage(name, str(exc))
-    request = " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)"
+    keys = _selection_keys(name, args.keys, everything=True)
+    if isinstance(keys, int):
+        return keys
+    request, exact = keys
     started = time.perf_counter()
     purged, error = 0, ""
     with database(cfg, existing=args.action == "list") as opened:
@@ -542,32 +536,25 @@ def run_query(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{query.describe()}:")
         print(table_text(result))
     return 0
-def _selection_keys(command_name: str, items: list[str]) -> tuple[str, dict[str, Any]] | int:
+def _selection_keys(command_name: str, items: list[str], *, everything: bool = False
+                    ) -> tuple[str, dict[str, Any] | None] | int:
     """C-FIND keys given as KEY=VALUE: the request as one line and the filter on
-    instance documents they make; or the exit status of a usage error (said)."""
-    from acl.patterns import PatternError, compile_pattern, key_name, parse_key, to_json
-    from archive.model import IMAGE
+    instance documents they make (None: every instance, only when ``everything`` may be
+    selected); or the exit status of a usage error (said)."""
+    from acl.patterns import PatternError, instance_selection
 
-    raw: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            return _usage(command_name, f"{item!r}: expected KEY=VALUE")
-        try:
-            name = key_name(parse_key(key))
-        except PatternError as exc:
-            return _usage(command_name, str(exc))
-        if name in raw:
-            return _usage(command_name, f"{name} given twice")
-        raw[name] = value
+    pairs = [item.partition("=") for item in items]
     try:
-        compiled = compile_pattern(to_json(raw))
+        for item, (_, sep, _) in zip(items, pairs, strict=True):
+            if not sep:
+                raise PatternError(f"{item!r}: expected KEY=VALUE")
+        raw, exact = instance_selection((key, value) for key, _, value in pairs)
     except PatternError as exc:
         return _usage(command_name, str(exc))
-    if compiled is None:
+    if exact is None and not everything:
         return _usage(command_name, "these keys match every instance: give a value that "
                       "selects")
-    return " ".join(f"{k}={v}" for k, v in raw.items()), compiled.filters[IMAGE]
+    return " ".join(f"{k}={v}" for k, v in raw.items()) or "(all)", exact
 
 
 def _usage(command_name: str, message: str) -> int:

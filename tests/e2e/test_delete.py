@@ -173,15 +173,25 @@ def test_more_than_one_study_asks_first(node: Any, tmp_path: Path) -> None:
     check_clean(node)
 
 
-@pytest.mark.parametrize("keys, message", [
-    (["PatientID=*"], "match every instance"),
+#: (keys, what the refusal says) for every command that changes or removes instances
+REFUSED_KEYS = [
     (["Nonsense=1"], "neither a DICOM keyword nor a tag"),
     (["PatientID"], "expected KEY=VALUE"),
     (["NumberOfStudyRelatedInstances=3"], "computed by the archive"),
+    (["PatientID=A", "0010,0020=B"], "PatientID given twice"),
+]
+CHANGING = [["delete"], ["modify", "--set", "StudyDescription=X"], ["rejected", "purge"]]
+
+
+@pytest.mark.parametrize("command, keys, message", [
+    *[(command, keys, message) for command in CHANGING for keys, message in REFUSED_KEYS],
+    # a purge may take every rejected instance; a delete or a correction must select
+    *[(command, ["PatientID=*"], "match every instance") for command in CHANGING[:2]],
 ])
-def test_keys_that_select_nothing_definite_are_refused(node: Any, keys: list[str],
-                                                       message: str) -> None:
-    result = archive_cli(node, "delete", *keys, "--yes")
+def test_keys_that_select_nothing_definite_are_refused(node: Any, command: list[str],
+                                                       keys: list[str], message: str) -> None:
+    """The commands that change or remove instances read their keys alike."""
+    result = archive_cli(node, *command, *keys, "--yes")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
