@@ -43,6 +43,7 @@ from helpers import (
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from test_delete import check_clean
 
 from archive.rejection import KEY_OBJECT_SELECTION as KOS
 
@@ -139,13 +140,6 @@ def study_counts(node: Any, study_uid: str) -> tuple[int, int, list[str]]:
     return (int(found[0].NumberOfStudyRelatedSeries),
             int(found[0].NumberOfStudyRelatedInstances),
             sorted([modalities] if isinstance(modalities, str) else modalities))
-
-
-def check_clean(node: Any) -> None:
-    assert settled_counters(node.db) == []
-    assert consistency_problems(node.db) == []
-    result = archive_cli(node, "check", "--grace", "0")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_note_sent_by_storescu_hides_its_instances_until_purged(node: Any,
