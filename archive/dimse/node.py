@@ -26,9 +26,9 @@ from archive.dimse import (
     answer_writer,
     commitment,
     connections,
-    find_messages,
     negotiation,
     reactors,
+    responses,
     retrieve,
     services,
     user_identity,
@@ -124,7 +124,7 @@ class Node:
         _config.LOG_RESPONSE_IDENTIFIERS = pynetdicom_log.isEnabledFor(logging.DEBUG)
         _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
         answer_writer.install()  # C-FIND answers written without pydicom's writer
-        find_messages.install(not verbose)  # and their command sets
+        responses.install(not verbose)  # and their command sets
         negotiation.install()
         user_identity.install()
         reactors.install()  # reactor threads woken by work, not polling every 1 ms
