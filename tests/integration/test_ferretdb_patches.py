@@ -12,6 +12,7 @@ import hashlib
 import re
 import subprocess
 import threading
+import time
 import urllib.request
 import warnings
 from collections.abc import Callable
@@ -499,3 +500,56 @@ def test_indexes_of_an_earlier_build_are_rebuilt_when_it_is_upgraded(
         assert db.instances.count_documents({}) == len(docs)
     finally:
         upgraded.close()
+
+
+def test_a_node_waits_for_ferretdb_rebuilding_its_indexes(
+        tmp_path: Path, ferretdb_before_12: Path) -> None:
+    """The first start of this build on an earlier build's database rebuilds its indexes
+    before FerretDB listens (0.6 s per 140 MB of GridFS chunks, longer from disk): the
+    node, which gives FerretDB a fixed time to listen (20 s; 0.2 s here), waits on while
+    FerretDB works rather than stopping it mid-rebuild."""
+    from archive.config import EmbeddedDatabase
+    from archive.ferretdb import EmbeddedFerretDB
+
+    data = tmp_path / "ferretdb"
+    earlier = BuildFerretDB(data, ferretdb_before_12).start()
+    try:
+        chunks = earlier.client.archive["fs.chunks"]
+        ensure_indexes(earlier.client.archive)
+        data_bytes = bytes(range(256)) * 1020
+        for _ in range(10):
+            chunks.insert_many([{"files_id": ObjectId(), "n": n, "data": data_bytes}
+                                for n in range(40)])
+    finally:
+        earlier.close()
+
+    embedded = EmbeddedFerretDB(EmbeddedDatabase(binary=str(FerretDB(data).command()[0]),
+                                                 data_dir=str(data), port=free_port()))
+    try:
+        began = time.monotonic()
+        embedded.start(timeout=0.2)
+        assert time.monotonic() - began > 0.2  # it did rebuild
+        client = pymongo.MongoClient(embedded.uri)
+        plan = client.archive.command("explain", {"find": "fs.chunks",
+                                                  "filter": {"files_id": ObjectId()}})
+        assert "USING INDEX" in " ".join(plan["queryPlanner"]["Plan"])
+        client.close()
+    finally:
+        embedded.stop()
+
+
+def test_a_node_does_not_wait_for_an_idle_ferretdb(tmp_path: Path) -> None:
+    """A FerretDB that does not listen and does no work has hung: the node stops it at
+    the end of its wait, as before."""
+    from archive.config import EmbeddedDatabase
+    from archive.ferretdb import DatabaseUnavailable, EmbeddedFerretDB
+
+    hung = tmp_path / "ferretdb"
+    hung.write_text("#!/bin/sh\nexec sleep 60\n")
+    hung.chmod(0o755)
+    embedded = EmbeddedFerretDB(EmbeddedDatabase(binary=str(hung), data_dir=str(tmp_path / "d"),
+                                                 port=free_port()))
+    began = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match="did not listen"):
+        embedded.start(timeout=1)
+    assert time.monotonic() - began < 10
