@@ -369,7 +369,7 @@ def test_writing_an_indexed_document_costs_little_more_than_reading_it(
     finding it again in its cache by comparing the whole text, once for each index, and
     for the old and the new text of an update. With the archive's five indexes on
     instances, inserting an instance document and then updating one of its fields cost
-    FerretDB 2.9 to 3.1 times the CPU of reading it whole by _id; 2.0 to 2.2 with the
+    FerretDB 2.8 to 3.0 times the CPU of reading it whole by _id; 2.0 to 2.3 with the
     patch, whose function steps over the members it does not want, once per text."""
     from benchmarks.bench_ferretdb_reads import dataset_json
 
