@@ -14,6 +14,9 @@ Supervision, so that a crash never leaves a database nobody owns nor a node with
   serves the same data folder and its owner is alive (two nodes on one embedded
   database); one whose owner is gone is stopped and replaced; anything else on the port
   is an error naming it.
+- A FerretDB that has not listened by the end of the start's wait but is working (its
+  CPU time grows: the first start of a new build rebuilding its indexes) is waited for;
+  one that idles has hung and is stopped.
 - :meth:`EmbeddedFerretDB.supervise` restarts FerretDB when it exits while the node runs
   (back-off from ``restart_delay_seconds``, doubling), and tells the node at once, so that
   requests needing the database are refused rather than left waiting (archive.health).
@@ -47,6 +50,9 @@ MAX_RESTART_DELAY = 60.0
 #: ... and start again from ``restart_delay_seconds`` once FerretDB ran this long.
 STABLE_SECONDS = 60.0
 PIDFILE = "ferretdb.pid"
+#: A FerretDB not listening yet at the end of a start's wait is waited for again if it
+#: used at least this share of the wait in CPU time (one that idles has hung).
+BUSY_SHARE = 0.05
 #: Whether /proc tells which process listens on a port (Linux).
 HAVE_PROC = Path("/proc/net/tcp").exists()
 
@@ -122,6 +128,16 @@ def start_time(pid: int) -> int | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return None if fields[0] == "Z" else int(fields[19])  # a zombie is gone already
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time ``pid`` has used (user and system), None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parent_pid(pid: int) -> int | None:
@@ -368,6 +384,7 @@ class EmbeddedFerretDB:
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=environment(), preexec_fn=_die_with_parent())
         deadline = time.monotonic() + timeout
+        used = 0.0
         while True:
             if process.poll() is not None:
                 if port_open(self.port):  # another node's FerretDB won the port
@@ -382,6 +399,16 @@ class EmbeddedFerretDB:
             elif holds(process.pid, listening_inodes(self.port)):
                 break
             if time.monotonic() > deadline:
+                # still working (the first start of a new build rebuilding its indexes:
+                # ferretdb/README.md, patch 12): wait on; one that idles has hung
+                now = cpu_seconds(process.pid) if HAVE_PROC else None
+                if now is not None and now - used >= BUSY_SHARE * timeout:
+                    if not used:
+                        log.warning("FerretDB has not listened on port %d within %.0f s but "
+                                    "is working (rebuilding its indexes after an upgrade? "
+                                    "see %s): waiting on", self.port, timeout, log_path)
+                    used, deadline = now, time.monotonic() + timeout
+                    continue
                 _stop_child(process)
                 raise DatabaseUnavailable(f"FerretDB did not listen on port {self.port} "
                                           f"within {timeout:.0f} s (see {log_path})")

@@ -67,7 +67,8 @@ SERIES_PER_STUDY = 3
 FIRST_DAY = 736_000  # 2016-02-08 as a proleptic ordinal
 DAYS = 9 * 365
 #: Indexes of the instances-like collection, one per queried field (as createIndexes
-#: makes them: _ferretdb_sjson->"<field>").
+#: makes them: _ferretdb_sjson->"<field>", ferretdb_member(_ferretdb_sjson, '<field>')
+#: with patch 12).
 INDEXED = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "PatientName", "StudyDate",
            "AccessionNumber")
 
