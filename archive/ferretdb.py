@@ -120,32 +120,31 @@ class Process:
         return start_time(self.pid) == self.started
 
 
-def start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), None if there is no such process."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None if
+    there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else int(fields[19])  # a zombie is gone already
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None if there is no such process."""
+    fields = _stat(pid)
+    return None if not fields or fields[0] == "Z" else int(fields[19])  # a zombie is gone
 
 
 def cpu_seconds(pid: int) -> float | None:
     """CPU time ``pid`` has used (user and system), None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid)
+    return None if not fields else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parent_pid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    fields = _stat(pid)
+    return None if not fields else int(fields[1])
 
 
 def command_line(pid: int) -> list[str]:
