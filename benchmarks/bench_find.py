@@ -266,14 +266,22 @@ def held(system: str, service: h.Service) -> dict[str, int]:
         # counts C-FIND answers with; fs.files counts the stored files.
         import pymongo
 
+        # The node writes level documents behind (write_behind_seconds): a reader from
+        # outside sees the last ones only once they are written.
         client = pymongo.MongoClient(service.config["database"]["uri"],
                                      serverSelectionTimeoutMS=10_000)
+        settled = time.monotonic() + 10
         try:
             db = client[service.config["database"]["name"]]
-            counts = {k: db[k].count_documents({}) for k in ("patients", "studies", "series")}
-            in_studies = sum(d.get("NumberOfStudyRelatedInstances", 0)
-                             for d in db.studies.find({}, {"NumberOfStudyRelatedInstances": 1}))
-            files = db["fs.files"].estimated_document_count()
+            while True:
+                counts = {k: db[k].count_documents({})
+                          for k in ("patients", "studies", "series")}
+                in_studies = sum(d.get("NumberOfStudyRelatedInstances", 0) for d in
+                                 db.studies.find({}, {"NumberOfStudyRelatedInstances": 1}))
+                files = db["fs.files"].estimated_document_count()
+                if files == in_studies or time.monotonic() > settled:
+                    break
+                time.sleep(0.5)
         finally:
             client.close()
         if files != in_studies:
