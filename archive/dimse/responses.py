@@ -41,8 +41,7 @@ def command_set(primitive: C_FIND | C_STORE) -> bytes | None:
         return None
     if primitive.MessageIDBeingRespondedTo is None or primitive.Status is None:
         return None
-    identifier = getattr(primitive, "Identifier", None) if isinstance(primitive, C_FIND) \
-        else None
+    identifier = primitive.Identifier if isinstance(primitive, C_FIND) else None
     parts = [_uid(0x0002, primitive.AffectedSOPClassUID),
              _US.pack(0x0000, 0x0100, 2, _COMMAND_FIELD[type(primitive)]),
              _US.pack(0x0000, 0x0120, 2, primitive.MessageIDBeingRespondedTo),
