@@ -287,10 +287,15 @@ def _configure_delete(parser: argparse.ArgumentParser) -> None:
                         help="C-FIND keys selecting the instances (keyword or tag; wild "
                              "cards, ranges and lists as in C-FIND), e.g. "
                              "StudyInstanceUID=1.2.3 or PatientID='TRIAL42-*'")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would be deleted; delete nothing")
-    parser.add_argument("--yes", action="store_true",
-                        help="do not ask before deleting more than one study")
+    _change_options(parser, "list what would be deleted; delete nothing",
+                    "do not ask before deleting more than one study")
+
+
+def _change_options(parser: argparse.ArgumentParser,
+                    dry_run: str, yes: str) -> None:
+    """--dry-run, --yes and --json of the commands that change what a selection names."""
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
+    parser.add_argument("--yes", action="store_true", help=yes)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -387,11 +392,8 @@ def _configure_rejected(parser: argparse.ArgumentParser) -> None:
                              "documents and files)")
     parser.add_argument("keys", nargs="*", metavar="KEY=VALUE",
                         help="C-FIND keys selecting among them, as for delete (none: all)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="purge: list what would be purged; purge nothing")
-    parser.add_argument("--yes", action="store_true",
-                        help="purge: do not ask before purging more than one study")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _change_options(parser, "purge: list what would be purged; purge nothing",
+                    "purge: do not ask before purging more than one study")
 
 
 @command("rejected", _configure_rejected)
@@ -634,11 +636,8 @@ def _configure_modify(parser: argparse.ArgumentParser) -> None:
                            "corrected versions are deleted)")
     parser.add_argument("--reason", default="", metavar="TEXT",
                         help="why (kept with the correction and in the audit trail)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would change; change nothing")
-    parser.add_argument("--yes", action="store_true",
-                        help="do not ask before changing more than one study")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _change_options(parser, "list what would change; change nothing",
+                    "do not ask before changing more than one study")
 
 
 @command("modify", _configure_modify)
