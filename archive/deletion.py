@@ -49,7 +49,7 @@ from bson import ObjectId
 
 from archive.find import FIND_BATCH, fields_read, narrowest, projection, server_filter
 from archive.gridstore import GridStore
-from archive.journal import Journal
+from archive.journal import Journal, Unfinished
 from archive.levels import HIERARCHY_PROJECTION, Levels, hierarchy_of
 from archive.modification import HISTORY
 from archive.query import evaluate
@@ -89,7 +89,7 @@ class Selection:
                 "patients": len({d["PatientID"] for d in self.instances})}
 
 
-class DeleteIncomplete(Exception):
+class DeleteIncomplete(Unfinished):
     """A delete stopped by a database failure: its journal entry finishes it later."""
 
 

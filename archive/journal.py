@@ -29,6 +29,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class Unfinished(Exception):
+    """Work stopped by a database failure after its journal entry was written: the
+    journal finishes it when the database answers again (:meth:`Archive.reconcile`)."""
+
+
 class Journal:
     """Entries of unfinished stores, one JSON file each, in one folder."""
 

@@ -58,7 +58,7 @@ from pydicom.dataset import Dataset
 
 from archive import dicomjson
 from archive.gridstore import GridStore
-from archive.journal import Journal
+from archive.journal import Journal, Unfinished
 from archive.levels import Conflict, Levels, hierarchy_of
 from archive.model import PATIENT, STORED_KEYS
 from archive.rewrite import BadChange, rewrite, text_of
@@ -79,7 +79,7 @@ Index = Callable[[Path, ObjectId, str], tuple[dict[str, Any], dict[str, Any], Da
 Changes = dict[int, DataElement | None]
 
 
-class ModifyIncomplete(Exception):
+class ModifyIncomplete(Unfinished):
     """A modify stopped by a database failure: its journal entry finishes it later."""
 
 

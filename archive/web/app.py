@@ -45,7 +45,8 @@ from acl.audit import association_entry, operation_entry, rejection_entry, summa
 from acl.rules import DELETE, NOT_AUTHORIZED, QUERY, RETRIEVE, STORE, Decision
 from archive import bulkdata, rendering, transcode
 from archive.context import Context
-from archive.deletion import DeleteIncomplete, Selection
+from archive.deletion import Selection
+from archive.journal import Unfinished
 from archive.model import IMAGE
 from archive.query import QueryError
 from archive.web import fhir, multipart, negotiation, qido, stow, wado
@@ -544,15 +545,20 @@ class Service:
                             ) from None
         return syntax, itertools.chain(() if first is None else (first,), parts)
 
-    def database(self, call: Callable[[], Any]) -> Any:
+    def database(self, call: Callable[[], Any], during: str = "operation") -> Any:
         """``call()``; a database failure becomes 503, and the health monitor hears
-        of it."""
+        of it (work the journal finishes later says so, naming what it was ``during``)."""
         try:
             return call()
         except PyMongoError as exc:
             self.context.health.suspect(exc)
             raise HttpError(503, "database unavailable, retry later",
                             {"Retry-After": "5"}) from None
+        except Unfinished as exc:
+            self.context.health.suspect(exc.__cause__ or exc)
+            raise HttpError(503, f"database failed during the {during}: it is finished "
+                            "when the database answers again", {"Retry-After": "5"}
+                            ) from None
 
     # -- DELETE -----------------------------------------------------------------------
 
@@ -581,14 +587,8 @@ class Service:
         let her delete (the console's delete too); what was deleted.  HttpError 404
         (nothing she may delete: nonexistent and hidden alike), 409, 503."""
         self.available()
-        try:
-            done = self.database(lambda: self.context.delete_as(caller.decision, level,
-                                                                 ident))
-        except DeleteIncomplete as exc:
-            self.context.health.suspect(exc.__cause__ or exc)
-            raise HttpError(503, "database failed during the delete: it is finished "
-                            "when the database answers again", {"Retry-After": "5"}
-                            ) from None
+        done = self.database(lambda: self.context.delete_as(caller.decision, level, ident),
+                             "delete")
         if done.stopping:
             raise HttpError(503, "archive is shutting down", {"Retry-After": "5"})
         return self.deleting(done.selection, level)

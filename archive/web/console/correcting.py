@@ -38,7 +38,7 @@ from starlette.routing import BaseRoute, Route
 from acl.rules import MODIFY
 from archive.context import Corrected
 from archive.model import SERIES, STUDY
-from archive.modification import HISTORY, ModifyIncomplete, changed_patient
+from archive.modification import HISTORY, changed_patient
 from archive.rewrite import BadChange, parse_change
 from archive.web.app import Caller, check_uid
 from archive.web.console.admin import Console, same_origin
@@ -209,16 +209,12 @@ class Corrections:
         try:
             done = self.service.database(lambda: self.context.modify_as(
                 caller.decision, level, ident, changes, reason,
-                f"{self.context.cfg.ae_title} console"))
+                f"{self.context.cfg.ae_title} console"), "correction")
         except BadChange as exc:
             return self.console._html(
                 "correct.html", caller, 400, {"Referrer-Policy": "same-origin"},
                 **{**values, "step": "form", "error": str(exc)},
                 **self._values(level, current, study_line, form))
-        except ModifyIncomplete as exc:
-            self.context.health.suspect(exc.__cause__ or exc)
-            raise HttpError(503, "database failed during the correction: it is finished "
-                            "when the database answers again", {"Retry-After": "5"}) from None
         self._settled(done, level)
         request_text = f"POST {request.url.path} " + " ".join(
             f"{keyword_for_tag(t)}={e.value}" for t, e in sorted(changes.items())) + (
@@ -304,14 +300,8 @@ class Corrections:
         def render(caller: Caller) -> Response:
             _, ident = self.service.target(request)
             self.service.available()
-            try:
-                done = self.service.database(lambda: self.context.restore_as(
-                    caller.decision, STUDY, ident))
-            except ModifyIncomplete as exc:
-                self.context.health.suspect(exc.__cause__ or exc)
-                raise HttpError(503, "database failed during the restore: it is finished "
-                                "when the database answers again", {"Retry-After": "5"}
-                                ) from None
+            done = self.service.database(lambda: self.context.restore_as(
+                caller.decision, STUDY, ident), "restore")
             if done.stopping:
                 raise HttpError(503, "archive is shutting down", {"Retry-After": "5"})
             if not done.selection.instances:
