@@ -325,7 +325,7 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
                               cfg.journal, cfg.hierarchy_conflicts)
             if archive.pending():  # an interrupted store or delete: finished first
                 archive.reconcile()
-            selection = archive.select(exact)
+            selection = archive.select(exact, rejected=True)
             studies = selection.studies()
             listing = _listing(archive, studies)
             if not args.json:
@@ -345,6 +345,8 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
                 return 1
             what = (f"{counts['instances']} instances of {counts['studies']} studies "
                     f"({counts['patients']} patients)")
+            if selection.rejected:
+                what += f" and {len(selection.rejected)} rejected instances"
             if args.dry_run:
                 if args.json:
                     print(json.dumps({"dry_run": True, **counts, "studies_selected": [
@@ -360,7 +362,7 @@ def run_delete(args: argparse.Namespace, cfg: Config) -> int:
                 return 1
             status, error = 0x0000, ""
             try:
-                deleted = archive.delete(selection.instances)
+                deleted = archive.delete(selection.instances, selection.rejected)
             except DeleteIncomplete as exc:
                 deleted, status, error = -1, 0xA700, str(exc)
             try:

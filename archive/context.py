@@ -249,7 +249,7 @@ class Context:
         try:
             selection = self.deletable(decision, level, identifier)
             if selection.instances:
-                self.archive.delete(selection.instances)
+                self.archive.delete(selection.instances, selection.rejected)
             return Deleted(selection)
         finally:
             self.end_store()
@@ -260,7 +260,7 @@ class Context:
         keys = unique_key_filter(identifier, level)
         restriction = decision.instance_filter()
         return self.archive.select(keys if restriction is None
-                                   else {"$and": [restriction, keys]})
+                                   else {"$and": [restriction, keys]}, rejected=True)
 
     # -- corrections ------------------------------------------------------------------
 

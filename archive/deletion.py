@@ -10,6 +10,13 @@ judged on its own document).  Only instances their series already counts are tak
 whose store is still in flight (its instance document written, its level updates not
 yet, or waiting in a write-behind batch) is left to finish, and reported as kept.
 
+**Rejected copies** (:mod:`archive.rejection`) the same filter selects go with the
+instances: a delete of a study leaves nothing of it behind, and a re-send of one of its
+rejected instances is no longer refused.  They are purged first (journaled as
+``archive rejected purge`` does), so that an interrupted delete, run again, still finds
+the study.  A filter selecting only rejected copies deletes nothing: ``archive rejected
+purge`` is the command for those.
+
 **Order of writes**, per batch of up to :data:`BATCH` instances (study by study):
 
 0. a journal entry ``delete-<id>`` naming each instance (SOP Instance UID, file id) and
@@ -70,6 +77,8 @@ class Selection:
     instances: list[dict[str, Any]] = field(default_factory=list)
     #: selected but not yet counted by their series (a store in flight): left alone
     in_flight: int = 0
+    #: rejected copies the filter selects (archive.rejection): a delete purges them
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
     def studies(self) -> dict[str, dict[str, Any]]:
         """Per study: its patient, the series and the number of instances selected."""
@@ -83,10 +92,15 @@ class Selection:
         return found
 
     def counts(self) -> dict[str, int]:
-        return {"instances": len(self.instances),
-                "series": len({d["SeriesInstanceUID"] for d in self.instances}),
-                "studies": len({d["StudyInstanceUID"] for d in self.instances}),
-                "patients": len({d["PatientID"] for d in self.instances})}
+        """Instances, series, studies and patients selected, and the rejected copies
+        purged with them when there are some."""
+        counts = {"instances": len(self.instances),
+                  "series": len({d["SeriesInstanceUID"] for d in self.instances}),
+                  "studies": len({d["StudyInstanceUID"] for d in self.instances}),
+                  "patients": len({d["PatientID"] for d in self.instances})}
+        if self.rejected:
+            counts["rejected"] = len(self.rejected)
+        return counts
 
 
 class DeleteIncomplete(Unfinished):

@@ -10,7 +10,8 @@ patient documents (counts, child lists, Modalities in Study: as a delete leaves 
 so no query nor retrieve path sees them, and their documents move to the ``rejected``
 collection (with the code, the note, when and by whom) while their GridFS files stay.
 The note itself is stored as any instance.  ``archive rejected purge`` deletes what
-was rejected (documents and files); a re-sent rejected instance is refused until then.
+was rejected (documents and files), and so does a delete of the study
+(:mod:`archive.deletion`); a re-sent rejected instance is refused until then.
 
 **Judging** (:meth:`Rejecter.judge`, before anything is written).  Every reference must
 name an instance of the note's own study and patient, in the series it names, with the

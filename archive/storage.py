@@ -406,8 +406,9 @@ class Archive:
 
     # -- delete -------------------------------------------------------------------------
 
-    def select(self, exact: dict[str, Any]) -> Selection:
-        """The instances a delete of ``exact`` (a filter on instance documents) takes.
+    def select(self, exact: dict[str, Any], rejected: bool = False) -> Selection:
+        """The instances a delete of ``exact`` (a filter on instance documents) takes;
+        with ``rejected``, the rejected copies it purges too (:mod:`archive.deletion`).
 
         What this process acknowledged is counted first, so that it is taken: its
         batched level updates are written, and the journal replayed if some were not
@@ -415,12 +416,21 @@ class Archive:
         self.flush()
         if self.pending():
             self.reconcile()
-        return self.deleter.select(exact)
+        selection = self.deleter.select(exact)
+        if rejected:
+            selection.rejected = self.rejecter.select(exact)
+        return selection
 
-    def delete(self, instances: list[dict[str, Any]]) -> int:
-        """Delete selected instances (:mod:`archive.deletion`); how many.  Raises
-        DeleteIncomplete when the database fails (the journal finishes the delete)."""
+    def delete(self, instances: list[dict[str, Any]],
+               rejected: list[dict[str, Any]] | None = None) -> int:
+        """Delete selected instances (:mod:`archive.deletion`), after purging the
+        ``rejected`` copies selected with them; how many instances.  Raises
+        DeleteIncomplete when the database fails (the journal finishes the delete);
+        PyMongoError when it fails during the purge (the journal finishes the purge, no
+        instance is deleted yet)."""
         try:
+            if rejected:
+                self.rejecter.purge(rejected)
             return self.deleter.delete(instances)
         finally:
             if self.batches is not None:  # level documents may be gone: learn again

@@ -334,6 +334,56 @@ def test_who_may_reject(node: Any) -> None:
     assert "REJECT Delete allowed 0x0000 instances=1" in audit.stdout, audit.stdout
 
 
+def test_deleting_a_study_purges_its_rejected_instances(node: Any) -> None:
+    """A delete of a study (DICOMweb DELETE, the console's, ``archive delete``) leaves
+    nothing of it behind: its rejected instances' documents and files go too, and a
+    re-send of one is stored again, not refused as a subsequent occurrence."""
+    by_web, (bad, good) = study("TRIAL42-D1", 3, 2)
+    by_cli, (cli_bad, cli_good) = study("IOCM-D2", 2, 1)
+    stored(node, "admin", bad, good, cli_bad, cli_good)
+    files_before = node.db["fs.files"].count_documents({})
+    assert send(node, "admin", note("TRIAL42-D1", by_web, bad),
+                note("IOCM-D2", by_cli, cli_bad)) == [(0x0000, "")] * 2
+    wait_for(lambda: settled_counters(node.db) == [], 30)
+    assert node.db.rejected.count_documents({"StudyInstanceUID": by_web}) == 3
+
+    # Delete rules restricted to other patients: 404, and the rejected copies stay
+    url = f"{node.http_url}/studies/{by_cli}"
+    response = requests.delete(url, auth=("curator", "x"), timeout=60)
+    assert response.status_code == 404
+    assert node.db.rejected.count_documents({"StudyInstanceUID": by_cli}) == 2
+
+    response = requests.delete(f"{node.http_url}/studies/{by_web}", auth=("curator", "x"),
+                               timeout=60)
+    assert response.status_code == 204, response.text
+    assert node.db.rejected.count_documents({"StudyInstanceUID": by_web}) == 0
+    entry = wait_for(lambda: node.db.audit.find_one({
+        "event": "DELETE", "principal": "curator", "request": {"$regex": re.escape(by_web)},
+        "http_status": 204}), 30)
+    assert entry["counts"] == {"instances": 3, "series": 2, "studies": 1, "patients": 1,
+                               "rejected": 3}
+
+    confirm = requests.get(f"http://127.0.0.1:{node.http_port}/studies/{by_cli}/delete",
+                           auth=("admin", "x"), timeout=60)  # the console's Delete
+    assert confirm.status_code == 200, confirm.text
+    assert "purges the <b>2</b> rejected instances it holds" in confirm.text
+    dry = archive_cli(node, "delete", f"StudyInstanceUID={by_cli}", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 2 instances of 1 studies (1 patients) and 2 rejected instances" \
+        in dry.stdout
+    deleted = archive_cli(node, "delete", f"StudyInstanceUID={by_cli}", "--json")
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["rejected"] == 2
+    assert node.db.rejected.count_documents({"StudyInstanceUID": by_cli}) == 0
+
+    # every file of both studies is gone, notes and rejected originals included
+    assert node.db["fs.files"].count_documents({}) == files_before - 8
+    assert send(node, "admin", bad[0], cli_bad[0]) == [(0x0000, "")] * 2
+    wait_for(lambda: settled_counters(node.db) == [], 30)
+    assert study_counts(node, by_web) == (1, 1, ["CT"])
+    check_clean(node)
+
+
 def test_archive_import_applies_a_rejection_note(node: Any, tmp_path: Path) -> None:
     study_uid, (series,) = study("IOCM-4", 2)
     stored(node, "admin", series)
