@@ -15,8 +15,10 @@ Supervision, so that a crash never leaves a database nobody owns nor a node with
   database); one whose owner is gone is stopped and replaced; anything else on the port
   is an error naming it.
 - A FerretDB that has not listened by the end of the start's wait but is working (its
-  CPU time grows: the first start of a new build rebuilding its indexes) is waited for;
-  one that idles has hung and is stopped.
+  CPU time grows: the first start of a new build rebuilding its indexes) is waited for,
+  with a line saying so at every further wait, up to a limit that grows with the size
+  of its data (:func:`working_limit`); one that idles has hung and is stopped, and so
+  is one still working at the limit.
 - :meth:`EmbeddedFerretDB.supervise` restarts FerretDB when it exits while the node runs
   (back-off from ``restart_delay_seconds``, doubling), and tells the node at once, so that
   requests needing the database are refused rather than left waiting (archive.health).
@@ -53,6 +55,11 @@ PIDFILE = "ferretdb.pid"
 #: A FerretDB not listening yet at the end of a start's wait is waited for again if it
 #: used at least this share of the wait in CPU time (one that idles has hung).
 BUSY_SHARE = 0.05
+#: How long a working FerretDB is waited for at most: this long, or this long per GiB
+#: of its SQLite files if that is more.  An index rebuild took ~0.7 s per 1,000
+#: instances, some 20 s per GiB; the limit leaves ten times that and more.
+BUSY_LIMIT_SECONDS = 600.0
+BUSY_LIMIT_PER_GIB = 300.0
 #: Whether /proc tells which process listens on a port (Linux).
 HAVE_PROC = Path("/proc/net/tcp").exists()
 
@@ -198,6 +205,16 @@ def listener(port: int) -> int | None:
             if entry.isdigit() and holds(int(entry), inodes):
                 return int(entry)
     return None
+
+
+def working_limit(data_dir: Path) -> float:
+    """Seconds a FerretDB working without listening is waited for at most: more for a
+    larger database (:data:`BUSY_LIMIT_PER_GIB`)."""
+    size = 0
+    for path in data_dir.glob("*.sqlite*"):
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+    return max(BUSY_LIMIT_SECONDS, BUSY_LIMIT_PER_GIB * size / 2**30)
 
 
 def serves(pid: int, data_dir: Path) -> bool:
@@ -382,8 +399,9 @@ class EmbeddedFerretDB:
                 command(binary, self.data_dir, self.port), stdout=logfile,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=environment(), preexec_fn=_die_with_parent())
-        deadline = time.monotonic() + timeout
-        used = 0.0
+        began = deadline = time.monotonic()
+        deadline += timeout
+        used, limit = 0.0, 0.0
         while True:
             if process.poll() is not None:
                 if port_open(self.port):  # another node's FerretDB won the port
@@ -401,11 +419,22 @@ class EmbeddedFerretDB:
                 # still working (the first start of a new build rebuilding its indexes:
                 # ferretdb/README.md, patch 12): wait on; one that idles has hung
                 now = cpu_seconds(process.pid) if HAVE_PROC else None
+                waited = time.monotonic() - began
                 if now is not None and now - used >= BUSY_SHARE * timeout:
                     if not used:
+                        limit = working_limit(self.data_dir)
                         log.warning("FerretDB has not listened on port %d within %.0f s but "
                                     "is working (rebuilding its indexes after an upgrade? "
-                                    "see %s): waiting on", self.port, timeout, log_path)
+                                    "see %s): waiting on, %.0f s at most", self.port,
+                                    timeout, log_path, limit)
+                    elif waited >= limit:
+                        _stop_child(process)
+                        raise DatabaseUnavailable(
+                            f"FerretDB worked for {waited:.0f} s without listening on port "
+                            f"{self.port} (the limit for its data; see {log_path}): stopped")
+                    else:
+                        log.info("FerretDB pid %d still working, not listening yet: %.0f s, "
+                                 "%.0f s of CPU", process.pid, waited, now)
                     used, deadline = now, time.monotonic() + timeout
                     continue
                 _stop_child(process)

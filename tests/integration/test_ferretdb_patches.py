@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import subprocess
 import threading
@@ -553,3 +554,35 @@ def test_a_node_does_not_wait_for_an_idle_ferretdb(tmp_path: Path) -> None:
     with pytest.raises(DatabaseUnavailable, match="did not listen"):
         embedded.start(timeout=1)
     assert time.monotonic() - began < 10
+
+
+def test_a_node_waits_for_a_working_ferretdb_within_a_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FerretDB that keeps working without ever listening (a spinning one) is waited
+    for with a line at every further wait, then stopped at the limit its data size
+    gives: the node's start ends with an error instead of hanging."""
+    from archive import ferretdb
+    from archive.config import EmbeddedDatabase
+
+    spinning = tmp_path / "ferretdb"
+    spinning.write_text("#!/bin/sh\nwhile :; do :; done\n")
+    spinning.chmod(0o755)
+    monkeypatch.setattr(ferretdb, "BUSY_LIMIT_SECONDS", 2.0)
+    embedded = ferretdb.EmbeddedFerretDB(EmbeddedDatabase(
+        binary=str(spinning), data_dir=str(tmp_path / "d"), port=free_port()))
+    caplog.set_level(logging.INFO, logger="archive.ferretdb")
+    began = time.monotonic()
+    with pytest.raises(ferretdb.DatabaseUnavailable, match="without listening"):
+        embedded.start(timeout=0.3)
+    assert 2.0 <= time.monotonic() - began < 10
+    assert "is working" in caplog.text and "2 s at most" in caplog.text
+    progress = re.findall(r"FerretDB pid (\d+) still working", caplog.text)
+    assert progress, caplog.text
+    pid = int(progress[0])
+    assert ferretdb.start_time(pid) is None  # stopped, not left spinning
+    # a larger database is given longer: the limit grows with its SQLite files
+    assert ferretdb.working_limit(tmp_path / "d") == 2.0
+    with open(tmp_path / "d" / "archive.sqlite", "wb") as big:
+        big.truncate(3 * 2**30)  # sparse: 3 GiB long, nothing written
+    assert ferretdb.working_limit(tmp_path / "d") == 3 * ferretdb.BUSY_LIMIT_PER_GIB
