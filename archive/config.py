@@ -247,6 +247,11 @@ class Http:
     #: ``{StudyInstanceUID}`` (OHIF: ``http://127.0.0.1:3000/viewer?StudyInstanceUIDs=
     #: {StudyInstanceUID}``).  Empty: no link.
     viewer_url: str = ""
+    #: Connections held at once, by everyone and by one IP address; seconds a connection
+    #: may take to send a request head (``archive.web.guard``).
+    max_connections: int = 512
+    connections_per_peer: int = 64
+    request_timeout: float = 30.0
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -438,7 +443,16 @@ _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})
 
 def _validate_http(http: Http) -> None:
     """A key needs its certificate; origins are origins; credentials need named ones;
-    the public URL is an http(s) URL, the viewer's one too, with its placeholder."""
+    the public URL is an http(s) URL, the viewer's one too, with its placeholder;
+    connection limits are positive."""
+    if http.max_connections < 1 or http.connections_per_peer < 1:
+        raise ConfigError("http.max_connections, http.connections_per_peer: must be at "
+                          "least 1")
+    if http.connections_per_peer > http.max_connections:
+        raise ConfigError(f"http.connections_per_peer ({http.connections_per_peer}) is more "
+                          f"than http.max_connections ({http.max_connections})")
+    if not 0 < http.request_timeout <= 3600:
+        raise ConfigError("http.request_timeout: must be above 0 and at most 3600 seconds")
     if http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
                                             http.public_url):
         raise ConfigError(f"http.public_url: {http.public_url!r} is not an http(s) URL")

@@ -29,6 +29,12 @@ Both waits end after :data:`LONGEST_WAIT` anyway, so a wake-up missed through so
 path not listed here costs latency, never a hang (and the network idle timer is
 checked as often).  Another pynetdicom version keeps its own loops (:func:`install`
 checks the version).
+
+Sockets are watched with ``poll``, here and in ``AssociationSocket.ready`` (replaced
+too): pynetdicom's ``select`` refuses a descriptor of 1024 or more, which it took for
+a closed connection and aborted the association at once -- so a process holding a
+thousand descriptors (idle HTTP connections, say) answered every new association with
+an abort.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +163,41 @@ def _dul_wait(dul: Any) -> None:
     raw = getattr(sock, "socket", None) if getattr(sock, "_is_connected", False) else None
     if raw is not None:
         if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            return  # decrypted bytes waiting that select cannot see
+            return  # decrypted bytes waiting that poll cannot see
         watched.append(raw)
     try:
-        select.select(watched, [], [], timeout)
-    except (OSError, ValueError):  # the socket closed meanwhile: the turn finds out
+        _poll(watched, timeout)
+    except (OSError, ValueError, TypeError):  # the socket closed meanwhile: the turn finds out
         time.sleep(dul._run_loop_delay)
     waker.drain()
+
+
+def _poll(sockets: list[Any], timeout: float) -> list[tuple[int, int]]:
+    """``poll`` for reading on ``sockets``, at most ``timeout`` seconds: what is ready
+    (readable, at its end, or in error: a read finds out which)."""
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock, select.POLLIN)
+    return poller.poll(int(timeout * 1000 + 0.999) if timeout > 0 else 0)
+
+
+def _socket_ready(self: AssociationSocket) -> bool:
+    """pynetdicom 3.0.4's ``AssociationSocket.ready`` with ``poll`` instead of
+    ``select`` (module docstring): whether data waits to be read; Evt17 when the socket
+    is closed."""
+    if self.socket is None or self._is_connected is False:
+        return False
+    try:
+        ready = _poll([self.socket], 0)
+    except (OSError, ValueError, TypeError):  # closed: no descriptor left
+        self.event_queue.put("Evt17")
+        return False
+    if any(events & select.POLLNVAL for _, events in ready):
+        self.event_queue.put("Evt17")
+        return False
+    if isinstance(self.socket, ssl.SSLSocket):  # decrypted bytes poll cannot see (#528)
+        return bool(ready) or bool(self.socket.pending())
+    return bool(ready)
 
 
 def _dul_init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -340,5 +375,6 @@ def install() -> bool:
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
     Association._kill = property(_assoc_kill_get, _assoc_kill_set)  # type: ignore[attr-defined]
     Association._reactor_checkpoint = property(_checkpoint_get, _checkpoint_set)  # type: ignore[attr-defined]
+    AssociationSocket.ready = property(_socket_ready)  # type: ignore[assignment,method-assign]
     _installed = True
     return True

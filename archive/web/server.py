@@ -22,9 +22,9 @@ from typing import Any
 
 import uvicorn
 
-from archive.config import HttpTls
+from archive.config import Http, HttpTls
 from archive.context import Context
-from archive.web import console
+from archive.web import console, guard
 from archive.web.app import BASE_PATH, create_app
 
 log = logging.getLogger("archive.web")
@@ -64,7 +64,8 @@ class WebServer:
     def __init__(self, context: Context, host: str, port: int, grace_seconds: float = 30.0,
                  tls: HttpTls | None = None) -> None:
         self.host, self.port = host, port
-        self.console = getattr(getattr(context.cfg, "http", None), "console", True)
+        http = getattr(context.cfg, "http", None) or Http()
+        self.console = http.console
         tls = tls or HttpTls()
         self.ssl = ssl_context(tls)
         options: dict[str, Any] = {}
@@ -74,7 +75,7 @@ class WebServer:
         self.config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
             server_header=False, timeout_graceful_shutdown=int(grace_seconds),
-            timeout_keep_alive=5, **options)
+            timeout_keep_alive=5, http=guard.protocol(http), **options)
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None
 

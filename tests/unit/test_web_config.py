@@ -41,6 +41,12 @@ def test_environment_port(tmp_path: Path) -> None:
     ({"fhir_timezone": "Europe/Paris"}, "http.fhir_timezone: .* is not a UTC offset"),
     ({"fhir_timezone": "+14:30"}, "http.fhir_timezone"),
     ({"fhir_timezone": "0100"}, "http.fhir_timezone"),
+    ({"max_connections": 0}, "http.max_connections"),
+    ({"connections_per_peer": 0}, "http.connections_per_peer"),
+    ({"max_connections": 10, "connections_per_peer": 11},
+     r"http.connections_per_peer \(11\) is more than http.max_connections \(10\)"),
+    ({"request_timeout": 0}, "http.request_timeout"),
+    ({"request_timeout": "30s"}, "http.request_timeout"),
 ])
 def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

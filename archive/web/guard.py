@@ -1,0 +1,118 @@
+"""HTTP connections: how many one client may hold, and how long it may stay silent.
+
+uvicorn (0.55, h11) keeps a connection that sends nothing for as long as its client
+keeps it open: its keep-alive timer starts only after a response, and any byte
+received stops it.  1,100 idle connections made the node's process hold 1,100
+descriptors -- pynetdicom then aborted every new DICOM association, before
+:mod:`archive.dimse.reactors` watched sockets with ``poll`` -- and a few thousand more
+would take every descriptor the process may open.  Here a connection
+
+- is closed at once when the server already holds ``http.max_connections``, or its
+  peer (IP address) ``http.connections_per_peer`` (a browser opens 6 per host; a
+  reverse proxy's many clients share one address: raise it there);
+- is closed when it has not sent a whole request head ``http.request_timeout`` seconds
+  after it opened, or after the previous response ended (a trickle does not restart
+  the clock).  A request being served, its body included, has no limit here.
+
+Refusals are logged one line per peer and reason at most every :data:`LOG_EVERY`
+seconds, with how many there were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import ClassVar
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from archive.config import Http
+
+log = logging.getLogger("archive.web")
+
+#: Seconds between two log lines about one peer's refused or closed connections.
+LOG_EVERY = 10.0
+#: (peer, reason) -> (time of the last line, connections since)
+_told: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def protocol(http: Http) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with ``http``'s limits (the ``http`` of uvicorn.Config)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {
+        "max_connections": http.max_connections,
+        "connections_per_peer": http.connections_per_peer,
+        "request_timeout": http.request_timeout})
+
+
+class GuardedH11Protocol(H11Protocol):
+    """One HTTP connection, closed when over a limit or silent too long (module
+    docstring).  Runs in the server's event loop thread only."""
+
+    max_connections: ClassVar[int]
+    connections_per_peer: ClassVar[int]
+    request_timeout: ClassVar[float]
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        peer = self.client[0] if self.client else "?"
+        same = sum(1 for c in self.connections
+                   if c.client and c.client[0] == peer) if self.client else 0
+        if len(self.connections) > self.max_connections:
+            _tell(peer, f"refused: the server holds http.max_connections "
+                        f"({self.max_connections})")
+            transport.close()
+        elif same > self.connections_per_peer:
+            _tell(peer, f"refused: http.connections_per_peer ({self.connections_per_peer}) "
+                        "reached")
+            transport.close()
+        else:
+            self._arm()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm()  # a request head arrived: it is being served
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._arm()  # for the next request; a pipelined one disarms it at once
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            _tell(self.client[0] if self.client else "?",
+                  f"closed: no request within http.request_timeout "
+                  f"({self.request_timeout:g} s)")
+            self.transport.close()
+
+
+def _tell(peer: str, reason: str) -> None:
+    """One line per peer and reason every LOG_EVERY seconds, with the count."""
+    key = (peer, reason)
+    now = time.monotonic()
+    last, count = _told.get(key, (-LOG_EVERY, 0))
+    count += 1
+    if now - last < LOG_EVERY:
+        _told[key] = (last, count)
+        return
+    if len(_told) > 10_000:  # peers come and go: forget the old ones
+        _told.clear()
+    _told[key] = (now, 0)
+    log.warning("HTTP connection from %s %s%s", peer, reason,
+                f" ({count} since the last line)" if count > 1 else "")
