@@ -26,7 +26,8 @@ embedded FerretDB cannot search a range of dates in an index, nor sort by one wi
 decoding the whole trail (2.4 s per 100,000 entries); a range of strings it searches in
 the index (patch 05).  So each entry also holds its time as fixed-width text, ``at``,
 indexed, and a search of the newest entries looks in the last hour first, then the
-last day, week, month and year (:data:`WINDOWS`): the first window holding enough
+last day, week, month and year (:data:`WINDOWS`), none reaching back before the
+search's own start: the first window holding enough
 entries answers, after reading only those; the whole trail is searched only when none
 does (entries written before ``at`` existed are found then).
 
@@ -377,9 +378,10 @@ def is_failure(entry: Mapping[str, Any]) -> bool:
 def search(db: Database, *, user: str | None = None, event: str | None = None,
            since: datetime.datetime | None = None, until: datetime.datetime | None = None,
            failures: bool = False, associations: bool = False, offset: int = 0,
-           limit: int = 100) -> list[dict[str, Any]]:
+           limit: int = 100, windows: bool = True) -> list[dict[str, Any]]:
     """Entries matching, newest first, ``offset`` of them skipped.  Every value is
-    compared as data (a string, a date): never an operator from the caller."""
+    compared as data (a string, a date): never an operator from the caller.
+    ``windows=False``: one search of the whole trail (what a benchmark compares)."""
     conditions: list[dict[str, Any]] = []
     if user is not None:
         conditions.append({"principal": str(user)})
@@ -401,12 +403,10 @@ def search(db: Database, *, user: str | None = None, event: str | None = None,
             .sort([("time", -1), ("_id", -1)]).skip(offset)
         return list(cursor.limit(limit)) if limit else list(cursor)
 
-    if limit:  # the module docstring: the newest entries are looked for nearby first
+    if limit and windows:  # the module docstring: the newest entries are looked for nearby first
         end = until or now()
-        for window in WINDOWS:
-            start = end - window
-            if since is not None and start <= since:
-                break
+        starts = [end - window for window in WINDOWS if since is None or end - window > since]
+        for start in [*starts, *([since] if since is not None else [])]:
             found = newest({"at": {"$gte": at_text(start)}})
             if len(found) == limit:
                 return found
