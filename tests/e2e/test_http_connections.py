@@ -44,13 +44,22 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def _get(sock: socket.socket, path: str = "/dicom-web/studies?limit=1") -> bytes:
-    """One request on an open connection (keep-alive); the response head."""
+    """One request on an open connection (keep-alive), its response read whole (head
+    and Content-Length bytes of body); the status line."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
+    data = b""
+    while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, "connection closed before a response"
-        head += chunk
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of a response"
+        body += chunk
+    assert len(body) == length, "more bytes than the response holds"
     return head.split(b"\r\n", 1)[0]
 
 
