@@ -23,7 +23,9 @@ from typing import Any
 import pymongo
 import pytest
 from bson import ObjectId
-from conftest import ROOT, FerretDB, free_port
+from conftest import ROOT, FerretDB, free_port, unique_name
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
@@ -586,3 +588,79 @@ def test_a_node_waits_for_a_working_ferretdb_within_a_limit(
     with open(tmp_path / "d" / "archive.sqlite", "wb") as big:
         big.truncate(3 * 2**30)  # sparse: 3 GiB long, nothing written
     assert ferretdb.working_limit(tmp_path / "d") == 3 * ferretdb.BUSY_LIMIT_PER_GIB
+
+
+# --- 13-bulkwrite-inserts -------------------------------------------------------------
+
+#: Inserts as (collection number, _id): few ids, so that duplicates are frequent.
+_inserts = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5)), min_size=1, max_size=12)
+
+
+def _one_at_a_time(db: Any, inserts: list[tuple[int, int]], ordered: bool) -> list[int]:
+    """What the insert command does, one document at a time: the indexes that failed."""
+    failed = []
+    for index, (coll, _id) in enumerate(inserts):
+        try:
+            db[f"c{coll}"].insert_one({"_id": _id, "op": index})
+        except pymongo.errors.DuplicateKeyError:
+            failed.append(index)
+            if ordered:
+                break
+    return failed
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inserts=_inserts, ordered=st.booleans(), errors_only=st.booleans())
+def test_bulkwrite_inserts_as_the_insert_command_does_one_at_a_time(
+        ferretdb: FerretDB, inserts: list[tuple[int, int]], ordered: bool,
+        errors_only: bool) -> None:
+    """MongoDB 8.0's bulkWrite, inserts into several collections in one command (the
+    archive stores a file and its instance document so): the same documents written, the
+    same failures reported by index, and MongoDB's reply. Without the patch FerretDB
+    has no such command."""
+    client = ferretdb.client
+    bulk, reference = unique_name("bulk"), unique_name("ref")
+    try:
+        answer = client.admin.command({
+            "bulkWrite": 1, "ordered": ordered, "errorsOnly": errors_only,
+            "ops": [{"insert": coll, "document": {"_id": _id, "op": index}}
+                    for index, (coll, _id) in enumerate(inserts)],
+            "nsInfo": [{"ns": f"{bulk}.c{n}"} for n in range(3)]})
+        failed = _one_at_a_time(client[reference], inserts, ordered)
+        for n in range(3):
+            assert list(client[bulk][f"c{n}"].find().sort("_id")) == \
+                list(client[reference][f"c{n}"].find().sort("_id"))
+        attempted = inserts[:failed[0] + 1] if ordered and failed else inserts
+        assert answer["ok"] == 1 and answer["nErrors"] == len(failed)
+        assert answer["nInserted"] == len(attempted) - len(failed)
+        results = answer["cursor"]["firstBatch"]
+        assert answer["cursor"]["id"] == 0
+        assert [r["idx"] for r in results if r["ok"] == 0] == failed
+        assert all(r["code"] == 11000 for r in results if r["ok"] == 0)
+        succeeded = [r["idx"] for r in results if r["ok"] == 1]
+        assert succeeded == ([] if errors_only else
+                             [i for i in range(len(attempted)) if i not in failed])
+    finally:
+        client.drop_database(bulk)
+        client.drop_database(reference)
+
+
+def test_bulkwrite_refuses_what_it_does_not_do(ferretdb: FerretDB, mongo_db: Any) -> None:
+    """Run elsewhere than on admin, an update among the operations, a namespace index out
+    of range: refused, nothing written (the archive falls back to plain inserts on a
+    server without the command: MongoDB 6 and 7 answer CommandNotFound)."""
+    ns = [{"ns": f"{mongo_db.name}.c"}]
+    doc = {"insert": 0, "document": {"_id": 1}}
+    refusals = [
+        (mongo_db, {"bulkWrite": 1, "ops": [doc], "nsInfo": ns}, 13),
+        (ferretdb.client.admin, {"bulkWrite": 1, "nsInfo": ns,
+                                 "ops": [doc, {"update": 0, "filter": {}, "updateMods": {}}]}, 238),
+        (ferretdb.client.admin, {"bulkWrite": 1, "nsInfo": ns,
+                                 "ops": [{"insert": 1, "document": {"_id": 2}}]}, 2),
+    ]
+    for database, command, code in refusals:
+        with pytest.raises(pymongo.errors.OperationFailure) as refused:
+            database.command(command)
+        assert refused.value.code == code, refused.value
+    assert mongo_db.c.count_documents({}) == 0
