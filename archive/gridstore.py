@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
+
+from archive.bulkwrite import BulkInserter, Insert, InsertFailed
 
 CHUNK_SIZE = 1024 * 1024
 #: Files looked up per query when many are read in a row (``stream_many``).
@@ -46,36 +48,54 @@ class GridStore:
     def __init__(self, db: Database, bucket: str = "fs") -> None:
         self.files = db[f"{bucket}.files"]
         self.chunks = db[f"{bucket}.chunks"]
+        self.inserter = BulkInserter()
 
     @staticmethod
     def chunk_id(file_id: ObjectId, n: int) -> str:
         return f"{file_id}/{n}"
 
     def put(self, data: bytes | Path, filename: str, metadata: dict[str, Any],
-            file_id: ObjectId | None = None, length: int | None = None) -> ObjectId:
-        """Write chunks, then the files document: a file is visible only when whole.
+            file_id: ObjectId | None = None, length: int | None = None,
+            then: Sequence[Insert] = ()) -> ObjectId:
+        """Write chunks, then the files document: a file is visible only when whole;
+        then the documents of ``then`` (an instance document naming the file).
+
+        The last chunk, the files document and ``then`` go in one database round trip
+        where the database can (:mod:`archive.bulkwrite`): a file of one chunk and its
+        instance document, one round trip instead of three.
 
         ``data``: the bytes, or a path read one chunk at a time.  ``length``: the
         length the caller expects (and journals, to delete the chunks of an upload cut
         short); a file of another length raises OSError before anything is written,
-        one that changes while it is read raises OSError too.
+        one that changes while it is read raises OSError too.  ChunkWriteFailed: the
+        file may not be whole; InsertFailed: the file is whole, the document of
+        ``then`` that its index names (and those after it) not written.
         """
         file_id = file_id or ObjectId()
         with _chunks(data) as (size, chunks):
             if length is not None and size != length:
                 name = data if isinstance(data, Path) else "data"
                 raise OSError(f"{name}: {size} bytes, {length} expected")
+            count = max(-(-size // CHUNK_SIZE), 1)
+            last: list[Insert] = []
             try:
                 for n, chunk in enumerate(chunks):
-                    self.chunks.insert_one({
-                        "_id": self.chunk_id(file_id, n), "files_id": file_id, "n": n,
-                        "data": chunk,  # bytes: BSON binary, subtype 0
-                    })
-                self.files.insert_one({
+                    document = {"_id": self.chunk_id(file_id, n), "files_id": file_id,
+                                "n": n, "data": chunk}  # bytes: BSON binary, subtype 0
+                    if n < count - 1:  # one chunk of memory at a time
+                        self.chunks.insert_one(document)
+                    else:
+                        last.append((self.chunks, document))
+                last.append((self.files, {
                     "_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
                     "uploadDate": datetime.datetime.now(datetime.timezone.utc),
                     "filename": filename, "metadata": metadata,
-                })
+                }))
+                self.inserter.insert([*last, *then])
+            except InsertFailed as exc:
+                if exc.index is not None and exc.index >= len(last):
+                    raise InsertFailed(exc.index - len(last), exc.cause) from exc.cause
+                raise ChunkWriteFailed(file_id, exc.cause) from exc.cause
             except PyMongoError as exc:
                 raise ChunkWriteFailed(file_id, exc) from exc
         return file_id

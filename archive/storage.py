@@ -66,6 +66,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailur
 
 from archive import dicomjson, identifiers, model
 from archive import part10 as part10_check
+from archive.bulkwrite import InsertFailed
 from archive.deletion import KIND as DELETE_KIND
 from archive.deletion import Deleter, Selection
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
@@ -347,16 +348,16 @@ class Archive:
         Also answers whether the level updates went into a batch (the entry stays until
         the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
-        try:
+        try:  # a new instance: one round trip with its file where the database can
             self.files.put(part10, f"{sop_uid}.dcm", {
                 "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
-                file_id=file_id, length=entry["length"])
+                file_id=file_id, length=entry["length"], then=[(self.instances, doc)])
+            previous = None
         except _ChunkWriteFailed as exc:
             raise exc.cause from None
-        try:
-            self.instances.insert_one(doc)  # a new instance: one round trip
-            previous = None
-        except DuplicateKeyError:
+        except InsertFailed as exc:
+            if not isinstance(exc.cause, DuplicateKeyError):
+                raise exc.cause from None
             if self.policy != "replace":
                 self._discard(entry)
                 if self.policy == "reject":

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import gridfs
+import pymongo
 import pytest
 from conftest import FerretDB, unique_name
 from helpers import consistency_problems, counter_problems
 from pydicom import dcmread
+from pymongo import monitoring
 
-from archive import dicomjson, model
+from archive import bulkwrite, dicomjson, model
 from archive.gridstore import CHUNK_SIZE, GridStore
 from archive.storage import SUCCESS, Archive, ensure_indexes
 
@@ -185,3 +187,78 @@ def test_unstorable_test_files_are_refused_and_leave_nothing(
     assert all(o.comment for o in outcomes.values())
     for collection in ("instances", "series", "studies", "patients", "fs.files", "fs.chunks"):
         assert mongo_db[collection].count_documents({}) == 0, collection
+
+
+class _Commands(monitoring.CommandListener):
+    """The names of the commands a client sent, with their collection or first ops."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        command = event.command
+        if event.command_name == "bulkWrite":
+            names = [ns["ns"].split(".", 1)[1] for ns in command["nsInfo"]]
+            self.sent.append(("bulkWrite", [names[op["insert"]] for op in command["ops"]]))
+        else:
+            self.sent.append((event.command_name, command.get(event.command_name)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@pytest.mark.parametrize("policy", ["replace", "keep", "reject"])
+def test_a_store_writes_its_file_and_instance_document_in_one_round_trip(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        policy: str) -> None:
+    """A new instance of one chunk: its chunk, files document and instance document in
+    one bulkWrite, not three inserts the sender waits on. A re-send of it: the same
+    command finds the duplicate, and the duplicate policy decides as before."""
+    listener = _Commands()
+    client = pymongo.MongoClient(ferretdb.uri, event_listeners=[listener])
+    try:
+        db = client[mongo_db.name]
+        archive = Archive(db, "fs", policy, tmp_path / "journal")
+        data = next(p.read_bytes() for p in testdata_files if p.name == "CT_small.dcm")
+        listener.sent.clear()
+        assert archive.store(data).ok
+        writes = [c for c in listener.sent if c[0] in ("insert", "bulkWrite")]
+        assert writes == [("bulkWrite", ["fs.chunks", "fs.files", "instances"])]
+        first = db.instances.find_one()
+        again = archive.store(data)
+        assert again.status == (0x0111 if policy == "reject" else 0)
+        assert db.instances.count_documents({}) == 1
+        kept = db.instances.find_one()
+        assert (kept["file_id"] == first["file_id"]) == (policy != "replace")
+        assert [f["_id"] for f in db["fs.files"].find()] == [kept["file_id"]]
+        assert db["fs.chunks"].count_documents({}) == 1
+        assert archive.files.read(kept["file_id"]) == data
+        assert consistency_problems(db) == []
+    finally:
+        client.close()
+
+
+def test_a_database_without_bulkwrite_gets_one_insert_at_a_time(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MongoDB 6 and 7 answer CommandNotFound: the archive learns it once, then inserts
+    each document by itself, with the same outcome."""
+    def refused(inserts: Any) -> Any:
+        calls.append(len(inserts))
+        raise pymongo.errors.OperationFailure("no such command: 'bulkWrite'", 59)
+
+    calls: list[int] = []
+    monkeypatch.setattr(bulkwrite, "_bulk_write", refused)
+    archive = Archive(mongo_db, "fs", "reject", tmp_path / "journal")
+    files = [p for p in testdata_files if p.name in ("CT_small.dcm", "MR_small.dcm")]
+    for path in files:
+        assert archive.store(path.read_bytes()).ok
+    assert archive.store(files[0].read_bytes()).status == 0x0111
+    assert calls == [3]
+    assert archive.files.inserter.supported is False
+    assert mongo_db.instances.count_documents({}) == 2
+    assert mongo_db["fs.files"].count_documents({}) == 2
+    assert consistency_problems(mongo_db) == []
