@@ -1,6 +1,6 @@
 """One stored instance's writes: three inserts, or one bulkWrite (FerretDB patch 13).
 
-    python -m benchmarks.bench_ferretdb_bulkwrite [--rounds 8] [--per-round 100]
+    python -m benchmarks.bench_ferretdb_bulkwrite [--rounds 8] [--per-round 100] [--profile 8]
 
 Starts one private FerretDB (the checkout's build, the archive's indexes) and writes
 what a C-STORE of a CT image writes, as :class:`archive.gridstore.GridStore` does: a
@@ -9,6 +9,7 @@ GridFS chunk (the file's 22 KiB), its files document and a ~14 KiB instance docu
 round: ``insert_one`` three times, or the three in one ``bulkWrite`` command
 (:mod:`archive.bulkwrite`). Reported per way: median ms per instance as the client
 sees it, FerretDB's CPU ms and the client's CPU ms per instance (medians of the rounds).
+With ``--profile``, then a CPU profile of FerretDB taking bulkWrites (``go tool pprof``).
 
 Results: ``bench-data/results/<--output>.json``.
 """
@@ -23,7 +24,13 @@ import time
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks.bench_ferretdb_reads import Server, dataset_json, instance
+from benchmarks.bench_ferretdb_reads import (
+    Server,
+    dataset_json,
+    instance,
+    pprof_top,
+    profile_while,
+)
 
 FILE_BYTES = 22 * 1024
 
@@ -33,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                        help="then a CPU profile of FerretDB while it takes bulkWrites")
     parser.add_argument("--quiet-wait", type=float, default=60,
                         help="seconds to wait for other processes to leave the machine idle")
     parser.add_argument("--output", default="ferretdb_bulkwrite",
@@ -86,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                     stats[way]["ms"].append((time.perf_counter() - began) * per)
                     stats[way]["server_cpu"].append((server.cpu() - server_cpu) * per)
                     stats[way]["client_cpu"].append((time.process_time() - client_cpu) * per)
+        if args.profile:
+            h.RESULTS.mkdir(parents=True, exist_ok=True)
+            profile = h.RESULTS / f"{args.output}.pprof"
+            profile_while(server, ways["one bulkWrite"], args.profile, profile)
+            top = pprof_top(h.FERRETDB, profile)
+            (h.RESULTS / f"{args.output}.pprof.txt").write_text(top, encoding="utf-8")
+            print(top)
     finally:
         client.close()
         server.close()
