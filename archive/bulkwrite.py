@@ -4,10 +4,10 @@ A stored instance is three inserts (its GridFS chunk, its files document, its in
 document), each a round trip the sender waits on.  MongoDB 8.0's ``bulkWrite``
 command takes inserts into several collections at once; the embedded FerretDB has it
 too (``ferretdb/patches/13-bulkwrite-inserts.patch``).  Against a server without it
-(MongoDB 6 and 7, an unpatched FerretDB, mongomock) the documents are inserted one by
-one, in the same order, with the same outcome: the operations are in order, each one
-written before the next, and the first failure stops the rest (as ``bulkWrite`` is not
-a transaction on MongoDB, a failure leaves the ones before it written, everywhere).
+(MongoDB 6 and 7, an unpatched FerretDB, mongomock; a user not allowed to run it) the
+documents are inserted one by one, with the same outcome: in order, each one written
+before the next, the first failure stopping the rest (``bulkWrite`` is no transaction
+on MongoDB either: a failure leaves the ones before it written).
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from pymongo.errors import DocumentTooLarge, DuplicateKeyError, OperationFailure
 
 log = logging.getLogger(__name__)
 
-#: A server's answer to a command it does not have (MongoDB's CommandNotFound).
-COMMAND_NOT_FOUND = 59
+#: Refusals of the whole command, before anything is written, that mean "not here":
+#: CommandNotFound (MongoDB 6 and 7, an unpatched FerretDB) and Unauthorized (a
+#: MongoDB 8 user whose role grants inserts into the archive's database but not this
+#: admin command, as custom roles may).
+NOT_HERE = {59: "has no bulkWrite command", 13: "does not let this user run bulkWrite"}
 DUPLICATE_KEY = 11000
 
 #: An insert: the collection, the document.
@@ -43,8 +46,9 @@ class InsertFailed(Exception):
 class BulkInserter:
     """Inserts in order, in one ``bulkWrite`` where the server has it.
 
-    Whether it has is learnt from the first answer (a server without the command
-    refuses it before writing anything) and kept for this client.
+    Whether it has is learnt from the first answer (a server without the command, or
+    a user without the right to run it, is refused before anything is written) and
+    kept: one refusal per inserter, then one insert at a time.
     """
 
     def __init__(self) -> None:
@@ -59,9 +63,9 @@ class BulkInserter:
             except DocumentTooLarge:
                 pass  # refused before it was sent: one at a time below
             except OperationFailure as exc:
-                if exc.code != COMMAND_NOT_FOUND:
+                if exc.code not in NOT_HERE:
                     raise InsertFailed(None, exc) from exc
-                log.info("the database has no bulkWrite command: inserts one at a time")
+                log.info("the database %s: inserts one at a time", NOT_HERE[exc.code])
                 self.supported = False
             except Exception as exc:  # noqa: BLE001 - connection errors: state unknown
                 raise InsertFailed(None, exc) from exc

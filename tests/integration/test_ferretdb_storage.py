@@ -241,14 +241,16 @@ def test_a_store_writes_its_file_and_instance_document_in_one_round_trip(
         client.close()
 
 
+@pytest.mark.parametrize("code", [59, 13])
 def test_a_database_without_bulkwrite_gets_one_insert_at_a_time(
         ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """MongoDB 6 and 7 answer CommandNotFound: the archive learns it once, then inserts
-    each document by itself, with the same outcome."""
+        monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """MongoDB 6 and 7 answer CommandNotFound (59), a MongoDB 8 user without the right
+    to run it Unauthorized (13): the archive learns it once, then inserts each document
+    by itself, with the same outcome."""
     def refused(inserts: Any) -> Any:
         calls.append(len(inserts))
-        raise pymongo.errors.OperationFailure("no such command: 'bulkWrite'", 59)
+        raise pymongo.errors.OperationFailure("refused", code)
 
     calls: list[int] = []
     monkeypatch.setattr(bulkwrite, "_bulk_write", refused)
