@@ -248,10 +248,12 @@ class Http:
     #: {StudyInstanceUID}``).  Empty: no link.
     viewer_url: str = ""
     #: Connections held at once, by everyone and by one IP address; seconds a connection
-    #: may take to send a request head (``archive.web.guard``).
+    #: may take to send a request head; bytes a second a request body must come at,
+    #: after ``request_timeout`` seconds of grace (``archive.web.guard``).
     max_connections: int = 512
     connections_per_peer: int = 64
     request_timeout: float = 30.0
+    min_body_rate: float = 1024.0
 
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
@@ -453,6 +455,8 @@ def _validate_http(http: Http) -> None:
                           f"than http.max_connections ({http.max_connections})")
     if not 0 < http.request_timeout <= 3600:
         raise ConfigError("http.request_timeout: must be above 0 and at most 3600 seconds")
+    if not 0 < http.min_body_rate <= 1e9:
+        raise ConfigError("http.min_body_rate: must be above 0 and at most 1e9 bytes a second")
     if http.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
                                             http.public_url):
         raise ConfigError(f"http.public_url: {http.public_url!r} is not an http(s) URL")

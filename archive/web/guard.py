@@ -12,7 +12,13 @@ would take every descriptor the process may open.  Here a connection
   reverse proxy's many clients share one address: raise it there);
 - is closed when it has not sent a whole request head ``http.request_timeout`` seconds
   after it opened, or after the previous response ended (a trickle does not restart
-  the clock).  A request being served, its body included, has no limit here.
+  the clock);
+- is closed when a request body comes slower than ``http.min_body_rate`` bytes a
+  second: the body has ``request_timeout`` seconds, and one more second for every
+  ``min_body_rate`` bytes received (Apache's mod_reqtimeout).  The clock runs only
+  while the node waits for the client: not while the application has not read what
+  came (uvicorn's flow control pauses reading), nor while a client that asked for
+  ``100-continue`` waits for it.  A request whose body is whole has no limit here.
 
 Refusals are logged one line per peer and reason at most every :data:`LOG_EVERY`
 seconds, with how many there were.
@@ -23,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from archive.config import Http
 
@@ -42,7 +50,24 @@ def protocol(http: Http) -> type[asyncio.Protocol]:
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "max_connections": http.max_connections,
         "connections_per_peer": http.connections_per_peer,
-        "request_timeout": http.request_timeout})
+        "request_timeout": http.request_timeout, "min_body_rate": http.min_body_rate})
+
+
+class _WatchedFlow(FlowControl):
+    """uvicorn's flow control, telling the connection when reading stops or resumes
+    (the body's clock stops while the application has not read what came)."""
+
+    def __init__(self, transport: asyncio.Transport, changed: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._changed = changed
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        self._changed()
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self._changed()
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -52,10 +77,18 @@ class GuardedH11Protocol(H11Protocol):
     max_connections: ClassVar[int]
     connections_per_peer: ClassVar[int]
     request_timeout: ClassVar[float]
+    min_body_rate: ClassVar[float]
     _deadline: asyncio.TimerHandle | None = None
+    #: the request whose body is timed, its seconds left, since when they count (None:
+    #: not counting), and the timer at their end
+    _body_cycle: RequestResponseCycle | None = None
+    _body_left: float = 0.0
+    _body_since: float | None = None
+    _body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _WatchedFlow(transport, self._time_body)
         peer = self.client[0] if self.client else "?"
         same = sum(1 for c in self.connections
                    if c.client and c.client[0] == peer) if self.client else 0
@@ -70,10 +103,20 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._body_cycle is not None and self._body_cycle is self.cycle:
+            self._body_left += len(data) / self.min_body_rate
+        super().data_received(data)
+
     def handle_events(self) -> None:
         super().handle_events()
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
             self._disarm()  # a request head arrived: it is being served
+            if cycle is not self._body_cycle:  # its body's clock
+                self._body_cycle, self._body_left = cycle, self.request_timeout
+                self._body_since = None
+        self._time_body()
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():
@@ -82,7 +125,38 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._body_cycle = None
+        self._time_body()
         super().connection_lost(exc)
+
+    def _body_awaited(self) -> bool:
+        """Whether the node waits for the client to send the body of the request."""
+        cycle = self._body_cycle
+        return (cycle is not None and cycle is self.cycle and cycle.more_body
+                and not cycle.response_complete and not cycle.disconnected
+                and not cycle.waiting_for_100_continue and not self.flow.read_paused
+                and not self.transport.is_closing())
+
+    def _time_body(self) -> None:
+        """Charge the time waited for the body since the last call, then close the
+        connection if its time is up, or set the timer for what is left."""
+        now = self.loop.time()
+        if self._body_since is not None:
+            self._body_left -= now - self._body_since
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._body_since = now if self._body_awaited() else None
+        if self._body_since is None:
+            return
+        if self._body_left > 0:
+            self._body_timer = self.loop.call_later(self._body_left, self._time_body)
+            return
+        self._body_since = None
+        _tell(self.client[0] if self.client else "?",
+              f"closed: request body slower than http.min_body_rate "
+              f"({self.min_body_rate:g} bytes/s)")
+        self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()

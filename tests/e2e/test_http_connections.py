@@ -7,20 +7,34 @@ the node as a subprocess on the real FerretDB, raw TCP clients, DCMTK.
 - an HTTP connection over ``http.max_connections`` or ``http.connections_per_peer`` is
   closed at once, one that sends no whole request head within ``http.request_timeout``
   (trickling or silent) is closed then; requests, and keep-alive between them, work as
-  before.
+  before;
+- a request body that comes slower than ``http.min_body_rate`` is closed once its grace
+  has run out; one above the rate is served, and so is a large one while the node,
+  not the client, is what holds it up.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import resource
+import select
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import echoscu, storescu, wait_for, write_images
+import requests
+from helpers import (
+    echoscu,
+    image_dataset,
+    storescu,
+    stow_body,
+    to_part10,
+    wait_for,
+    write_images,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.ferretdb]
 
@@ -130,3 +144,71 @@ def test_http_connection_limits_and_request_timeout(node_factory: Any) -> None:
     assert "HTTP connection from 127.0.0.3 refused: the server holds " \
            "http.max_connections (12)" in log
     assert "closed: no request within http.request_timeout (1.5 s)" in log
+
+
+def _stow_head(port: int, length: int, content_type: str) -> socket.socket:
+    """A connection that has sent the head of a STOW-RS request (as admin, whom the
+    shipped rules let store), its body still to come."""
+    sock = _connect(port)
+    sock.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Basic {base64.b64encode(b'admin:x').decode()}\r\n"
+                 f"Content-Type: {content_type}\r\nAccept: application/dicom+json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    return sock
+
+
+def _trickle(sock: socket.socket, body: bytes, rate: float, piece: int = 200) -> bool:
+    """Send ``body`` at ``rate`` bytes a second; False if the server closed first.  What
+    the server answers meanwhile is left to read."""
+    for start in range(0, len(body), piece):
+        try:
+            sock.sendall(body[start:start + piece])
+            time.sleep(piece / rate)
+            if select.select([sock], [], [], 0)[0] and sock.recv(1, socket.MSG_PEEK) == b"":
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def test_a_request_body_slower_than_min_body_rate_is_cut(node_factory: Any) -> None:
+    """A STOW-RS body trickled below http.min_body_rate is closed once its grace
+    (http.request_timeout) and what it sent have run out; one sent above the rate is
+    stored, though it takes longer than request_timeout; so is a large one sent fast."""
+    node = node_factory({"http": {"request_timeout": 1.5, "min_body_rate": 4000}})
+    time.sleep(1)  # the start-up's probe of the port has been let go
+    body, content_type = stow_body([to_part10(image_dataset())])
+    assert len(body) > 8000
+    # 1,000 bytes/s against 4,000: cut after ~1.5 s + 1/4 of the time it sent
+    slow = _stow_head(node.http_port, len(body), content_type)
+    began = time.monotonic()
+    assert not _trickle(slow, body, 1000)
+    assert 1.5 < time.monotonic() - began < 5
+    # 6,000 bytes/s: seconds for the body, more than request_timeout, and stored
+    body, content_type = stow_body([to_part10(image_dataset()) for _ in range(2)])
+    steady = _stow_head(node.http_port, len(body), content_type)
+    began = time.monotonic()
+    assert _trickle(steady, body, 6000)
+    assert time.monotonic() - began > 1.5
+    steady.settimeout(30)
+    assert steady.recv(65536).startswith(b"HTTP/1.1 200"), node.log()[-2000:]
+    steady.close()
+    assert "closed: request body slower than http.min_body_rate (4000 bytes/s)" in node.log()
+
+
+def test_the_body_clock_stops_while_the_node_has_not_read_what_came(
+        node_factory: Any) -> None:
+    """A large STOW-RS sent at full speed: the node stores each instance as its part
+    arrives and stops reading meanwhile (uvicorn's flow control), for far longer than
+    the body's grace and what its bytes earn at this rate. That time is the node's, not
+    the client's: the upload is served whole."""
+    node = node_factory({"http": {"request_timeout": 1.0, "min_body_rate": 1e7}})
+    images = [to_part10(image_dataset()) for _ in range(400)]
+    body, content_type = stow_body(images)
+    began = time.monotonic()
+    answer = requests.post(f"{node.http_url}/studies", data=body, auth=("admin", "x"),
+                           timeout=120, headers={"Content-Type": content_type})
+    took = time.monotonic() - began
+    assert answer.status_code == 200, answer.text[:500]
+    assert len(answer.json()["00081199"]["Value"]) == 400
+    assert took > 1.0 + len(body) / 1e7, f"stored in {took:.1f} s: no pause was tested"

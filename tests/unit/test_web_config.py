@@ -47,6 +47,8 @@ def test_environment_port(tmp_path: Path) -> None:
      r"http.connections_per_peer \(11\) is more than http.max_connections \(10\)"),
     ({"request_timeout": 0}, "http.request_timeout"),
     ({"request_timeout": "30s"}, "http.request_timeout"),
+    ({"min_body_rate": 0}, "http.min_body_rate"),
+    ({"min_body_rate": "1k"}, "http.min_body_rate"),
 ])
 def test_refusals(tmp_path: Path, http: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
