@@ -12,6 +12,8 @@ Fixtures (the API other suites rely on):
 ``module_node_factory``      the same with module scope, to share one node in a module.
 ``testdata_files``           pydicom's shipped files :meth:`Archive.parse` accepts.
 ``unstorable_files``         and those it refuses.
+``certificate`` (session)    a self-signed server certificate for 127.0.0.1 and localhost
+                             and its key (PEM files), made by the openssl command.
 
 Helpers ``storescu(node, *files, extra_args=())`` and ``echoscu(node)`` live in
 ``helpers`` and are importable from here too.
@@ -147,6 +149,22 @@ class FerretDB:
             self._client.close()
             self._client = None
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1 and localhost, and its key (PEM)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make the test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,12 @@ would take every descriptor the process may open.  Here a connection
   came (uvicorn's flow control pauses reading), nor while a client that asked for
   ``100-continue`` waits for it.  A request whose body is whole has no limit here.
 
+With ``http.tls``, the TLS handshake is done here rather than by uvicorn's server, so
+that a connection counts against the limits from the moment it opens (uvicorn counts
+it once its protocol is made, after the handshake) and has ``http.request_timeout``
+seconds, handshake included, to send its request head (asyncio's own handshake limit
+is 60 s: connections that never finish one held the node's descriptors uncounted).
+
 Refusals are logged one line per peer and reason at most every :data:`LOG_EVERY`
 seconds, with how many there were.
 """
@@ -28,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Callable
 from typing import ClassVar
 
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_remote_addr
 
 from archive.config import Http
 
@@ -45,12 +54,14 @@ LOG_EVERY = 10.0
 _told: dict[tuple[str, str], tuple[float, int]] = {}
 
 
-def protocol(http: Http) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with ``http``'s limits (the ``http`` of uvicorn.Config)."""
+def protocol(http: Http, tls: ssl.SSLContext | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with ``http``'s limits (the ``http`` of uvicorn.Config);
+    with ``tls``, serving HTTPS (uvicorn is then given no certificate of its own)."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "max_connections": http.max_connections,
         "connections_per_peer": http.connections_per_peer,
-        "request_timeout": http.request_timeout, "min_body_rate": http.min_body_rate})
+        "request_timeout": http.request_timeout, "min_body_rate": http.min_body_rate,
+        "tls": tls, "handshaking": set()})
 
 
 class _WatchedFlow(FlowControl):
@@ -78,6 +89,12 @@ class GuardedH11Protocol(H11Protocol):
     connections_per_peer: ClassVar[int]
     request_timeout: ClassVar[float]
     min_body_rate: ClassVar[float]
+    tls: ClassVar[ssl.SSLContext | None] = None
+    #: this server's connections in their TLS handshake (not in uvicorn's yet)
+    handshaking: ClassVar[set[GuardedH11Protocol]]
+    #: the peer's address, and when the connection opened (TLS: before its handshake)
+    peer: str = "?"
+    opened: float | None = None
     _deadline: asyncio.TimerHandle | None = None
     #: the request whose body is timed, its seconds left, since when they count (None:
     #: not counting), and the timer at their end
@@ -87,21 +104,62 @@ class GuardedH11Protocol(H11Protocol):
     _body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.tls is not None and self.opened is None:  # a TCP connection: TLS first
+            self._begin_tls(transport)
+            return
+        self.handshaking.discard(self)
         super().connection_made(transport)
         self.flow = _WatchedFlow(transport, self._time_body)
-        peer = self.client[0] if self.client else "?"
-        same = sum(1 for c in self.connections
-                   if c.client and c.client[0] == peer) if self.client else 0
-        if len(self.connections) > self.max_connections:
-            _tell(peer, f"refused: the server holds http.max_connections "
-                        f"({self.max_connections})")
+        if self.opened is None:
+            self.peer, self.opened = self.client[0] if self.client else "?", self.loop.time()
+        if self._refused():
             transport.close()
-        elif same > self.connections_per_peer:
-            _tell(peer, f"refused: http.connections_per_peer ({self.connections_per_peer}) "
-                        "reached")
+        else:  # the time the handshake took is the head's
+            self._arm(self.opened + self.request_timeout - self.loop.time())
+
+    def _refused(self) -> bool:
+        """Whether this connection is one too many (told); counts those handshaking."""
+        everyone = [*self.connections, *self.handshaking]
+        if len(everyone) > self.max_connections:
+            _tell(self.peer, f"refused: the server holds http.max_connections "
+                             f"({self.max_connections})")
+            return True
+        if self.peer != "?" and sum(1 for c in everyone if getattr(c, "peer", None)
+                                    == self.peer) > self.connections_per_peer:
+            _tell(self.peer, f"refused: http.connections_per_peer "
+                             f"({self.connections_per_peer}) reached")
+            return True
+        return False
+
+    def _begin_tls(self, transport: asyncio.Transport) -> None:
+        """Count the connection, then wrap it in TLS as asyncio's TLS server would, with
+        ``request_timeout`` for the handshake; the wrapper calls connection_made again,
+        with the TLS transport, once the handshake is done."""
+        address = get_remote_addr(transport)
+        self.peer, self.opened = address[0] if address else "?", self.loop.time()
+        self.handshaking.add(self)
+        if self._refused():
+            self.handshaking.discard(self)
+            self.transport = transport  # closed: uvicorn's connection_lost closes it too
             transport.close()
-        else:
-            self._arm()
+            return
+        done = self.loop.create_future()
+        done.add_done_callback(self._handshake_ended)
+        wrapper = sslproto.SSLProtocol(self.loop, self, self.tls, done, server_side=True,
+                                       ssl_handshake_timeout=self.request_timeout)
+        transport.set_protocol(wrapper)
+        wrapper.connection_made(transport)
+
+    def _handshake_ended(self, done: asyncio.Future[None]) -> None:
+        """Done, failed or given up by the client: no longer handshaking; a failure told."""
+        self.handshaking.discard(self)
+        failure = None if done.cancelled() else done.exception()
+        if isinstance(failure, ConnectionAbortedError):  # SSLProtocol's handshake timeout
+            _tell(self.peer, f"closed: no TLS handshake within http.request_timeout "
+                             f"({self.request_timeout:g} s)")
+        elif failure is not None:
+            reason = getattr(failure, "reason", None) or type(failure).__name__
+            _tell(self.peer, f"closed: TLS handshake failed ({reason})")
 
     def data_received(self, data: bytes) -> None:
         if self._body_cycle is not None and self._body_cycle is self.cycle:
@@ -153,14 +211,14 @@ class GuardedH11Protocol(H11Protocol):
             self._body_timer = self.loop.call_later(self._body_left, self._time_body)
             return
         self._body_since = None
-        _tell(self.client[0] if self.client else "?",
-              f"closed: request body slower than http.min_body_rate "
+        _tell(self.peer, f"closed: request body slower than http.min_body_rate "
               f"({self.min_body_rate:g} bytes/s)")
         self.transport.close()
 
-    def _arm(self) -> None:
+    def _arm(self, seconds: float | None = None) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+        self._deadline = self.loop.call_later(
+            self.request_timeout if seconds is None else max(seconds, 0.0), self._expired)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -170,8 +228,7 @@ class GuardedH11Protocol(H11Protocol):
     def _expired(self) -> None:
         self._deadline = None
         if self.cycle is None or self.cycle.response_complete:
-            _tell(self.client[0] if self.client else "?",
-                  f"closed: no request within http.request_timeout "
+            _tell(self.peer, f"closed: no request within http.request_timeout "
                   f"({self.request_timeout:g} s)")
             self.transport.close()
 

@@ -18,7 +18,6 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any
 
 import uvicorn
 
@@ -68,14 +67,11 @@ class WebServer:
         self.console = http.console
         tls = tls or HttpTls()
         self.ssl = ssl_context(tls)
-        options: dict[str, Any] = {}
-        if self.ssl is not None:  # uvicorn loads the files checked above once more
-            options = {"ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key or None}
         app = create_app(context, console.routes if self.console else None)
         self.config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
             server_header=False, timeout_graceful_shutdown=int(grace_seconds),
-            timeout_keep_alive=5, http=guard.protocol(http), **options)
+            timeout_keep_alive=5, http=guard.protocol(http, self.ssl))  # guard: TLS
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None
 

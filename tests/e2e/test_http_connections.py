@@ -10,16 +10,21 @@ the node as a subprocess on the real FerretDB, raw TCP clients, DCMTK.
   before;
 - a request body that comes slower than ``http.min_body_rate`` is closed once its grace
   has run out; one above the rate is served, and so is a large one while the node,
-  not the client, is what holds it up.
+  not the client, is what holds it up;
+- with ``http.tls``, a connection is counted from the moment it opens, and one that has
+  not finished its TLS handshake within ``http.request_timeout`` is closed (asyncio
+  would keep it 60 s, uncounted).
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import resource
 import select
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +56,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(seconds)
     try:
         return sock.recv(1024) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLEOFError):  # no TLS close_notify: ended too
         return True
     except TimeoutError:
         return False
@@ -144,6 +149,42 @@ def test_http_connection_limits_and_request_timeout(node_factory: Any) -> None:
     assert "HTTP connection from 127.0.0.3 refused: the server holds " \
            "http.max_connections (12)" in log
     assert "closed: no request within http.request_timeout (1.5 s)" in log
+
+
+def test_tls_handshakes_count_and_are_held_to_request_timeout(
+        node_factory: Any, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    node = node_factory({"http": {"max_connections": 12, "connections_per_peer": 4,
+                                  "request_timeout": 1.5,
+                                  "tls": {"certificate": str(cert), "private_key": str(key)}}})
+    port = node.http_port
+    trusted = ssl.create_default_context(cafile=str(cert))
+    time.sleep(1)  # the start-up's probe of the port has been let go
+    silent = [_connect(port) for _ in range(4)]  # no ClientHello: handshakes not begun
+    extra = _connect(port)
+    assert _closed_within(extra, 1.0), "the 5th connection of one peer was not refused"
+    # another peer is served meanwhile, over TLS
+    https = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=trusted,
+                                        source_address=("127.0.0.2", 0))
+    https.request("GET", "/dicom-web/studies")
+    assert https.getresponse().status == 200
+    https.close()
+    began = time.monotonic()
+    assert all(_closed_within(sock, 5) for sock in silent)
+    assert 1.0 < time.monotonic() - began < 5
+    # a handshake done, then nothing: closed once request_timeout has passed since it opened
+    sock = _connect(port)
+    time.sleep(1.0)
+    quiet = trusted.wrap_socket(sock, server_hostname="127.0.0.1")
+    began = time.monotonic()
+    assert _closed_within(quiet, 5)
+    assert time.monotonic() - began < 1.2
+    log = node.log()
+    assert "HTTP connection from 127.0.0.1 refused: http.connections_per_peer (4) reached" \
+        in log
+    assert "HTTP connection from 127.0.0.1 closed: no TLS handshake within " \
+           "http.request_timeout (1.5 s)" in log
+    assert "Traceback" not in log and "Exception in callback" not in log
 
 
 def _stow_head(port: int, length: int, content_type: str) -> socket.socket:

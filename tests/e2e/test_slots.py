@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -170,20 +169,6 @@ def plain(module_node_factory: Any) -> Outcome:
     outcome = besiege(node, PRE_ASSOCIATION + ASSOCIATED, retrieve=(CT_IMAGE, keys))
     outcome.log = node.log()
     return outcome
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed server certificate for localhost (PEM) and its key."""
-    d = tmp_path_factory.mktemp("tls")
-    done = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "cert.pem",
-         "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        cwd=d, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return d / "cert.pem", d / "key.pem"
 
 
 @pytest.fixture(scope="module")
