@@ -8,16 +8,29 @@ too (``ferretdb/patches/13-bulkwrite-inserts.patch``).  Against a server without
 documents are inserted one by one, with the same outcome: in order, each one written
 before the next, the first failure stopping the rest (``bulkWrite`` is no transaction
 on MongoDB either: a failure leaves the ones before it written).
+
+:meth:`BulkInserter.send` sends a ``bulkWrite`` at once and reads its answer later
+(:meth:`Sent.finish`): the database writes while the caller works -- a C-STORE's file
+is written while its dataset is turned into DICOM JSON.  pymongo has no public call
+for that; this module holds one of the client's pooled connections through pymongo's
+own connection API (``Pool.checkout``, ``Connection.send_message`` /
+``receive_message``, ``message._op_msg``, as pymongo 4.9 to 4.x have them).  Where
+those are missing or fail before anything is sent, or the server has no ``bulkWrite``,
+:meth:`Sent.finish` sends the inserts with those it is given, in one round trip as
+:meth:`BulkInserter.insert` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+from pymongo import message
 from pymongo.collection import Collection
 from pymongo.errors import DocumentTooLarge, DuplicateKeyError, OperationFailure, WriteError
+from pymongo.server_selectors import writable_server_selector
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,8 @@ class BulkInserter:
     def __init__(self) -> None:
         #: None: not known yet
         self.supported: bool | None = None
+        #: whether pymongo's connection API is as :class:`_Answer` uses it (until not)
+        self.sends_ahead = True
 
     def insert(self, inserts: Sequence[Insert]) -> None:
         """Insert every document in order; raises InsertFailed at the first failure."""
@@ -79,6 +94,21 @@ class BulkInserter:
             except Exception as exc:  # noqa: BLE001 - the caller decides from the cause
                 raise InsertFailed(index, exc) from exc
 
+    def send(self, inserts: Sequence[Insert]) -> Sent:
+        """The inserts sent now, their outcome read by :meth:`Sent.finish`, where the
+        server is known to take ``bulkWrite``; else kept for ``finish`` to send."""
+        if self.supported and self.sends_ahead and self._may_bulk(inserts):
+            try:
+                return Sent(self, inserts, _Answer.send(_bulk_command(inserts),
+                                                       inserts[0][0].database.client))
+            except _NOT_SENT as exc:  # pymongo's connection API differs: not again
+                log.warning("inserts not sent ahead of their outcome: %s: %s",
+                            type(exc).__name__, exc)
+                self.sends_ahead = False
+            except Exception:  # noqa: BLE001, S110 - the connection: finish() sends them
+                pass
+        return Sent(self, inserts, None)
+
     def _may_bulk(self, inserts: Sequence[Insert]) -> bool:
         """Several inserts, into pymongo collections of one client (not mongomock's,
         nor tests' stand-ins), and the server not known to lack the command."""
@@ -87,16 +117,99 @@ class BulkInserter:
                 and len({id(c.database.client) for c, _ in inserts}) == 1)
 
 
-def _bulk_write(inserts: Sequence[Insert]) -> dict[str, Any]:
+class Sent:
+    """Inserts sent by :meth:`BulkInserter.send` (``answer``), or to send (None)."""
+
+    def __init__(self, inserter: BulkInserter, inserts: Sequence[Insert],
+                 answer: _Answer | None) -> None:
+        self.inserter, self.inserts, self.answer = inserter, inserts, answer
+
+    def finish(self, then: Sequence[Insert] = ()) -> None:
+        """The inserts, then ``then``, written: InsertFailed at the first failure, its
+        index counting the inserts first.  Once; :meth:`abandon` after it does nothing."""
+        sent, self.answer = self.answer, None
+        if sent is None:
+            self.inserter.insert([*self.inserts, *then])
+            return
+        try:
+            answer = sent.read()
+        except OperationFailure as exc:
+            if exc.code not in NOT_HERE:  # refused whole: nothing written
+                raise InsertFailed(None, exc) from exc
+            self.inserter.supported = False  # another server since (a restore?)
+            self.inserter.insert([*self.inserts, *then])
+            return
+        except Exception as exc:  # noqa: BLE001 - state unknown, as in insert()
+            raise InsertFailed(None, exc) from exc
+        _raise_first_error(answer, len(self.inserts))
+        try:
+            self.inserter.insert(then)
+        except InsertFailed as exc:
+            if exc.index is None:
+                raise
+            raise InsertFailed(len(self.inserts) + exc.index, exc.cause) from exc.cause
+
+    def abandon(self) -> None:
+        """The caller failed before :meth:`finish`: what was sent is waited for, nothing
+        more written (the inserts sent may or may not be, as after a connection error)."""
+        sent, self.answer = self.answer, None
+        if sent is not None:
+            with contextlib.suppress(Exception):
+                sent.read()
+
+
+#: What pymongo's connection API raises where it is not as this module expects.
+_NOT_SENT = (AttributeError, TypeError, ValueError)
+
+
+class _Answer:
+    """A command sent on a connection held from the client's pool until its answer
+    is read (once)."""
+
+    def __init__(self, checkout: Any, connection: Any, request_id: int, client: Any) -> None:
+        self.checkout, self.connection = checkout, connection
+        self.request_id, self.client = request_id, client
+
+    @classmethod
+    def send(cls, command: dict[str, Any], client: Any) -> _Answer:
+        server = client._get_topology().select_server(writable_server_selector, "bulkWrite")
+        checkout = server.pool.checkout()
+        connection = checkout.__enter__()
+        try:
+            request_id, data, _, largest = message._op_msg(0, command, "admin", None,
+                                                           client.codec_options)
+            connection.send_message(data, largest)
+        except BaseException as exc:
+            checkout.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return cls(checkout, connection, request_id, client)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            reply = self.connection.receive_message(self.request_id)
+            answer: dict[str, Any] = reply.unpack_response(
+                codec_options=self.client.codec_options)[0]
+        except BaseException as exc:  # pymongo closed the connection
+            self.checkout.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self.checkout.__exit__(None, None, None)
+        if not answer.get("ok"):
+            raise OperationFailure(answer.get("errmsg", ""), answer.get("code"), answer)
+        return answer
+
+
+def _bulk_command(inserts: Sequence[Insert]) -> dict[str, Any]:
     names: dict[str, int] = {}
     ops = []
     for collection, document in inserts:
         ns = names.setdefault(collection.full_name, len(names))
         ops.append({"insert": ns, "document": document})
-    client = inserts[0][0].database.client
-    return client.admin.command({
-        "bulkWrite": 1, "ops": ops, "nsInfo": [{"ns": name} for name in names],
-        "ordered": True, "errorsOnly": True})
+    return {"bulkWrite": 1, "ops": ops, "nsInfo": [{"ns": name} for name in names],
+            "ordered": True, "errorsOnly": True}
+
+
+def _bulk_write(inserts: Sequence[Insert]) -> dict[str, Any]:
+    return inserts[0][0].database.client.admin.command(_bulk_command(inserts))
 
 
 def _raise_first_error(answer: dict[str, Any], count: int) -> None:

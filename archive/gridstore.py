@@ -25,7 +25,7 @@ from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from archive.bulkwrite import BulkInserter, Insert, InsertFailed
+from archive.bulkwrite import BulkInserter, Insert, InsertFailed, Sent
 
 CHUNK_SIZE = 1024 * 1024
 #: Files looked up per query when many are read in a row (``stream_many``).
@@ -40,6 +40,31 @@ class ChunkWriteFailed(Exception):
     def __init__(self, file_id: ObjectId, cause: Exception) -> None:
         super().__init__(str(cause))
         self.file_id, self.cause = file_id, cause
+
+
+class PendingFile:
+    """A file :meth:`GridStore.begin` has written, but for its last chunk and files
+    document, which may be on their way."""
+
+    def __init__(self, file_id: ObjectId, sent: Sent) -> None:
+        self.file_id, self.sent = file_id, sent
+
+    def finish(self, then: Sequence[Insert] = ()) -> None:
+        """The file whole, then ``then`` inserted; raises as :meth:`GridStore.put`."""
+        written = len(self.sent.inserts)
+        try:
+            self.sent.finish(then)
+        except InsertFailed as exc:
+            if exc.index is not None and exc.index >= written:
+                raise InsertFailed(exc.index - written, exc.cause) from exc.cause
+            raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
+        except PyMongoError as exc:
+            raise ChunkWriteFailed(self.file_id, exc) from exc
+
+    def abandon(self) -> None:
+        """Nothing more written: what was sent is waited for (the file may be whole,
+        partial or absent: the caller's journal entry deletes it)."""
+        self.sent.abandon()
 
 
 class GridStore:
@@ -71,6 +96,17 @@ class GridStore:
         file may not be whole; InsertFailed: the file is whole, the document of
         ``then`` that its index names (and those after it) not written.
         """
+        pending = self.begin(data, filename, metadata, file_id, length, ahead=False)
+        pending.finish(then)
+        return pending.file_id
+
+    def begin(self, data: bytes | Path, filename: str, metadata: dict[str, Any],
+              file_id: ObjectId | None = None, length: int | None = None,
+              ahead: bool = True) -> PendingFile:
+        """:meth:`put`, in two steps: the file is written (``ahead``: its last chunk
+        and files document sent, their outcome not read yet) and the rest left to
+        :meth:`PendingFile.finish` -- so that the caller can work while the database
+        writes, then send ``then``.  Raises as :meth:`put`."""
         file_id = file_id or ObjectId()
         with _chunks(data) as (size, chunks):
             if length is not None and size != length:
@@ -86,19 +122,15 @@ class GridStore:
                         self.chunks.insert_one(document)
                     else:
                         last.append((self.chunks, document))
-                last.append((self.files, {
-                    "_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
-                    "uploadDate": datetime.datetime.now(datetime.timezone.utc),
-                    "filename": filename, "metadata": metadata,
-                }))
-                self.inserter.insert([*last, *then])
-            except InsertFailed as exc:
-                if exc.index is not None and exc.index >= len(last):
-                    raise InsertFailed(exc.index - len(last), exc.cause) from exc.cause
-                raise ChunkWriteFailed(file_id, exc.cause) from exc.cause
             except PyMongoError as exc:
                 raise ChunkWriteFailed(file_id, exc) from exc
-        return file_id
+            last.append((self.files, {
+                "_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
+                "uploadDate": datetime.datetime.now(datetime.timezone.utc),
+                "filename": filename, "metadata": metadata,
+            }))
+        sent = self.inserter.send(last) if ahead else Sent(self.inserter, last, None)
+        return PendingFile(file_id, sent)
 
     def stream(self, file_id: ObjectId) -> Iterator[bytes]:
         """The file's chunks in order, one at a time (memory stays one chunk deep)."""

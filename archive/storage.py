@@ -70,7 +70,7 @@ from archive.bulkwrite import InsertFailed
 from archive.deletion import KIND as DELETE_KIND
 from archive.deletion import Deleter, Selection
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
-from archive.gridstore import GridStore
+from archive.gridstore import GridStore, PendingFile
 from archive.health import DatabaseHealth
 from archive.journal import Journal, alive_elsewhere
 from archive.levels import (
@@ -322,36 +322,47 @@ class Archive:
         file_id = ObjectId()
         key = str(file_id)
         size = part10_size(part10)
-        data = dicomjson.to_json(ds, file_id)
-        doc = self.instance_document(data, file_id, _transfer_syntax(ds), size, source)
+        syntax = _transfer_syntax(ds)
+        # Journaled before anything is written.  The entry on disk has no hierarchy:
+        # the file is sent before the dataset is converted, and a replay reads the
+        # hierarchy from the instance document if there is one (_settle).
         entry: dict[str, Any] = {"kind": "store", "pid": os.getpid(), "sop": sop_uid,
-                                 "file_id": key, "length": size,
-                                 "hierarchy": list(hierarchy_of(doc))}
+                                 "file_id": key, "length": size}
         self._active.add(key)
         batched = False
         try:
             self.journal.write(key, entry)
+            pending: PendingFile | None = None
             try:
-                outcome, batched = self._write(part10, doc, data, entry)
+                try:
+                    pending = self.files.begin(part10, f"{sop_uid}.dcm", {
+                        "SOPInstanceUID": sop_uid, "TransferSyntaxUID": syntax},
+                        file_id=file_id, length=size)
+                except _ChunkWriteFailed as exc:
+                    raise exc.cause from None
+                data = dicomjson.to_json(ds, file_id)  # while the database writes the file
+                doc = self.instance_document(data, file_id, syntax, size, source)
+                entry["hierarchy"] = list(hierarchy_of(doc))
+                outcome, batched = self._write(pending, doc, data, entry)
                 return outcome
             except BaseException as exc:
+                if pending is not None:
+                    pending.abandon()  # the file's writes over before they are undone
                 self._undo(entry, exc)
                 raise
         finally:
             if not batched:  # else the batch's writer finishes the entry
                 self._active.discard(key)
 
-    def _write(self, part10: Part10, doc: dict[str, Any], data: dict[str, Any],
+    def _write(self, pending: PendingFile, doc: dict[str, Any], data: dict[str, Any],
                entry: dict[str, Any]) -> tuple[StoreOutcome, bool]:
         """Steps 1 to 5; an exception leaves the undo to the caller (the entry says what).
 
         Also answers whether the level updates went into a batch (the entry stays until
         the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
-        try:  # a new instance: one round trip with its file where the database can
-            self.files.put(part10, f"{sop_uid}.dcm", {
-                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
-                file_id=file_id, length=entry["length"], then=[(self.instances, doc)])
+        try:  # the file whole, then a new instance (sent with the file's last writes
+            pending.finish(then=[(self.instances, doc)])  # where they were not sent yet)
             previous = None
         except _ChunkWriteFailed as exc:
             raise exc.cause from None
@@ -635,14 +646,16 @@ class Archive:
             return self.modifier.settle(entry)
         file_id = ObjectId(entry["file_id"])
         sop = entry["sop"]
-        current = self.instances.find_one({"_id": sop}, {"file_id": 1})
+        current = self.instances.find_one({"_id": sop}, HIERARCHY_PROJECTION)
         committed = current is not None and current["file_id"] == file_id
+        hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
+                       if entry.get(k)]
+        if committed and not entry.get("hierarchy"):  # journaled before its conversion
+            hierarchies.append(hierarchy_of(current))
         if entry["kind"] == "undo" and committed:
             self.instances.delete_one({"_id": sop})
             current, committed = None, False
         previous = entry.get("previous_file_id")
-        hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
-                       if entry.get(k)]
         if committed:
             if previous and ObjectId(previous) != file_id:
                 self.files.delete(ObjectId(previous))

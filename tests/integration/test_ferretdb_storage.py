@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +216,10 @@ class _Commands(monitoring.CommandListener):
 def test_a_store_writes_its_file_and_instance_document_in_one_round_trip(
         ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
         policy: str) -> None:
-    """A new instance of one chunk: its chunk, files document and instance document in
-    one bulkWrite, not three inserts the sender waits on. A re-send of it: the same
-    command finds the duplicate, and the duplicate policy decides as before."""
+    """The first store of an archive (which learns from it that the database takes
+    bulkWrite): its chunk, files document and instance document in one bulkWrite, not
+    three inserts the sender waits on. A re-send of it (its file now sent ahead, the
+    instance document inserted after): the duplicate policy decides as before."""
     listener = _Commands()
     client = pymongo.MongoClient(ferretdb.uri, event_listeners=[listener])
     try:
@@ -239,6 +242,100 @@ def test_a_store_writes_its_file_and_instance_document_in_one_round_trip(
         assert consistency_problems(db) == []
     finally:
         client.close()
+
+
+def _two_instances(testdata_files: list[Path]) -> list[bytes]:
+    return [next(p.read_bytes() for p in testdata_files if p.name == name)
+            for name in ("CT_small.dcm", "MR_small.dcm")]
+
+
+def test_a_store_writes_its_file_while_the_dataset_is_converted(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the archive knows the database takes bulkWrite, a store sends its file
+    (chunk and files document) before it turns the dataset into DICOM JSON, reads the
+    answer after, then inserts the instance document: the database writes the file
+    while the node converts."""
+    listener = _Commands()
+    client = pymongo.MongoClient(ferretdb.uri, event_listeners=[listener])
+    watcher = pymongo.MongoClient(ferretdb.uri)
+    try:
+        db = client[mongo_db.name]
+        archive = Archive(db, "fs", "reject", tmp_path / "journal")
+        first, second = _two_instances(testdata_files)
+        assert archive.store(first).ok  # learns that the database has bulkWrite
+        files_seen: list[bool] = []
+        convert = dicomjson.to_json
+
+        def watched(ds: Any, file_id: Any) -> Any:
+            files = watcher[mongo_db.name]["fs.files"]
+            deadline = time.monotonic() + 5
+            while files.find_one({"_id": file_id}) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            files_seen.append(files.find_one({"_id": file_id}) is not None)
+            return convert(ds, file_id)
+
+        monkeypatch.setattr(dicomjson, "to_json", watched)
+        listener.sent.clear()
+        assert archive.store(second).ok
+        assert files_seen == [True]
+        # the file went on a connection of its own, unseen by command monitoring
+        assert [c for c in listener.sent if c[0] in ("insert", "bulkWrite")] == \
+            [("insert", "instances")]
+        doc = db.instances.find_one({"_id": dcmread(BytesIO(second)).SOPInstanceUID})
+        assert archive.files.read(doc["file_id"]) == second
+        assert consistency_problems(db) == [] and counter_problems(db) == []
+    finally:
+        client.close()
+        watcher.close()
+
+
+def test_a_store_failing_while_its_file_is_sent_leaves_nothing(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion fails while the file is on its way: the store waits for the
+    file's writes before it takes them back, so no chunk or files document is left."""
+    archive = Archive(mongo_db, "fs", "reject", tmp_path / "journal")
+    first, second = _two_instances(testdata_files)
+    assert archive.store(first).ok
+
+    def broken(ds: Any, file_id: Any) -> Any:
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(dicomjson, "to_json", broken)
+    for _ in range(20):  # the race an undo without waiting would lose, twenty times
+        assert not archive.store(second).ok
+    assert not archive.pending()
+    assert mongo_db.instances.count_documents({}) == 1
+    assert mongo_db["fs.files"].count_documents({}) == 1
+    assert mongo_db["fs.chunks"].count_documents({}) == 1
+    assert consistency_problems(mongo_db) == []
+
+
+def test_a_file_sent_ahead_to_a_database_without_bulkwrite_is_inserted_one_at_a_time(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database answers a file sent ahead with CommandNotFound (another server
+    since the archive learnt it had bulkWrite): the store inserts the documents one at
+    a time, and later stores do so from the start."""
+    archive = Archive(mongo_db, "fs", "reject", tmp_path / "journal")
+    first, second = _two_instances(testdata_files)
+    assert archive.store(first).ok
+    read = bulkwrite._Answer.read
+
+    def not_here(answer: Any) -> Any:
+        read(answer)  # the connection's reply, then as from MongoDB 7 (nothing written)
+        mongo_db["fs.chunks"].delete_many({"files_id": {"$ne": first_file}})
+        mongo_db["fs.files"].delete_many({"_id": {"$ne": first_file}})
+        raise pymongo.errors.OperationFailure("no such command: 'bulkWrite'", 59)
+
+    first_file = mongo_db.instances.find_one()["file_id"]
+    monkeypatch.setattr(bulkwrite._Answer, "read", not_here)
+    assert archive.store(second).ok
+    assert archive.files.inserter.supported is False
+    assert mongo_db.instances.count_documents({}) == 2
+    assert mongo_db["fs.files"].count_documents({}) == 2
+    assert consistency_problems(mongo_db) == []
 
 
 @pytest.mark.parametrize("code", [59, 13])

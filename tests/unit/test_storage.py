@@ -512,6 +512,25 @@ def test_interrupted_upload_leaves_no_chunks(archive: Archive, db: Any) -> None:
     assert not archive.pending()
 
 
+def test_a_store_journaled_before_its_conversion_is_finished_from_its_instance_document(
+        archive: Archive, db: Any) -> None:
+    """A crash right after the instance document was written, before its level
+    documents: the journal entry on disk has no hierarchy (written before the dataset
+    was converted); the replay reads it from the instance document and counts it."""
+    archive.store(instance(sop_uid="1.2.3.10", study_uid="1.2.3", series_uid="1.2.3.1"))
+    doc = db.instances.find_one({"_id": "1.2.3.10"})
+    for name in ("series", "studies", "patients"):
+        db[name].delete_many({})
+    key = str(doc["file_id"])
+    archive.journal.write(key, {"kind": "store", "pid": os.getpid(), "sop": "1.2.3.10",
+                                "file_id": key, "length": doc["size"]})
+    assert archive.reconcile() == 1
+    assert db.series.find_one({"_id": "1.2.3.1"})["NumberOfSeriesRelatedInstances"] == 1
+    assert db.studies.find_one({"_id": "1.2.3"})["NumberOfStudyRelatedInstances"] == 1
+    assert db.patients.find_one({"_id": "PAT-1"})["NumberOfPatientRelatedInstances"] == 1
+    assert db["fs.files"].count_documents({"_id": doc["file_id"]}) == 1
+
+
 def test_failed_rollback_is_journaled_and_reconcile_removes_the_orphans(
         archive: Archive, db: Any, tmp_path: Path) -> None:
     kept = instance(sop_uid="1.2.3.9", study_uid="1.2.3", series_uid="1.2.3.1")
