@@ -97,7 +97,7 @@ class BulkInserter:
     def send(self, inserts: Sequence[Insert]) -> Sent:
         """The inserts sent now, their outcome read by :meth:`Sent.finish`, where the
         server is known to take ``bulkWrite``; else kept for ``finish`` to send."""
-        if self.supported and self.sends_ahead and self._may_bulk(inserts):
+        if self.supported and self.sends_ahead and self._may_bulk(inserts, least=1):
             try:
                 return Sent(self, inserts, _Answer.send(_bulk_command(inserts),
                                                        inserts[0][0].database.client))
@@ -109,10 +109,11 @@ class BulkInserter:
                 pass
         return Sent(self, inserts, None)
 
-    def _may_bulk(self, inserts: Sequence[Insert]) -> bool:
-        """Several inserts, into pymongo collections of one client (not mongomock's,
-        nor tests' stand-ins), and the server not known to lack the command."""
-        return (len(inserts) > 1 and self.supported is not False
+    def _may_bulk(self, inserts: Sequence[Insert], least: int = 2) -> bool:
+        """``least`` inserts or more, into pymongo collections of one client (not
+        mongomock's, nor tests' stand-ins), and the server not known to lack the
+        command."""
+        return (len(inserts) >= least and self.supported is not False
                 and all(isinstance(c, Collection) for c, _ in inserts)
                 and len({id(c.database.client) for c, _ in inserts}) == 1)
 

@@ -33,6 +33,7 @@ from archive.query import Query
 from archive.storage import (
     OUT_OF_RESOURCES,
     Admit,
+    Ahead,
     Archive,
     Part10,
     StoreOutcome,
@@ -174,7 +175,10 @@ class Context:
             return Stored(StoreOutcome(OUT_OF_RESOURCES, "archive is shutting down"),
                           stopping=True)
         ds: Dataset | None = None
+        ahead: Ahead | None = None
         try:
+            # the file's chunk written while the dataset is parsed (taken back if refused)
+            ahead = self.archive.send_ahead(part10) if decision.allowed else None
             try:
                 if decision.restricted:  # the dataset must match a Store rule's pattern
                     ds, rule, admit = admit_store(decision, part10, source)
@@ -196,13 +200,15 @@ class Context:
                 return Stored(StoreOutcome(exc.status, exc.comment, sop_uid), rule, ds)
             if note is not None:
                 return self._store_note(decision, note, part10, source, ds, rule, admit)
-            return Stored(self.archive.store(part10, source=source, ds=ds, admit=admit),
-                          rule, ds)
+            return Stored(self.archive.store(part10, source=source, ds=ds, admit=admit,
+                                             ahead=ahead), rule, ds)
         except Exception as exc:  # noqa: BLE001 - the front end keeps serving
             return Stored(StoreOutcome(OUT_OF_RESOURCES,
                                        f"internal error: {type(exc).__name__}"),
                           ds=ds, error=exc)
         finally:
+            if ahead is not None:
+                ahead.release()
             self.end_store()
 
     def _store_note(self, decision: Decision, note: rejection.Note, part10: Part10,

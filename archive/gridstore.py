@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
+from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
@@ -43,27 +44,33 @@ class ChunkWriteFailed(Exception):
 
 
 class PendingFile:
-    """A file :meth:`GridStore.begin` has written, but for its last chunk and files
-    document, which may be on their way."""
+    """A file whose chunks :meth:`GridStore.begin` has written, the last one perhaps
+    still on its way; the files document is yet to come."""
 
-    def __init__(self, file_id: ObjectId, sent: Sent) -> None:
-        self.file_id, self.sent = file_id, sent
+    def __init__(self, files: Collection, file_id: ObjectId, size: int, sent: Sent) -> None:
+        self.files, self.file_id, self.size, self.sent = files, file_id, size, sent
 
-    def finish(self, then: Sequence[Insert] = ()) -> None:
-        """The file whole, then ``then`` inserted; raises as :meth:`GridStore.put`."""
-        written = len(self.sent.inserts)
+    def finish(self, filename: str, metadata: dict[str, Any],
+               then: Sequence[Insert] = ()) -> None:
+        """The chunks written, then the files document (the file is whole: it appears)
+        and ``then``, in one round trip where the database can; raises as
+        :meth:`GridStore.put`."""
+        document = {"_id": self.file_id, "length": self.size, "chunkSize": CHUNK_SIZE,
+                    "uploadDate": datetime.datetime.now(datetime.timezone.utc),
+                    "filename": filename, "metadata": metadata}
+        sent = len(self.sent.inserts)
         try:
-            self.sent.finish(then)
+            self.sent.finish([(self.files, document), *then])
         except InsertFailed as exc:
-            if exc.index is not None and exc.index >= written:
-                raise InsertFailed(exc.index - written, exc.cause) from exc.cause
+            if exc.index is not None and exc.index > sent:
+                raise InsertFailed(exc.index - sent - 1, exc.cause) from exc.cause
             raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
         except PyMongoError as exc:
             raise ChunkWriteFailed(self.file_id, exc) from exc
 
     def abandon(self) -> None:
-        """Nothing more written: what was sent is waited for (the file may be whole,
-        partial or absent: the caller's journal entry deletes it)."""
+        """Nothing more written: what was sent is waited for (the chunks may be there
+        or not: the caller deletes them, or its journal entry does)."""
         self.sent.abandon()
 
 
@@ -96,17 +103,16 @@ class GridStore:
         file may not be whole; InsertFailed: the file is whole, the document of
         ``then`` that its index names (and those after it) not written.
         """
-        pending = self.begin(data, filename, metadata, file_id, length, ahead=False)
-        pending.finish(then)
+        pending = self.begin(data, file_id, length, ahead=False)
+        pending.finish(filename, metadata, then)
         return pending.file_id
 
-    def begin(self, data: bytes | Path, filename: str, metadata: dict[str, Any],
-              file_id: ObjectId | None = None, length: int | None = None,
-              ahead: bool = True) -> PendingFile:
-        """:meth:`put`, in two steps: the file is written (``ahead``: its last chunk
-        and files document sent, their outcome not read yet) and the rest left to
-        :meth:`PendingFile.finish` -- so that the caller can work while the database
-        writes, then send ``then``.  Raises as :meth:`put`."""
+    def begin(self, data: bytes | Path, file_id: ObjectId | None = None,
+              length: int | None = None, ahead: bool = True) -> PendingFile:
+        """:meth:`put` in two steps: the chunks written (``ahead``: the last one sent,
+        its outcome not read yet), the files document and the rest left to
+        :meth:`PendingFile.finish` -- the caller works while the database writes.
+        Raises as :meth:`put`."""
         file_id = file_id or ObjectId()
         with _chunks(data) as (size, chunks):
             if length is not None and size != length:
@@ -124,13 +130,8 @@ class GridStore:
                         last.append((self.chunks, document))
             except PyMongoError as exc:
                 raise ChunkWriteFailed(file_id, exc) from exc
-            last.append((self.files, {
-                "_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
-                "uploadDate": datetime.datetime.now(datetime.timezone.utc),
-                "filename": filename, "metadata": metadata,
-            }))
         sent = self.inserter.send(last) if ahead else Sent(self.inserter, last, None)
-        return PendingFile(file_id, sent)
+        return PendingFile(self.files, file_id, size, sent)
 
     def stream(self, file_id: ObjectId) -> Iterator[bytes]:
         """The file's chunks in order, one at a time (memory stays one chunk deep)."""

@@ -69,8 +69,8 @@ from archive import part10 as part10_check
 from archive.bulkwrite import InsertFailed
 from archive.deletion import KIND as DELETE_KIND
 from archive.deletion import Deleter, Selection
+from archive.gridstore import CHUNK_SIZE, GridStore, PendingFile
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
-from archive.gridstore import GridStore, PendingFile
 from archive.health import DatabaseHealth
 from archive.journal import Journal, alive_elsewhere
 from archive.levels import (
@@ -141,6 +141,33 @@ class StoreOutcome:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+class Ahead:
+    """A file's chunk sent before its dataset was parsed (:meth:`Archive.send_ahead`):
+    journaled, and held by this process until a store takes it or :meth:`release`
+    takes it back."""
+
+    def __init__(self, archive: Archive, key: str, entry: dict[str, Any],
+                 pending: PendingFile) -> None:
+        self.archive, self.key, self.entry, self.pending = archive, key, entry, pending
+        self.taken = False
+
+    def release(self) -> None:
+        """Unless a store took it: the chunk waited for and deleted, the entry removed
+        (left to the journal's replay if the database does not answer)."""
+        if self.taken:
+            return
+        self.taken = True
+        archive = self.archive
+        try:
+            self.pending.abandon()
+            archive.files.delete(self.pending.file_id, self.pending.size)
+            archive.journal.remove(self.key)
+        except Exception as exc:  # noqa: BLE001 - the entry deletes it later
+            log.warning("file sent ahead of a refused store not deleted yet: %s", exc)
+        finally:
+            archive._active.discard(self.key)
 
 
 class StoreRefused(Exception):
@@ -273,12 +300,40 @@ class Archive:
 
     # -- store ------------------------------------------------------------------------
 
+    def send_ahead(self, part10: Part10) -> Ahead | None:
+        """The file's chunk sent now, for the database to write while the dataset is
+        parsed and converted; journaled first.  Where that helps only: a file in memory
+        of one chunk, a database known to take ``bulkWrite`` (:mod:`archive.bulkwrite`).
+        The caller gives it to :meth:`store` and releases it whatever happens."""
+        inserter = self.files.inserter
+        if not (isinstance(part10, bytes) and len(part10) <= CHUNK_SIZE
+                and inserter.supported and inserter.sends_ahead and self.health.up):
+            return None
+        file_id = ObjectId()
+        key = str(file_id)
+        entry: dict[str, Any] = {"kind": "store", "pid": os.getpid(), "file_id": key,
+                                 "length": len(part10)}
+        self._active.add(key)
+        try:
+            self.journal.write(key, entry)  # no SOP Instance UID yet: see _settle
+            pending = self.files.begin(part10, file_id, len(part10))
+        except Exception:  # noqa: BLE001 - nothing sent: the store does it all
+            self.journal.remove(key)
+            self._active.discard(key)
+            return None
+        if pending.sent.answer is None:  # not sent after all (the connection)
+            self.journal.remove(key)
+            self._active.discard(key)
+            return None
+        return Ahead(self, key, entry, pending)
+
     def store(self, part10: Part10, source: str = "", ds: Dataset | None = None,
-              admit: Admit | None = None) -> StoreOutcome:
+              admit: Admit | None = None, ahead: Ahead | None = None) -> StoreOutcome:
         """Store one Part-10 file; the outcome's status is what C-STORE answers.
 
         ``admit`` judges what the store would replace or join before anything is
-        written (see :class:`Existing`).
+        written (see :class:`Existing`).  ``ahead``: the file's chunk already sent
+        (:meth:`send_ahead`), taken by the store once it is admitted.
         """
         try:
             ds = ds if ds is not None else self.parse(part10)
@@ -288,7 +343,7 @@ class Archive:
         if not self.health.up:  # refused at once, not after the driver's timeouts
             return StoreOutcome(OUT_OF_RESOURCES, "database unavailable", sop_uid)
         try:
-            return self._store(part10, ds, sop_uid, source, admit)
+            return self._store(part10, ds, sop_uid, source, admit, ahead)
         except StoreRefused as exc:
             return StoreOutcome(exc.status, exc.comment, sop_uid)
         except Conflict as exc:  # taken back already
@@ -312,34 +367,41 @@ class Archive:
                         self.studies.find_one({"_id": study_uid}))
 
     def _store(self, part10: Part10, ds: Dataset, sop_uid: str, source: str,
-               admit: Admit | None) -> StoreOutcome:
+               admit: Admit | None, ahead: Ahead | None = None) -> StoreOutcome:
         if admit is not None:
             admit(self.existing(ds, sop_uid))
         rejected = self.rejecter.rejection_of(sop_uid)
         if rejected is not None:  # until purged (dcm4chee-arc answers the same)
             raise StoreRefused(SUBSEQUENT_OCCURRENCE, f"subsequent occurrence of rejected "
                                f"object ({rejected.get('code', '?')})")
-        file_id = ObjectId()
-        key = str(file_id)
         size = part10_size(part10)
         syntax = _transfer_syntax(ds)
-        # Journaled before anything is written.  The entry on disk has no hierarchy:
-        # the file is sent before the dataset is converted, and a replay reads the
-        # hierarchy from the instance document if there is one (_settle).
-        entry: dict[str, Any] = {"kind": "store", "pid": os.getpid(), "sop": sop_uid,
-                                 "file_id": key, "length": size}
-        self._active.add(key)
+        # Journaled before anything is written.  The entry on disk has no hierarchy
+        # (the file is sent before the dataset is converted): a replay reads it from
+        # the instance document if there is one (_settle).
+        pending: PendingFile | None = None
+        if ahead is not None:  # the chunk went before the parse: this store's now
+            ahead.taken = True
+            key, entry, pending = ahead.key, ahead.entry, ahead.pending
+            entry["sop"] = sop_uid
+        else:
+            key = str(ObjectId())
+            entry = {"kind": "store", "pid": os.getpid(), "sop": sop_uid, "file_id": key,
+                     "length": size}
+            self._active.add(key)
+        file_id = ObjectId(key)
         batched = False
         try:
-            self.journal.write(key, entry)
-            pending: PendingFile | None = None
+            if pending is None:
+                self.journal.write(key, entry)
             try:
-                try:
-                    pending = self.files.begin(part10, f"{sop_uid}.dcm", {
-                        "SOPInstanceUID": sop_uid, "TransferSyntaxUID": syntax},
-                        file_id=file_id, length=size)
-                except _ChunkWriteFailed as exc:
-                    raise exc.cause from None
+                if pending is None:
+                    try:
+                        pending = self.files.begin(part10, file_id, size)
+                    except _ChunkWriteFailed as exc:
+                        raise exc.cause from None
+                else:  # the entry names the instance before its document can exist
+                    self.journal.write(key, entry)
                 data = dicomjson.to_json(ds, file_id)  # while the database writes the file
                 doc = self.instance_document(data, file_id, syntax, size, source)
                 entry["hierarchy"] = list(hierarchy_of(doc))
@@ -361,8 +423,10 @@ class Archive:
         Also answers whether the level updates went into a batch (the entry stays until
         the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
-        try:  # the file whole, then a new instance (sent with the file's last writes
-            pending.finish(then=[(self.instances, doc)])  # where they were not sent yet)
+        try:  # the file whole (it appears), then the new instance, in one round trip
+            pending.finish(f"{sop_uid}.dcm", {  # where the database can
+                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
+                then=[(self.instances, doc)])
             previous = None
         except _ChunkWriteFailed as exc:
             raise exc.cause from None
@@ -645,6 +709,9 @@ class Archive:
         if entry.get("kind") == MODIFY_KIND:
             return self.modifier.settle(entry)
         file_id = ObjectId(entry["file_id"])
+        if "sop" not in entry:  # its chunk sent before the parse, and no more
+            self.files.delete(file_id, entry.get("length"))
+            return []
         sop = entry["sop"]
         current = self.instances.find_one({"_id": sop}, HIERARCHY_PROJECTION)
         committed = current is not None and current["file_id"] == file_id

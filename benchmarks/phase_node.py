@@ -12,8 +12,9 @@ archive's code is not modified) the functions a C-STORE goes through:
   back (or its path, for a large one);
 - ``parse``: pydicom's ``dcmread`` of those bytes;
 - ``to_json``: the DICOM JSON conversion; ``instance_document``: the instance document;
-- ``GridStore.put``: the original into GridFS; ``_update_levels``: series, study and
-  patient documents;
+- ``GridStore.put``: the original into GridFS, or in two steps, ``GridStore.begin``
+  (the file sent) and ``PendingFile.finish`` (its answer read, the instance document
+  inserted); ``_update_levels``: series, study and patient documents;
 - every pymongo call, by collection and operation (``instances.find_one_and_replace``,
   ``fs.chunks.insert_one``...), nested inside the phases above.
 
@@ -90,6 +91,10 @@ def install() -> None:
     storage.Archive.instance_document = staticmethod(
         _timed("instance_document", storage.Archive.instance_document))
     gridstore.GridStore.put = _timed("GridStore.put", gridstore.GridStore.put)
+    if hasattr(gridstore, "PendingFile"):  # the file written while the dataset converts
+        gridstore.GridStore.begin = _timed("GridStore.begin", gridstore.GridStore.begin)
+        gridstore.PendingFile.finish = _timed("PendingFile.finish",
+                                              gridstore.PendingFile.finish)
     levels.Levels.fold = _timed("Levels.fold", levels.Levels.fold)
     storage.Archive.store = _timed("Archive.store", storage.Archive.store)
     for op in ("insert_one", "insert_many", "find_one", "find_one_and_replace",

@@ -72,6 +72,8 @@ PHASE_TREE = [
     ("DICOM JSON conversion (to_json)", "to_json", 2),
     ("instance document", "instance_document", 2),
     ("GridFS put", "GridStore.put", 2),
+    ("file sent (GridStore.begin)", "GridStore.begin", 2),
+    ("file's answer, instance document (PendingFile.finish)", "PendingFile.finish", 2),
     ("fs.chunks.insert_one", "db fs.chunks.insert_one", 3),
     ("fs.files.insert_one", "db fs.files.insert_one", 3),
     ("instance upsert (instances.find_one_and_replace)",
@@ -120,7 +122,8 @@ def print_phases(result: dict[str, Any], n: int) -> None:
                  handler - known, "", ""])
     store = timers.get("Archive.store", {}).get("mean_ms", 0.0)
     parts = sum(timers.get(k, {}).get("mean_ms", 0.0) for k in (
-        "parse", "to_json", "instance_document", "GridStore.put",
+        "parse", "to_json", "instance_document", "GridStore.put", "GridStore.begin",
+        "PendingFile.finish",
         "db instances.find_one_and_replace", "_update_levels"))
     rows.append(["      Archive.store, other", store - parts, "", ""])
     print(h.table(["phase", "mean", "first 10%", "last 10%"], rows))
@@ -161,6 +164,8 @@ def classify(frames: list[str]) -> str:
         frames, "recv_into", "_receive_data_on_socket", "receive_message", "receive_data",
         "wait_for_read", "sock.recv", "select")
     phase = ("GridFS put" if _has(frames, "GridStore.put", "put (archive/gridstore")
+             else "file sent" if _has(frames, "GridStore.begin", "begin (archive/gridstore")
+             else "file's answer, instance document" if _has(frames, "PendingFile.finish")
              else "instance upsert" if _has(frames, "find_one_and_replace")
              else "level updates" if _has(frames, "_update_levels")
              else "other database" if _has(frames, "pymongo") else "")

@@ -18,9 +18,13 @@ from helpers import consistency_problems, counter_problems
 from pydicom import dcmread
 from pymongo import monitoring
 
+from acl.patterns import to_json
+from acl.rules import Rule, decide
 from archive import bulkwrite, dicomjson, model
+from archive.config import Config
+from archive.context import Context
 from archive.gridstore import CHUNK_SIZE, GridStore
-from archive.storage import SUCCESS, Archive, ensure_indexes
+from archive.storage import SUCCESS, Archive, StoreOutcome, ensure_indexes
 
 pytestmark = [pytest.mark.ferretdb, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -252,10 +256,10 @@ def _two_instances(testdata_files: list[Path]) -> list[bytes]:
 def test_a_store_writes_its_file_while_the_dataset_is_converted(
         ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the archive knows the database takes bulkWrite, a store sends its file
-    (chunk and files document) before it turns the dataset into DICOM JSON, reads the
-    answer after, then inserts the instance document: the database writes the file
-    while the node converts."""
+    """Once the archive knows the database takes bulkWrite, a store sends its file's
+    chunk before it turns the dataset into DICOM JSON and reads the answer after; then
+    the files document and the instance document go in one bulkWrite (the file appears
+    with its instance)."""
     listener = _Commands()
     client = pymongo.MongoClient(ferretdb.uri, event_listeners=[listener])
     watcher = pymongo.MongoClient(ferretdb.uri)
@@ -264,30 +268,109 @@ def test_a_store_writes_its_file_while_the_dataset_is_converted(
         archive = Archive(db, "fs", "reject", tmp_path / "journal")
         first, second = _two_instances(testdata_files)
         assert archive.store(first).ok  # learns that the database has bulkWrite
-        files_seen: list[bool] = []
+        seen: list[bool] = []
         convert = dicomjson.to_json
 
         def watched(ds: Any, file_id: Any) -> Any:
-            files = watcher[mongo_db.name]["fs.files"]
-            deadline = time.monotonic() + 5
-            while files.find_one({"_id": file_id}) is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            files_seen.append(files.find_one({"_id": file_id}) is not None)
+            seen.append(_written_soon(watcher[mongo_db.name], f"{file_id}/0"))
             return convert(ds, file_id)
 
         monkeypatch.setattr(dicomjson, "to_json", watched)
         listener.sent.clear()
         assert archive.store(second).ok
-        assert files_seen == [True]
-        # the file went on a connection of its own, unseen by command monitoring
+        assert seen == [True]
+        # the chunk went on a connection of its own, unseen by command monitoring
         assert [c for c in listener.sent if c[0] in ("insert", "bulkWrite")] == \
-            [("insert", "instances")]
+            [("bulkWrite", ["fs.files", "instances"])]
         doc = db.instances.find_one({"_id": dcmread(BytesIO(second)).SOPInstanceUID})
         assert archive.files.read(doc["file_id"]) == second
         assert consistency_problems(db) == [] and counter_problems(db) == []
     finally:
         client.close()
         watcher.close()
+
+
+def _written_soon(db: Any, chunk_id: str, seconds: float = 5) -> bool:
+    """Whether the chunk is in the database within ``seconds`` (read by another client)."""
+    deadline = time.monotonic() + seconds
+    while db["fs.chunks"].find_one({"_id": chunk_id}, {"_id": 1}) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _storing(db: Any, tmp_path: Path, rules: list[Rule] | None = None) -> tuple[Context, Any]:
+    """A core context storing into ``db`` (as the DIMSE and STOW-RS front ends call it),
+    and the Store decision of ``rules`` (default: anyone, anything)."""
+    cfg = Config()
+    cfg.database.uri = "mongodb://127.0.0.1:1/"  # the context's own client: unused
+    context = Context(cfg)
+    context.archive = Archive(db, "fs", "reject", tmp_path / "journal")
+    decision = decide(rules or [Rule("modality", "Store", None, 1)], "modality", "Store")
+    return context, decision
+
+
+def test_a_store_writes_its_chunk_while_the_dataset_is_parsed(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the front ends' entry (Context.store_as), the chunk of a file held in
+    memory goes before the dataset is even parsed."""
+    context, decision = _storing(mongo_db, tmp_path)
+    watcher = pymongo.MongoClient(ferretdb.uri)
+    try:
+        first, second = _two_instances(testdata_files)
+        assert context.store_as(decision, first, "CT01").outcome.ok
+        seen: list[bool] = []
+        parse = Archive.parse
+
+        def watched(part10: Any) -> Any:
+            chunks = watcher[mongo_db.name]["fs.chunks"]
+            deadline = time.monotonic() + 5
+            while chunks.count_documents({}) < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen.append(chunks.count_documents({}) == 2)
+            return parse(part10)
+
+        monkeypatch.setattr(Archive, "parse", staticmethod(watched))
+        assert context.store_as(decision, second, "CT01").outcome.ok
+        assert seen == [True]
+        assert not list(context.archive.journal.entries())
+        assert consistency_problems(mongo_db) == [] and counter_problems(mongo_db) == []
+    finally:
+        watcher.close()
+        context.client.close()
+
+
+def test_stores_refused_after_their_chunk_was_sent_leave_nothing(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path]
+        ) -> None:
+    """Each way a store is refused once its chunk has gone ahead -- not DICOM, cut
+    short, outside the sender's Store pattern, refused by the front end's check, a
+    re-send under the reject policy -- takes the chunk back: no chunk, files document
+    or journal entry is left."""
+    mr_only = [Rule("modality", "Store", to_json({"Modality": "MR"}), 1)]
+    context, anyone = _storing(mongo_db, tmp_path)
+    restricted = decide(mr_only, "modality", "Store")
+    try:
+        ct, mr = _two_instances(testdata_files)
+        assert context.store_as(anyone, mr, "MR01").outcome.ok
+        refusals = [
+            context.store_as(anyone, b"not DICOM at all", "X"),
+            context.store_as(anyone, ct[:len(ct) // 2], "X"),
+            context.store_as(restricted, ct, "X"),
+            context.store_as(anyone, ct, "X", lambda ds: StoreOutcome(0xA900, "no")),
+            context.store_as(anyone, mr, "X"),
+        ]
+        assert [r.outcome.ok for r in refusals] == [False] * 5
+        assert refusals[2].outside_rules and refusals[4].outcome.status == 0x0111
+        assert mongo_db["fs.chunks"].count_documents({}) == 1
+        assert mongo_db["fs.files"].count_documents({}) == 1
+        assert not list(context.archive.journal.entries())
+        assert not context.archive._active
+        assert consistency_problems(mongo_db) == []
+    finally:
+        context.client.close()
 
 
 def test_a_store_failing_while_its_file_is_sent_leaves_nothing(
