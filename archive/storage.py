@@ -377,11 +377,12 @@ class Archive:
         size = part10_size(part10)
         syntax = _transfer_syntax(ds)
         # Journaled before anything is written.  The entry on disk has no hierarchy
-        # (the file is sent before the dataset is converted): a replay reads it from
-        # the instance document if there is one (_settle).
+        # (the file is sent before the dataset is converted), nor, when the chunk went
+        # before the parse, the SOP Instance UID: a replay reads them from the instance
+        # document, if there is one (_settle).
         pending: PendingFile | None = None
         if ahead is not None:  # the chunk went before the parse: this store's now
-            ahead.taken = True
+            ahead.taken = True  # (its entry on disk names no instance: see _settle)
             key, entry, pending = ahead.key, ahead.entry, ahead.pending
             entry["sop"] = sop_uid
         else:
@@ -400,8 +401,6 @@ class Archive:
                         pending = self.files.begin(part10, file_id, size)
                     except _ChunkWriteFailed as exc:
                         raise exc.cause from None
-                else:  # the entry names the instance before its document can exist
-                    self.journal.write(key, entry)
                 data = dicomjson.to_json(ds, file_id)  # while the database writes the file
                 doc = self.instance_document(data, file_id, syntax, size, source)
                 entry["hierarchy"] = list(hierarchy_of(doc))
@@ -709,11 +708,15 @@ class Archive:
         if entry.get("kind") == MODIFY_KIND:
             return self.modifier.settle(entry)
         file_id = ObjectId(entry["file_id"])
-        if "sop" not in entry:  # its chunk sent before the parse, and no more
-            self.files.delete(file_id, entry.get("length"))
-            return []
+        if "sop" in entry:
+            current = self.instances.find_one({"_id": entry["sop"]}, HIERARCHY_PROJECTION)
+        else:  # journaled before the parse: its instance document, if any, by its file
+            current = self.instances.find_one({"file_id": file_id}, HIERARCHY_PROJECTION)
+            if current is None:
+                self.files.delete(file_id, entry.get("length"))
+                return []
+            entry["sop"] = current["_id"]  # (reconcile counts it among the members)
         sop = entry["sop"]
-        current = self.instances.find_one({"_id": sop}, HIERARCHY_PROJECTION)
         committed = current is not None and current["file_id"] == file_id
         hierarchies = [tuple(entry[k]) for k in ("hierarchy", "previous_hierarchy")
                        if entry.get(k)]

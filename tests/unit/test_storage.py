@@ -512,23 +512,41 @@ def test_interrupted_upload_leaves_no_chunks(archive: Archive, db: Any) -> None:
     assert not archive.pending()
 
 
+@pytest.mark.parametrize("names_the_instance", [True, False])
 def test_a_store_journaled_before_its_conversion_is_finished_from_its_instance_document(
-        archive: Archive, db: Any) -> None:
+        archive: Archive, db: Any, names_the_instance: bool) -> None:
     """A crash right after the instance document was written, before its level
     documents: the journal entry on disk has no hierarchy (written before the dataset
-    was converted); the replay reads it from the instance document and counts it."""
+    was converted), nor a SOP Instance UID if written before the parse; the replay
+    finds the instance document by its file, reads the hierarchy there and counts it."""
     archive.store(instance(sop_uid="1.2.3.10", study_uid="1.2.3", series_uid="1.2.3.1"))
     doc = db.instances.find_one({"_id": "1.2.3.10"})
     for name in ("series", "studies", "patients"):
         db[name].delete_many({})
     key = str(doc["file_id"])
-    archive.journal.write(key, {"kind": "store", "pid": os.getpid(), "sop": "1.2.3.10",
-                                "file_id": key, "length": doc["size"]})
+    entry = {"kind": "store", "pid": os.getpid(), "file_id": key, "length": doc["size"]}
+    if names_the_instance:
+        entry["sop"] = "1.2.3.10"
+    archive.journal.write(key, entry)
     assert archive.reconcile() == 1
     assert db.series.find_one({"_id": "1.2.3.1"})["NumberOfSeriesRelatedInstances"] == 1
     assert db.studies.find_one({"_id": "1.2.3"})["NumberOfStudyRelatedInstances"] == 1
     assert db.patients.find_one({"_id": "PAT-1"})["NumberOfPatientRelatedInstances"] == 1
     assert db["fs.files"].count_documents({"_id": doc["file_id"]}) == 1
+
+
+def test_a_chunk_journaled_before_the_parse_and_never_stored_is_deleted(
+        archive: Archive, db: Any) -> None:
+    """A crash after the chunk went ahead, before any instance document: the replay
+    deletes the chunk."""
+    file_id = ObjectId()
+    archive.files.begin(b"x" * 100, file_id, ahead=False).sent.finish()
+    key = str(file_id)
+    archive.journal.write(key, {"kind": "store", "pid": os.getpid(), "file_id": key,
+                                "length": 100})
+    assert db["fs.chunks"].count_documents({}) == 1
+    assert archive.reconcile() == 1
+    assert nothing_written(db)
 
 
 def test_failed_rollback_is_journaled_and_reconcile_removes_the_orphans(
