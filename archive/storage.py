@@ -321,9 +321,8 @@ class Archive:
             self.journal.remove(key)
             self._active.discard(key)
             return None
-        if pending.sent.answer is None:  # not sent after all (the connection)
-            self.journal.remove(key)
-            self._active.discard(key)
+        if pending.sent.answer is None:  # not sent after all (the connection): if part
+            self._active.discard(key)    # of it went, the entry's replay deletes it
             return None
         return Ahead(self, key, entry, pending)
 
