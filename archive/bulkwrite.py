@@ -14,8 +14,9 @@ on MongoDB either: a failure leaves the ones before it written).
 is written while its dataset is turned into DICOM JSON.  pymongo has no public call
 for that; this module holds one of the client's pooled connections through pymongo's
 own connection API (``Pool.checkout``, ``Connection.send_message`` /
-``receive_message``, ``message._op_msg``, as pymongo 4.9 to 4.x have them).  Where
-those are missing or fail before anything is sent, or the server has no ``bulkWrite``,
+``receive_message``, ``message._op_msg``, as pymongo 4.20 has them; other versions
+are untested).  Where those are missing or differ (logged once), fail before anything
+is sent, or the server has no ``bulkWrite``,
 :meth:`Sent.finish` sends the inserts with those it is given, in one round trip as
 :meth:`BulkInserter.insert` does.
 """

@@ -58,12 +58,12 @@ class PendingFile:
         document = {"_id": self.file_id, "length": self.size, "chunkSize": CHUNK_SIZE,
                     "uploadDate": datetime.datetime.now(datetime.timezone.utc),
                     "filename": filename, "metadata": metadata}
-        sent = len(self.sent.inserts)
+        chunks = len(self.sent.inserts)  # then come the files document and ``then``
         try:
             self.sent.finish([(self.files, document), *then])
         except InsertFailed as exc:
-            if exc.index is not None and exc.index > sent:
-                raise InsertFailed(exc.index - sent - 1, exc.cause) from exc.cause
+            if exc.index is not None and exc.index > chunks:
+                raise InsertFailed(exc.index - chunks - 1, exc.cause) from exc.cause
             raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
         except PyMongoError as exc:
             raise ChunkWriteFailed(self.file_id, exc) from exc
