@@ -50,6 +50,14 @@ ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 LOOPBACK = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
 
+# pynetdicom installs its own echoscu/storescu/findscu/... into the virtual environment's
+# bin: with the environment activated they would shadow DCMTK's, which every benchmark
+# means (and whose options they do not take). Tools are found without that directory.
+_VENV_BINS = {str(Path(sys.prefix) / "bin"), str(REPO / ".venv" / "bin")}
+os.environ["PATH"] = os.pathsep.join(
+    d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+    if d.rstrip("/") not in _VENV_BINS)
+
 
 class BenchmarkError(RuntimeError):
     """A system under test failed, or did not do all it was asked: the run is invalid."""
