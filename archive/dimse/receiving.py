@@ -34,10 +34,11 @@ import logging
 import os
 import re
 import secrets
+import struct
 import weakref
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pynetdicom import _config, dimse_messages
 from pynetdicom.events import Event
@@ -127,9 +128,12 @@ class Receiver:
         return removed
 
     def install(self) -> None:
-        """Make pynetdicom receive C-STORE datasets into spools of this folder."""
+        """Make pynetdicom receive C-STORE datasets into spools of this folder, their
+        meta group encoded by :func:`meta_group`."""
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = self._spool  # type: ignore[attr-defined]
+        dimse_messages.create_file_meta = _MetaValues  # type: ignore[attr-defined]
+        dimse_messages.write_file_meta_info = _write_meta  # type: ignore[attr-defined]
 
     def _spool(self, *args: Any, **kwargs: Any) -> Spool:
         """What pynetdicom calls as ``NamedTemporaryFile(delete=False, mode="wb", ...)``."""
@@ -152,6 +156,65 @@ class Receiver:
             spool.close()
         if _remove(spool.name):
             log.info("connection closed during a C-STORE: partly received dataset deleted")
+
+
+# --- the meta group of a received dataset -------------------------------------------
+
+#: pydicom's and pynetdicom's own, which the fast path must equal byte for byte.
+_create_file_meta = dimse_messages.create_file_meta
+_write_file_meta_info = dimse_messages.write_file_meta_info
+_IMPLEMENTATION = _create_file_meta.__kwdefaults__ or {}
+#: What a UID made of digits and dots is (PS3.5 9.1), which the fast path encodes.
+_UID = re.compile(rb"[0-9.]{1,64}")
+
+
+class _MetaValues(NamedTuple):
+    """What pynetdicom passes ``create_file_meta`` for a received dataset, kept for
+    :func:`_write_meta` instead of a pydicom ``FileMetaDataset`` (building and
+    validating one took a fifth of the DUL thread's CPU per stored instance)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length."""
+    return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def meta_group(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes | None:
+    """The File Meta Information group pynetdicom writes before a received dataset
+    (``create_file_meta`` then pydicom's ``write_file_meta_info``), the same bytes, for
+    UIDs of digits and dots; None for anything else, which pydicom encodes."""
+    uids = [str(uid).encode("ascii", "replace") for uid in
+            (sop_class_uid, sop_instance_uid, transfer_syntax,
+             _IMPLEMENTATION.get("implementation_uid", ""))]
+    version = str(_IMPLEMENTATION.get("implementation_version", "")).encode("ascii", "replace")
+    if not all(_UID.fullmatch(uid) for uid in uids) or not 0 < len(version) <= 16 \
+            or not version.isascii() or not version.strip():
+        return None
+    body = b"".join((
+        struct.pack("<HH2s2xL", 2, 0x0001, b"OB", 2), b"\x00\x01",
+        *(_element(tag, b"UI", _even(uid, b"\x00"))
+          for tag, uid in zip((0x0002, 0x0003, 0x0010, 0x0012), uids, strict=True)),
+        _element(0x0013, b"SH", _even(version, b" "))))
+    return struct.pack("<HH2sHL", 2, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _write_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """``write_file_meta_info`` as pynetdicom calls it for a received dataset."""
+    if isinstance(file_meta, _MetaValues):
+        encoded = meta_group(*file_meta)
+        if encoded is not None:
+            fp.write(encoded)
+            return
+        file_meta = _create_file_meta(**file_meta._asdict())
+    _write_file_meta_info(fp, file_meta, enforce_standard)
 
 
 def _remove(name: str) -> bool:

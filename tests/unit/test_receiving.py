@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import subprocess
 import sys
+import warnings
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import _config, dimse_messages
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from archive.dimse.receiving import Receiver, Spool
+from archive.dimse.receiving import Receiver, Spool, meta_group
 
 LIMIT = 1000
 
@@ -26,8 +30,8 @@ LIMIT = 1000
 @pytest.fixture
 def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Receiver:
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
-    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile",
-                        dimse_messages.NamedTemporaryFile)
+    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
+        monkeypatch.setattr(dimse_messages, name, getattr(dimse_messages, name))
     receiver = Receiver(tmp_path / "incoming", in_memory_max_bytes=LIMIT)
     receiver.prepare()
     receiver.install()
@@ -61,19 +65,20 @@ def test_start_creates_the_folder(tmp_path: Path) -> None:
     assert receiver.folder.is_dir()
 
 
-def receive(size: int) -> tuple[Any, Any]:
+def receive(size: int, sop_class: str = "1.2.840.10008.5.1.4.1.1.7",
+            sop_instance: str = "1.2.3.4", syntax: str = ExplicitVRLittleEndian
+            ) -> tuple[Any, Any]:
     """A C-STORE-RQ of a ``size``-byte dataset through pynetdicom's DIMSE decoding, as
     the node receives it (16 KiB PDUs); the request primitive and an event for it."""
     request = C_STORE()
     request.MessageID = 1
-    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
     request.Priority = 2
     request.DataSet = BytesIO(os.urandom(size))
     outgoing = C_STORE_RQ()
     outgoing.primitive_to_message(request)
-    assoc = SimpleNamespace(_accepted_cx={1: SimpleNamespace(
-        transfer_syntax=[ExplicitVRLittleEndian])})
+    assoc = SimpleNamespace(_accepted_cx={1: SimpleNamespace(transfer_syntax=[syntax])})
     message = DIMSEMessage()
     for primitive in outgoing.encode_msg(1, 16382):
         message.decode_msg(primitive, assoc)
@@ -82,11 +87,11 @@ def receive(size: int) -> tuple[Any, Any]:
     return received, event
 
 
-def part10(request: Any, dataset: bytes) -> bytes:
+def part10(request: Any, dataset: bytes, syntax: str = ExplicitVRLittleEndian) -> bytes:
     """What ``event.encoded_dataset(include_meta=True)`` gave before."""
     meta = create_file_meta(sop_class_uid=request.AffectedSOPClassUID,
                             sop_instance_uid=request.AffectedSOPInstanceUID,
-                            transfer_syntax=ExplicitVRLittleEndian)
+                            transfer_syntax=syntax)
     return b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + dataset
 
 
@@ -119,6 +124,28 @@ def test_both_hold_the_bytes_encoded_dataset_gave(receiver: Receiver) -> None:
         head = data[:len(data) - size]
         assert data == part10(request, data[len(head):])
         request._dataset_file.close()
+
+
+#: UIDs as senders write them: digits and dots of any length up to 64 (odd lengths are
+#: padded), and a few that are no UID at all (pydicom encodes those itself).
+uids = st.one_of(st.from_regex(r"[0-9][0-9.]{0,63}", fullmatch=True),
+                 st.sampled_from(["1.2.840.10008.1.2.1", "1.2.3 ", "ÿ.1", "1.2.x"]))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sop_class=uids, sop_instance=uids, syntax=uids)
+def test_the_meta_group_of_a_received_dataset_is_pydicoms_byte_for_byte(
+        receiver: Receiver, sop_class: str, sop_instance: str, syntax: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of invalid UIDs, and writes them
+        request, event = receive(100, sop_class, sop_instance, syntax)
+        expected = part10(request, b"", syntax)
+    received = receiver.dataset(event)
+    assert isinstance(received, bytes)
+    assert received[:len(expected)] == expected
+    if all(re.fullmatch(r"[0-9.]+", uid) for uid in (sop_class, sop_instance, syntax)):
+        assert meta_group(sop_class, sop_instance, syntax) is not None  # not pydicom's
 
 
 def test_a_spool_pynetdicom_drops_without_deleting_its_file_is_deleted(
