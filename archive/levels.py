@@ -741,6 +741,28 @@ class WriteBehind:
             self.flush()
         return True
 
+    def agrees(self, doc: dict[str, Any]) -> bool:
+        """Whether every batch waiting under the instance's study or patient has its
+        attributes at those levels, so that its fold need not wait for them.
+
+        A fold and a batch then commute: counters are increments, child lists and value
+        sets unions, and both set the same attributes on the documents they share.  Any
+        difference (a study becoming mixed, a study of two patients) keeps the order of
+        arrival: the batches are written first, as before.
+        """
+        hashes = doc["hashes"]
+        study, patient = doc["StudyInstanceUID"], doc["PatientID"]
+        with self._lock:
+            for batch in self._batches.values():
+                _, batch_study, batch_patient = batch.hierarchy
+                shared = ((PATIENT, STUDY) if batch_study == study
+                          else (PATIENT,) if batch_patient == patient else ())
+                if batch_study == study and batch_patient != patient:
+                    return False
+                if any(batch.hashes.get(level) != hashes.get(level) for level in shared):
+                    return False
+        return True
+
     def flush(self) -> None:
         """Write every batch (the barrier before reading level documents)."""
         with self._flushing:

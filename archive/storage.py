@@ -441,8 +441,13 @@ class Archive:
         if self.batches is not None:
             if previous is None and self.batches.take(doc, data, entry["file_id"]):
                 return StoreOutcome(SUCCESS, "", sop_uid), True
-            self.batches.flush()  # what was batched before is written before this one
-        rebuild = self.levels.fold(doc, data, previous)
+            if previous is not None or not self.batches.agrees(doc):
+                self.batches.flush()  # what was batched before is written before this one
+        try:
+            rebuild = self.levels.fold(doc, data, previous)
+        except BaseException:
+            self.flush()  # the undo rebuilds level documents: no batch half-written then
+            raise
         if self.batches is not None:
             if previous is None and not rebuild:
                 self.batches.learn(doc)
@@ -465,7 +470,10 @@ class Archive:
             else:
                 self.levels.leave(previous, hierarchy_of(doc))
         if rebuild:
-            # rebuilds read the instances: unfinished stores are settled first
+            # rebuilds read the instances: unfinished stores are settled first, and
+            # this node's batches written (a rebuild must not run between a batch's
+            # series update and its study update: it would count the batch twice)
+            self.flush()
             self.reconcile()
             self.levels.recompute(*rebuild, extra_instances=[sop_uid])
         outcome = StoreOutcome(SUCCESS, "", sop_uid, replaced=previous is not None)

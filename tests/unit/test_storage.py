@@ -419,6 +419,40 @@ def test_a_batch_into_a_study_without_counts_per_value_rebuilds_it(db: Any,
     assert db.studies.find_one()["modality_counts"] == {"vCT": 2}
 
 
+def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
+        db: Any, tmp_path: Path) -> None:
+    """A C-STORE starting a series folds its instance at once while batches of the same
+    study and patient wait (their updates commute); one whose study or patient
+    attributes differ has the batches written first, so the documents show the newest
+    instance's attributes, as a rebuild would."""
+    archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
+    assert archive.batches is not None
+
+    def description(collection: str, tag: str) -> str:
+        return db[collection].find_one()["dataset"][tag]["Value"][0]
+
+    archive.store(instance(sop_uid="1.2.3.1", StudyDescription="HEAD"))
+    archive.store(instance(sop_uid="1.2.3.2", StudyDescription="HEAD"))  # batched
+    archive.store(instance(sop_uid="1.2.3.3", series_uid=f"{SERIES}.2",
+                           StudyDescription="HEAD"))
+    assert archive.batches.pending() == 1  # left to the writer
+    archive.store(instance(sop_uid="1.2.3.4", series_uid=f"{SERIES}.3",
+                           StudyDescription="CHEST"))
+    assert archive.batches.pending() == 0
+    assert description("studies", "00081030") == "CHEST"
+
+    archive.store(instance(sop_uid="1.2.3.5", series_uid=f"{SERIES}.3",
+                           StudyDescription="CHEST"))  # batched
+    archive.store(instance(sop_uid="1.2.3.6", study_uid=f"{STUDY}.2",
+                           series_uid=f"{SERIES}.4", patient_name="ROE^R"))
+    assert archive.batches.pending() == 0
+    assert description("patients", "00100010")["Alphabetic"] == "ROE^R"
+
+    archive.flush()
+    assert check(archive, grace=0).problems == []
+    assert counter_problems(db) == [] and consistency_problems(db) == []
+
+
 # --- database failures -------------------------------------------------------------
 
 
