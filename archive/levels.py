@@ -755,10 +755,14 @@ class WriteBehind:
         with self._lock:
             for batch in self._batches.values():
                 _, batch_study, batch_patient = batch.hierarchy
-                shared = ((PATIENT, STUDY) if batch_study == study
-                          else (PATIENT,) if batch_patient == patient else ())
-                if batch_study == study and batch_patient != patient:
-                    return False
+                if batch_study == study:
+                    if batch_patient != patient:
+                        return False
+                    shared: tuple[str, ...] = (PATIENT, STUDY)
+                elif batch_patient == patient:
+                    shared = (PATIENT,)
+                else:
+                    continue
                 if any(batch.hashes.get(level) != hashes.get(level) for level in shared):
                     return False
         return True

@@ -170,8 +170,8 @@ _UID = re.compile(rb"[0-9.]{1,64}")
 
 class _MetaValues(NamedTuple):
     """What pynetdicom passes ``create_file_meta`` for a received dataset, kept for
-    :func:`_write_meta` instead of a pydicom ``FileMetaDataset`` (building and
-    validating one took a fifth of the DUL thread's CPU per stored instance)."""
+    :func:`_write_meta` instead of a pydicom ``FileMetaDataset``: building, validating
+    and writing one cost the thread reading the sender's PDUs 0.4 ms per instance."""
 
     sop_class_uid: str
     sop_instance_uid: str
