@@ -443,11 +443,7 @@ class Archive:
                 return StoreOutcome(SUCCESS, "", sop_uid), True
             if previous is not None or not self.batches.agrees(doc):
                 self.batches.flush()  # what was batched before is written before this one
-        try:
-            rebuild = self.levels.fold(doc, data, previous)
-        except BaseException:
-            self.flush()  # the undo rebuilds level documents: no batch half-written then
-            raise
+        rebuild = self.levels.fold(doc, data, previous)
         if self.batches is not None:
             if previous is None and not rebuild:
                 self.batches.learn(doc)
@@ -470,12 +466,9 @@ class Archive:
             else:
                 self.levels.leave(previous, hierarchy_of(doc))
         if rebuild:
-            # rebuilds read the instances: unfinished stores are settled first, and
-            # this node's batches written (a rebuild must not run between a batch's
-            # series update and its study update: it would count the batch twice)
-            self.flush()
+            # rebuilds read the instances: unfinished stores are settled first
             self.reconcile()
-            self.levels.recompute(*rebuild, extra_instances=[sop_uid])
+            self._recompute(*rebuild, extra_instances=[sop_uid])
         outcome = StoreOutcome(SUCCESS, "", sop_uid, replaced=previous is not None)
         if previous is not None and previous["file_id"] != file_id:
             try:
@@ -694,7 +687,7 @@ class Archive:
         extra = [e["sop"] for _, e in entries if "sop" in e] + [
             item["sop"] for _, e in entries if e.get("kind") == MODIFY_KIND
             for item in e.get("instances", [])]
-        self.levels.recompute(*hierarchies, extra_instances=extra)
+        self._recompute(*hierarchies, extra_instances=extra)
         for key, _ in entries:
             self.journal.remove(key)
         log.info("journal replayed: %d entries", len(entries))
@@ -702,7 +695,16 @@ class Archive:
 
     def _resolve(self, entry: dict[str, Any]) -> None:
         """Bring the archive to the state the entry's store should leave (see reconcile)."""
-        self.levels.recompute(*self._settle(entry), extra_instances=[entry["sop"]])
+        self._recompute(*self._settle(entry), extra_instances=[entry["sop"]])
+
+    def _recompute(self, *hierarchies: tuple[str, str, str],
+                   extra_instances: list[str]) -> None:
+        """Level documents rebuilt from their members, this node's batches written
+        first: a store starting a series does not wait for them (:meth:`_write`), and
+        a rebuild between a batch's series update and its study update would count the
+        batch twice."""
+        self.flush()
+        self.levels.recompute(*hierarchies, extra_instances=extra_instances)
 
     def _settle(self, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
         """The instance and files as the entry's store should leave them (a delete's:

@@ -456,6 +456,31 @@ def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
 # --- database failures -------------------------------------------------------------
 
 
+def test_a_new_series_failing_in_an_outage_does_not_write_the_batches_first(
+        db: Any, tmp_path: Path) -> None:
+    """The database gone while a store starts a series: the failure is answered at once
+    and left to the journal, without trying the waiting batches (each would wait out
+    the driver's timeouts first); they are written with the rebuild once it is back."""
+    archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
+    assert archive.batches is not None
+    archive.store(instance(sop_uid="1.2.3.1"))
+    archive.store(instance(sop_uid="1.2.3.2"))  # batched
+    real = archive.series
+    archive.series = Flaky(real, "update_one", times=None)  # type: ignore[assignment]
+    archive.health.check = lambda: False  # type: ignore[method-assign]
+    outcome = archive.store(instance(sop_uid="1.2.3.3", series_uid=f"{SERIES}.2"))
+    assert outcome.status == OUT_OF_RESOURCES
+    assert archive.batches.pending() == 1 and archive.pending()
+
+    archive.series = real  # type: ignore[assignment]
+    del archive.health.check
+    archive.reconcile()
+    assert archive.batches.pending() == 0 and not archive.pending()
+    assert check(archive, grace=0).problems == []
+    assert counter_problems(db) == [] and consistency_problems(db) == []
+    assert db.series.count_documents({}) == 1
+
+
 @pytest.mark.parametrize("collection,method", [
     ("series", "update_one"), ("studies", "find_one_and_update"), ("patients", "update_one"),
 ])
