@@ -40,7 +40,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import _config, dimse_messages
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.events import Event
 
 from archive.journal import alive_elsewhere
@@ -160,12 +162,10 @@ class Receiver:
 
 # --- the meta group of a received dataset -------------------------------------------
 
-#: pydicom's and pynetdicom's own, which the fast path must equal byte for byte.
-_create_file_meta = dimse_messages.create_file_meta
-_write_file_meta_info = dimse_messages.write_file_meta_info
-_IMPLEMENTATION = _create_file_meta.__kwdefaults__ or {}
+#: pynetdicom's Implementation Class UID and Version Name, as create_file_meta writes them.
+_IMPLEMENTATION = create_file_meta.__kwdefaults__ or {}
 #: What a UID made of digits and dots is (PS3.5 9.1), which the fast path encodes.
-_UID = re.compile(rb"[0-9.]{1,64}")
+_UID = re.compile(r"[0-9.]{1,64}")
 
 
 class _MetaValues(NamedTuple):
@@ -191,13 +191,13 @@ def meta_group(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) 
     """The File Meta Information group pynetdicom writes before a received dataset
     (``create_file_meta`` then pydicom's ``write_file_meta_info``), the same bytes, for
     UIDs of digits and dots; None for anything else, which pydicom encodes."""
-    uids = [str(uid).encode("ascii", "replace") for uid in
-            (sop_class_uid, sop_instance_uid, transfer_syntax,
-             _IMPLEMENTATION.get("implementation_uid", ""))]
-    version = str(_IMPLEMENTATION.get("implementation_version", "")).encode("ascii", "replace")
-    if not all(_UID.fullmatch(uid) for uid in uids) or not 0 < len(version) <= 16 \
-            or not version.isascii() or not version.strip():
+    texts = [str(uid) for uid in (sop_class_uid, sop_instance_uid, transfer_syntax,
+                                  _IMPLEMENTATION.get("implementation_uid", ""))]
+    name = str(_IMPLEMENTATION.get("implementation_version", ""))
+    if not all(_UID.fullmatch(text) for text in texts) or not name.isascii() \
+            or not 0 < len(name.strip()) <= len(name) <= 16:
         return None
+    uids, version = [text.encode("ascii") for text in texts], name.encode("ascii")
     body = b"".join((
         struct.pack("<HH2s2xL", 2, 0x0001, b"OB", 2), b"\x00\x01",
         *(_element(tag, b"UI", _even(uid, b"\x00"))
@@ -213,8 +213,8 @@ def _write_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
         if encoded is not None:
             fp.write(encoded)
             return
-        file_meta = _create_file_meta(**file_meta._asdict())
-    _write_file_meta_info(fp, file_meta, enforce_standard)
+        file_meta = create_file_meta(**file_meta._asdict())
+    write_file_meta_info(fp, file_meta, enforce_standard)
 
 
 def _remove(name: str) -> bool:
