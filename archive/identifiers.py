@@ -32,6 +32,8 @@ _TEXT_VRS = frozenset({"UI", "LO", "SH", "CS", "AE", "LT", "ST", "UT", "UC"})
 
 def _bad_character(text: str) -> str | None:
     """The first control character or lone surrogate of ``text``, if any."""
+    if text.isprintable():  # neither (the usual UID): not looked at character by character
+        return None
     return next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
 
 

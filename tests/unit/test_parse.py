@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -16,6 +17,8 @@ from unittest import mock
 import mongomock
 import pytest
 from helpers import CT_IMAGE, image_dataset, make_dataset, to_part10
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -27,6 +30,7 @@ from pydicom.uid import (
 )
 
 from archive import dicomjson, storage
+from archive.identifiers import problem
 from archive.importer import read_part10
 from archive.storage import CANNOT_UNDERSTAND, Archive, StoreRefused
 
@@ -240,3 +244,19 @@ def test_import_refuses_a_truncated_bare_dataset(tmp_path: Path) -> None:
     cut.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(StoreRefused, match="truncated"):
         read_part10(cut)
+
+
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_a_key_value_names_its_first_control_character_or_lone_surrogate(text: str) -> None:
+    """Whatever the characters (any category, lone surrogates included), a key value is
+    refused for its first control character or surrogate after padding is removed, and
+    for nothing else but its length."""
+    core = text.rstrip("\x00 ").lstrip(" ")
+    bad = next((c for c in core if unicodedata.category(c) in ("Cc", "Cs")), None)
+    found = problem("PatientID", "0010,0020", text, "LO")
+    if bad is None:
+        assert found is None
+    else:
+        assert found == (f"PatientID (0010,0020) contains "
+                         f"{'NUL' if bad == chr(0) else f'U+{ord(bad):04X}'}")
