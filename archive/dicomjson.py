@@ -82,7 +82,7 @@ def to_json(ds: Dataset, file_id: Any) -> dict[str, Any]:
     fast = _RawConverter.for_dataset(ds, file_id)
     result: dict[str, Any] = {}
     elements = ds._dict  # tag -> RawDataElement (as read) or DataElement
-    for tag in sorted(elements):
+    for tag in sorted(elements, key=int):  # (int: pydicom's Tag compares in Python)
         if tag >> 16 == 0x0002:
             continue
         raw = elements[tag]
