@@ -73,6 +73,22 @@ def _is_sequence(tag: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _Structs:
+    """An element header's layouts in one byte order: implicit VR (tag, 4-byte length),
+    explicit VR (tag, VR, 2-byte length), and a 4-byte length alone."""
+
+    implicit: struct.Struct
+    explicit: struct.Struct
+    length: struct.Struct
+
+
+#: little endian (True) or big endian (False) layouts, compiled once
+_STRUCTS = {little: _Structs(struct.Struct(f"{e}HHL"), struct.Struct(f"{e}HH2sH"),
+                             struct.Struct(f"{e}L"))
+            for little, e in ((True, "<"), (False, ">"))}
+
+
 class _Walker:
     """The walk over a byte string; positions are offsets into it."""
 
@@ -103,22 +119,23 @@ class _Walker:
         if end - pos < 8:
             raise Incomplete(f"truncated: element header at byte {pos} cut short")
         buf, at = self.at(pos, 12)
-        endian = enc.endian
-        group, element = struct.unpack_from(endian + "HH", buf, at)
+        structs = _STRUCTS[enc.little]
+        if enc.implicit:
+            group, element, length = structs.implicit.unpack_from(buf, at)
+            return group << 16 | element, None, length, pos + 8
+        group, element, vr, length = structs.explicit.unpack_from(buf, at)
         tag = group << 16 | element
-        if enc.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from(endian + "L", buf, at + 4)
+        if group == 0xFFFE:
+            (length,) = structs.length.unpack_from(buf, at + 4)
             return tag, None, length, pos + 8
-        vr = bytes(buf[at + 4:at + 6])
         if vr in _LONG_VRS:
             if end - pos < 12:
                 raise Incomplete(f"truncated: {_name(tag)} header cut short")
-            (length,) = struct.unpack_from(endian + "L", buf, at + 8)
+            (length,) = structs.length.unpack_from(buf, at + 8)
             return tag, vr, length, pos + 12
         if vr not in _SHORT_VRS and not (b"AA" <= vr <= b"ZZ"):
-            (length,) = struct.unpack_from(endian + "L", buf, at + 4)
+            (length,) = structs.length.unpack_from(buf, at + 4)
             return tag, None, length, pos + 8  # pydicom: an implicit VR element
-        (length,) = struct.unpack_from(endian + "H", buf, at + 6)
         return tag, vr, length, pos + 8
 
     def dataset(self, pos: int, end: int, enc: _Encoding, depth: int,
