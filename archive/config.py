@@ -256,6 +256,10 @@ class Http:
     min_body_rate: float = 1024.0
 
 
+#: Bounds of ``max_pdu_length``: a PDU is read whole into memory (one per association
+#: at a time), and the node closes a connection announcing a longer one.
+MIN_PDU_LENGTH, MAX_PDU_LENGTH = 4096, 1 << 20
+
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
 #: several times its size (the issue this setting answers).
 MAX_IN_MEMORY_MB = 1024.0
@@ -267,6 +271,10 @@ class Config:
     bind_address: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 10
+    #: The Maximum Length Received the node announces (PS3.8 D.1): the largest P-DATA
+    #: PDU a sender may put a dataset in.  Every PDU costs pynetdicom the same work
+    #: whatever its size: at pynetdicom's 16,382 bytes a CT slice comes in 32 of them.
+    max_pdu_length: int = 131_072
     log_level: str = "INFO"
     duplicate_policy: str = "replace"
     #: A study (or series) of another patient, or a SOP Instance UID re-sent under
@@ -417,6 +425,9 @@ def _validate(cfg: Config) -> None:
                           f"from its file) and {MAX_IN_MEMORY_MB:.0f}")
     if cfg.max_associations < 1:
         raise ConfigError("max_associations: must be at least 1")
+    if not MIN_PDU_LENGTH <= cfg.max_pdu_length <= MAX_PDU_LENGTH:
+        raise ConfigError(f"max_pdu_length: must be between {MIN_PDU_LENGTH} and "
+                          f"{MAX_PDU_LENGTH} bytes")
     _validate_connections(cfg.connections, cfg.max_associations)
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")

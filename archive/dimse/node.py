@@ -95,6 +95,7 @@ class Node:
         # (connections.max_pending) apart; pynetdicom counts both against its maximum.
         limits = cfg.connections
         ae.maximum_associations = cfg.max_associations + limits.max_pending
+        ae.maximum_pdu_size = cfg.max_pdu_length
         ae.network_timeout = limits.network_timeout
         ae.dimse_timeout = limits.dimse_timeout
         ae.acse_timeout = limits.acse_timeout

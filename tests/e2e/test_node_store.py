@@ -586,3 +586,28 @@ def test_the_json_comparison_notices_what_it_must() -> None:
     del missing["00100020"]
     assert [d[:2] for d in json_differences(ours, missing)] == \
         [("only in the archive", "00100020")]
+
+
+def test_the_node_takes_datasets_in_pdus_up_to_its_configured_maximum(
+        node: RunningNode, module_node_factory: Any, testdata_files: list[Path]) -> None:
+    """The node announces ``max_pdu_length`` (128 KiB by default) as its Maximum Length
+    Received, so a sender puts a 39 KiB CT image in one P-DATA PDU instead of three of
+    pynetdicom's 16,382 bytes; a site that sets a lower value gets it announced."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    path = next(p for p in testdata_files if p.name == "CT_small.dcm")
+    ds = dcmread(path)
+    ds.SOPInstanceUID = generate_uid()
+    with association(node, [(CTImageStorage, ExplicitVRLittleEndian)]) as assoc:
+        assert assoc.acceptor.maximum_length == 131_072
+        assert assoc.send_c_store(ds).Status == 0x0000
+    stored = node.db.instances.find_one({"_id": ds.SOPInstanceUID})
+    assert stored is not None and stored["size"] > 16_382
+    lower = module_node_factory.start({"max_pdu_length": 16_384})
+    try:
+        with association(lower, [(CTImageStorage, ExplicitVRLittleEndian)]) as assoc:
+            assert assoc.acceptor.maximum_length == 16_384
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        lower.stop()
