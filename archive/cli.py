@@ -15,6 +15,7 @@ database that does not exist rather than report an empty archive.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -99,6 +100,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+#: Python's cyclic collector for the node: at its default (a collection every 700 net
+#: allocations of container objects) it ran ~540 times while 1,200 CT/MR instances were
+#: stored, 280 ms in all (0.23 ms per instance); the objects a store makes are freed by
+#: reference counting anyway.  At 10,000: once, 1.5 ms.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
 @command("serve", _configure_serve)
 def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     """Run the node in the foreground until SIGINT/SIGTERM: one core context, and the
@@ -115,11 +123,13 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
         if context is not None:
             context.health.mark_down(reason, logged=True)
 
+    gc.set_threshold(*GC_THRESHOLDS)
     with database(cfg, on_down=database_down):
         context = Context(cfg)  # what every front end serves
         node = Node(context)  # the DICOM front end
         context.start()
         node.start()
+        gc.freeze()  # what start-up made (modules, tables) is never scanned again
         web = None
         if cfg.http.enabled:  # the HTTP front end, over the same context
             from archive.web.server import WebServer, WebServerError
