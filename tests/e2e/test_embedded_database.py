@@ -115,6 +115,28 @@ def test_the_embedded_ferretdb_collects_garbage_less_often(node_factory: Any,
     assert f"GOGC={os.environ.get('GOGC', '400')}".encode() in environ
 
 
+def _cpus_of_threads(pid: int) -> set[frozenset[int]]:
+    """The CPU sets the threads of ``pid`` may run on (one entry per distinct set)."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to separate")
+def test_the_node_and_its_ferretdb_run_on_separate_cpus(node_factory: Any,
+                                                        database: FerretDB) -> None:
+    """``separate_cpus`` (on by default): every thread of the node on the lower half of
+    the CPUs, FerretDB on the upper half; off: both anywhere, as the scheduler likes."""
+    available = sorted(os.sched_getaffinity(0))
+    half = len(available) // 2
+    node = node_factory(embedded(database), ferret=database)
+    ferretdb = pidfile(database)["pid"]
+    assert _cpus_of_threads(node.pid) == {frozenset(available[:half])}
+    assert _cpus_of_threads(ferretdb) == {frozenset(available[half:])}
+    node.stop()
+    node = node_factory(embedded(database, separate_cpus=False), ferret=database)
+    assert _cpus_of_threads(node.pid) == {frozenset(available)}
+    assert _cpus_of_threads(pidfile(database)["pid"]) == {frozenset(available)}
+
+
 def test_an_orphan_ferretdb_on_the_port_is_replaced(node_factory: Any, database: FerretDB,
                                                     tmp_path: Path) -> None:
     from archive.ferretdb import Owner, Process, write_owner
