@@ -261,7 +261,7 @@ class Http:
 
 #: Bounds of ``max_pdu_length``: a PDU is read whole into memory (one per association
 #: at a time), and the node closes a connection announcing a longer one.
-MIN_PDU_LENGTH, MAX_PDU_LENGTH = 4096, 1 << 20
+PDU_LENGTH_BOUNDS = (4096, 1 << 20)
 
 #: Largest ``receive.in_memory_max_mb``: beyond, a dataset held in memory costs the node
 #: several times its size (the issue this setting answers).
@@ -428,9 +428,9 @@ def _validate(cfg: Config) -> None:
                           f"from its file) and {MAX_IN_MEMORY_MB:.0f}")
     if cfg.max_associations < 1:
         raise ConfigError("max_associations: must be at least 1")
-    if not MIN_PDU_LENGTH <= cfg.max_pdu_length <= MAX_PDU_LENGTH:
-        raise ConfigError(f"max_pdu_length: must be between {MIN_PDU_LENGTH} and "
-                          f"{MAX_PDU_LENGTH} bytes")
+    least, most = PDU_LENGTH_BOUNDS
+    if not least <= cfg.max_pdu_length <= most:
+        raise ConfigError(f"max_pdu_length: must be between {least} and {most} bytes")
     _validate_connections(cfg.connections, cfg.max_associations)
     if cfg.database.timeout_seconds <= 0:
         raise ConfigError("database.timeout_seconds: must be positive")
