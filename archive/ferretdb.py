@@ -429,7 +429,8 @@ class EmbeddedFerretDB:
         def preexec() -> None:
             if die is not None:
                 die()
-            os.sched_setaffinity(0, cpus)
+            with contextlib.suppress(OSError):  # refused (a sandbox): anywhere, as before
+                os.sched_setaffinity(0, cpus)
         return preexec
 
     def _spawn(self, timeout: float) -> bool:

@@ -137,6 +137,23 @@ def test_the_node_and_its_ferretdb_run_on_separate_cpus(node_factory: Any,
     assert _cpus_of_threads(pidfile(database)["pid"]) == {frozenset(available)}
 
 
+def test_ferretdb_starts_where_its_cpus_cannot_be_set(database: FerretDB) -> None:
+    """A system that refuses the affinity (here: a CPU that does not exist) leaves
+    FerretDB where the scheduler puts it, rather than failing the node's start."""
+    from archive.config import EmbeddedDatabase
+    from archive.ferretdb import EmbeddedFerretDB
+
+    server = EmbeddedFerretDB(EmbeddedDatabase(binary=str(FERRETDB_BINARY),
+                                               data_dir=str(database.data_dir),
+                                               port=database.port))
+    server.cpus = ({0}, {4095})
+    try:
+        assert server.start() == f"mongodb://127.0.0.1:{database.port}/"
+        assert port_open(database.port)
+    finally:
+        server.stop()
+
+
 def test_an_orphan_ferretdb_on_the_port_is_replaced(node_factory: Any, database: FerretDB,
                                                     tmp_path: Path) -> None:
     from archive.ferretdb import Owner, Process, write_owner
