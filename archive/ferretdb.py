@@ -25,9 +25,9 @@ Supervision, so that a crash never leaves a database nobody owns nor a node with
 
 CPUs (``separate_cpus``): the node that starts FerretDB runs on the lower half of the
 CPUs it may use and FerretDB on the upper half (:func:`split_cpus`).  Each C-STORE hands
-work back and forth between the two over loopback: left to itself, the scheduler woke
-each on the other's CPU (a loopback send wakes its reader there), where it waited for
-the other to yield.  Apart, one association stored ~10% more instances a second and
+work back and forth between the two over loopback: left to itself, the scheduler (most
+likely) woke each on the other's CPU (a loopback send wakes its reader there), where it
+waited for the other to yield.  Apart, one association stored ~10% more instances a second and
 four ~30% more, each process spending less CPU per instance.
 """
 
