@@ -48,8 +48,9 @@ class EmbeddedDatabase:
     #: Wait before restarting a FerretDB that exited while the node runs; doubles while
     #: it keeps failing (up to 60 s).
     restart_delay_seconds: float = 1.0
-    #: The node that starts FerretDB keeps the lower half of its CPUs and runs FerretDB
-    #: on the upper half (archive.ferretdb: the two hand each store back and forth).
+    #: The process that starts FerretDB keeps the lower half of its CPUs and runs
+    #: FerretDB on the upper half (archive.ferretdb: the two hand each store back and
+    #: forth).
     separate_cpus: bool = True
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from archive.config import Config, display_uri
-from archive.ferretdb import EmbeddedFerretDB, pin_process
+from archive.ferretdb import EmbeddedFerretDB
 
 
 class NoArchive(Exception):
@@ -50,8 +50,7 @@ def database(cfg: Config, on_down: Callable[[str], None] | None = None, *,
     point the config at it.
 
     With ``on_down`` (the node), FerretDB is also restarted whenever it exits, and
-    ``on_down(reason)`` is told at once; one-shot commands have no need of either.  The
-    node that started FerretDB moves to its own CPUs (``separate_cpus``).
+    ``on_down(reason)`` is told at once; one-shot commands have no need of either.
     ``existing`` (commands that only read): raise NoArchive rather than create an
     empty data folder or report on a database nothing was ever stored in.
     """
@@ -63,8 +62,6 @@ def database(cfg: Config, on_down: Callable[[str], None] | None = None, *,
                             "folder or give its --config")
         cfg.database.uri = embedded.start()
         if on_down is not None:
-            if embedded.cpus is not None and embedded.shared_with is None:
-                pin_process(embedded.cpus[0])  # FerretDB runs on the others (ferretdb.py)
             embedded.supervise(on_down)
     try:
         opened = Opened(cfg.database.name, display_uri(cfg.database.uri),
