@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from typing import IO, Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -242,9 +242,17 @@ class Service:
             log.error("QIDO-RS: the database refused the query: %s", exc)
             raise HttpError(500, "the database cannot run this query") from None
         except PyMongoError as exc:
-            self.context.health.suspect(exc)
-            raise HttpError(503, "database unavailable, retry later",
-                            {"Retry-After": "5"}) from None
+            raise self.unavailable(exc, "query") from None
+
+    def unavailable(self, exc: PyMongoError, during: str) -> HttpError:
+        """The 503 of a database failure; the health monitor told of it.  An error
+        other than a lost connection (which the monitor logs once per outage) is logged
+        here: the client is told no more."""
+        self.context.health.suspect(exc)
+        if not isinstance(exc, ConnectionFailure):
+            log.warning("database error during the %s: %s: %s", during,
+                        type(exc).__name__, str(exc)[:200])
+        return HttpError(503, "database unavailable, retry later", {"Retry-After": "5"})
 
     # -- FHIR -------------------------------------------------------------------------
 
@@ -551,9 +559,7 @@ class Service:
         try:
             return call()
         except PyMongoError as exc:
-            self.context.health.suspect(exc)
-            raise HttpError(503, "database unavailable, retry later",
-                            {"Retry-After": "5"}) from None
+            raise self.unavailable(exc, during) from None
         except Unfinished as exc:
             self.context.health.suspect(exc.__cause__ or exc)
             raise HttpError(503, f"database failed during the {during}: it is finished "

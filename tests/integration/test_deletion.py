@@ -5,6 +5,7 @@ by the journal, and stores into the study being deleted end stored and counted."
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,45 @@ def test_stores_into_the_study_being_deleted_end_stored_and_counted(archive: Arc
     assert stored and deleted > 30  # the stores did run between the deletes
     assert left <= set(stored)  # what was there before is gone; stores since may remain
     assert deleted + len(left) == 30 + len(stored)
+    assert _exact(archive) == []
+
+
+@pytest.mark.parametrize("writer", ["this node", "another node"])
+def test_a_rebuild_completes_while_stores_keep_coming_into_the_series(
+        archive: Archive, tmp_path: Path, writer: str) -> None:
+    """A series of 400 rebuilt (a delete meeting a re-send, a journal replay) while a
+    sender stores into it as fast as it can, into this node (each store changing the
+    series document) or another one (batching them, as nodes do by default): the
+    rebuild completes -- it used to lose its compare-and-set to every store and give up,
+    a DELETE answering 503 -- and the counts end exact."""
+    study, series = generate_uid(), generate_uid()
+    _store(archive, 400, study_uid=study, series_uid=series, patient_id="BUSY")
+    storing = archive if writer == "this node" else \
+        Archive(archive.db, "fs", "replace", tmp_path / "other", write_behind=0.2)
+    storing.start()
+    stored: list[str] = []
+    stop = threading.Event()
+
+    def keep_storing() -> None:
+        while not stop.is_set():
+            stored.extend(_store(storing, 1, study_uid=study, series_uid=series,
+                                 patient_id="BUSY"))
+
+    sender = threading.Thread(target=keep_storing)
+    sender.start()
+    try:
+        time.sleep(0.3)
+        before = len(stored)
+        for _ in range(3):
+            archive.levels.recompute((series, study, "BUSY"))
+            time.sleep(0.1)
+        assert len(stored) > before  # stores came between and during the rebuilds
+    finally:
+        stop.set()
+        sender.join()
+        storing.close()
+    assert archive.series.find_one({"_id": series})["NumberOfSeriesRelatedInstances"] == \
+        400 + len(stored)
     assert _exact(archive) == []
 
 
