@@ -23,6 +23,7 @@ another study or patient fails with a duplicate key (:class:`Conflict`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -466,8 +467,8 @@ class Levels:
 
         Safe while stores run: a variant set is a union, which a concurrent store's
         ``$addToSet`` only extends, and each document is set under a compare-and-set
-        on its ``rev``; series first, then studies, then patients, each from the level
-        below.
+        on its ``rev`` (:meth:`_until_set`); series first, then studies, then patients,
+        each from the level below.
         """
         triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
         for collection, position, children, compute in (
@@ -475,34 +476,67 @@ class Levels:
                 (self.studies, 1, "series", self.study_fields),
                 (self.patients, 2, "studies", self.patient_fields)):
             for uid in dict.fromkeys(t[position] for t in triples):
-                for _ in range(10):
-                    current = collection.find_one({"_id": uid}, {children: 1, REV: 1,
-                                                                 VARIANTS: 1})
-                    fields = compute(uid, list((current or {}).get(children, [])))
-                    if current is None or fields is None or \
-                            fields[VARIANTS] == current.get(VARIANTS):
-                        break
-                    if collection.update_one({"_id": uid, REV: current.get(REV)}, {
-                            "$set": {VARIANTS: fields[VARIANTS]}, "$inc": {REV: 1}}
-                                             ).matched_count:
-                        break
+                self._until_set(collection, uid, functools.partial(
+                    self._refresh, collection, uid, children, compute))
+
+    def _refresh(self, collection: Collection, uid: str, children: str,
+                 compute: Callable[[str, list[str]], dict[str, Any] | None]) -> bool:
+        current = collection.find_one({"_id": uid}, {children: 1, REV: 1, VARIANTS: 1})
+        fields = compute(uid, list((current or {}).get(children, [])))
+        if current is None or fields is None or fields[VARIANTS] == current.get(VARIANTS):
+            return True
+        return collection.update_one({"_id": uid, REV: current.get(REV)}, {
+            "$set": {VARIANTS: fields[VARIANTS]}, "$inc": {REV: 1}}).matched_count == 1
 
     def rebuild(self, collection: Collection, uid: str, children: str,
                  extra: list[str | None],
                  compute: Callable[[str, list[str]], dict[str, Any] | None]) -> None:
-        """Compare-and-set the fields ``compute`` derives; delete the document if empty.
+        """Compare-and-set the fields ``compute`` derives; delete the document if empty."""
+        self._until_set(collection, uid, functools.partial(
+            self._rebuild, collection, uid, children, extra, compute))
 
-        A store changing the document between the read and the write makes the rebuild
-        start again, and stores coming faster than one rebuild reads its members (40 ms
-        for a series of 400 on FerretDB) would starve it: this process's stores wait
-        for it (:meth:`wait_for_rebuilds`); another node's come in batches
-        (``write_behind_seconds``), between which the rebuild tries again for some
-        seconds.  (A node writing every store at once can still starve it: it fails,
-        and the journal tries again later.)"""
+    def _rebuild(self, collection: Collection, uid: str, children: str,
+                 extra: list[str | None],
+                 compute: Callable[[str, list[str]], dict[str, Any] | None]) -> bool:
+        current = collection.find_one({"_id": uid}, {children: 1, REV: 1})
+        candidates = list(dict.fromkeys(
+            [*(current or {}).get(children, []), *(x for x in extra if x)]))
+        fields = compute(uid, candidates)
+        if current is None:
+            if fields is None:
+                return True
+            try:
+                collection.insert_one({"_id": uid, REV: 0, **fields})
+                return True
+            except DuplicateKeyError:
+                return False
+        condition = {"_id": uid, REV: current.get(REV)}
+        if fields is None:
+            return collection.delete_one(condition).deleted_count == 1
+        return collection.update_one(condition, {"$set": fields, "$inc": {REV: 1}}
+                                     ).matched_count == 1
+
+    def _until_set(self, collection: Collection, uid: str, attempt: Callable[[], bool]
+                   ) -> None:
+        """Run ``attempt`` -- one read of a level document and one compare-and-set on
+        its ``rev``; True once done -- until it succeeds.
+
+        A store changing the document between the read and the write makes it start
+        again, and stores coming faster than an attempt reads the members (40 ms for a
+        series of 400 on FerretDB) would starve it: this process's stores wait for it
+        (:meth:`wait_for_rebuilds`); another node's come in batches
+        (``write_behind_seconds``), between which it tries again for some seconds.  A
+        node writing every store at once can still starve it: it raises, and the
+        caller's journal entry has it done again later."""
         with self._rebuilt:
             self._rebuilding[uid] += 1
         try:
-            self._rebuild(collection, uid, children, extra, compute)
+            deadline = time.monotonic() + REBUILD_SECONDS
+            while not attempt():
+                if time.monotonic() > deadline:
+                    raise PyMongoError(f"{collection.name} {uid} kept changing while being "
+                                       f"rebuilt for {REBUILD_SECONDS:.0f} s")
+                time.sleep(random.uniform(0, REBUILD_PAUSE))
         finally:
             with self._rebuilt:
                 self._rebuilding -= Counter({uid: 1})
@@ -510,41 +544,11 @@ class Levels:
 
     def wait_for_rebuilds(self, hierarchy: tuple[str, str, str]) -> None:
         """Before a store changes the level documents of ``hierarchy``: let this
-        process's rebuilds of them finish first."""
+        process's rebuilds of them finish first (:meth:`_until_set`)."""
         if self._rebuilding:  # (rarely: no lock taken otherwise)
             with self._rebuilt:
                 self._rebuilt.wait_for(lambda: not any(
                     uid in self._rebuilding for uid in hierarchy), REBUILD_SECONDS)
-
-    def _rebuild(self, collection: Collection, uid: str, children: str,
-                 extra: list[str | None],
-                 compute: Callable[[str, list[str]], dict[str, Any] | None]) -> None:
-        deadline = time.monotonic() + REBUILD_SECONDS
-        while True:
-            current = collection.find_one({"_id": uid}, {children: 1, REV: 1})
-            candidates = list(dict.fromkeys(
-                [*(current or {}).get(children, []), *(x for x in extra if x)]))
-            fields = compute(uid, candidates)
-            if current is None:
-                if fields is None:
-                    return
-                try:
-                    collection.insert_one({"_id": uid, REV: 0, **fields})
-                    return
-                except DuplicateKeyError:
-                    pass
-            else:
-                condition = {"_id": uid, REV: current.get(REV)}
-                if fields is None:
-                    if collection.delete_one(condition).deleted_count:
-                        return
-                elif collection.update_one(condition, {"$set": fields, "$inc": {REV: 1}}
-                                           ).matched_count:
-                    return
-            if time.monotonic() > deadline:
-                raise PyMongoError(f"{collection.name} {uid} kept changing while being "
-                                   f"rebuilt for {REBUILD_SECONDS:.0f} s")
-            time.sleep(random.uniform(0, REBUILD_PAUSE))
 
     def _fetch(self, collection: Collection, ids: Iterable[str],
                projection: dict[str, Any] | None) -> list[dict[str, Any]]:

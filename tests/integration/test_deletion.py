@@ -17,8 +17,8 @@ from pymongo.errors import AutoReconnect
 
 from archive.check import check
 from archive.deletion import DeleteIncomplete
-from archive.levels import Levels
-from archive.model import IMAGE, PATIENT, STUDY
+from archive.levels import VARIANTS, Levels
+from archive.model import IMAGE, PATIENT, SERIES, STUDY
 from archive.query import pattern_filter
 from archive.storage import Archive, ensure_indexes
 
@@ -178,13 +178,16 @@ def test_stores_into_the_study_being_deleted_end_stored_and_counted(archive: Arc
 
 
 @pytest.mark.parametrize("writer", ["this node", "another node"])
-def test_a_rebuild_completes_while_stores_keep_coming_into_the_series(
-        archive: Archive, tmp_path: Path, writer: str) -> None:
-    """A series of 400 rebuilt (a delete meeting a re-send, a journal replay) while a
-    sender stores into it as fast as it can, into this node (each store changing the
-    series document) or another one (batching them, as nodes do by default): the
-    rebuild completes -- it used to lose its compare-and-set to every store and give up,
-    a DELETE answering 503 -- and the counts end exact."""
+@pytest.mark.parametrize("work", ["rebuild", "variants refreshed"])
+def test_level_work_completes_while_stores_keep_coming_into_the_series(
+        archive: Archive, tmp_path: Path, writer: str, work: str) -> None:
+    """A series of 400 rebuilt (a delete meeting a re-send, a journal replay), or its
+    attribute variants refreshed (a correction), while a sender stores into it as fast
+    as it can, into this node (each store changing the series document) or another one
+    (batching them, as nodes do by default): the work completes -- it used to lose its
+    compare-and-set to every store, a rebuild giving up (a DELETE answered 503), a
+    refresh giving up without a word (variants the access rules read left stale) -- and
+    the documents end exact."""
     study, series = generate_uid(), generate_uid()
     _store(archive, 400, study_uid=study, series_uid=series, patient_id="BUSY")
     storing = archive if writer == "this node" else \
@@ -204,15 +207,21 @@ def test_a_rebuild_completes_while_stores_keep_coming_into_the_series(
         time.sleep(0.3)
         before = len(stored)
         for _ in range(3):
-            archive.levels.recompute((series, study, "BUSY"))
+            if work == "rebuild":
+                archive.levels.recompute((series, study, "BUSY"))
+            else:  # variants a correction changed: the document's are out of date
+                archive.series.update_one({"_id": series},
+                                          {"$set": {f"{VARIANTS}.{SERIES}": ["stale"]}})
+                archive.levels.refresh_variants((series, study, "BUSY"))
             time.sleep(0.1)
-        assert len(stored) > before  # stores came between and during the rebuilds
+        assert len(stored) > before  # stores came between and during the work
     finally:
         stop.set()
         sender.join()
         storing.close()
-    assert archive.series.find_one({"_id": series})["NumberOfSeriesRelatedInstances"] == \
-        400 + len(stored)
+    doc = archive.series.find_one({"_id": series})
+    assert doc["NumberOfSeriesRelatedInstances"] == 400 + len(stored)
+    assert doc[VARIANTS] == archive.levels.series_fields(series, doc["instances"])[VARIANTS]
     assert _exact(archive) == []
 
 
