@@ -176,7 +176,7 @@ class Levels:
         self.series = db[model.COLLECTION[SERIES]]
         self.studies = db[model.COLLECTION[STUDY]]
         self.patients = db[model.COLLECTION[PATIENT]]
-        #: Level documents this process is rebuilding (see :meth:`rebuild`)
+        #: Level documents this process is rebuilding (see :meth:`_until_set`)
         self._rebuilding: Counter[str] = Counter()
         self._rebuilt = threading.Condition()
 
@@ -545,7 +545,7 @@ class Levels:
     def wait_for_rebuilds(self, hierarchy: tuple[str, str, str]) -> None:
         """Before a store changes the level documents of ``hierarchy``: let this
         process's rebuilds of them finish first (:meth:`_until_set`)."""
-        if self._rebuilding:  # (rarely: no lock taken otherwise)
+        if self._rebuilding:  # no lock taken while nothing is being rebuilt
             with self._rebuilt:
                 self._rebuilt.wait_for(lambda: not any(
                     uid in self._rebuilding for uid in hierarchy), REBUILD_SECONDS)
