@@ -30,7 +30,8 @@ import random
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -176,9 +177,11 @@ class Levels:
         self.series = db[model.COLLECTION[SERIES]]
         self.studies = db[model.COLLECTION[STUDY]]
         self.patients = db[model.COLLECTION[PATIENT]]
-        #: Level documents this process is rebuilding (see :meth:`_until_set`)
+        #: Level documents this process is rebuilding, and storing into (see
+        #: :meth:`rebuilding`)
         self._rebuilding: Counter[str] = Counter()
-        self._rebuilt = threading.Condition()
+        self._storing: Counter[str] = Counter()
+        self._apart = threading.Condition()
 
     def check_patient(self, stored: str, claimed: str, what: str) -> None:
         """A patient conflict: refused unless the site accepts them."""
@@ -192,9 +195,13 @@ class Levels:
         ``previous`` is the instance document a re-send replaced.  Returns the
         hierarchies to rebuild exactly afterwards (an accepted patient conflict).
         """
+        with self.storing(hierarchy_of(doc)):
+            return self._fold(doc, data, previous)
+
+    def _fold(self, doc: dict[str, Any], data: dict[str, Any],
+              previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
         hierarchy = hierarchy_of(doc)
         series_uid, study_uid, patient_id = hierarchy
-        self.wait_for_rebuilds(hierarchy)
         rebuild: list[tuple[str, str, str]] = []
         # Counted anew where the instance was not counted before (a re-send that
         # moved it is taken out of its old places by _leave or a rebuild).
@@ -449,16 +456,18 @@ class Levels:
         have left the old series before the study above it is counted.
         """
         triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
-        for series_uid in dict.fromkeys(t[0] for t in triples):
-            self.rebuild(self.series, series_uid, "instances", list(extra_instances),
-                         self.series_fields)
-        all_series = [t[0] for t in triples]
-        for study_uid in dict.fromkeys(t[1] for t in triples):
-            self.rebuild(self.studies, study_uid, "series", all_series, self.study_fields)
-        all_studies = [t[1] for t in triples]
-        for patient_id in dict.fromkeys(t[2] for t in triples):
-            self.rebuild(self.patients, patient_id, "studies", all_studies,
-                          self.patient_fields)
+        with self.rebuilding(uid for t in triples for uid in t):
+            for series_uid in dict.fromkeys(t[0] for t in triples):
+                self.rebuild(self.series, series_uid, "instances", list(extra_instances),
+                             self.series_fields)
+            all_series = [t[0] for t in triples]
+            for study_uid in dict.fromkeys(t[1] for t in triples):
+                self.rebuild(self.studies, study_uid, "series", all_series,
+                             self.study_fields)
+            all_studies = [t[1] for t in triples]
+            for patient_id in dict.fromkeys(t[2] for t in triples):
+                self.rebuild(self.patients, patient_id, "studies", all_studies,
+                              self.patient_fields)
 
     def refresh_variants(self, *hierarchies: Iterable[str]) -> None:
         """Bring the attribute variants of the hierarchies' documents up to date with
@@ -471,13 +480,14 @@ class Levels:
         each from the level below.
         """
         triples = list(dict.fromkeys(tuple(h) for h in hierarchies))
-        for collection, position, children, compute in (
-                (self.series, 0, "instances", self.series_fields),
-                (self.studies, 1, "series", self.study_fields),
-                (self.patients, 2, "studies", self.patient_fields)):
-            for uid in dict.fromkeys(t[position] for t in triples):
-                self._until_set(collection, uid, functools.partial(
-                    self._refresh, collection, uid, children, compute))
+        with self.rebuilding(uid for t in triples for uid in t):
+            for collection, position, children, compute in (
+                    (self.series, 0, "instances", self.series_fields),
+                    (self.studies, 1, "series", self.study_fields),
+                    (self.patients, 2, "studies", self.patient_fields)):
+                for uid in dict.fromkeys(t[position] for t in triples):
+                    self._until_set(collection, uid, functools.partial(
+                        self._refresh, collection, uid, children, compute))
 
     def _refresh(self, collection: Collection, uid: str, children: str,
                  compute: Callable[[str, list[str]], dict[str, Any] | None]) -> bool:
@@ -524,31 +534,53 @@ class Levels:
         A store changing the document between the read and the write makes it start
         again, and stores coming faster than an attempt reads the members (40 ms for a
         series of 400 on FerretDB) would starve it: this process's stores wait for it
-        (:meth:`wait_for_rebuilds`); another node's come in batches
-        (``write_behind_seconds``), between which it tries again for some seconds.  A
-        node writing every store at once can still starve it: it raises, and the
-        caller's journal entry has it done again later."""
-        with self._rebuilt:
-            self._rebuilding[uid] += 1
-        try:
+        (:meth:`rebuilding`); another node's mostly come in batches
+        (``write_behind_seconds``), between which it tries again for some seconds.
+        Another node storing without batches (re-sends, ``write_behind_seconds: 0``)
+        can still starve it: it raises, and the caller's journal entry has it done
+        again later."""
+        with self.rebuilding([uid]):
             deadline = time.monotonic() + REBUILD_SECONDS
             while not attempt():
                 if time.monotonic() > deadline:
                     raise PyMongoError(f"{collection.name} {uid} kept changing while being "
                                        f"rebuilt for {REBUILD_SECONDS:.0f} s")
                 time.sleep(random.uniform(0, REBUILD_PAUSE))
-        finally:
-            with self._rebuilt:
-                self._rebuilding -= Counter({uid: 1})
-                self._rebuilt.notify_all()
 
-    def wait_for_rebuilds(self, hierarchy: tuple[str, str, str]) -> None:
-        """Before a store changes the level documents of ``hierarchy``: let this
-        process's rebuilds of them finish first (:meth:`_until_set`)."""
-        if self._rebuilding:  # no lock taken while nothing is being rebuilt
-            with self._rebuilt:
-                self._rebuilt.wait_for(lambda: not any(
-                    uid in self._rebuilding for uid in hierarchy), REBUILD_SECONDS)
+    # -- this process's rebuilds and stores, kept apart -------------------------------
+
+    @contextmanager
+    def rebuilding(self, uids: Iterable[str]) -> Iterator[None]:
+        """Around rebuilds of these documents: this process's stores into them wait
+        until it ends, and those under way end first -- a store between its series
+        and its study update would otherwise be counted twice by a study rebuilt then
+        (the compare-and-set cannot see it).  At most :data:`REBUILD_SECONDS` waited."""
+        uids = list(dict.fromkeys(uids))
+        with self._apart:
+            self._rebuilding.update(uids)
+            self._apart.wait_for(lambda: not any(u in self._storing for u in uids),
+                                 REBUILD_SECONDS)
+        try:
+            yield
+        finally:
+            with self._apart:
+                self._rebuilding -= Counter(uids)
+                self._apart.notify_all()
+
+    @contextmanager
+    def storing(self, hierarchy: tuple[str, str, str]) -> Iterator[None]:
+        """Around a store's updates of the documents of ``hierarchy``: after this
+        process's rebuilds of them (:meth:`rebuilding`).  Nothing inside may rebuild."""
+        with self._apart:
+            self._apart.wait_for(lambda: not any(u in self._rebuilding for u in hierarchy),
+                                 REBUILD_SECONDS)
+            self._storing.update(hierarchy)
+        try:
+            yield
+        finally:
+            with self._apart:
+                self._storing -= Counter(hierarchy)
+                self._apart.notify_all()
 
     def _fetch(self, collection: Collection, ids: Iterable[str],
                projection: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -844,6 +876,17 @@ class WriteBehind:
             return sum(len(b.keys) for b in self._batches.values())
 
     def _write(self, batch: _Batch) -> None:
+        with self.levels.storing(batch.hierarchy):  # (nothing in _update rebuilds)
+            results, legacy = self._update(batch)
+        if any(matched != 1 for matched in results):
+            raise PyMongoError(f"level documents of series {batch.hierarchy[0]} gone "
+                               "meanwhile")
+        if legacy:
+            self.levels.recompute(batch.hierarchy)
+
+    def _update(self, batch: _Batch) -> tuple[list[int], bool]:
+        """The batch's three updates; how many documents each matched, and whether
+        the study is a legacy one (to rebuild)."""
         assert batch.latest is not None
         series_uid, study_uid, patient_id = batch.hierarchy
         file_id, data = batch.latest
@@ -855,7 +898,6 @@ class WriteBehind:
         # attribute hashes although this node has written them before: another node's
         # rebuild may have dropped them since (with the instances that carried them).
         hashes = batch.hashes
-        self.levels.wait_for_rebuilds(batch.hierarchy)
         results: list[int] = []
         counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
                   **{f"{MODALITY_COUNTS}.{field_key(k)}": c
@@ -888,10 +930,7 @@ class WriteBehind:
                      **common},
             "$addToSet": _variants(hashes, PATIENT),
             "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}).matched_count)
-        if any(matched != 1 for matched in results):
-            raise PyMongoError(f"level documents of series {series_uid} gone meanwhile")
-        if legacy:
-            self.levels.recompute(batch.hierarchy)
+        return results, legacy
 
     # -- the writer thread --------------------------------------------------------------
 
