@@ -11,10 +11,11 @@ journal replay rebuild the affected documents exactly from their members
 ``_id``, cheap on every database) and with a compare-and-set on each document's
 ``rev`` so that a rebuild never overwrites a concurrent store's update.  Nothing else
 rebuilds: the compare-and-set does not see a store that has updated the series and
-not yet the study (the rebuild would count its instance twice), and a document that
-stores keep changing makes it fail.  Hence the per-value counts of a study too
-(Modalities / SOP Classes in Study follow them, :meth:`Levels.drop_uncounted`), so
-that a re-send changing a modality needs no rebuild.
+not yet the study (the rebuild would count its instance twice; this process keeps its
+own stores and rebuilds apart, :meth:`Levels.rebuilding`, another node's it cannot),
+and a document that stores keep changing makes it fail.  Hence the per-value counts of
+a study too (Modalities / SOP Classes in Study follow them,
+:meth:`Levels.drop_uncounted`), so that a re-send changing a modality needs no rebuild.
 
 Hierarchy conflicts are found here too, without an extra read: level documents are
 upserted on the keys the instance claims (its study, its patient), which a document of
