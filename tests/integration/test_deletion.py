@@ -46,6 +46,29 @@ def _store(archive: Archive, count: int, **keys: Any) -> list[str]:
     return sops
 
 
+def _store_paused(archive: Archive, monkeypatch: pytest.MonkeyPatch, level: str,
+                  **keys: Any) -> tuple[threading.Thread, list[str], threading.Event]:
+    """One store on a thread, stopped just before it updates its ``level`` document
+    (the levels below it updated): the thread, what it stored once it ends, and the
+    event that lets it go on."""
+    reached, resume = threading.Event(), threading.Event()
+    upsert = Levels._upsert
+
+    def paused(self: Levels, collection: Any, at: str, *args: Any, **kwargs: Any) -> Any:
+        if at == level and threading.current_thread().name == "store":
+            reached.set()
+            resume.wait(30)
+        return upsert(self, collection, at, *args, **kwargs)
+
+    monkeypatch.setattr(Levels, "_upsert", paused)
+    stored: list[str] = []
+    store = threading.Thread(name="store",
+                             target=lambda: stored.extend(_store(archive, 1, **keys)))
+    store.start()
+    assert reached.wait(30)
+    return store, stored, resume
+
+
 def _keys(**keys: str) -> dict[str, Any]:
     """The filter ``archive delete KEY=VALUE ...`` builds."""
     from pydicom import Dataset
@@ -238,20 +261,8 @@ def test_a_rebuild_waits_for_a_store_half_way_through_its_level_updates(
     the instance from the series below and then once more by the store's update."""
     study, series = generate_uid(), generate_uid()
     _store(archive, 3, study_uid=study, series_uid=series, patient_id="HALF")
-    reached, resume = threading.Event(), threading.Event()
-    upsert = Levels._upsert
-
-    def paused(self: Levels, collection: Any, level: str, *args: Any, **kwargs: Any) -> Any:
-        if level == paused_before and threading.current_thread().name == "store":
-            reached.set()
-            resume.wait(30)
-        return upsert(self, collection, level, *args, **kwargs)
-
-    monkeypatch.setattr(Levels, "_upsert", paused)
-    store = threading.Thread(name="store", target=lambda: _store(
-        archive, 1, study_uid=study, series_uid=series, patient_id="HALF"))
-    store.start()
-    assert reached.wait(30)
+    store, _, resume = _store_paused(archive, monkeypatch, paused_before, study_uid=study,
+                                     series_uid=series, patient_id="HALF")
     rebuilt = threading.Event()
     rebuild = threading.Thread(target=lambda: (
         archive.levels.recompute((series, study, "HALF")), rebuilt.set()))
@@ -275,21 +286,9 @@ def test_a_store_half_way_through_its_level_updates_is_counted(
     study, series = generate_uid(), generate_uid()
     _store(archive, 3, study_uid=study, series_uid=series, patient_id="HALF")
     selected = archive.select(_keys(StudyInstanceUID=study)).instances
-    reached, resume = threading.Event(), threading.Event()
-    upsert = Levels._upsert
-
-    def paused(self: Levels, collection: Any, level: str, *args: Any, **kwargs: Any) -> Any:
-        if level == paused_before and threading.current_thread().name == "store":
-            reached.set()
-            resume.wait(30)
-        return upsert(self, collection, level, *args, **kwargs)
-
-    monkeypatch.setattr(Levels, "_upsert", paused)
-    stored: list[str] = []
-    store = threading.Thread(name="store", target=lambda: stored.extend(
-        _store(archive, 1, study_uid=study, series_uid=series, patient_id="HALF")))
-    store.start()
-    assert reached.wait(30)
+    store, stored, resume = _store_paused(archive, monkeypatch, paused_before,
+                                          study_uid=study, series_uid=series,
+                                          patient_id="HALF")
     assert archive.delete(selected) == 3
     resume.set()
     store.join(30)
