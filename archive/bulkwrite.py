@@ -134,52 +134,71 @@ class Sent:
         ``then`` goes on the connection the inserts went on, as soon as their answer is
         read: pymongo's command path (sessions, server selection, a pooled connection)
         cost a C-STORE ~0.2 ms of the node's CPU more."""
+        if not then:
+            self._written()
+            return
+        following = self.chain(then)
+        try:
+            following.finish()
+        except InsertFailed as exc:
+            if exc.index is None:
+                raise
+            offset = len(self.inserts) - (len(following.inserts) - len(then))
+            raise InsertFailed(offset + exc.index, exc.cause) from exc.cause
+
+    def chain(self, then: Sequence[Insert]) -> Sent:
+        """The inserts written (raises as :meth:`finish`), then ``then`` sent on the same
+        connection, their outcome read by the Sent returned: the database writes them
+        while the caller works, and never before the inserts are written.
+
+        Where nothing went ahead, nothing is written yet: the Sent returned holds the
+        inserts and ``then``, sent together by its :meth:`finish` (its indexes count
+        the inserts first)."""
         sent, self.answer = self.answer, None
         if sent is None:
-            self.inserter.insert([*self.inserts, *then])
-            return
-        follow = bool(then) and self.inserter._may_bulk(then, least=1)
-        try:
-            answer = sent.read(keep=follow)
-        except OperationFailure as exc:
-            if exc.code not in NOT_HERE:  # refused whole: nothing written
-                raise InsertFailed(None, exc) from exc
-            self.inserter.supported = False  # another server since (a restore?)
-            self.inserter.insert([*self.inserts, *then])
-            return
-        except Exception as exc:  # noqa: BLE001 - state unknown, as in insert()
-            raise InsertFailed(None, exc) from exc
+            return Sent(self.inserter, [*self.inserts, *then], None)
+        follow = self.inserter._may_bulk(then, least=1)
+        answer = self._read(sent, keep=follow)
+        if answer is None:  # written one at a time, the server having no bulkWrite
+            return Sent(self.inserter, then, None)
         try:
             _raise_first_error(answer, len(self.inserts))
         except InsertFailed:
             if follow:
                 sent.release()
             raise
+        if not follow:
+            return Sent(self.inserter, then, None)
         try:
-            if follow:
-                self._follow(sent, then)
-            else:
-                self.inserter.insert(then)
-        except InsertFailed as exc:
-            if exc.index is None:
-                raise
-            raise InsertFailed(len(self.inserts) + exc.index, exc.cause) from exc.cause
-
-    def _follow(self, sent: _Answer, then: Sequence[Insert]) -> None:
-        """``then`` in one ``bulkWrite`` on the connection ``sent`` holds; one at a time
-        where pymongo does not send it (a document too large for one message)."""
-        try:
-            following = sent.follow(_bulk_command(then))
+            return Sent(self.inserter, then, sent.follow(_bulk_command(then)))
         except (DocumentTooLarge, *_NOT_SENT):  # not sent; the connection is back
-            self.inserter.insert(then)
-            return
+            return Sent(self.inserter, then, None)
         except Exception as exc:  # noqa: BLE001 - state unknown, as in insert()
             raise InsertFailed(None, exc) from exc
+
+    def _written(self) -> None:
+        """The inserts written, or InsertFailed at the first failure."""
+        sent, self.answer = self.answer, None
+        if sent is None:
+            self.inserter.insert(self.inserts)
+            return
+        answer = self._read(sent)
+        if answer is not None:
+            _raise_first_error(answer, len(self.inserts))
+
+    def _read(self, sent: _Answer, keep: bool = False) -> dict[str, Any] | None:
+        """The answer to the inserts sent; None where the server turned out to have no
+        ``bulkWrite``: then they are written one at a time here."""
         try:
-            answer = following.read()
-        except Exception as exc:  # noqa: BLE001 - refused whole, or state unknown
+            return sent.read(keep=keep)
+        except OperationFailure as exc:
+            if exc.code not in NOT_HERE:  # refused whole: nothing written
+                raise InsertFailed(None, exc) from exc
+            self.inserter.supported = False  # another server since (a restore?)
+            self.inserter.insert(self.inserts)
+            return None
+        except Exception as exc:  # noqa: BLE001 - state unknown, as in insert()
             raise InsertFailed(None, exc) from exc
-        _raise_first_error(answer, len(then))
 
     def abandon(self) -> None:
         """The caller failed before :meth:`finish`: what was sent is waited for, nothing

@@ -45,32 +45,47 @@ class ChunkWriteFailed(Exception):
 
 class PendingFile:
     """A file whose chunks :meth:`GridStore.begin` has written, the last one perhaps
-    still on its way; the files document is yet to come."""
+    still on its way; the files document is yet to come (:meth:`describe`)."""
 
     def __init__(self, files: Collection, file_id: ObjectId, size: int, sent: Sent) -> None:
         self.files, self.file_id, self.size, self.sent = files, file_id, size, sent
+        #: where the files document is in ``sent.inserts`` once described
+        self._described: int | None = None
 
-    def finish(self, filename: str, metadata: dict[str, Any],
-               then: Sequence[Insert] = ()) -> None:
-        """The chunks written, then the files document (the file is whole: it appears)
-        and ``then``, in one round trip where the database can; raises as
-        :meth:`GridStore.put`."""
+    def describe(self, filename: str, metadata: dict[str, Any]) -> None:
+        """The files document sent once the chunks are written (the file is whole: it
+        appears), its outcome read by :meth:`finish`: the database writes it while the
+        caller works.  Raises ChunkWriteFailed."""
         document = {"_id": self.file_id, "length": self.size, "chunkSize": CHUNK_SIZE,
                     "uploadDate": datetime.datetime.now(datetime.timezone.utc),
                     "filename": filename, "metadata": metadata}
-        chunks = len(self.sent.inserts)  # then come the files document and ``then``
         try:
-            self.sent.finish([(self.files, document), *then])
+            self.sent = self.sent.chain([(self.files, document)])
         except InsertFailed as exc:
-            if exc.index is not None and exc.index > chunks:
-                raise InsertFailed(exc.index - chunks - 1, exc.cause) from exc.cause
+            raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
+        except PyMongoError as exc:
+            raise ChunkWriteFailed(self.file_id, exc) from exc
+        self._described = len(self.sent.inserts) - 1
+
+    def finish(self, then: Sequence[Insert] = ()) -> None:
+        """The file written whole (after :meth:`describe`), then ``then``, in one round
+        trip where the database can; raises as :meth:`GridStore.put`."""
+        described = self._described
+        if described is None:
+            raise RuntimeError("PendingFile.finish before describe")
+        try:
+            self.sent.finish(then)
+        except InsertFailed as exc:
+            if exc.index is not None and exc.index > described:
+                raise InsertFailed(exc.index - described - 1, exc.cause) from exc.cause
             raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
         except PyMongoError as exc:
             raise ChunkWriteFailed(self.file_id, exc) from exc
 
     def abandon(self) -> None:
-        """Nothing more written: what was sent is waited for (the chunks may be there
-        or not: the caller deletes them, or its journal entry does)."""
+        """Nothing more written: what was sent is waited for (the chunks, perhaps the
+        files document, may be there or not: the caller deletes the file, or its
+        journal entry does)."""
         self.sent.abandon()
 
 
@@ -104,14 +119,16 @@ class GridStore:
         ``then`` that its index names (and those after it) not written.
         """
         pending = self.begin(data, file_id, length, ahead=False)
-        pending.finish(filename, metadata, then)
+        pending.describe(filename, metadata)
+        pending.finish(then)
         return pending.file_id
 
     def begin(self, data: bytes | Path, file_id: ObjectId | None = None,
               length: int | None = None, ahead: bool = True) -> PendingFile:
-        """:meth:`put` in two steps: the chunks written (``ahead``: the last one sent,
-        its outcome not read yet), the files document and the rest left to
-        :meth:`PendingFile.finish` -- the caller works while the database writes.
+        """:meth:`put` in steps: the chunks written (``ahead``: the last one sent, its
+        outcome not read yet), the files document left to :meth:`PendingFile.describe`
+        and the rest to :meth:`PendingFile.finish` -- the caller works while the
+        database writes.
         Raises as :meth:`put`."""
         file_id = file_id or ObjectId()
         with _chunks(data) as (size, chunks):

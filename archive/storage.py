@@ -395,11 +395,13 @@ class Archive:
             if pending is None:
                 self.journal.write(key, entry)
             try:
-                if pending is None:
-                    try:
+                try:
+                    if pending is None:
                         pending = self.files.begin(part10, file_id, size)
-                    except _ChunkWriteFailed as exc:
-                        raise exc.cause from None
+                    pending.describe(f"{sop_uid}.dcm", {"SOPInstanceUID": sop_uid,
+                                                        "TransferSyntaxUID": syntax})
+                except _ChunkWriteFailed as exc:
+                    raise exc.cause from None
                 data = dicomjson.to_json(ds, file_id)  # while the database writes the file
                 doc = self.instance_document(data, file_id, syntax, size, source)
                 entry["hierarchy"] = list(hierarchy_of(doc))
@@ -421,10 +423,8 @@ class Archive:
         Also answers whether the level updates went into a batch (the entry stays until
         the batch is written)."""
         sop_uid, file_id = doc["_id"], doc["file_id"]
-        try:  # the file whole (it appears), then the new instance, in one round trip
-            pending.finish(f"{sop_uid}.dcm", {  # where the database can
-                "SOPInstanceUID": sop_uid, "TransferSyntaxUID": doc["TransferSyntaxUID"]},
-                then=[(self.instances, doc)])
+        try:  # the file whole (it appears), then the new instance
+            pending.finish(then=[(self.instances, doc)])
             previous = None
         except _ChunkWriteFailed as exc:
             raise exc.cause from None

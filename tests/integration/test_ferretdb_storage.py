@@ -257,10 +257,10 @@ def test_a_store_writes_its_file_while_the_dataset_is_converted(
         ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the archive knows the database takes bulkWrite, a store sends its file's
-    chunk before it turns the dataset into DICOM JSON and reads the answer after; then
-    the files document and the instance document go in one bulkWrite (the file appears
-    with its instance) on the connection the chunk went on, not through pymongo's
-    command path (which cost ~0.2 ms of CPU per store)."""
+    chunk, then (the chunk written) its files document, before it turns the dataset
+    into DICOM JSON, and reads the answer after; then the instance document, all on the
+    connection the chunk went on, not through pymongo's command path (which cost
+    ~0.2 ms of CPU per store)."""
     listener = _Commands()
     client = pymongo.MongoClient(ferretdb.uri, event_listeners=[listener])
     watcher = pymongo.MongoClient(ferretdb.uri)
@@ -274,12 +274,13 @@ def test_a_store_writes_its_file_while_the_dataset_is_converted(
 
         def watched(ds: Any, file_id: Any) -> Any:
             seen.append(_written_soon(watcher[mongo_db.name], f"{file_id}/0"))
+            seen.append(_written_soon(watcher[mongo_db.name], file_id, "fs.files"))
             return convert(ds, file_id)
 
         monkeypatch.setattr(dicomjson, "to_json", watched)
         listener.sent.clear()
         assert archive.store(second).ok
-        assert seen == [True]
+        assert seen == [True, True]
         # all of it on one connection held from the pool, unseen by command monitoring
         assert [c for c in listener.sent if c[0] in ("insert", "bulkWrite")] == []
         doc = db.instances.find_one({"_id": dcmread(BytesIO(second)).SOPInstanceUID})
@@ -290,10 +291,12 @@ def test_a_store_writes_its_file_while_the_dataset_is_converted(
         watcher.close()
 
 
-def _written_soon(db: Any, chunk_id: str, seconds: float = 5) -> bool:
-    """Whether the chunk is in the database within ``seconds`` (read by another client)."""
+def _written_soon(db: Any, _id: Any, collection: str = "fs.chunks",
+                  seconds: float = 5) -> bool:
+    """Whether the document is in the database within ``seconds`` (read by another
+    client)."""
     deadline = time.monotonic() + seconds
-    while db["fs.chunks"].find_one({"_id": chunk_id}, {"_id": 1}) is None:
+    while db[collection].find_one({"_id": _id}, {"_id": 1}) is None:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
