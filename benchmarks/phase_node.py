@@ -95,6 +95,9 @@ def install() -> None:
         gridstore.GridStore.begin = _timed("GridStore.begin", gridstore.GridStore.begin)
         gridstore.PendingFile.finish = _timed("PendingFile.finish",
                                               gridstore.PendingFile.finish)
+    if hasattr(gridstore.PendingFile, "describe"):  # the files document sent ahead too
+        gridstore.PendingFile.describe = _timed("PendingFile.describe",
+                                                gridstore.PendingFile.describe)
     levels.Levels.fold = _timed("Levels.fold", levels.Levels.fold)
     storage.Archive.store = _timed("Archive.store", storage.Archive.store)
     for op in ("insert_one", "insert_many", "find_one", "find_one_and_replace",

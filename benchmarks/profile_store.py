@@ -73,6 +73,7 @@ PHASE_TREE = [
     ("instance document", "instance_document", 2),
     ("GridFS put", "GridStore.put", 2),
     ("file sent (GridStore.begin)", "GridStore.begin", 2),
+    ("chunk's answer, files document sent (PendingFile.describe)", "PendingFile.describe", 2),
     ("file's answer, instance document (PendingFile.finish)", "PendingFile.finish", 2),
     ("fs.chunks.insert_one", "db fs.chunks.insert_one", 3),
     ("fs.files.insert_one", "db fs.files.insert_one", 3),
@@ -123,7 +124,7 @@ def print_phases(result: dict[str, Any], n: int) -> None:
     store = timers.get("Archive.store", {}).get("mean_ms", 0.0)
     parts = sum(timers.get(k, {}).get("mean_ms", 0.0) for k in (
         "parse", "to_json", "instance_document", "GridStore.put", "GridStore.begin",
-        "PendingFile.finish",
+        "PendingFile.describe", "PendingFile.finish",
         "db instances.find_one_and_replace", "_update_levels"))
     rows.append(["      Archive.store, other", store - parts, "", ""])
     print(h.table(["phase", "mean", "first 10%", "last 10%"], rows))
@@ -165,6 +166,7 @@ def classify(frames: list[str]) -> str:
         "wait_for_read", "sock.recv", "select")
     phase = ("GridFS put" if _has(frames, "GridStore.put", "put (archive/gridstore")
              else "file sent" if _has(frames, "GridStore.begin", "begin (archive/gridstore")
+             else "chunk's answer, files document sent" if _has(frames, "PendingFile.describe")
              else "file's answer, instance document" if _has(frames, "PendingFile.finish")
              else "instance upsert" if _has(frames, "find_one_and_replace")
              else "level updates" if _has(frames, "_update_levels")
