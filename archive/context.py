@@ -177,7 +177,7 @@ class Context:
         ds: Dataset | None = None
         ahead: Ahead | None = None
         try:
-            # the file's chunk written while the dataset is parsed (taken back if refused)
+            # the file written while the dataset is parsed (taken back if refused)
             ahead = self.archive.send_ahead(part10) if decision.allowed else None
             try:
                 if decision.restricted:  # the dataset must match a Store rule's pattern

@@ -43,41 +43,63 @@ class ChunkWriteFailed(Exception):
         self.file_id, self.cause = file_id, cause
 
 
+#: A files document's name and metadata.
+Description = tuple[str, dict[str, Any]]
+
+
+def _files_document(file_id: ObjectId, size: int, filename: str,
+                    metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"_id": file_id, "length": size, "chunkSize": CHUNK_SIZE,
+            "uploadDate": datetime.datetime.now(datetime.timezone.utc),
+            "filename": filename, "metadata": metadata}
+
+
 class PendingFile:
     """A file whose chunks :meth:`GridStore.begin` has written, the last one perhaps
-    still on its way; the files document is yet to come (:meth:`describe`)."""
+    still on its way; its files document perhaps with it, or yet to come
+    (:meth:`describe`)."""
 
-    def __init__(self, files: Collection, file_id: ObjectId, size: int, sent: Sent) -> None:
+    def __init__(self, files: Collection, file_id: ObjectId, size: int, sent: Sent,
+                 described: Description | None = None) -> None:
         self.files, self.file_id, self.size, self.sent = files, file_id, size, sent
-        #: where the files document is in ``sent.inserts`` once described
-        self._described: int | None = None
+        #: the files document's name and metadata, once sent
+        self.described = described
+        #: where the files document is in ``sent.inserts`` (-1: written before them)
+        self._at: int | None = len(sent.inserts) - 1 if described is not None else None
 
     def describe(self, filename: str, metadata: dict[str, Any]) -> None:
         """The files document sent once the chunks are written (the file is whole: it
         appears), its outcome read by :meth:`finish`: the database writes it while the
-        caller works.  Raises ChunkWriteFailed."""
-        document = {"_id": self.file_id, "length": self.size, "chunkSize": CHUNK_SIZE,
-                    "uploadDate": datetime.datetime.now(datetime.timezone.utc),
-                    "filename": filename, "metadata": metadata}
+        caller works.  Sent already with another name (:meth:`GridStore.begin` named
+        it from the file's meta group, which the dataset contradicts): renamed once
+        written.  Raises ChunkWriteFailed."""
         try:
-            self.sent = self.sent.chain([(self.files, document)])
+            if self.described is None:
+                document = _files_document(self.file_id, self.size, filename, metadata)
+                self.sent = self.sent.chain([(self.files, document)])
+                self._at = len(self.sent.inserts) - 1
+            elif self.described != (filename, metadata):
+                self.sent.finish()
+                self.files.update_one({"_id": self.file_id}, {"$set": {
+                    "filename": filename, "metadata": metadata}})
+                self.sent, self._at = Sent(self.sent.inserter, [], None), -1
         except InsertFailed as exc:
             raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
         except PyMongoError as exc:
             raise ChunkWriteFailed(self.file_id, exc) from exc
-        self._described = len(self.sent.inserts) - 1
+        self.described = (filename, metadata)
 
     def finish(self, then: Sequence[Insert] = ()) -> None:
         """The file written whole (after :meth:`describe`), then ``then``, in one round
         trip where the database can; raises as :meth:`GridStore.put`."""
-        described = self._described
-        if described is None:
+        at = self._at
+        if at is None:
             raise RuntimeError("PendingFile.finish before describe")
         try:
             self.sent.finish(then)
         except InsertFailed as exc:
-            if exc.index is not None and exc.index > described:
-                raise InsertFailed(exc.index - described - 1, exc.cause) from exc.cause
+            if exc.index is not None and exc.index > at:
+                raise InsertFailed(exc.index - at - 1, exc.cause) from exc.cause
             raise ChunkWriteFailed(self.file_id, exc.cause) from exc.cause
         except PyMongoError as exc:
             raise ChunkWriteFailed(self.file_id, exc) from exc
@@ -124,11 +146,13 @@ class GridStore:
         return pending.file_id
 
     def begin(self, data: bytes | Path, file_id: ObjectId | None = None,
-              length: int | None = None, ahead: bool = True) -> PendingFile:
+              length: int | None = None, ahead: bool = True,
+              described: Description | None = None) -> PendingFile:
         """:meth:`put` in steps: the chunks written (``ahead``: the last one sent, its
         outcome not read yet), the files document left to :meth:`PendingFile.describe`
         and the rest to :meth:`PendingFile.finish` -- the caller works while the
-        database writes.
+        database writes.  ``described``: the files document's name and metadata,
+        sent with the last chunk (then :meth:`PendingFile.describe` only checks them).
         Raises as :meth:`put`."""
         file_id = file_id or ObjectId()
         with _chunks(data) as (size, chunks):
@@ -147,8 +171,10 @@ class GridStore:
                         last.append((self.chunks, document))
             except PyMongoError as exc:
                 raise ChunkWriteFailed(file_id, exc) from exc
+        if described is not None:  # the files document last
+            last.append((self.files, _files_document(file_id, size, *described)))
         sent = self.inserter.send(last) if ahead else Sent(self.inserter, last, None)
-        return PendingFile(self.files, file_id, size, sent)
+        return PendingFile(self.files, file_id, size, sent, described)
 
     def stream(self, file_id: ObjectId) -> Iterator[bytes]:
         """The file's chunks in order, one at a time (memory stays one chunk deep)."""

@@ -21,7 +21,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,21 +348,30 @@ def meta_end(part10: Source) -> int | None:
 
 def meta_syntax(part10: Source) -> str | None:
     """Transfer Syntax UID (0002,0010) of the meta group, None if it has none readable."""
+    return meta_uids(part10, 0x00020010).get(0x00020010)
+
+
+def meta_uids(part10: Source, *tags: int) -> dict[int, str]:
+    """The values of the meta group elements ``tags`` (UIDs: ASCII, padding stripped),
+    read up to the last of them; those missing or unreadable left out."""
+    found: dict[int, str] = {}
     with _opened(part10) as (walker, size):
         if size < 132 or walker.slice(128, 132) != b"DICM":
-            return None
-        meta, pos = _Encoding(False, True), 132
+            return found
+        meta, pos, last = _Encoding(False, True), 132, max(tags)
         try:
             while size - pos >= 8 and struct.unpack_from("<H", *walker.at(pos, 2))[0] == 2:
                 tag, vr, length, start = walker.header(pos, size, meta)
-                if length == UNDEFINED or start + length > size:
-                    return None
-                if tag == 0x00020010:
-                    return walker.slice(start, start + length).decode("ascii").rstrip("\x00 ")
+                if length == UNDEFINED or start + length > size or tag > last:
+                    break
+                if tag in tags:
+                    with suppress(UnicodeDecodeError):
+                        found[tag] = walker.slice(start, start + length).decode(
+                            "ascii").rstrip("\x00 ")
                 pos = start + length
-        except (Incomplete, UnicodeDecodeError):
-            return None
-        return None
+        except Incomplete:
+            pass
+    return found
 
 
 def dataset_start(part10: Source) -> int:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from archive import part10 as part10_check
 from archive.bulkwrite import InsertFailed
 from archive.deletion import KIND as DELETE_KIND
 from archive.deletion import Deleter, Selection
-from archive.gridstore import CHUNK_SIZE, GridStore, PendingFile
+from archive.gridstore import CHUNK_SIZE, Description, GridStore, PendingFile
 from archive.gridstore import ChunkWriteFailed as _ChunkWriteFailed
 from archive.health import DatabaseHealth
 from archive.journal import Journal, alive_elsewhere
@@ -112,6 +113,10 @@ Part10 = part10_check.Source
 #: Pixel Data and other bulk values are then never read into memory (see dicomjson).
 DEFER_SIZE = 64 * 1024
 assert DEFER_SIZE >= dicomjson.MIN_DEFER_SIZE
+#: Meta group elements a file is named from before its dataset is parsed.
+MEDIA_STORAGE_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID = 0x00020003, 0x00020010
+#: A UID as a file name may hold one (PS3.5 9.1), or no name is taken from it.
+_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
 
 
 def part10_size(part10: Part10) -> int:
@@ -144,9 +149,9 @@ class StoreOutcome:
 
 
 class Ahead:
-    """A file's chunk sent before its dataset was parsed (:meth:`Archive.send_ahead`):
-    journaled, and held by this process until a store takes it or :meth:`release`
-    takes it back."""
+    """A file's chunk (and files document, where its meta group names it) sent before
+    its dataset was parsed (:meth:`Archive.send_ahead`): journaled, and held by this
+    process until a store takes it or :meth:`release` takes it back."""
 
     def __init__(self, archive: Archive, key: str, entry: dict[str, Any],
                  pending: PendingFile) -> None:
@@ -154,7 +159,7 @@ class Ahead:
         self.taken = False
 
     def release(self) -> None:
-        """Unless a store took it: the chunk waited for and deleted, the entry removed
+        """Unless a store took it: the file waited for and deleted, the entry removed
         (left to the journal's replay if the database does not answer)."""
         if self.taken:
             return
@@ -301,8 +306,9 @@ class Archive:
     # -- store ------------------------------------------------------------------------
 
     def send_ahead(self, part10: Part10) -> Ahead | None:
-        """The file's chunk sent now, for the database to write while the dataset is
-        parsed and converted; journaled first.  Where that helps only: a file in memory
+        """The file's chunk sent now, with its files document named from the meta group
+        (:func:`_described_by_meta`), for the database to write while the dataset is
+        parsed; journaled first.  Where that helps only: a file in memory
         of one chunk, a database known to take ``bulkWrite`` (:mod:`archive.bulkwrite`).
         The caller gives it to :meth:`store` and releases it whatever happens."""
         inserter = self.files.inserter
@@ -316,7 +322,8 @@ class Archive:
         self._active.add(key)
         try:
             self.journal.write(key, entry)  # no SOP Instance UID yet: see _settle
-            pending = self.files.begin(part10, file_id, len(part10))
+            pending = self.files.begin(part10, file_id, len(part10),
+                                       described=_described_by_meta(part10))
         except Exception:  # noqa: BLE001 - nothing sent: the store does it all
             self.journal.remove(key)
             self._active.discard(key)
@@ -398,8 +405,7 @@ class Archive:
                 try:
                     if pending is None:
                         pending = self.files.begin(part10, file_id, size)
-                    pending.describe(f"{sop_uid}.dcm", {"SOPInstanceUID": sop_uid,
-                                                        "TransferSyntaxUID": syntax})
+                    pending.describe(*_description(sop_uid, syntax))
                 except _ChunkWriteFailed as exc:
                     raise exc.cause from None
                 data = dicomjson.to_json(ds, file_id)  # while the database writes the file
@@ -786,6 +792,23 @@ class Archive:
             "modalities": {m: n for m, n in modalities.most_common() if n},
             "sop_classes": {uid: n for uid, n in classes.most_common() if n},
         }
+
+
+def _description(sop_uid: str, syntax: str) -> Description:
+    """The name and metadata of an instance's GridFS file."""
+    return f"{sop_uid}.dcm", {"SOPInstanceUID": sop_uid, "TransferSyntaxUID": syntax}
+
+
+def _described_by_meta(part10: bytes) -> Description | None:
+    """:func:`_description` from the meta group's Media Storage SOP Instance UID
+    and Transfer Syntax UID (what a C-STORE request names), for the files document to
+    go with the chunk before the dataset is parsed; the store renames the file if the
+    dataset says otherwise.  None unless both are plain UIDs."""
+    uids = part10_check.meta_uids(part10, MEDIA_STORAGE_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID)
+    sop, syntax = uids.get(MEDIA_STORAGE_SOP_INSTANCE_UID, ""), uids.get(TRANSFER_SYNTAX_UID, "")
+    if not (_PLAIN_UID.fullmatch(sop) and _PLAIN_UID.fullmatch(syntax)):
+        return None
+    return _description(sop, syntax)
 
 
 def _transfer_syntax(ds: Dataset) -> str:

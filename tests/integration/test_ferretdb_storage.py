@@ -318,7 +318,8 @@ def test_a_store_writes_its_chunk_while_the_dataset_is_parsed(
         ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the front ends' entry (Context.store_as), the chunk of a file held in
-    memory goes before the dataset is even parsed."""
+    memory goes before the dataset is even parsed, and its files document with it,
+    named from the meta group (a C-STORE's is built from its request)."""
     context, decision = _storing(mongo_db, tmp_path)
     watcher = pymongo.MongoClient(ferretdb.uri)
     try:
@@ -328,20 +329,51 @@ def test_a_store_writes_its_chunk_while_the_dataset_is_parsed(
         parse = Archive.parse
 
         def watched(part10: Any) -> Any:
-            chunks = watcher[mongo_db.name]["fs.chunks"]
+            db = watcher[mongo_db.name]
             deadline = time.monotonic() + 5
-            while chunks.count_documents({}) < 2 and time.monotonic() < deadline:
+            while db["fs.files"].count_documents({}) < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            seen.append(chunks.count_documents({}) == 2)
+            seen.extend(db[name].count_documents({}) == 2 for name in ("fs.chunks", "fs.files"))
             return parse(part10)
 
         monkeypatch.setattr(Archive, "parse", staticmethod(watched))
         assert context.store_as(decision, second, "CT01").outcome.ok
-        assert seen == [True]
+        assert seen == [True, True]
+        sop = dcmread(BytesIO(second)).SOPInstanceUID
+        stored = mongo_db.instances.find_one({"_id": sop})
+        assert mongo_db["fs.files"].find_one({"_id": stored["file_id"]})["filename"] == \
+            f"{sop}.dcm"
         assert not list(context.archive.journal.entries())
         assert consistency_problems(mongo_db) == [] and counter_problems(mongo_db) == []
     finally:
         watcher.close()
+        context.client.close()
+
+
+def test_a_file_named_ahead_from_its_meta_group_is_renamed_after_its_dataset(
+        ferretdb: FerretDB, mongo_db: Any, tmp_path: Path, testdata_files: list[Path]
+        ) -> None:
+    """A sender whose meta group (or C-STORE request) names another SOP Instance UID
+    than its dataset: the instance is stored under the dataset's, and its GridFS file,
+    named ahead from the meta group, is renamed after it."""
+    context, decision = _storing(mongo_db, tmp_path)
+    try:
+        first, second = _two_instances(testdata_files)
+        assert context.store_as(decision, first, "CT01").outcome.ok
+        sop = dcmread(BytesIO(second)).SOPInstanceUID
+        other = sop[:-1] + ("1" if sop[-1] != "1" else "2")  # same length, meta group first
+        contradicted = second.replace(sop.encode(), other.encode(), 1)
+        assert dcmread(BytesIO(contradicted)).file_meta.MediaStorageSOPInstanceUID == other
+        assert context.store_as(decision, contradicted, "CT01").outcome.ok
+        stored = mongo_db.instances.find_one({"_id": sop})
+        assert stored is not None and mongo_db.instances.count_documents({}) == 2
+        info = mongo_db["fs.files"].find_one({"_id": stored["file_id"]})
+        assert (info["filename"], info["metadata"]["SOPInstanceUID"]) == \
+            (f"{sop}.dcm", sop)
+        assert context.archive.files.read(stored["file_id"]) == contradicted
+        assert not list(context.archive.journal.entries())
+        assert consistency_problems(mongo_db) == [] and counter_problems(mongo_db) == []
+    finally:
         context.client.close()
 
 
