@@ -10,10 +10,11 @@ Loads the synthetic corpus (default 60 x 2 x 3 x 28 = 10,080 instances, the base
 this archive and into Orthanc, once: by 4 storescu processes at once, whole patients
 each (``--archive-load import``: ``archive import``, the same storage code as C-STORE,
 one process); the loaded folders are cached under ``bench-data/runs/query/<corpus>-
-<commit>/`` and reused by later runs (and by ``bench_retrieve``).  Then, one system at a
-time, times DCMTK ``findscu`` (TCP_NODELAY=1) for eight queries with the same return
-keys on both systems (the speed issue's six, then by accession number and by modality),
-``--runs`` times after ``--warmup`` runs, and prints the median (min-max) per query, the
+<commit>/`` and reused by later runs (and by ``bench_retrieve``).  Then, both systems up,
+times DCMTK ``findscu`` (TCP_NODELAY=1) for eight queries with the same return keys on
+both systems (the speed issue's six, then by accession number and by modality),
+``--runs`` times after ``--warmup`` runs, the systems taking turns for each run (so that
+both meet the machine as it is in the same seconds), and prints the median (min-max) per query, the
 ratio, and the number of answers of each system against the number the corpus says is
 right.  Each query's answers are also extracted once from both systems and compared key
 by key.
@@ -34,6 +35,7 @@ Results: ``bench-data/results/find.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -419,56 +421,90 @@ def compare(query: FindQuery, ours: dict[str, dict[str, str]],
 # --- timing -----------------------------------------------------------------------
 
 
-def run_queries(system: str, service: h.Service, qs: list[FindQuery],
-                args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def run_queries(services: dict[str, h.Service], qs: list[FindQuery],
+                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every query on every system, the systems' runs of a query taking turns (A B, B A,
+    A B...): both are timed in the same seconds of the machine, so that a slow patch of
+    it (findscu's start-up is most of a small query's time) does not fall on one."""
+    results: dict[str, dict[str, Any]] = {system: {} for system in services}
     for q in qs:
-        counts: list[int] = []
+        counts: dict[str, list[int]] = {system: [] for system in services}
+        samples: dict[str, list[float]] = {system: [] for system in services}
 
-        def once(q: FindQuery = q, counts: list[int] = counts) -> float:
+        def once(system: str, q: FindQuery = q, counts: dict[str, list[int]] = counts) -> float:
+            service = services[system]
             run = h.findscu(service.host, service.port, service.ae_title, q.level, q.keys,
                             model=q.model, timeout=600)
             run.check()
-            counts.append(run.answers)
+            counts[system].append(run.answers)
             return run.elapsed
 
-        with h.CpuMeter(h.process_tree(service.pid)) as cpu:
-            stats = h.repeat(once, args.runs, args.warmup)
-        answers = counts[-1]
-        if len(set(counts)) != 1:
-            print(f"  WARNING {system} {q.name}: answer counts vary between runs: {counts}",
-                  file=sys.stderr)
-        extracted = h.findscu(service.host, service.port, service.ae_title, q.level, q.keys,
-                              model=q.model, extract=True, timeout=600).check()
-        server_cpu = sum(cpu.result["system_cpu_s"].values())
-        results[q.name] = {
-            **{k: v for k, v in stats.items()}, "answers": answers,
-            "answers_each_run": sorted(set(counts)),
-            "server_cpu_ms_per_query": 1000 * server_cpu / (args.runs + args.warmup),
-            "foreign_cores": cpu.result["foreign_cores"],
-            "cpu": cpu.result, "_answers": answers_of(extracted, q),
-        }
-        flag = " - DISTURBED" if cpu.result["foreign_cores"] > DISTURBED else ""
-        print(f"  {system:<8} {q.name:<17} median {1000 * stats['median']:8.1f} ms  "
-              f"(min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
-              f"{answers} answers (expected {q.expected}){flag}", file=sys.stderr)
+        order = list(services)
+        pids = [pid for service in services.values() for pid in h.process_tree(service.pid)]
+        with h.CpuMeter(pids) as cpu:
+            for _ in range(args.warmup):
+                for system in order:
+                    once(system)
+            for turn in range(args.runs):
+                for system in order if turn % 2 == 0 else order[::-1]:
+                    samples[system].append(once(system))
+        for system, service in services.items():
+            stats = h.summary(samples[system])
+            answers = counts[system][-1]
+            if len(set(counts[system])) != 1:
+                print(f"  WARNING {system} {q.name}: answer counts vary between runs: "
+                      f"{counts[system]}", file=sys.stderr)
+            extracted = h.findscu(service.host, service.port, service.ae_title, q.level,
+                                  q.keys, model=q.model, extract=True, timeout=600).check()
+            own = _own_cpu(cpu.result, service.pid)
+            results[system][q.name] = {
+                **stats, "answers": answers, "answers_each_run": sorted(set(counts[system])),
+                "server_cpu_ms_per_query": 1000 * sum(own["system_cpu_s"].values())
+                / (args.runs + args.warmup),
+                "foreign_cores": own["foreign_cores"], "cpu": own,
+                "_answers": answers_of(extracted, q),
+            }
+            flag = " - DISTURBED" if own["foreign_cores"] > DISTURBED else ""
+            print(f"  {system:<8} {q.name:<17} median {1000 * stats['median']:8.1f} ms  "
+                  f"(min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
+                  f"{answers} answers (expected {q.expected}){flag}", file=sys.stderr)
     return results
+
+
+def _own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
+    """A :class:`h.CpuMeter` result of several systems narrowed to the process tree of
+    ``root`` (other processes' CPU, ``foreign_cores``, counts neither system)."""
+    tree, grew = {str(root)}, True
+    while grew:
+        grew = False
+        for pid, entry in cpu["by_pid"].items():
+            if pid not in tree and str(entry["ppid"]) in tree:
+                tree.add(pid)
+                grew = True
+    by_pid = {pid: entry for pid, entry in cpu["by_pid"].items() if pid in tree}
+    processes: dict[str, float] = {}
+    for entry in by_pid.values():
+        processes[entry["name"]] = processes.get(entry["name"], 0.0) + entry["cpu_s"]
+    return {**cpu, "by_pid": by_pid, "system_cpu_s": processes}
 
 
 def measure(params: corpus_module.Parameters, args: argparse.Namespace,
             systems: list[str], targets: dict[str, int] | None = None) -> dict[str, Any]:
     corpus_dir, manifest, loads = prepare(params, args, systems)
     qs = queries(corpus_index(corpus_dir), args.charset, targets)
-    per_system: dict[str, Any] = {}
-    for system in systems:
+    roots: dict[str, int] = {}
+    with contextlib.ExitStack() as running:  # all systems up at once, queried in turns
+        services: dict[str, h.Service] = {}
+        for system in systems:
+            workdir = system_dir(system, params, args.sha)
+            service = archive_node(workdir, args.source) if system == "archive" \
+                else orthanc_node(workdir)
+            services[system] = running.enter_context(service)
+            roots[system] = service.pid
         if args.quiet_wait > 0:
             h.wait_for_quiet(timeout=args.quiet_wait)
-        workdir = system_dir(system, params, args.sha)
-        service = archive_node(workdir, args.source) if system == "archive" \
-            else orthanc_node(workdir)
-        with service:
-            root = service.pid
-            per_system[system] = run_queries(system, service, qs, args)
+        per_system = run_queries(services, qs, args)
+    for system, root in roots.items():
         for r in per_system[system].values():  # node and database apart, as in bench_store
             node_s, database_s = h.node_and_database(r["cpu"], root)
             r["node_cpu_ms_per_query"] = 1000 * node_s / (args.runs + args.warmup)

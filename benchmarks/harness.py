@@ -138,10 +138,15 @@ def repeat(function: Callable[[], float], runs: int, warmup: int = 1) -> dict[st
     """Run a function returning seconds ``warmup + runs`` times; min/median/mean/max."""
     for _ in range(warmup):
         function()
-    samples = sorted(function() for _ in range(runs))
+    return summary([function() for _ in range(runs)])
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Runs, min/median/mean/max of timings in seconds."""
+    samples = sorted(samples)
     mid = len(samples) // 2
     median = samples[mid] if len(samples) % 2 else (samples[mid - 1] + samples[mid]) / 2
-    return {"runs": runs, "min": samples[0], "median": median,
+    return {"runs": len(samples), "min": samples[0], "median": median,
             "mean": sum(samples) / len(samples), "max": samples[-1]}
 
 
