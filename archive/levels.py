@@ -190,17 +190,22 @@ class Levels:
             raise Conflict(f"{what} belongs to another patient")
 
     def fold(self, doc: dict[str, Any], data: dict[str, Any],
-             previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+             previous: dict[str, Any] | None,
+             defer: Callable[[bool], bool] | None = None) -> list[tuple[str, str, str]]:
         """Fold one instance into its series, study and patient documents.
 
         ``previous`` is the instance document a re-send replaced.  Returns the
         hierarchies to rebuild exactly afterwards (an accepted patient conflict).
+        ``defer``: offered the study and patient updates of a new instance once its
+        series document is updated without conflict (told whether that created the
+        series); True when it took them (:meth:`WriteBehind.open`).
         """
         with self.storing(hierarchy_of(doc)):
-            return self._fold(doc, data, previous)
+            return self._fold(doc, data, previous, defer)
 
     def _fold(self, doc: dict[str, Any], data: dict[str, Any],
-              previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+              previous: dict[str, Any] | None,
+              defer: Callable[[bool], bool] | None = None) -> list[tuple[str, str, str]]:
         hierarchy = hierarchy_of(doc)
         series_uid, study_uid, patient_id = hierarchy
         rebuild: list[tuple[str, str, str]] = []
@@ -229,6 +234,8 @@ class Levels:
             "$addToSet": {"instances": doc["_id"], **_variants(hashes, PATIENT, STUDY, SERIES)},
             "$inc": {"NumberOfSeriesRelatedInstances": inc, REV: 1, **counts},
         }, {"StudyInstanceUID": study_uid, "PatientID": patient_id}, rebuild, hierarchy)
+        if defer is not None and previous is None and not rebuild and defer(new_series):
+            return []
         new = 1 if new_series else 0
         # the study counts per value what its series count (Modalities / SOP Classes in
         # Study follow from those counts, see drop_uncounted)
@@ -765,6 +772,11 @@ class _Batch:
         self.latest: tuple[ObjectId, dict[str, Any]] | None = None
         #: the attribute hashes every instance of the batch has (WriteBehind.take)
         self.hashes: dict[str, str] = {}
+        #: instances the series document counts already, their SOP classes and
+        #: modalities (the first of a series this node opened: WriteBehind.open)
+        self.counted: list[tuple[str, str, str]] = []
+        #: whether opening the series created it (the study and patient count it)
+        self.created = False
 
     def add(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> None:
         self.hashes = doc["hashes"]
@@ -775,6 +787,12 @@ class _Batch:
         if self.latest is None or doc["file_id"] > self.latest[0]:
             self.latest = (doc["file_id"], data)
 
+    def series_counts(self) -> tuple[int, Counter[str], Counter[str]]:
+        """Instances, SOP classes and modalities the series document has yet to count."""
+        return (len(self.sops) - len(self.counted),
+                self.classes - Counter(c for _, c, _ in self.counted),
+                self.modalities - Counter(m for _, _, m in self.counted))
+
 
 class WriteBehind:
     """Coalesces the level updates of new instances into series this node knows.
@@ -782,7 +800,10 @@ class WriteBehind:
     FerretDB rewrites a whole document for every update (~3-5 ms each): three per
     instance were half of a store's time.  A new instance whose series this node has
     updated before with the same study, patient and attribute hashes (so nothing can
-    conflict nor change the variants) is counted in a batch instead; a batch is written
+    conflict nor change the variants) is counted in a batch instead, and so are the
+    study and patient updates of the first instance of a new series in a study this
+    node knows so (its series document is upserted at once: conflicts are found before
+    the store is answered, :meth:`open`); a batch is written
     as one update per level document when it is ``max_batch`` long, every ``linger``
     seconds, and before any read of the level documents on this node (:meth:`flush`,
     the barrier C-FIND, C-MOVE and C-GET call).  Each instance's journal entry stays
@@ -800,6 +821,8 @@ class WriteBehind:
         self._flushing = threading.Lock()
         self._batches: dict[str, _Batch] = {}
         self._known: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
+        #: studies of the known series: their patient and patient and study hashes
+        self._studies: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -807,16 +830,50 @@ class WriteBehind:
         """The instance's level documents were just updated one by one, without
         conflict: its series' next instances may be batched."""
         with self._lock:
-            self._known[doc["SeriesInstanceUID"]] = _claims(doc)
-            self._known.move_to_end(doc["SeriesInstanceUID"])
-            while len(self._known) > self.known_limit:
-                self._known.popitem(last=False)
+            self._learn(doc)
+
+    def _learn(self, doc: dict[str, Any]) -> None:
+        for known, key, value in ((self._known, doc["SeriesInstanceUID"], _claims(doc)),
+                                  (self._studies, doc["StudyInstanceUID"], _study_claims(doc))):
+            known[key] = value  # type: ignore[index]
+            known.move_to_end(key)
+            while len(known) > self.known_limit:
+                known.popitem(last=False)
 
     def forget(self) -> None:
         """Level documents may have changed otherwise (a move, a rebuild): batch nothing
         more until stores have learnt their series again."""
         with self._lock:
             self._known.clear()
+            self._studies.clear()
+
+    def opens(self, doc: dict[str, Any]) -> bool:
+        """Whether the instance would open a series of a study this node knows as it
+        claims (:meth:`open`)."""
+        with self._lock:
+            return doc["SeriesInstanceUID"] not in self._known and \
+                self._studies.get(doc["StudyInstanceUID"]) == _study_claims(doc)
+
+    def open(self, doc: dict[str, Any], data: dict[str, Any], key: str, created: bool) -> bool:
+        """Batch the study and patient updates of the first instance of a series of a
+        known study, its series document updated already (``created`` or not by that
+        update); the series' next instances are batched whole (:meth:`take`).
+
+        The series document was upserted on the study and patient the instance claims
+        before the store was answered, so a conflict is found as without batches; the
+        study and patient, known as it claims, are where earlier batches of that study
+        went.  False (nothing batched) if the study is no longer known so.
+        """
+        with self._lock:
+            if self._studies.get(doc["StudyInstanceUID"]) != _study_claims(doc):
+                return False
+            batch = self._batches.setdefault(doc["SeriesInstanceUID"],
+                                             _Batch(hierarchy_of(doc)))
+            batch.add(doc, data, key)
+            batch.counted.append((doc["_id"], doc["SOPClassUID"], doc["Modality"]))
+            batch.created = batch.created or created
+            self._learn(doc)
+        return True  # (no flush here: the caller is storing, which a flush waits for)
 
     def take(self, doc: dict[str, Any], data: dict[str, Any], key: str) -> bool:
         """Batch a new instance's level updates, if its series is known as it claims."""
@@ -868,6 +925,7 @@ class WriteBehind:
                 except Exception:  # noqa: BLE001 - the journal rebuilds exactly
                     with self._lock:
                         self._known.pop(batch.hierarchy[0], None)
+                        self._studies.pop(batch.hierarchy[1], None)
                     self.failed(batch.keys)
                 else:
                     self.written(batch.keys)
@@ -900,9 +958,8 @@ class WriteBehind:
         # rebuild may have dropped them since (with the instances that carried them).
         hashes = batch.hashes
         results: list[int] = []
-        counts = {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in batch.classes.items()},
-                  **{f"{MODALITY_COUNTS}.{field_key(k)}": c
-                     for k, c in batch.modalities.items()}}
+        counts = _value_counts(batch.classes, batch.modalities)
+        in_series, classes, modalities = batch.series_counts()
         # ... and still claim the batch's study and patient: a correction in another
         # process may have moved the series to another patient (archive.modification)
         results.append(self.levels.series.update_one({
@@ -911,7 +968,10 @@ class WriteBehind:
                      **common},
             "$addToSet": {"instances": {"$each": batch.sops},
                           **_variants(hashes, PATIENT, STUDY, SERIES)},
-            "$inc": {"NumberOfSeriesRelatedInstances": n, REV: 1, **counts}}).matched_count)
+            "$inc": {"NumberOfSeriesRelatedInstances": in_series, REV: 1,
+                     **_value_counts(classes, modalities)}}).matched_count)
+        opened = {"series": series_uid} if batch.counted else {}
+        created = 1 if batch.created else 0
         # (a count below zero: a re-send on another node moved one of these instances
         # before the batch counted it; see Levels.drop_uncounted)
         study = self.levels.studies.find_one_and_update({"_id": study_uid,
@@ -920,8 +980,9 @@ class WriteBehind:
                      **common},
             "$addToSet": {"ModalitiesInStudy": {"$each": sorted(batch.modalities)},
                           "SOPClassesInStudy": {"$each": sorted(batch.classes)},
-                          **_variants(hashes, PATIENT, STUDY)},
-            "$inc": {"NumberOfStudyRelatedInstances": n, REV: 1, **counts}})
+                          **opened, **_variants(hashes, PATIENT, STUDY)},
+            "$inc": {"NumberOfStudyRelatedInstances": n, "NumberOfStudyRelatedSeries": created,
+                     REV: 1, **counts}})
         results.append(0 if study is None else 1)
         legacy = study is not None and not counts_per_value(study)
         if study is not None and not legacy:
@@ -930,7 +991,8 @@ class WriteBehind:
             "$set": {**normalised_fields(PATIENT, data), "dataset": level_dataset(PATIENT, data),
                      **common},
             "$addToSet": _variants(hashes, PATIENT),
-            "$inc": {"NumberOfPatientRelatedInstances": n, REV: 1}}).matched_count)
+            "$inc": {"NumberOfPatientRelatedInstances": n, "NumberOfPatientRelatedSeries": created,
+                     REV: 1}}).matched_count)
         return results, legacy
 
     # -- the writer thread --------------------------------------------------------------
@@ -951,6 +1013,18 @@ class WriteBehind:
     def _run(self) -> None:
         while not self._stop.wait(self.linger):
             self.flush()
+
+
+def _value_counts(classes: Counter[str], modalities: Counter[str]) -> dict[str, int]:
+    """Counter increments per SOP class and modality."""
+    return {**{f"{SOP_CLASS_COUNTS}.{field_key(k)}": c for k, c in classes.items()},
+            **{f"{MODALITY_COUNTS}.{field_key(k)}": c for k, c in modalities.items()}}
+
+
+def _study_claims(doc: dict[str, Any]) -> tuple[str, str, str]:
+    """What an instance opening a series must share with its study's known series."""
+    hashes = doc.get("hashes") or {}
+    return doc["PatientID"], hashes.get(PATIENT, ""), hashes.get(STUDY, "")
 
 
 def _claims(doc: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:

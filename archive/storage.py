@@ -444,12 +444,23 @@ class Archive:
                                         sop_uid), False
                 return StoreOutcome(SUCCESS, "already stored, kept", sop_uid), False
             previous = self._replace(doc, entry)
-        if self.batches is not None:
-            if previous is None and self.batches.take(doc, data, entry["file_id"]):
+        batches, opened = self.batches, False
+        if batches is not None:
+            if previous is None and batches.take(doc, data, entry["file_id"]):
                 return StoreOutcome(SUCCESS, "", sop_uid), True
-            if previous is not None or not self.batches.agrees(doc):
-                self.batches.flush()  # what was batched before is written before this one
-        rebuild = self.levels.fold(doc, data, previous)
+            if previous is not None or not batches.agrees(doc):
+                batches.flush()  # what was batched before is written before this one
+
+        def defer(created: bool) -> bool:  # a new series of a known study: see open
+            nonlocal opened
+            assert batches is not None
+            opened = batches.open(doc, data, entry["file_id"], created)
+            return opened
+
+        rebuild = self.levels.fold(doc, data, previous, defer if (
+            batches is not None and previous is None and batches.opens(doc)) else None)
+        if opened:
+            return StoreOutcome(SUCCESS, "", sop_uid), True
         if self.batches is not None:
             if previous is None and not rebuild:
                 self.batches.learn(doc)

@@ -421,10 +421,11 @@ def test_a_batch_into_a_study_without_counts_per_value_rebuilds_it(db: Any,
 
 def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
         db: Any, tmp_path: Path) -> None:
-    """A C-STORE starting a series folds its instance at once while batches of the same
-    study and patient wait (their updates commute); one whose study or patient
-    attributes differ has the batches written first, so the documents show the newest
-    instance's attributes, as a rebuild would."""
+    """A C-STORE starting a series of a known study updates its series at once and
+    batches the rest, while batches of the same study and patient wait (their updates
+    commute); one whose study or patient attributes differ has the batches written
+    first and folds its instance at once, so the documents show the newest instance's
+    attributes, as a rebuild would."""
     archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
     assert archive.batches is not None
 
@@ -435,7 +436,7 @@ def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
     archive.store(instance(sop_uid="1.2.3.2", StudyDescription="HEAD"))  # batched
     archive.store(instance(sop_uid="1.2.3.3", series_uid=f"{SERIES}.2",
                            StudyDescription="HEAD"))
-    assert archive.batches.pending() == 1  # left to the writer
+    assert archive.batches.pending() == 2  # left to the writer
     archive.store(instance(sop_uid="1.2.3.4", series_uid=f"{SERIES}.3",
                            StudyDescription="CHEST"))
     assert archive.batches.pending() == 0
@@ -450,6 +451,57 @@ def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
 
     archive.flush()
     assert check(archive, grace=0).problems == []
+    assert counter_problems(db) == [] and consistency_problems(db) == []
+
+
+def test_a_new_series_of_a_known_study_waits_only_for_its_series_update(
+        db: Any, tmp_path: Path) -> None:
+    """The first instance of a new series in a study this node has stored into: its
+    series document is written before the store is answered, its study and patient
+    updates (one more series, one more instance) go with the series' batch."""
+    archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
+    assert archive.batches is not None
+    assert archive.store(instance(sop_uid="1.2.3.1")).ok
+    assert archive.store(instance(sop_uid="1.2.3.2", series_uid=f"{SERIES}.2",
+                                  modality="MR", sop_class=MR_IMAGE)).ok
+    series = db.series.find_one({"_id": f"{SERIES}.2"})
+    assert series["NumberOfSeriesRelatedInstances"] == 1 and series["instances"] == ["1.2.3.2"]
+    study, patient = db.studies.find_one(), db.patients.find_one()
+    assert (study["NumberOfStudyRelatedSeries"], study["NumberOfStudyRelatedInstances"],
+            patient["NumberOfPatientRelatedSeries"]) == (1, 1, 1)  # not yet
+    assert archive.batches.pending() == 1
+    assert archive.store(instance(sop_uid="1.2.3.3", series_uid=f"{SERIES}.2",
+                                  modality="MR", sop_class=MR_IMAGE)).ok
+    assert archive.batches.pending() == 2  # the series' next instances: batched whole
+    archive.flush()
+    study, patient = db.studies.find_one(), db.patients.find_one()
+    assert (study["NumberOfStudyRelatedSeries"], study["NumberOfStudyRelatedInstances"],
+            patient["NumberOfPatientRelatedSeries"],
+            patient["NumberOfPatientRelatedInstances"]) == (2, 3, 2, 3)
+    assert sorted(study["series"]) == [SERIES, f"{SERIES}.2"]
+    assert sorted(study["ModalitiesInStudy"]) == ["CT", "MR"]
+    assert db.series.find_one({"_id": f"{SERIES}.2"})["NumberOfSeriesRelatedInstances"] == 2
+    assert check(archive, grace=0).problems == []
+    assert counter_problems(db) == [] and consistency_problems(db) == []
+
+
+def test_a_new_series_of_a_known_study_that_belongs_to_another_study_is_refused(
+        db: Any, tmp_path: Path) -> None:
+    """The series UID names a series another node stored into another study: the
+    store is refused as without batches (0xC409), and nothing of it is batched."""
+    here = Archive(db, "fs", "replace", tmp_path / "here", write_behind=3600)
+    elsewhere = Archive(db, "fs", "replace", tmp_path / "elsewhere", write_behind=3600)
+    assert here.batches is not None
+    assert here.store(instance(sop_uid="1.2.3.1")).ok  # this node knows STUDY
+    assert elsewhere.store(instance(sop_uid="1.2.3.2", study_uid=f"{STUDY}.2",
+                                    series_uid=f"{SERIES}.9")).ok
+    outcome = here.store(instance(sop_uid="1.2.3.3", series_uid=f"{SERIES}.9"))
+    assert outcome.status == 0xC409, outcome
+    assert here.batches.pending() == 0 and not here.pending()
+    assert db.instances.find_one({"_id": "1.2.3.3"}) is None
+    here.flush()
+    elsewhere.flush()
+    assert check(here, grace=0).problems == []
     assert counter_problems(db) == [] and consistency_problems(db) == []
 
 

@@ -193,6 +193,56 @@ def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
     assert level_state(fresh_db) == level_state(db)
 
 
+#: Stores into two studies of one patient whose attributes stay the same, series of
+#: their own study (a re-send may move an instance to another study): the first
+#: instance of a series is mostly one of a study the node knows, whose study and
+#: patient updates wait in its series' batch (WriteBehind.open).
+opening_op = st.builds(
+    lambda sop, study, series, modality, failure, flush: {
+        "sop": sop, "patient": PATIENTS[0], "name": "DOE^J", "description": "HEAD",
+        "study": STUDIES[study], "series": f"{STUDIES[study]}.{series}",
+        "modality": modality, "failure": failure, "undo_fails": False, "flush": flush},
+    st.sampled_from(SOPS), st.integers(0, 1), st.integers(1, 4), st.sampled_from(["CT", "MR"]),
+    st.none() | st.none() | st.tuples(st.sampled_from(["series.update_one",
+                                                        "studies.find_one_and_update",
+                                                        "patients.update_one"]), st.booleans()),
+    st.sampled_from(["later", "later", "now", "fails"]))
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(opening_op, min_size=2, max_size=14))
+def test_series_opened_in_known_studies_leave_the_archive_exact(
+        tmp_path: Path, ops: list[dict[str, Any]]) -> None:
+    """Batched, with failures of the level updates and of the batches' writes: the
+    level documents end as an archive without batches makes them."""
+    db = mongomock.MongoClient().archive
+    journal = tmp_path / f"journal-{random.getrandbits(64):x}"
+    archive = Archive(db, "fs", "replace", journal, write_behind=3600)
+    plain_db = mongomock.MongoClient().archive
+    plain = Archive(plain_db, "fs", "replace", journal.with_name(journal.name + "-plain"))
+    for op in ops:
+        outcome = run_store(archive, op)
+        assert outcome.status in (SUCCESS, OUT_OF_RESOURCES), outcome
+        if outcome.ok:
+            assert plain.store(part10(op)).ok
+        if op["flush"] == "fails":
+            real = archive.studies
+            archive.studies = Flaky(real, "find_one_and_update", applied=False)
+            try:
+                archive.flush()
+            finally:
+                archive.studies = real
+        if op["flush"] != "later":
+            archive.flush()
+            archive.reconcile()
+            assert_exact(archive, db)
+    archive.flush()
+    archive.reconcile()
+    assert_exact(archive, db)
+    assert level_state(db) == level_state(plain_db)
+
+
 def test_patient_conflicts_are_refused_by_default(tmp_path: Path) -> None:
     db = mongomock.MongoClient().archive
     archive = Archive(db, "fs", "replace", tmp_path / "journal")
