@@ -821,7 +821,8 @@ class WriteBehind:
         self._flushing = threading.Lock()
         self._batches: dict[str, _Batch] = {}
         self._known: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
-        #: studies of the known series: their patient and patient and study hashes
+        #: studies of the known series: their patient, and their patient and study
+        #: attribute hashes (what a new series must claim to be opened: :meth:`open`)
         self._studies: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -833,6 +834,7 @@ class WriteBehind:
             self._learn(doc)
 
     def _learn(self, doc: dict[str, Any]) -> None:
+        """The instance's series and study known (under the lock), the oldest dropped."""
         for known, key, value in ((self._known, doc["SeriesInstanceUID"], _claims(doc)),
                                   (self._studies, doc["StudyInstanceUID"], _study_claims(doc))):
             known[key] = value  # type: ignore[index]
