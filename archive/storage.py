@@ -115,7 +115,8 @@ DEFER_SIZE = 64 * 1024
 assert DEFER_SIZE >= dicomjson.MIN_DEFER_SIZE
 #: Meta group elements a file is named from before its dataset is parsed.
 MEDIA_STORAGE_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID = 0x00020003, 0x00020010
-#: A UID as a file name may hold one (PS3.5 9.1), or no name is taken from it.
+#: What a meta group UID must be to name a file before the parse: a UID's characters
+#: and length (PS3.5 9.1), nothing a file name or a log line could be abused with.
 _PLAIN_UID = re.compile(r"[0-9.]{1,64}")
 
 
