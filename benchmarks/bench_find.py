@@ -474,13 +474,7 @@ def run_queries(services: dict[str, h.Service], qs: list[FindQuery],
 def _own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
     """A :class:`h.CpuMeter` result of several systems narrowed to the process tree of
     ``root`` (other processes' CPU, ``foreign_cores``, counts neither system)."""
-    tree, grew = {str(root)}, True
-    while grew:
-        grew = False
-        for pid, entry in cpu["by_pid"].items():
-            if pid not in tree and str(entry["ppid"]) in tree:
-                tree.add(pid)
-                grew = True
+    tree = h.measured_tree(cpu, root)
     by_pid = {pid: entry for pid, entry in cpu["by_pid"].items() if pid in tree}
     processes: dict[str, float] = {}
     for entry in by_pid.values():

@@ -651,6 +651,20 @@ class CpuMeter:
         }
 
 
+def measured_tree(cpu: Mapping[str, Any], root: int) -> set[str]:
+    """The pids (as :class:`CpuMeter` keys them) of ``root`` and its descendants in a
+    :class:`CpuMeter` result."""
+    by_pid = cpu["by_pid"]
+    tree, grew = {str(root)}, True
+    while grew:
+        grew = False
+        for pid, entry in by_pid.items():
+            if pid not in tree and str(entry["ppid"]) in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
 def node_and_database(cpu: Mapping[str, Any], root: int) -> tuple[float, float]:
     """CPU seconds of a system under test started as process ``root``, from a
     :class:`CpuMeter` result: (node, database).  The node is ``root`` and the processes
@@ -660,13 +674,7 @@ def node_and_database(cpu: Mapping[str, Any], root: int) -> tuple[float, float]:
     by_pid = cpu["by_pid"]
     if str(root) not in by_pid:
         raise BenchmarkError(f"process {root} was not measured")
-    tree, grew = {str(root)}, True
-    while grew:
-        grew = False
-        for pid, entry in by_pid.items():
-            if pid not in tree and str(entry["ppid"]) in tree:
-                tree.add(pid)
-                grew = True
+    tree = measured_tree(cpu, root)
     name = by_pid[str(root)]["name"]
     node = sum(by_pid[p]["cpu_s"] for p in tree if by_pid[p]["name"] == name)
     database = sum(by_pid[p]["cpu_s"] for p in tree if by_pid[p]["name"] != name)

@@ -131,6 +131,23 @@ def assert_exact(archive: Archive, db: Any) -> None:
     assert report.problems == []
 
 
+def flush_as_told(archive: Archive, op: dict[str, Any]) -> bool:
+    """Write the batches as the op says, then replay the journal; False for "later".
+    "fails": the database goes away while a batch is written, then it is back."""
+    if op["flush"] == "later":
+        return False
+    if op["flush"] == "fails":
+        real = archive.studies
+        archive.studies = Flaky(real, "find_one_and_update", applied=False)
+        try:
+            archive.flush()
+        finally:
+            archive.studies = real
+    archive.flush()
+    archive.reconcile()  # the database is back: the journal finishes what failed
+    return True
+
+
 def level_state(db: Any) -> dict[str, Any]:
     """What users see of the level documents (bookkeeping fields left out)."""
     ignored = {"rev", "latest", "variants"}
@@ -166,19 +183,9 @@ def test_any_sequence_of_stores_leaves_the_archive_exact(tmp_path: Path,
             assert outcome.comment == "Series Instance UID belongs to another study"
         if op["failure"] is None:
             assert outcome.status != OUT_OF_RESOURCES
-        if op["flush"] == "later":
-            continue
-        if op["flush"] == "fails":  # the database goes away while a batch is written
-            real = archive.studies
-            archive.studies = Flaky(real, "find_one_and_update", applied=False)
-            try:
-                archive.flush()
-            finally:
-                archive.studies = real
-        archive.flush()
-        archive.reconcile()  # the database is back: the journal finishes what failed
-        assert not archive.pending()
-        assert_exact(archive, db)
+        if flush_as_told(archive, op):
+            assert not archive.pending()
+            assert_exact(archive, db)
     archive.flush()
     archive.reconcile()
     assert_exact(archive, db)
@@ -226,16 +233,7 @@ def test_series_opened_in_known_studies_leave_the_archive_exact(
         assert outcome.status in (SUCCESS, OUT_OF_RESOURCES), outcome
         if outcome.ok:
             assert plain.store(part10(op)).ok
-        if op["flush"] == "fails":
-            real = archive.studies
-            archive.studies = Flaky(real, "find_one_and_update", applied=False)
-            try:
-                archive.flush()
-            finally:
-                archive.studies = real
-        if op["flush"] != "later":
-            archive.flush()
-            archive.reconcile()
+        if flush_as_told(archive, op):
             assert_exact(archive, db)
     archive.flush()
     archive.reconcile()
