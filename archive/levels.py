@@ -897,13 +897,18 @@ class WriteBehind:
         A fold and a batch then commute: counters are increments, child lists and value
         sets unions, and both set the same attributes on the documents they share.  Any
         difference (a study becoming mixed, a study of two patients) keeps the order of
-        arrival: the batches are written first, as before.
+        arrival: the batches are written first, as before.  So does a batch of the
+        instance's own series, which it could not join: its attributes at some level
+        differ, and the batch written after the fold would put an older instance's
+        attributes over the newer one's.
         """
         hashes = doc["hashes"]
-        study, patient = doc["StudyInstanceUID"], doc["PatientID"]
+        series, study, patient = hierarchy_of(doc)
         with self._lock:
             for batch in self._batches.values():
-                _, batch_study, batch_patient = batch.hierarchy
+                batch_series, batch_study, batch_patient = batch.hierarchy
+                if batch_series == series:
+                    return False
                 if batch_study == study:
                     if batch_patient != patient:
                         return False

@@ -454,6 +454,26 @@ def test_a_new_series_waits_for_batches_only_when_their_attributes_differ(
     assert counter_problems(db) == [] and consistency_problems(db) == []
 
 
+def test_an_instance_its_series_batch_cannot_take_is_folded_after_the_batch(
+        db: Any, tmp_path: Path) -> None:
+    """A series whose instances disagree on a series attribute (one MR image among CT
+    ones): the batch of the CT images waiting is written before the MR image is folded,
+    so the series shows the newest instance's attributes, as a rebuild and an archive
+    without batches do."""
+    archive = Archive(db, "fs", "replace", tmp_path / "journal", write_behind=3600)
+    assert archive.batches is not None
+    archive.store(instance(sop_uid="1.2.3.1"))
+    archive.store(instance(sop_uid="1.2.3.2"))  # batched
+    assert archive.batches.pending() == 1
+    archive.store(instance(sop_uid="1.2.3.3", modality="MR", sop_class=MR_IMAGE))
+    archive.flush()
+    series = db.series.find_one()
+    assert series["Modality"] == "MR"
+    assert series["dataset"]["00080060"]["Value"] == ["MR"]
+    assert check(archive, grace=0).problems == []
+    assert counter_problems(db) == [] and consistency_problems(db) == []
+
+
 def test_a_new_series_of_a_known_study_waits_only_for_its_series_update(
         db: Any, tmp_path: Path) -> None:
     """The first instance of a new series in a study this node has stored into: its
