@@ -423,6 +423,8 @@ def test_the_node_stops_at_once_whatever_its_connections_do(node_factory: Any) -
         assert seconds < 5, node.log()[-3000:]
         assert all(s.wait_closed(1) for s in sieges)
         assert "Traceback" not in node.log()
+        # the association was ended with an A-ABORT, not dropped with the process
+        assert "association aborted IDLE@" in node.log(), node.log()[-3000:]
     finally:
         for s in sieges:
             s.close()

@@ -6,13 +6,24 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from archive.config import Connections
-from archive.dimse.connections import Connection, ConnectionGuard, Phase, Slots
+from archive.dimse.connections import (
+    SPARE_WORKERS,
+    Connection,
+    ConnectionGuard,
+    Phase,
+    Slots,
+    Workers,
+)
 
 LIMITS = Connections(associations_per_peer=2, pending_per_peer=2, max_pending=3,
                      request_timeout=10, acse_timeout=30, dimse_timeout=20,
@@ -279,3 +290,75 @@ def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
     finally:
         ours.close()
         theirs.close()
+
+
+# --- threads reused --------------------------------------------------------------------
+
+
+class Server:
+    """What :class:`Workers` needs of a server; each connection is held until its burst
+    is let go."""
+
+    def __init__(self) -> None:
+        self.served: list[tuple[Any, Any]] = []   # (connection, prepared association)
+        self.threads: set[threading.Thread] = set()
+        self.go = threading.Event()
+        self.prepared = 0
+        self._lock = threading.Lock()
+
+    def prepare(self) -> str:
+        with self._lock:
+            self.prepared += 1
+            return f"association {self.prepared}"
+
+    def serve(self, request: Any, client_address: Any, prepared: Any) -> None:
+        with self._lock:
+            self.served.append((request, prepared))
+            self.threads.add(threading.current_thread())
+        self.go.wait(10)
+
+
+def until(condition: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+def test_connection_threads_are_reused_and_no_more_than_the_spares_wait(
+        bursts: list[int]) -> None:
+    """Bursts of simultaneous connections: each is served once; one that comes while a
+    thread waits is served there, with an association built beforehand; afterwards
+    no more than SPARE_WORKERS threads wait, and stopping ends them."""
+    server = Server()
+    workers = Workers(server)
+    handed = 0
+    try:
+        for size in bursts:
+            server.go.clear()
+            waiting = workers.idle()
+            before = len(server.served)
+            for n in range(size):
+                workers.hand(f"connection {handed + n}", ("10.0.0.1", 1000 + n))
+            assert until(lambda n=before + size: len(server.served) == n)
+            handed += size
+            burst = server.served[before:]
+            # the threads that waited took the first connections, with associations
+            # built while they waited; the others were new threads that build their own
+            prepared = [p for _, p in burst if p is not None]
+            assert len(prepared) == min(waiting, size)
+            assert len(set(prepared)) == len(prepared)
+            server.go.set()
+            spares = min(SPARE_WORKERS, max(size, waiting))
+            assert until(lambda n=spares: workers.idle() == n)
+            assert until(lambda n=spares: sum(t.is_alive() for t in server.threads) == n)
+        assert sorted(r for r, _ in server.served) == sorted(
+            f"connection {n}" for n in range(handed))
+    finally:
+        server.go.set()
+        workers.stop()
+    assert until(lambda: not any(t.is_alive() for t in server.threads))
