@@ -479,7 +479,9 @@ def test_data_survives_a_restart(node_factory: Any, tmp_path: Path) -> None:
 
 def test_sigterm_during_a_storescu_run(node_factory: Any, tmp_path: Path) -> None:
     own = node_factory()
-    files = write_images(tmp_path / "images", 60)
+    # Enough that the run outlasts the signal: at some 8 ms a store, 60 were once all
+    # stored before the SIGTERM took effect, on a machine loaded by the whole suite.
+    files = write_images(tmp_path / "images", 200)
     cmd = storescu_command(own, [str(p) for p in files], "-xe")
     sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=DCMTK_ENV, text=True, errors="replace")
