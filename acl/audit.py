@@ -248,24 +248,24 @@ class AuditLog:
     def _run(self) -> None:
         done = False
         while not done:
-            item = self._queue.get()  # wait for the first entry of a batch
-            batch: list[dict[str, Any]] = []
-            deadline = time.monotonic() + self.linger
-            while True:
-                if item is _STOP:
-                    done = True
-                    break
-                batch.append(item)
-                if len(batch) >= self.batch:
-                    break
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            if batch and not self._write(batch):
-                self.lost += len(batch)
-                log.error("audit: %d entries lost, the database did not answer at shutdown",
-                          len(batch))
+            items = [self._queue.get()]  # wait for the first entry
+            # Then let the others come without waiting on the queue: each entry would
+            # wake this thread, a futex that cost the recording thread 0.1-0.2 ms in a
+            # VM (an interrupt to the other CPU), most of an audited C-FIND's overhead.
+            if items[0] is not _STOP:
+                self._stopping.wait(self.linger)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._queue.get_nowait())
+            if _STOP in items:
+                done = True
+                items = items[:items.index(_STOP)]
+            for start in range(0, len(items), self.batch):
+                batch = items[start:start + self.batch]
+                if not self._write(batch):
+                    self.lost += len(batch)
+                    log.error("audit: %d entries lost, the database did not answer at "
+                              "shutdown", len(batch))
 
     def _write(self, entries: list[dict[str, Any]]) -> bool:
         """Insert a batch, retrying while the database is away; False: gave up, which

@@ -515,6 +515,33 @@ def test_audit_writer_batches_and_flushes_at_stop() -> None:
     assert log.lost == 0
 
 
+def test_audit_entries_are_written_in_order_after_the_linger_in_batches() -> None:
+    """Entries recorded while the writer lingers reach the database soon after, without
+    a stop, all of them, in order, in inserts of at most ``batch``."""
+    db = mongomock.MongoClient(tz_aware=True)["audit"]
+    log = AuditLog(db, batch=7, linger=0.1)
+    inserts: list[int] = []
+    insert_many = log.collection.insert_many
+
+    def counted(entries: list[dict[str, Any]], **kwargs: Any) -> Any:
+        inserts.append(len(entries))
+        return insert_many(entries, **kwargs)
+
+    log.collection.insert_many = counted  # type: ignore[method-assign]
+    log.start()
+    try:
+        for n in range(20):
+            log.record({"time": n, "principal": "p", "event": "C-FIND", "kind": "operation"})
+        deadline = time.monotonic() + 5
+        while db.audit.count_documents({}) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e["time"] for e in db.audit.find().sort("_id", 1)] == list(range(20))
+        assert sum(inserts) == 20 and max(inserts) <= 7
+    finally:
+        log.stop()
+    assert log.lost == 0
+
+
 def test_audit_writer_gives_up_within_its_grace_when_the_database_is_away() -> None:
     """The node stops in bounded time with its database away; what was queued is lost,
     counted and logged, whether one batch or many wait."""
