@@ -130,6 +130,15 @@ class Answer(Dataset):
     """A C-FIND answer built by ``Finder._fast_response``: the DICOM front end writes it
     itself when all its elements are raw ones of the syntax it is sent with."""
 
+    def put(self, elem: RawDataElement) -> None:
+        """Add a raw element of a public tag as it is.  ``Dataset.__setitem__`` checks,
+        for each, what :func:`raw_element` made sure of (a tag, not private, not pixel
+        data): a quarter of the time of a small C-FIND's answers."""
+        if elem.tag.is_private or elem.tag >= 0x7FE00000:
+            self[elem.tag] = elem
+        else:
+            self._dict[elem.tag] = elem
+
 
 @functools.lru_cache(maxsize=64)
 def _dataset_charset(charset: str) -> tuple[str, ...] | str:

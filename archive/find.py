@@ -388,7 +388,7 @@ class Finder:
             value = answers.encode(vr, values, codecs_)
             if value is None:
                 return None
-            ds[tag] = answers.raw_element(tag, vr, value, plan.syntax)
+            ds.put(answers.raw_element(tag, vr, value, plan.syntax))
         for elem in built:
             ds.add(elem)
         # pydicom's writer copies raw elements as they are only into their own encoding

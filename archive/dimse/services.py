@@ -112,10 +112,10 @@ def _audit_rejection(node: Serving, event: Event, principal: str, done: Rejectio
 
 
 def _identifier(event: Event) -> Dataset:
-    """The request identifier, decoded (pynetdicom decodes it lazily)."""
-    identifier = event.identifier
-    identifier.decode()
-    return identifier
+    """The request identifier.  Its elements stay raw until read, and pydicom converts
+    each with the identifier's Specific Character Set then: ``Dataset.decode()``, a
+    walk over every element, was some 6% of the node's Python in a small C-FIND."""
+    return event.identifier
 
 
 def _summary(event: Event) -> str:
