@@ -121,10 +121,15 @@ def projection(fields: Iterable[str]) -> dict[str, int]:
 
 
 def answer_projection(query: Query, exact: dict[str, Any]) -> dict[str, int]:
-    """What an IMAGE-level search reads of each instance document: what ``exact``
-    reads, the requested attributes and the hierarchy keys (ancestors' computed keys)."""
+    """What a search reads of each document: what ``exact`` reads, the requested
+    attributes, the counters of requested computed keys and the hierarchy keys (the
+    ancestors' computed keys).  A level document holds its level's whole dataset and
+    counters: FerretDB took 0.8 ms to send a study's three series documents whole
+    (without their child lists), 0.5 ms to send what their answers read."""
     return projection({*fields_read(exact), *UNIQUE_KEY.values(),
-                       *(f"dataset.{tag:08X}" for tag in query.keys)})
+                       *(f"dataset.{tag:08X}" for tag in query.keys),
+                       *(model.COMPUTED_KEYS[tag] for tag in query.keys
+                         if tag in model.COMPUTED_KEYS)})
 
 
 def unique_key_filter(identifier: Dataset, level: str) -> dict[str, Any]:
@@ -236,8 +241,8 @@ def search_plan(query: Query, identifier: Dataset,
                 restriction: dict[str, Any] | None = None) -> Plan:
     """The find of a C-FIND on its level's collection."""
     exact = query.filter if not restriction else {"$and": [restriction, query.filter]}
-    fields = answer_projection(query, exact) if query.level == IMAGE else _LEAN
-    return Plan(narrowest(by_id(identifier, query.level, server_filter(exact))), exact, fields)
+    return Plan(narrowest(by_id(identifier, query.level, server_filter(exact))), exact,
+                answer_projection(query, exact))
 
 
 def retrieve_plan(level: str, identifier: Dataset,
