@@ -72,6 +72,7 @@ class Served:
     status: dict[str, int | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     still_open: dict[str, dict[str, int]] = field(default_factory=dict)
+    answered: dict[str, float] = field(default_factory=dict)  # time.monotonic()
 
 
 @dataclass
@@ -146,6 +147,7 @@ def besiege(node: RunningNode, kinds: tuple[str, ...], tls: ssl.SSLContext | Non
                   "store": lambda: store(node, ct_image(), tls)}
     for name, operation in operations.items():
         served.status[name], served.seconds[name] = timed(operation)
+        served.answered[name] = time.monotonic()
         served.still_open[name] = {kind: sum(h.open for h in siege.connections)
                                    for kind, siege in sieges.items()}
     try:
@@ -200,11 +202,14 @@ def test_another_peer_is_served_at_once(request: pytest.FixtureRequest, node: st
     for operation, bound in LATENCY.items():
         assert served.status[operation] == 0x0000, outcome.log[-3000:]
         assert served.seconds[operation] < bound, served
-        # ... while the sieges were on: every kind still held what it had taken
+        # ... while the sieges were on: every kind still held what it had taken. By
+        # when each connection closed: the siege's poller notices the connections the
+        # node refused at once a little later, and may not have when the peer is served.
         for kind, siege in outcome.sieges.items():
             if kind not in DROPPED:
-                assert served.still_open[operation][kind] == len(siege.held()), (
-                    operation, kind, served)
+                dropped = [h for h in siege.held()
+                           if h.closed is not None and h.closed < served.answered[operation]]
+                assert siege.held() and not dropped, (operation, kind, served)
 
 
 # --- each hostile kind ---------------------------------------------------------------
