@@ -250,8 +250,8 @@ class AuditLog:
         while not done:
             items = [self._queue.get()]  # wait for the first entry
             # Then let the others come without waiting on the queue: each entry would
-            # wake this thread, a futex that cost the recording thread 0.1-0.2 ms in a
-            # VM (an interrupt to the other CPU), most of an audited C-FIND's overhead.
+            # wake this thread, a futex that py-spy put at 0.1-0.2 ms of the recording
+            # thread on this VM (an interrupt to the other CPU).
             if items[0] is not _STOP:
                 self._stopping.wait(self.linger)
             with contextlib.suppress(queue.Empty):

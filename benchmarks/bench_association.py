@@ -37,7 +37,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ PHASES = ("associate", "request", "release")
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP = 1, 2, 4, 5, 6
 #: DIMSE statuses of a response that another one follows (PS3.7 C.4.1.1.4).
 PENDING = (0xFF00, 0xFF01)
+#: Command elements (group 0000) read: Status, Command Data Set Type and its "no data
+#: set" value (PS3.7 E.1).
+STATUS, DATA_SET_TYPE, NO_DATASET = 0x0900, 0x0800, 0x0101
 #: The study sent to the systems that answer C-FIND: one patient, five series.
 STUDY = corpus_module.Parameters(patients=1, studies=1, series=5, instances=2, seed=7)
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
@@ -77,6 +80,27 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
+def _pdvs(pdu: bytes) -> Iterator[tuple[int, bytes]]:
+    """(message control header, fragment) of each presentation data value of a
+    P-DATA-TF PDU (PS3.8 9.3.5.1)."""
+    offset = 6
+    while offset + 6 <= len(pdu):
+        length = struct.unpack(">L", pdu[offset:offset + 4])[0]
+        yield pdu[offset + 5], pdu[offset + 6:offset + 4 + length]
+        offset += 4 + length
+
+
+def command_value(command: bytes, element: int) -> int | None:
+    """The US value of (0000,``element``) in a command set (implicit VR little endian)."""
+    offset = 0
+    while offset + 8 <= len(command):
+        group, elem, length = struct.unpack("<HHL", command[offset:offset + 8])
+        if (group, elem) == (0x0000, element) and length == 2:
+            return int(struct.unpack("<H", command[offset + 8:offset + 10])[0])
+        offset += 8 + length
+    return None
+
+
 class Responses:
     """Reads the command sets of P-DATA-TF PDUs: whether the final response came."""
 
@@ -86,31 +110,15 @@ class Responses:
     def final(self, pdu: bytes) -> bool:
         """Whether ``pdu`` ends with a response that is not pending."""
         done = False
-        offset = 6
-        while offset + 6 <= len(pdu):
-            length = struct.unpack(">L", pdu[offset:offset + 4])[0]
-            control = pdu[offset + 5]
-            fragment = pdu[offset + 6:offset + 4 + length]
-            offset += 4 + length
+        for control, fragment in _pdvs(pdu):
             if not control & 0x01:  # a dataset fragment
                 continue
             self.command += fragment
             if control & 0x02:  # the command's last fragment
-                status = command_status(bytes(self.command))
+                status = command_value(bytes(self.command), STATUS)
                 self.command.clear()
                 done = status is not None and status not in PENDING
         return done
-
-
-def command_status(command: bytes) -> int | None:
-    """Status (0000,0900) of a command set (implicit VR little endian)."""
-    offset = 0
-    while offset + 8 <= len(command):
-        group, element, length = struct.unpack("<HHL", command[offset:offset + 8])
-        if (group, element) == (0x0000, 0x0900) and length == 2:
-            return int(struct.unpack("<H", command[offset + 8:offset + 10])[0])
-        offset += 8 + length
-    return None
 
 
 def record(port: int, tool: Callable[[int], list[str]]) -> list[bytes]:
@@ -159,28 +167,13 @@ def record(port: int, tool: Callable[[int], list[str]]) -> list[bytes]:
 
 def _request_complete(pdu: bytes) -> bool:
     """Whether a request's P-DATA-TF ends its message: the last fragment of its dataset,
-    or of a command set that announces no dataset (C-ECHO)."""
-    offset = 6
+    or of a command set that announces no dataset (C-ECHO: Command Data Set Type
+    0x0101, whole in one fragment)."""
     last = False
-    while offset + 6 <= len(pdu):
-        length = struct.unpack(">L", pdu[offset:offset + 4])[0]
-        control = pdu[offset + 5]
-        fragment = pdu[offset + 6:offset + 4 + length]
-        offset += 4 + length
+    for control, fragment in _pdvs(pdu):
         if control & 0x02:
-            last = not control & 0x01 or _no_dataset(fragment)
+            last = not control & 0x01 or command_value(fragment, DATA_SET_TYPE) == NO_DATASET
     return last
-
-
-def _no_dataset(command: bytes) -> bool:
-    """Command Data Set Type (0000,0800) is 0x0101 (a whole command in one fragment)."""
-    offset = 0
-    while offset + 8 <= len(command):
-        group, element, length = struct.unpack("<HHL", command[offset:offset + 8])
-        if (group, element) == (0x0000, 0x0800) and length == 2:
-            return struct.unpack("<H", command[offset + 8:offset + 10])[0] == 0x0101
-        offset += 8 + length
-    return False
 
 
 def replay(port: int, pdus: Sequence[bytes]) -> tuple[float, float, float]:
@@ -253,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-ref", metavar="GIT_REF",
                         help="also run the archive as of this commit (archive@REF)")
     args = parser.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    systems = h.chosen_systems(parser, args.systems, SYSTEMS)
 
     work = h.RUNS / "association"
     study_dir = h.BENCH_DATA / "corpus" / STUDY.slug()

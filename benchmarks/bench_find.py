@@ -662,9 +662,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if set(systems) - set(SYSTEMS):
-        parser.error(f"unknown systems: {set(systems) - set(SYSTEMS)}")
+    systems = h.chosen_systems(parser, args.systems, SYSTEMS)
     if args.load_associations < 1:
         parser.error("--load-associations must be at least 1")
     args.source = h.checkout(args.source_ref) if args.source_ref else None

@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archive-log-level", default="INFO",
                         help="the node's log_level (INFO, as shipped, logs one line per store)")
     args = parser.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    systems = h.chosen_systems(parser, args.systems, SYSTEMS)
     if args.orthanc_nosync:
         systems.append("orthanc-nosync")
 

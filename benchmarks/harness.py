@@ -17,6 +17,7 @@ Everything a run writes goes under ``bench-data/`` (git-ignored).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -1167,6 +1168,17 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return text == ""
+
+
+def chosen_systems(parser: argparse.ArgumentParser, text: str,
+                   known: Sequence[str]) -> list[str]:
+    """The systems a ``--systems a,b,c`` option names, in its order; a usage error
+    names those that are not in ``known``."""
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = set(systems) - set(known)
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    return systems
 
 
 def write_results(name: str, data: Mapping[str, Any]) -> Path:
