@@ -31,6 +31,7 @@ have a test of their own: the first two were product bugs found by this module.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import re
@@ -1000,20 +1001,36 @@ def test_cancel_after_the_first_responses(client: Client, bulk_node: tuple[Any, 
 
 
 def test_pending_responses_stream_before_the_query_ends(bulk_node: tuple[Any, Bulk]) -> None:
-    """~1,000 matches: the first pending response comes long before the last one."""
+    """~1,000 matches: the first pending response comes long before the last one.
+
+    A node that reads every match before it answers sends its first response after
+    a fifth of the whole query here; a streaming node after a twentieth.  Up to three
+    tries, the test process's garbage collector held off while each runs: a pause of
+    this process or of the machine (a quarter of a second once in CI) is not the
+    node's, and one spread-out try shows the node streams."""
     running, bulk = bulk_node
     request = identifier("IMAGE", AccessionNumber=bulk.accession, SOPInstanceUID=None,
                          InstanceNumber=None)
-    outcome = pynetdicom_find(running, request)
-    assert outcome.status == SUCCESS
-    assert outcome.keys("IMAGE") == set(bulk.sop_uids)
-    pending = outcome.arrivals[:BULK]
-    first, total = pending[0], outcome.elapsed
-    by_half = sum(1 for t in pending if t <= total / 2)
-    print(f"{BULK} matches: first response after {first:.3f} s, last after "
-          f"{pending[-1]:.3f} s, final status after {total:.3f} s, {by_half} by half-time")
-    assert first < total / 2, (first, total)
-    assert by_half >= BULK / 10, (by_half, total)  # spread out, not one burst at the end
+    tries = []
+    for _ in range(3):
+        gc.collect()
+        gc.disable()
+        try:
+            outcome = pynetdicom_find(running, request)
+        finally:
+            gc.enable()
+        assert outcome.status == SUCCESS
+        assert outcome.keys("IMAGE") == set(bulk.sop_uids)
+        pending = outcome.arrivals[:BULK]
+        first, total = pending[0], outcome.elapsed
+        by_half = sum(1 for t in pending if t <= total / 2)
+        print(f"{BULK} matches: first response after {first:.3f} s, last after "
+              f"{pending[-1]:.3f} s, final status after {total:.3f} s, {by_half} by half-time")
+        tries.append((first, by_half, total))
+        # spread out, not one burst at the end
+        if first < total / 8 and by_half >= BULK / 10:
+            return
+    raise AssertionError(f"no try streamed (first, by half-time, total): {tries}")
 
 
 def test_lookup_by_uid_does_not_scan_the_collection(bulk_node: tuple[Any, Bulk]) -> None:
