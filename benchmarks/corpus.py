@@ -1,7 +1,8 @@
 """Synthetic DICOM corpus for the benchmarks, cloned from pydicom's CT and MR test files.
 
     python -m benchmarks.corpus OUT_DIR [--patients 20] [--studies 2] [--series 3]
-                                        [--instances 10] [--seed 0] [--force]
+                                        [--instances 10] [--seed 0] [--pet-ct 0]
+                                        [--force]
 
 writes PATIENTS x STUDIES x SERIES x INSTANCES Part-10 files (explicit VR little
 endian), one folder per series (``OUT_DIR/P0001/ST01/SE01/IM00001.dcm``), each with
@@ -15,6 +16,9 @@ fresh UIDs and varied patient/study/series attributes:
 - per series: Modality consistent with the SOP class (CT Image Storage from CT_small,
   MR Image Storage from MR_small; about one study in ten mixes both), SeriesNumber,
   SeriesDescription, SeriesDate/Time, FrameOfReferenceUID;
+- ``--pet-ct N``: N studies, spread over the corpus whatever its size, are PET/CT (a CT
+  series, then PET Image Storage series cloned from CT_small): a modality as rare in
+  10,000 instances as in 50,000, so a query on it answers as many studies on both;
 - per instance: InstanceNumber, ImagePositionPatient/SliceLocation, Content/Acquisition
   date and time.
 
@@ -42,7 +46,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 
 #: Bump when the generated content changes, so older corpora are regenerated.
 GENERATOR_VERSION = 1
@@ -57,6 +61,8 @@ class Parameters:
     series: int = 3
     instances: int = 10
     seed: int = 0
+    #: PET/CT studies, however many patients (:func:`pet_ct_studies`).
+    pet_ct: int = 0
 
     @property
     def total(self) -> int:
@@ -64,7 +70,18 @@ class Parameters:
 
     def slug(self) -> str:
         return (f"p{self.patients}-st{self.studies}-se{self.series}-i{self.instances}"
-                f"-seed{self.seed}")
+                f"-seed{self.seed}" + (f"-petct{self.pet_ct}" if self.pet_ct else ""))
+
+
+def pet_ct_studies(params: Parameters) -> set[tuple[int, int]]:
+    """The (patient, study) numbers of the PET/CT studies: one in the middle of each of
+    ``pet_ct`` equal runs of the corpus's studies (never the first study, which the
+    benchmarks' per-study queries name)."""
+    count = params.patients * params.studies
+    first = 1 if params.pet_ct < count else 0
+    ordinals = (first + (2 * k + 1) * (count - first) // (2 * params.pet_ct)
+                for k in range(params.pet_ct))
+    return {(q + 1, r + 1) for q, r in (divmod(o, params.studies) for o in ordinals)}
 
 
 # --- names and descriptions ------------------------------------------------------
@@ -95,6 +112,8 @@ _STUDY_DESCRIPTIONS = {
     "MR": ["MRI BRAIN W/WO CONTRAST", "MR KNEE LEFT W/O CONTRAST", "MR LUMBAR SPINE",
            "MRI Prostate mpMRI", "MR CARDIAC FUNCTION", "IRM cérébrale"],
 }
+_PET_CT_STUDY = "PET-CT FDG WHOLE BODY"
+_PET_CT_SERIES = {"CT": ["CT AC WB 3mm"], "PT": ["PET WB AC", "PET WB NAC", "PET MIP"]}
 _SERIES_DESCRIPTIONS = {
     "CT": ["Topogram 0.6 T20f", "Axial 5.0 B31f", "Axial 1.0 B70f Lung", "Coronal MPR 3mm",
            "Sagittal MPR 3mm", "Dose Report", "Arterial phase 1.0"],
@@ -173,6 +192,10 @@ def _load_templates() -> dict[str, Dataset]:
             if keyword in ds:
                 delattr(ds, keyword)
         templates[modality] = ds
+    pet = copy.deepcopy(templates["CT"])
+    pet.SOPClassUID = PositronEmissionTomographyImageStorage
+    pet.Modality = "PT"
+    templates["PT"] = pet
     return templates
 
 
@@ -186,6 +209,7 @@ def generate(out_dir: Path, params: Parameters) -> dict[str, Any]:
     totals: Counter[str] = Counter()
     size = 0
     accession_numbers: set[str] = set()
+    pet_ct = pet_ct_studies(params)
     for p, patient in enumerate(patients, start=1):
         for st in range(1, params.studies + 1):
             day = first_day + datetime.timedelta(days=rng.randrange(span_days + 1))
@@ -211,6 +235,8 @@ def generate(out_dir: Path, params: Parameters) -> dict[str, Any]:
                 "InstitutionName": rng.choice(_INSTITUTIONS),
                 "PatientAge": _age(patient.birth, day),
             }
+            if (p, st) in pet_ct:  # after the same draws: the other studies stay as they were
+                study["StudyDescription"] = _PET_CT_STUDY
             for se in range(1, params.series + 1):
                 modality = ("CT", "MR")[(se + (study_modality == "MR")) % 2] if mixed \
                     else study_modality
@@ -224,6 +250,10 @@ def generate(out_dir: Path, params: Parameters) -> dict[str, Any]:
                     "SeriesDate": _da(series_start.date()),
                     "SeriesTime": _tm(series_start, fraction),
                 }
+                if (p, st) in pet_ct:
+                    modality = "CT" if se == 1 else "PT"
+                    names = _PET_CT_SERIES[modality]
+                    series["SeriesDescription"] = names[(se - 1) % len(names)]
                 folder = out_dir / f"P{p:04d}" / f"ST{st:02d}" / f"SE{se:02d}"
                 folder.mkdir(parents=True)
                 for n in range(1, params.instances + 1):
@@ -310,6 +340,8 @@ def ensure(out_dir: str | Path, params: Parameters, force: bool = False,
     if params.total < 1 or min(params.patients, params.studies, params.series,
                                params.instances) < 1:
         raise ValueError("every corpus dimension must be at least 1")
+    if not 0 <= params.pet_ct <= params.patients * params.studies:
+        raise ValueError("--pet-ct must be between 0 and the number of studies")
     if not force:
         manifest = _is_current(out_dir, params)
         if manifest is not None:
@@ -443,10 +475,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=defaults.instances,
                         help="instances per series")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--pet-ct", type=int, default=defaults.pet_ct, metavar="N",
+                        help="PET/CT studies, spread over the corpus whatever its size")
 
 
 def parameters(args: argparse.Namespace) -> Parameters:
-    return Parameters(args.patients, args.studies, args.series, args.instances, args.seed)
+    return Parameters(args.patients, args.studies, args.series, args.instances, args.seed,
+                      args.pet_ct)
 
 
 def main(argv: list[str] | None = None) -> int:
