@@ -364,9 +364,11 @@ def test_a_database_killed_in_the_middle_of_a_delete_orphans_nothing(
         assert command.poll() is None, command.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    # the delete takes 0.25-0.5 s here: stopped somewhere in its first 0.1 s, the
-    # database killed meanwhile, then let go into the dead database
-    delay = random.uniform(0, 0.1)
+    # of the delete's 1 s here, 0.09 s are between its journal entry's writing and
+    # removal (the rest selects before and exits after): stopped somewhere in the first
+    # half of that, the database killed meanwhile, then let go into the dead database
+    # (a delay of up to 0.1 s once let the delete end first)
+    delay = random.uniform(0, 0.045)
     print(f"delete stopped {delay:.2f} s after its journal entry appeared, database killed")
     time.sleep(delay)
     command.send_signal(signal.SIGSTOP)
