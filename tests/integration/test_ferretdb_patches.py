@@ -7,7 +7,6 @@ tests with ``ARCHIVE_TEST_FERRETDB=/tmp/ferretdb-without-02``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
@@ -24,6 +23,7 @@ import pymongo
 import pytest
 from bson import ObjectId
 from conftest import ROOT, FerretDB, free_port, unique_name
+from helpers import cpu_ms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
@@ -211,15 +211,6 @@ def test_reads_do_not_register_each_iterator_in_a_profile(tmp_path: Path) -> Non
 
 
 # --- 06-sjson-single-pass-decoding --------------------------------------------------
-
-
-def cpu_ms(pid: int) -> float:
-    """CPU time all threads of a process have used so far (ms, from the scheduler's ns)."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread just exited
-            total += int(stat.read_text().split()[0])
-    return total / 1e6
 
 
 def test_a_nested_document_costs_little_more_than_its_text(ferretdb: FerretDB) -> None:
