@@ -131,8 +131,9 @@ DATE_LOW, DATE_HIGH = "20200101", "20211231"
 #: from 10k to 50k instances the indexed-key queries grow by less than 25%.
 MAX_VS_ORTHANC, MAX_GROWTH_PCT = 1.2, 25.0
 #: ModalitiesInStudy: PT, which only the corpus's ``--pet-ct`` studies hold (as many at
-#: 10k as at 50k), else MR (about half the studies: its answers grow with the corpus).
-MODALITIES = ("PT", "MR")
+#: 10k as at 50k); MR in a corpus without them (about half the studies: its answers
+#: grow with the corpus).
+MODALITY, NO_PET_CT_MODALITY = "PT", "MR"
 
 
 def queries(index: list[SeriesInfo], charset: str = CHARSET,
@@ -196,8 +197,8 @@ def _queries(index: list[SeriesInfo], targets: dict[str, int]) -> list[FindQuery
     first = index[0]
     in_study = sum(1 for s in index if s.study_uid == first.study_uid)
     by_accession = len({s.study_uid for s in index if s.accession == first.accession})
-    modality = next(m for m in MODALITIES if m == MODALITIES[-1]
-                    or any(s.modality == m for s in index))
+    modality = MODALITY if any(s.modality == MODALITY for s in index) \
+        else NO_PET_CT_MODALITY
     by_modality = len({s.study_uid for s in index if s.modality == modality})
     study = dict.fromkeys(STUDY_KEYS, "")
     return [
