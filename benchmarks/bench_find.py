@@ -10,21 +10,24 @@ Loads the synthetic corpus (default 60 x 2 x 3 x 28 = 10,080 instances, the base
 this archive and into Orthanc, once: by 4 storescu processes at once, whole patients
 each (``--archive-load import``: ``archive import``, the same storage code as C-STORE,
 one process); the loaded folders are cached under ``bench-data/runs/query/<corpus>-
-<commit>/`` and reused by later runs (and by ``bench_retrieve``).  Then, both systems up,
+<commit>/`` and reused by later runs (and by ``bench_retrieve``).  Then, all systems up,
 times DCMTK ``findscu`` (TCP_NODELAY=1) for eight queries with the same return keys on
 both systems (the speed issue's six, then by accession number and by modality: PT,
 which the corpus's six PET/CT studies hold at any size, ``--pet-ct``),
-``--runs`` times after ``--warmup`` runs, the systems taking turns for each run (so that
-both meet the machine as it is in the same seconds), and prints the median (min-max) per query, the
+``--runs`` times after ``--warmup`` runs, and prints the median (min-max) per query, the
 ratio, and the number of answers of each system against the number the corpus says is
 right.  Each query's answers are also extracted once from both systems and compared key
 by key.
 
 The same is done on a larger corpus of the same shape (``--large-patients 300``: 50,400
 instances; 0 skips it), and optionally a smaller one (``--small-patients 6``: 1,008), to
-show how each median grows with the archive's size.  There the name prefix and the date
-range are re-picked to match as many studies as on the base corpus (``--same-recipe``:
-picked by the same rule, so they match about 5 times as many at 50k).
+show how each median grows with the archive's size. Every system is up at every size at
+once, and each run of a query takes turns over all of them (archive and Orthanc at 10k
+and at 50k): all meet the machine as it is in the same seconds, so that neither the
+ratio to Orthanc nor the growth is a slower minute of the machine. On the other corpora
+the name prefix and the date range are re-picked to match as many studies as on the base
+corpus (``--same-recipe``: picked by the same rule, so they match about 5 times as many
+at 50k).
 
 The corpora are generated with unambiguous UIDs into ``bench-data/corpus/<slug>-uidsep``
 (corpus._uid joins its parts with "/"), and Orthanc runs with ``DefaultEncoding: Utf8`` (see
@@ -427,52 +430,59 @@ def compare(query: FindQuery, ours: dict[str, dict[str, str]],
 # --- timing -----------------------------------------------------------------------
 
 
-def run_queries(services: dict[str, h.Service], qs: list[FindQuery],
-                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Every query on every system, the systems' runs of a query taking turns (A B, B A,
-    A B...): both are timed in the same seconds of the machine, so that a slow patch of
-    it (findscu's start-up is most of a small query's time) does not fall on one."""
-    results: dict[str, dict[str, Any]] = {system: {} for system in services}
-    for q in qs:
-        counts: dict[str, list[int]] = {system: [] for system in services}
-        samples: dict[str, list[float]] = {system: [] for system in services}
+def run_queries(services: dict[tuple[str, str], h.Service],
+                qs: dict[str, list[FindQuery]],
+                args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every query on every service (a system at one corpus size, keyed (size, system)),
+    their runs of a query taking turns (A B C D, D C B A, A B C D...): all are timed in
+    the same seconds of the machine, so that a slow patch of it (findscu's start-up is
+    most of a small query's time) falls neither on one system nor on one size, whose
+    growth would then be the machine's. ``qs[size]`` holds the same queries in the same
+    order at every size (their parameters may differ)."""
+    results: dict[tuple[str, str], dict[str, Any]] = {key: {} for key in services}
+    for picked in zip(*qs.values(), strict=True):
+        query_of = dict(zip(qs, picked, strict=True))
+        counts: dict[tuple[str, str], list[int]] = {key: [] for key in services}
+        samples: dict[tuple[str, str], list[float]] = {key: [] for key in services}
 
-        def once(system: str, q: FindQuery = q, counts: dict[str, list[int]] = counts) -> float:
-            service = services[system]
+        def once(key: tuple[str, str], counts: dict[tuple[str, str], list[int]] = counts,
+                 query_of: dict[str, FindQuery] = query_of) -> float:
+            service, q = services[key], query_of[key[0]]
             run = h.findscu(service.host, service.port, service.ae_title, q.level, q.keys,
                             model=q.model, timeout=600)
             run.check()
-            counts[system].append(run.answers)
+            counts[key].append(run.answers)
             return run.elapsed
 
         order = list(services)
         pids = [pid for service in services.values() for pid in h.process_tree(service.pid)]
         with h.CpuMeter(pids) as cpu:
             for _ in range(args.warmup):
-                for system in order:
-                    once(system)
+                for key in order:
+                    once(key)
             for turn in range(args.runs):
-                for system in order if turn % 2 == 0 else order[::-1]:
-                    samples[system].append(once(system))
-        for system, service in services.items():
-            stats = h.summary(samples[system])
-            answers = counts[system][-1]
-            if len(set(counts[system])) != 1:
-                print(f"  WARNING {system} {q.name}: answer counts vary between runs: "
-                      f"{counts[system]}", file=sys.stderr)
+                for key in order if turn % 2 == 0 else order[::-1]:
+                    samples[key].append(once(key))
+        for key, service in services.items():
+            (size, system), q = key, query_of[key[0]]
+            stats = h.summary(samples[key])
+            answers = counts[key][-1]
+            if len(set(counts[key])) != 1:
+                print(f"  WARNING {system} ({size}) {q.name}: answer counts vary between "
+                      f"runs: {counts[key]}", file=sys.stderr)
             extracted = h.findscu(service.host, service.port, service.ae_title, q.level,
                                   q.keys, model=q.model, extract=True, timeout=600).check()
             own = _own_cpu(cpu.result, service.pid)
-            results[system][q.name] = {
-                **stats, "answers": answers, "answers_each_run": sorted(set(counts[system])),
+            results[key][q.name] = {
+                **stats, "answers": answers, "answers_each_run": sorted(set(counts[key])),
                 "server_cpu_ms_per_query": 1000 * sum(own["system_cpu_s"].values())
                 / (args.runs + args.warmup),
                 "foreign_cores": own["foreign_cores"], "cpu": own,
                 "_answers": answers_of(extracted, q),
             }
             flag = " - DISTURBED" if own["foreign_cores"] > DISTURBED else ""
-            print(f"  {system:<8} {q.name:<17} median {1000 * stats['median']:8.1f} ms  "
-                  f"(min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
+            print(f"  {system:<8} {size:<5} {q.name:<17} median {1000 * stats['median']:8.1f} ms"
+                  f"  (min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
                   f"{answers} answers (expected {q.expected}){flag}", file=sys.stderr)
     return results
 
@@ -488,47 +498,65 @@ def _own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
     return {**cpu, "by_pid": by_pid, "system_cpu_s": processes}
 
 
-def measure(params: corpus_module.Parameters, args: argparse.Namespace,
-            systems: list[str], targets: dict[str, int] | None = None) -> dict[str, Any]:
-    corpus_dir, manifest, loads = prepare(params, args, systems)
-    qs = queries(corpus_index(corpus_dir), args.charset, targets)
-    roots: dict[str, int] = {}
-    with contextlib.ExitStack() as running:  # all systems up at once, queried in turns
-        services: dict[str, h.Service] = {}
-        for system in systems:
-            workdir = system_dir(system, params, args.sha)
-            service = archive_node(workdir, args.source) if system == "archive" \
-                else orthanc_node(workdir)
-            services[system] = running.enter_context(service)
-            roots[system] = service.pid
+def measure(sizes: dict[str, corpus_module.Parameters], args: argparse.Namespace,
+            systems: list[str]) -> dict[str, dict[str, Any]]:
+    """Each corpus size (the first is the base) loaded into each system, all of them up
+    at once and queried in turns (run_queries); per size, what print_size shows. On the
+    other sizes the retargeted queries match as many studies as on the base, unless
+    ``--same-recipe``."""
+    prepared = {size: prepare(params, args, systems) for size, params in sizes.items()}
+    base = next(iter(sizes))
+    base_qs = queries(corpus_index(prepared[base][0]), args.charset)
+    targets = None if args.same_recipe else {
+        q.name: q.expected for q in base_qs if q.name in RETARGETED}
+    qs = {size: base_qs if size == base else
+          queries(corpus_index(corpus_dir), args.charset, targets)
+          for size, (corpus_dir, _, _) in prepared.items()}
+    roots: dict[tuple[str, str], int] = {}
+    with contextlib.ExitStack() as running:
+        services: dict[tuple[str, str], h.Service] = {}
+        for size, params in sizes.items():
+            for system in systems:
+                workdir = system_dir(system, params, args.sha)
+                service = archive_node(workdir, args.source) if system == "archive" \
+                    else orthanc_node(workdir)
+                services[size, system] = running.enter_context(service)
+                roots[size, system] = service.pid
         if args.quiet_wait > 0:
             h.wait_for_quiet(timeout=args.quiet_wait)
-        per_system = run_queries(services, qs, args)
-    for system, root in roots.items():
-        for r in per_system[system].values():  # node and database apart, as in bench_store
+        per_service = run_queries(services, qs, args)
+    for key, root in roots.items():
+        for r in per_service[key].values():  # node and database apart, as in bench_store
             node_s, database_s = h.node_and_database(r["cpu"], root)
             r["node_cpu_ms_per_query"] = 1000 * node_s / (args.runs + args.warmup)
             r["database_cpu_ms_per_query"] = 1000 * database_s / (args.runs + args.warmup)
-    mismatches: dict[str, list[str]] = {}
-    for q in qs:
-        problems = []
+    results = {}
+    for size, (corpus_dir, manifest, loads) in prepared.items():
+        per_system = {system: per_service[size, system] for system in systems}
+        mismatches: dict[str, list[str]] = {}
+        for q in qs[size]:
+            problems = []
+            for system in systems:
+                got = per_system[system][q.name]["answers"]
+                if got != q.expected:
+                    problems.append(f"{system} gave {got} answers, the corpus holds "
+                                    f"{q.expected}")
+            if {"archive", "orthanc"} <= set(systems):
+                problems += compare(q, per_system["archive"][q.name]["_answers"],
+                                    per_system["orthanc"][q.name]["_answers"])
+            if problems:
+                mismatches[q.name] = problems
         for system in systems:
-            got = per_system[system][q.name]["answers"]
-            if got != q.expected:
-                problems.append(f"{system} gave {got} answers, the corpus holds {q.expected}")
-        if {"archive", "orthanc"} <= set(systems):
-            problems += compare(q, per_system["archive"][q.name]["_answers"],
-                                per_system["orthanc"][q.name]["_answers"])
-        if problems:
-            mismatches[q.name] = problems
-    for system in systems:
-        for r in per_system[system].values():
-            r.pop("_answers")
-    return {"corpus": {"dir": str(corpus_dir), **expected_totals(manifest),
+            for r in per_system[system].values():
+                r.pop("_answers")
+        results[size] = {
+            "corpus": {"dir": str(corpus_dir), **expected_totals(manifest),
                        "bytes": manifest["bytes"], "parameters": manifest["parameters"]},
-            "loads": loads, "targets": targets or {},
-            "queries": [{**dataclasses.asdict(q), "description": q.describe()} for q in qs],
+            "loads": loads, "targets": (targets or {}) if size != base else {},
+            "queries": [{**dataclasses.asdict(q), "description": q.describe()}
+                        for q in qs[size]],
             "systems": per_system, "mismatches": mismatches}
+    return results
 
 
 def _ms(r: dict[str, Any] | None, key: str = "median") -> float | None:
@@ -702,20 +730,15 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     wall = time.perf_counter()
     base_params = corpus_module.parameters(args)
-    sizes: dict[str, Any] = {}
     growths: dict[str, Any] = {}
+    corpora = {"base": base_params}
+    for label, patients in (("small", args.small_patients), ("large", args.large_patients)):
+        if patients and patients != base_params.patients:
+            corpora[label] = dataclasses.replace(base_params, patients=patients)
     try:
-        print(f"base corpus {base_params.slug()}", file=sys.stderr)
-        sizes["base"] = measure(base_params, args, systems)
-        targets = None if args.same_recipe else {
-            q["name"]: q["expected"] for q in sizes["base"]["queries"]
-            if q["name"] in RETARGETED}
-        for label, patients in (("small", args.small_patients),
-                                ("large", args.large_patients)):
-            if patients and patients != base_params.patients:
-                other = dataclasses.replace(base_params, patients=patients)
-                print(f"{label} corpus {other.slug()}", file=sys.stderr)
-                sizes[label] = measure(other, args, systems, targets)
+        for label, params in corpora.items():
+            print(f"{label} corpus {params.slug()}", file=sys.stderr)
+        sizes = measure(corpora, args, systems)
     except h.BenchmarkError as exc:
         print(f"bench_find: FAILED: {exc}", file=sys.stderr)
         return 1
