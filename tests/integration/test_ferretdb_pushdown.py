@@ -405,9 +405,9 @@ def test_an_equality_reads_only_the_arrays_that_hold_the_value(
         ferretdb: FerretDB, mongo_db: Any) -> None:
     """Patch 14: studies' ModalitiesInStudy are arrays, and every condition selected
     every array, so a C-FIND for PT, held by one study in 3,000, decoded all 3,000
-    documents. An equality now reads only the arrays whose text holds the value: it
-    costs FerretDB far less than a range selecting the same one study, which still
-    reads every array."""
+    documents. An equality now reads only the arrays whose text holds the value, found
+    in the index alone: it costs FerretDB a small part of a range selecting the same
+    one study, which still reads and decodes every array."""
     docs = mongo_db.docs
     docs.create_index([("m", 1)])
     padding = "x" * 2000
@@ -426,7 +426,7 @@ def test_an_equality_reads_only_the_arrays_that_hold_the_value(
             cost[kind] += cpu_ms(ferretdb.process.pid) - before
     print(f"FerretDB CPU, 15 finds: {cost['by value']:.0f} ms by value, "
           f"{cost['by range']:.0f} ms by range")
-    assert cost["by value"] < cost["by range"] / 2, cost
+    assert cost["by value"] < cost["by range"] / 10, cost
 
 
 def test_writes_with_pushed_down_filters(mongo_db: Any) -> None:
