@@ -472,7 +472,7 @@ def run_queries(services: dict[tuple[str, str], h.Service],
                       f"runs: {counts[key]}", file=sys.stderr)
             extracted = h.findscu(service.host, service.port, service.ae_title, q.level,
                                   q.keys, model=q.model, extract=True, timeout=600).check()
-            own = _own_cpu(cpu.result, service.pid)
+            own = own_cpu(cpu.result, service.pid)
             results[key][q.name] = {
                 **stats, "answers": answers, "answers_each_run": sorted(set(counts[key])),
                 "server_cpu_ms_per_query": 1000 * sum(own["system_cpu_s"].values())
@@ -487,7 +487,7 @@ def run_queries(services: dict[tuple[str, str], h.Service],
     return results
 
 
-def _own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
+def own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
     """A :class:`h.CpuMeter` result of several systems narrowed to the process tree of
     ``root`` (other processes' CPU, ``foreign_cores``, counts neither system)."""
     tree = h.measured_tree(cpu, root)

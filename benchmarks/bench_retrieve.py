@@ -7,9 +7,10 @@
 
 Uses the loaded systems ``bench_find`` caches (``bench-data/runs/query/<corpus>-<commit>``;
 loads them first when missing, with the same ``--archive-load`` and
-``--load-associations``).  One system at a time, with a DCMTK ``storescp``
-(TCP_NODELAY=1, files written to a scratch folder emptied before every run) as the Move
-Destination of both, it times ``movescu`` (TCP_NODELAY=1) for:
+``--load-associations``).  Both systems up at once, each with a DCMTK ``storescp`` of its
+own (TCP_NODELAY=1, files written to a scratch folder emptied before every run) as its
+Move Destination, it times ``movescu`` (TCP_NODELAY=1), the systems' runs of each
+scenario taking turns (A B, B A...), for:
 
 - ``move_study``: one study (STUDY level, Study Root, by StudyInstanceUID);
 - ``move_patient``: one patient (PATIENT level, Patient Root, by PatientID);
@@ -31,6 +32,7 @@ Results: ``bench-data/results/retrieve.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import shlex
 import shutil
@@ -109,55 +111,79 @@ def one_run(scenario: dict[str, Any], service: h.Service, scp: h.StoreSCP,
             "bytes": _bytes(files), "associations": len(scenario["moves"])}
 
 
-def run_system(system: str, workdir: Path, args: argparse.Namespace,
-               scens: list[dict[str, Any]]) -> dict[str, Any]:
-    scp = h.StoreSCP(h.RUNS / "retrieve" / "storescp", aet=DEST)
-    scratch = h.RUNS / "retrieve" / "getscu"
-    results: dict[str, Any] = {}
-    with scp:
-        dest = {DEST: (scp.host, scp.port)}
-        service = bf.archive_node(workdir, args.source, destinations=dest) \
-            if system == "archive" else bf.orthanc_node(workdir, modalities=dest)
+def run_systems(systems: list[str], workdirs: dict[str, Path], args: argparse.Namespace,
+                scens: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every scenario on every system, all up at once (each with a storescp of its own as
+    the Move Destination), their runs of a scenario taking turns (A B, B A...): both meet
+    the machine as it is in the same seconds, so that a busier minute of it does not
+    fall on one system's runs alone."""
+    results: dict[str, dict[str, Any]] = {system: {} for system in systems}
+    with contextlib.ExitStack() as running:
+        scps: dict[str, h.StoreSCP] = {}
+        services: dict[str, h.Service] = {}
+        scratch = {system: h.RUNS / "retrieve" / f"getscu-{system}" for system in systems}
+        for system in systems:
+            scp = running.enter_context(
+                h.StoreSCP(h.RUNS / "retrieve" / f"storescp-{system}", aet=DEST))
+            dest = {DEST: (scp.host, scp.port)}
+            service = bf.archive_node(workdirs[system], args.source, destinations=dest) \
+                if system == "archive" else bf.orthanc_node(workdirs[system], modalities=dest)
+            services[system], scps[system] = running.enter_context(service), scp
         if args.quiet_wait > 0:
             h.wait_for_quiet(timeout=args.quiet_wait)
-        with service:
-            root = service.pid
-            for scenario in scens:
-                whole = scenario["name"] in WHOLE
-                runs, warmup = (args.corpus_runs, 0) if whole else (args.runs, args.warmup)
-                for _ in range(warmup):
-                    one_run(scenario, service, scp, scratch)
-                samples = []
-                with h.CpuMeter([*h.process_tree(service.pid), scp.pid]) as cpu:
-                    for _ in range(runs):
-                        samples.append(one_run(scenario, service, scp, scratch))
-                median = statistics.median(s["seconds"] for s in samples)
-                best = min(samples, key=lambda s: abs(s["seconds"] - median))
-                result = {
-                    **best, "runs": [s["seconds"] for s in samples], "median_s": median,
-                    "min_s": min(s["seconds"] for s in samples),
-                    "max_s": max(s["seconds"] for s in samples),
-                    "instances_per_s": best["instances"] / median,
-                    "mb_per_s": best["bytes"] / 1e6 / median,
-                    "cpu": cpu.result,
-                }
-                # the node and its database apart (storescp, the destination, is not
-                # part of the system's process tree)
-                node_s, database_s = h.node_and_database(cpu.result, root)
-                per = 1000 / (best["instances"] * runs)
-                result.update({"node_cpu_ms_per_instance": node_s * per,
-                               "database_cpu_ms_per_instance": database_s * per,
-                               "server_cpu_ms_per_instance": (node_s + database_s) * per})
-                results[scenario["name"]] = result
-                flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
-                each = ", ".join(f"{s:.2f}" for s in result["runs"])
-                print(f"  {system:<8} {scenario['name']:<13} {best['instances']:6d} instances "
-                      f"median {median:8.2f} s  {result['instances_per_s']:8.1f} inst/s  "
-                      f"{result['mb_per_s']:6.2f} MB/s  runs [{each}]"
-                      f"{flag}", file=sys.stderr)
-    shutil.rmtree(scp.output_dir, ignore_errors=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+        for scenario in scens:
+            whole = scenario["name"] in WHOLE
+            runs, warmup = (args.corpus_runs, 0) if whole else (args.runs, args.warmup)
+
+            def once(system: str, scenario: dict[str, Any] = scenario) -> dict[str, Any]:
+                return one_run(scenario, services[system], scps[system], scratch[system])
+
+            for _ in range(warmup):
+                for system in systems:
+                    once(system)
+            samples: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+            pids = [pid for system in systems
+                    for pid in (*h.process_tree(services[system].pid), scps[system].pid)]
+            with h.CpuMeter(pids) as cpu:
+                for turn in range(runs):
+                    for system in systems if turn % 2 == 0 else systems[::-1]:
+                        samples[system].append(once(system))
+            for system in systems:
+                results[system][scenario["name"]] = _result(
+                    system, scenario, samples[system], cpu.result, services[system].pid)
+    for system in systems:
+        shutil.rmtree(scps[system].output_dir, ignore_errors=True)
+        shutil.rmtree(scratch[system], ignore_errors=True)
     return results
+
+
+def _result(system: str, scenario: dict[str, Any], samples: list[dict[str, Any]],
+            cpu: dict[str, Any], root: int) -> dict[str, Any]:
+    """A system's runs of a scenario: the run nearest the median, rates, and the CPU of
+    its own processes (the node and its database apart; the destination storescp, not
+    part of its process tree, excluded)."""
+    median = statistics.median(s["seconds"] for s in samples)
+    best = min(samples, key=lambda s: abs(s["seconds"] - median))
+    own = bf.own_cpu(cpu, root)
+    node_s, database_s = h.node_and_database(own, root)
+    per = 1000 / (best["instances"] * len(samples))
+    result = {
+        **best, "runs": [s["seconds"] for s in samples], "median_s": median,
+        "min_s": min(s["seconds"] for s in samples),
+        "max_s": max(s["seconds"] for s in samples),
+        "instances_per_s": best["instances"] / median,
+        "mb_per_s": best["bytes"] / 1e6 / median,
+        "cpu": own,
+        "node_cpu_ms_per_instance": node_s * per,
+        "database_cpu_ms_per_instance": database_s * per,
+        "server_cpu_ms_per_instance": (node_s + database_s) * per,
+    }
+    flag = " - DISTURBED" if own["foreign_cores"] > bf.DISTURBED else ""
+    each = ", ".join(f"{s:.2f}" for s in result["runs"])
+    print(f"  {system:<8} {scenario['name']:<13} {best['instances']:6d} instances "
+          f"median {median:8.2f} s  {result['instances_per_s']:8.1f} inst/s  "
+          f"{result['mb_per_s']:6.2f} MB/s  runs [{each}]{flag}", file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpus_dir, manifest, loads = bf.prepare(params, args, systems)
         scens = [sc for sc in scenarios(bf.corpus_index(corpus_dir)) if sc["name"] in wanted]
-        for system in systems:
-            results[system] = run_system(system, bf.system_dir(system, params, args.sha),
-                                         args, scens)
+        results = run_systems(systems, {system: bf.system_dir(system, params, args.sha)
+                                        for system in systems}, args, scens)
     except h.BenchmarkError as exc:
         print(f"bench_retrieve: FAILED: {exc}", file=sys.stderr)
         return 1
