@@ -241,11 +241,6 @@ class Running:
     url: str
 
 
-def _order(systems: list[Running], run: int) -> list[Running]:
-    """Every other run in the reverse order: neither system always goes first."""
-    return systems if run % 2 == 0 else systems[::-1]
-
-
 def _cpu(cpu: h.CpuMeter, system: Running, per: float) -> dict[str, float]:
     node_s, database_s = h.node_and_database(cpu.result, system.service.pid)
     return {"node": node_s * per, "database": database_s * per}
@@ -277,14 +272,14 @@ def run_searches(systems: list[Running], qs: list[dict[str, Any]],
             return elapsed
 
         for run in range(args.warmup):
-            for system in _order(systems, run):
+            for system in h.turn_order(systems, run):
                 once(system)
         for system in systems:
             counts[system.name].clear()
         pids = [p for s in systems for p in h.process_tree(s.service.pid)]
         with h.CpuMeter(pids) as cpu:
             for run in range(args.runs):
-                for system in _order(systems, run):
+                for system in h.turn_order(systems, run):
                     samples[system.name].append(once(system))
         flag = " - DISTURBED" if cpu.result["foreign_cores"] > bf.DISTURBED else ""
         for system in systems:
@@ -385,7 +380,7 @@ def run_retrieves(systems: list[Running], scens: list[dict[str, Any]],
                  ) -> dict[str, tuple[float, int]]:
             spent = {s.name: [0.0, 0] for s in systems}
             for n, (uid, _, count) in enumerate(scenario["studies"]):
-                for system in _order(systems, run + n):
+                for system in h.turn_order(systems, run + n):
                     started = time.perf_counter()
                     parts = fetch_study(system.client, system.url, uid)
                     spent[system.name][0] += time.perf_counter() - started

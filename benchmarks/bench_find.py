@@ -461,7 +461,7 @@ def run_queries(services: dict[tuple[str, str], h.Service],
                 for key in order:
                     once(key)
             for turn in range(args.runs):
-                for key in order if turn % 2 == 0 else order[::-1]:
+                for key in h.turn_order(order, turn):
                     samples[key].append(once(key))
         for key, service in services.items():
             (size, system), q = key, query_of[key[0]]
@@ -472,7 +472,7 @@ def run_queries(services: dict[tuple[str, str], h.Service],
                       f"runs: {counts[key]}", file=sys.stderr)
             extracted = h.findscu(service.host, service.port, service.ae_title, q.level,
                                   q.keys, model=q.model, extract=True, timeout=600).check()
-            own = own_cpu(cpu.result, service.pid)
+            own = h.own_cpu(cpu.result, service.pid)
             results[key][q.name] = {
                 **stats, "answers": answers, "answers_each_run": sorted(set(counts[key])),
                 "server_cpu_ms_per_query": 1000 * sum(own["system_cpu_s"].values())
@@ -485,17 +485,6 @@ def run_queries(services: dict[tuple[str, str], h.Service],
                   f"  (min {1000 * stats['min']:.1f}, max {1000 * stats['max']:.1f})  "
                   f"{answers} answers (expected {q.expected}){flag}", file=sys.stderr)
     return results
-
-
-def own_cpu(cpu: dict[str, Any], root: int) -> dict[str, Any]:
-    """A :class:`h.CpuMeter` result of several systems narrowed to the process tree of
-    ``root`` (other processes' CPU, ``foreign_cores``, counts neither system)."""
-    tree = h.measured_tree(cpu, root)
-    by_pid = {pid: entry for pid, entry in cpu["by_pid"].items() if pid in tree}
-    processes: dict[str, float] = {}
-    for entry in by_pid.values():
-        processes[entry["name"]] = processes.get(entry["name"], 0.0) + entry["cpu_s"]
-    return {**cpu, "by_pid": by_pid, "system_cpu_s": processes}
 
 
 def measure(sizes: dict[str, corpus_module.Parameters], args: argparse.Namespace,

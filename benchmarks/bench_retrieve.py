@@ -146,7 +146,7 @@ def run_systems(systems: list[str], workdirs: dict[str, Path], args: argparse.Na
                     for pid in (*h.process_tree(services[system].pid), scps[system].pid)]
             with h.CpuMeter(pids) as cpu:
                 for turn in range(runs):
-                    for system in systems if turn % 2 == 0 else systems[::-1]:
+                    for system in h.turn_order(systems, turn):
                         samples[system].append(once(system))
             for system in systems:
                 results[system][scenario["name"]] = _result(
@@ -164,7 +164,7 @@ def _result(system: str, scenario: dict[str, Any], samples: list[dict[str, Any]]
     part of its process tree, excluded)."""
     median = statistics.median(s["seconds"] for s in samples)
     best = min(samples, key=lambda s: abs(s["seconds"] - median))
-    own = bf.own_cpu(cpu, root)
+    own = h.own_cpu(cpu, root)
     node_s, database_s = h.node_and_database(own, root)
     per = 1000 / (best["instances"] * len(samples))
     result = {

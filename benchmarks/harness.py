@@ -36,7 +36,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DATA = REPO / "bench-data"
@@ -664,6 +666,22 @@ def measured_tree(cpu: Mapping[str, Any], root: int) -> set[str]:
                 tree.add(pid)
                 grew = True
     return tree
+
+
+def own_cpu(cpu: Mapping[str, Any], root: int) -> dict[str, Any]:
+    """A :class:`CpuMeter` result of several systems narrowed to the process tree of
+    ``root`` (other processes' CPU, ``foreign_cores``, counts neither system)."""
+    tree = measured_tree(cpu, root)
+    by_pid = {pid: entry for pid, entry in cpu["by_pid"].items() if pid in tree}
+    processes: dict[str, float] = {}
+    for entry in by_pid.values():
+        processes[entry["name"]] = processes.get(entry["name"], 0.0) + entry["cpu_s"]
+    return {**cpu, "by_pid": by_pid, "system_cpu_s": processes}
+
+
+def turn_order(systems: Sequence[T], run: int) -> list[T]:
+    """Every other run in the reverse order: systems timed in turns, none always first."""
+    return list(systems) if run % 2 == 0 else list(systems)[::-1]
 
 
 def node_and_database(cpu: Mapping[str, Any], root: int) -> tuple[float, float]:
